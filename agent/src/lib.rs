@@ -1,0 +1,4 @@
+//! Millrace edge agent.
+//!
+//! # Layout
+//! Modules follow the data flow: `ingest` → `window` → `anomaly` → `store` → `uplink`.

@@ -1,0 +1,1 @@
+//! Load generators and fixtures shared by the benchmarks.

@@ -1,0 +1,2 @@
+//! `millrace-sim`: the firmware simulator.
+fn main() {}
