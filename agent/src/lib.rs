@@ -2,3 +2,5 @@
 //!
 //! # Layout
 //! Modules follow the data flow: `ingest` → `window` → `anomaly` → `store` → `uplink`.
+
+pub mod ingest;
