@@ -70,16 +70,25 @@ pub struct Envelope {
 }
 
 /// A batch of records from one agent.
+///
+/// Batches need not arrive in `seq` order across batches (alerts overtake the
+/// backlog), so the receiver deduplicates by the set of `seq` it has
+/// committed, not by a single high-water mark. `outbox_floor` bounds that set:
+/// the agent promises that every `seq` below it is either acknowledged or
+/// abandoned (dropped by its overflow policy), so the receiver may forget them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Batch {
     pub version: u8,
     pub agent: String,
+    /// Every `seq` below this will never be sent (again).
+    pub outbox_floor: u64,
     pub records: Vec<Envelope>,
 }
 
 #[derive(Serialize, Deserialize)]
 struct BatchBody {
     agent: String,
+    outbox_floor: u64,
     records: Vec<Envelope>,
 }
 
@@ -105,10 +114,13 @@ pub enum WireError {
 }
 
 impl Batch {
+    /// A batch with `outbox_floor` at its first record: nothing older is pending.
     pub fn new(agent: impl Into<String>, records: Vec<Envelope>) -> Self {
+        let outbox_floor = records.first().map_or(0, |e| e.seq);
         Self {
             version: WIRE_VERSION,
             agent: agent.into(),
+            outbox_floor,
             records,
         }
     }
@@ -142,6 +154,7 @@ impl Batch {
     pub fn encode_binary(&self) -> Vec<u8> {
         let body = BatchBodyRef {
             agent: &self.agent,
+            outbox_floor: self.outbox_floor,
             records: &self.records,
         };
         // Serialising plain data into a Vec cannot fail.
@@ -176,6 +189,7 @@ impl Batch {
         let batch = Batch {
             version,
             agent: body.agent,
+            outbox_floor: body.outbox_floor,
             records: body.records,
         };
         batch.validate()?;
@@ -199,6 +213,7 @@ impl Batch {
 #[derive(Serialize)]
 struct BatchBodyRef<'a> {
     agent: &'a str,
+    outbox_floor: u64,
     records: &'a [Envelope],
 }
 
