@@ -1,0 +1,144 @@
+//! The agent's configuration, in two stages: the raw TOML structs (serde,
+//! unknown keys rejected, kebab-case, `"5s"` durations) and the checked
+//! [`AgentConfig`], whose errors name the file and the key.
+//!
+//! Each section's raw struct and its defaults live with the part it configures
+//! (`window`, `anomaly`, `ingest::mqtt`, `ingest::broker`, `ingest::modbus`);
+//! this module composes them, applies environment overrides for secrets and
+//! runs every section's checks.
+//!
+//! Environment overrides: `MILLRACE_AGENT_ID` replaces `agent.id`.
+
+use crate::anomaly::AnomalyConfig;
+use crate::ingest::broker::BrokerConfig;
+use crate::ingest::modbus::ModbusConfig;
+use crate::ingest::mqtt::MqttConfig;
+use crate::window::WindowConfig;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// A config error: the file, and what is wrong with which key.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {detail}")]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub detail: String,
+}
+
+/// `[agent]`: who this gateway is and where it keeps its state.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AgentSection {
+    /// The agent id: names this gateway in every record and at the aggregator.
+    pub id: String,
+    /// Where the journal and the outbox live (systemd: `/var/lib/millrace`).
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Capacity of the channel from the sources to the window engine, in
+    /// events. When full, sources wait (Modbus polls slip, MQTT acks wait).
+    #[serde(default = "default_channel_capacity")]
+    pub channel_capacity: usize,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/millrace")
+}
+
+fn default_channel_capacity() -> usize {
+    16_384
+}
+
+/// The whole agent config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AgentConfig {
+    pub agent: AgentSection,
+    #[serde(default)]
+    pub window: WindowConfig,
+    #[serde(default)]
+    pub anomaly: AnomalyConfig,
+    /// An external MQTT broker to subscribe to.
+    #[serde(default)]
+    pub mqtt: Option<MqttConfig>,
+    /// The embedded MQTT broker.
+    #[serde(default)]
+    pub broker: Option<BrokerConfig>,
+    /// Modbus TCP and RTU devices.
+    #[serde(default)]
+    pub modbus: Option<ModbusConfig>,
+}
+
+impl AgentConfig {
+    /// Reads, parses and checks a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let err = |detail: String| ConfigError {
+            file: path.to_path_buf(),
+            detail,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        let mut cfg = Self::parse(&text).map_err(err)?;
+        if let Ok(id) = std::env::var("MILLRACE_AGENT_ID") {
+            cfg.agent.id = id;
+        }
+        cfg.validate().map_err(err)?;
+        Ok(cfg)
+    }
+
+    /// Parses TOML text; the error names the key and the line.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
+    }
+
+    /// Checks every section; the error names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let id = &self.agent.id;
+        if id.is_empty()
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(format!(
+                "agent.id: {id:?} must be non-empty and use only letters, digits, '-', '_' and '.'"
+            ));
+        }
+        if self.agent.channel_capacity == 0 {
+            return Err("agent.channel-capacity: must be at least 1".into());
+        }
+        self.window.validate().map_err(|e| format!("window.{e}"))?;
+        self.anomaly.validate().map_err(|e| format!("anomaly.{e}"))?;
+        if let Some(m) = &self.mqtt {
+            m.validate().map_err(|e| format!("mqtt.{e}"))?;
+        }
+        if let Some(b) = &self.broker {
+            b.validate().map_err(|e| format!("broker.{e}"))?;
+        }
+        if let Some(m) = &self.modbus {
+            m.validate().map_err(|e| format!("modbus.{e}"))?;
+        }
+        if self.mqtt.is_none()
+            && self.broker.as_ref().is_none_or(|b| !b.enabled)
+            && self.modbus.as_ref().is_none_or(|m| m.devices.is_empty())
+        {
+            return Err(
+                "no source configured: add [mqtt], an enabled [broker] or [[modbus.devices]]"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// One line for `check-config`: what this config will run.
+    pub fn summary(&self) -> String {
+        format!(
+            "agent {}, mqtt: {}, embedded broker: {}, modbus devices: {}",
+            self.agent.id,
+            if self.mqtt.is_some() { "yes" } else { "no" },
+            if self.broker.as_ref().is_some_and(|b| b.enabled) {
+                "yes"
+            } else {
+                "no"
+            },
+            self.modbus.as_ref().map_or(0, |m| m.devices.len()),
+        )
+    }
+}

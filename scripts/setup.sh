@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Installs everything the Millrace tests and demo need on a fresh Debian machine.
+# Idempotent and fast when already done: it only installs what is missing.
+#
+#   scripts/setup.sh            # Debian packages, the Python venv, cached cargo tools
+#
+# Environment:
+#   MILLRACE_VENV      Python venv for the peers (default ~/.cache/millrace-venv)
+#   MILLRACE_TOOLS     cargo install root for tools (default ~/.cache/millrace-tools)
+set -euo pipefail
+
+VENV="${MILLRACE_VENV:-$HOME/.cache/millrace-venv}"
+TOOLS="${MILLRACE_TOOLS:-$HOME/.cache/millrace-tools}"
+
+# Debian packages: peers for the tests (mosquitto, socat, mbpoll, chromium), and the
+# build dependencies of rdkafka's bundled librdkafka (cmake, libcurl).
+APT_PACKAGES=(mosquitto mosquitto-clients socat mbpoll cmake libcurl4-openssl-dev pkg-config
+              python3-venv chromium chromium-driver systemd openssl)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Python peers: pymodbus (a Modbus server that is not ours) and confluent-kafka (an
+# independent Kafka client), in a venv this script owns.
+PY_PACKAGES=("pymodbus>=3.6,<4" "pyserial>=3.5" "confluent-kafka>=2.3")
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating Python venv at $VENV"
+  python3 -m venv "$VENV"
+fi
+if ! "$VENV/bin/python" -c "import pymodbus, serial, confluent_kafka" 2>/dev/null; then
+  echo "setup: installing Python peers into $VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "${PY_PACKAGES[@]}"
+fi
+
+# tansu: a Kafka-compatible broker built with its storage engines (slow to build: cached).
+TANSU_VERSION=0.6.0
+if ! cargo install --list --root "$TOOLS" 2>/dev/null | grep -q "^tansu v$TANSU_VERSION:"; then
+  echo "setup: building tansu $TANSU_VERSION into $TOOLS (first run only; takes a while)"
+  cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql \
+    --root "$TOOLS" --quiet
+fi
+
+echo "setup: ok (venv $VENV, tools $TOOLS)"
