@@ -1,0 +1,492 @@
+//! The window engine: per-series tumbling event-time windows with watermarks.
+//!
+//! What it is: plain synchronous code that turns [`Reading`]s into closed
+//! [`Window`]s (count, Welford mean and population stddev, min, max,
+//! first/last event time) and counted [`DeadLetter`]s. The caller injects the
+//! wall clock (`now_ms`) on every call, so tests drive it with a fake clock.
+//!
+//! What it is not: there is no task, no channel, no I/O and no scoring here;
+//! the pipeline feeds it, calls [`WindowEngine::tick`] on a timer, scores the
+//! emitted windows with the anomaly scorer and journals what it must.
+//!
+//! # Semantics
+//!
+//! - **Alignment.** A reading at event time `t` belongs to the window
+//!   `[start, start + width)` with `start = floor(t / width) * width`, aligned
+//!   to the Unix epoch (also for negative times: `-1 ms` is in `[-width, 0)`).
+//! - **Watermark, per series.** `watermark = max(greatest event time seen −
+//!   allowed lateness, idle-close advances)`. It never goes back.
+//! - **Emission.** A window is emitted exactly once, when `watermark >= end`,
+//!   and the windows of a series are emitted in start order.
+//! - **Late rule.** A reading is `Late` exactly when its window has already
+//!   been closed, i.e. `end <= watermark`. A reading behind the watermark
+//!   (`t < watermark`) whose window is still open (`end > watermark`) is
+//!   accepted: it still changes a window nobody has seen yet. Late readings are
+//!   dead-lettered with the reason `late`, never silently dropped.
+//! - **Bad values.** NaN → `not-a-number`, ±Inf → `infinite`. Such readings do
+//!   not touch series state (they neither create a series nor keep it alive).
+//!   An event time whose window cannot be represented in `i64` milliseconds is
+//!   dead-lettered as `malformed`.
+//! - **Series cap.** A reading for a new series while `max-series` series are
+//!   live is dead-lettered with the reason `series-cap`.
+//! - **Idle close.** When no reading has been *accepted* for a series for more
+//!   than `idle-timeout` of wall-clock time, [`WindowEngine::tick`] closes all
+//!   its open windows and advances its watermark to the end of the last one, so
+//!   readings for them arriving later are `Late`.
+//! - **TTL.** A series that has received no reading at all (accepted or late)
+//!   for `series-ttl` is evicted by `tick`: its open windows (if any) are
+//!   emitted first, then its state is freed and [`EngineOutput::SeriesEvicted`]
+//!   tells the scorer to forget it. After eviction the series starts afresh.
+//! - **Shutdown.** [`WindowEngine::flush`] emits every open window and advances
+//!   each watermark past them, so nothing is emitted twice if readings follow.
+//!
+//! ```
+//! use millrace_agent::window::{EngineOutput, WindowConfig, WindowEngine};
+//! use millrace_protocol::{Reading, SeriesKey, Source, Quality};
+//!
+//! let mut engine = WindowEngine::new("gw-1", WindowConfig::default());
+//! let mut out = Vec::new();
+//! let key = SeriesKey::new("plc-1", "temp");
+//! for (t, v) in [(1_000, 20.0), (3_000, 22.0), (9_000, 21.0)] {
+//!     let r = Reading { series: key.clone(), time_ms: t, value: v, unit: "degC".into(),
+//!                       source: Source::Modbus, quality: Quality::Good };
+//!     engine.push(&r, t, &mut out);
+//! }
+//! // The watermark is 9 000 − 2 000 = 7 000 ≥ 5 000: window [0, 5 000) is closed.
+//! let EngineOutput::Window(w) = &out[0] else { panic!() };
+//! assert_eq!((w.start_ms, w.end_ms, w.count, w.mean, w.stddev), (0, 5_000, 2, 21.0, 1.0));
+//! ```
+
+mod config;
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests;
+
+pub use config::{ConfigError, WindowConfig};
+
+use config::duration_ms;
+use millrace_protocol::{DeadLetter, DeadLetterReason, Reading, SeriesKey, UnixMs, Window};
+use std::collections::{BTreeMap, HashMap};
+
+/// What the engine hands back to the pipeline.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EngineOutput {
+    /// A closed window, unscored (`score: None`).
+    Window(Window),
+    /// A reading that was not accepted, with the reason.
+    DeadLetter(DeadLetter),
+    /// A series was evicted by TTL; per-series state elsewhere (the scorer)
+    /// should be dropped with it.
+    SeriesEvicted(SeriesKey),
+}
+
+/// What became of one pushed reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// The reading now counts in the open window starting at `window_start_ms`.
+    Accepted { window_start_ms: UnixMs },
+    /// The reading was dead-lettered with this reason.
+    Rejected(DeadLetterReason),
+}
+
+/// Engine counters, for `/metrics` and tests. Every pushed reading lands in
+/// exactly one of the `readings_*` counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WindowStats {
+    pub readings_accepted: u64,
+    pub readings_late: u64,
+    pub readings_nan: u64,
+    pub readings_infinite: u64,
+    /// Event time whose window is not representable (dead letter `malformed`).
+    pub readings_time_out_of_range: u64,
+    /// Readings for a new series refused by the live-series cap.
+    pub series_rejected_cap: u64,
+    /// Windows emitted, whatever closed them.
+    pub windows_emitted: u64,
+    /// Of those, windows closed by the idle timeout.
+    pub windows_idle_closed: u64,
+    /// Of those, windows closed by `flush` or by TTL eviction.
+    pub windows_flushed: u64,
+    pub series_evicted_ttl: u64,
+    /// Series currently held.
+    pub live_series: u64,
+}
+
+/// Running aggregate of one open window (Welford for mean and variance).
+#[derive(Debug, Clone, Copy)]
+struct Acc {
+    count: u64,
+    mean: f64,
+    /// Sum of squared deviations from the running mean.
+    m2: f64,
+    min: f64,
+    max: f64,
+    first_event_ms: UnixMs,
+    last_event_ms: UnixMs,
+}
+
+impl Acc {
+    fn new(time_ms: UnixMs, value: f64) -> Self {
+        Self {
+            count: 1,
+            mean: value,
+            m2: 0.0,
+            min: value,
+            max: value,
+            first_event_ms: time_ms,
+            last_event_ms: time_ms,
+        }
+    }
+
+    #[inline]
+    fn add(&mut self, time_ms: UnixMs, value: f64) {
+        self.count += 1;
+        let delta = value - self.mean;
+        self.mean += delta / self.count as f64;
+        self.m2 += delta * (value - self.mean);
+        self.min = self.min.min(value);
+        self.max = self.max.max(value);
+        self.first_event_ms = self.first_event_ms.min(time_ms);
+        self.last_event_ms = self.last_event_ms.max(time_ms);
+    }
+
+    fn population_stddev(&self) -> f64 {
+        // m2 can come out a hair below zero only through rounding of equal values.
+        (self.m2.max(0.0) / self.count as f64).sqrt()
+    }
+}
+
+/// State of one live series.
+#[derive(Debug)]
+struct SeriesState {
+    /// Open windows by start; in practice one to three at a time.
+    open: BTreeMap<UnixMs, Acc>,
+    /// Everything with `end <= watermark_ms` is closed. `i64::MIN` before the first reading.
+    watermark_ms: UnixMs,
+    max_event_ms: UnixMs,
+    /// Wall clock of the last accepted reading (idle close).
+    last_accepted_wall_ms: UnixMs,
+    /// Wall clock of the last reading of any kind (TTL).
+    last_seen_wall_ms: UnixMs,
+    /// Unit of the latest accepted reading, carried by the windows.
+    unit: String,
+}
+
+impl SeriesState {
+    fn new(now_ms: UnixMs) -> Self {
+        Self {
+            open: BTreeMap::new(),
+            watermark_ms: UnixMs::MIN,
+            max_event_ms: UnixMs::MIN,
+            last_accepted_wall_ms: now_ms,
+            last_seen_wall_ms: now_ms,
+            unit: String::new(),
+        }
+    }
+}
+
+type SeriesMap = HashMap<SeriesKey, SeriesState, foldhash::fast::RandomState>;
+
+/// Per-series tumbling windows over event time. See the [module docs](self).
+#[derive(Debug)]
+pub struct WindowEngine {
+    agent: String,
+    width_ms: i64,
+    lateness_ms: i64,
+    idle_timeout_ms: i64,
+    series_ttl_ms: i64,
+    max_series: usize,
+    series: SeriesMap,
+    stats: WindowStats,
+}
+
+/// The start of the window containing `time_ms`: `floor(time_ms / width_ms) * width_ms`,
+/// correct for negative times. `None` when `width_ms <= 0` or when the window
+/// (start or end) does not fit in `i64`.
+pub fn window_start_ms(time_ms: UnixMs, width_ms: i64) -> Option<UnixMs> {
+    if width_ms <= 0 {
+        return None;
+    }
+    let start = time_ms.checked_sub(time_ms.rem_euclid(width_ms))?;
+    start.checked_add(width_ms)?;
+    Some(start)
+}
+
+impl WindowEngine {
+    /// A new engine for `agent`. The config should have passed
+    /// [`WindowConfig::validate`]; a zero width is raised to 1 ms and a zero
+    /// cap to one series rather than panicking.
+    pub fn new(agent: impl Into<String>, cfg: WindowConfig) -> Self {
+        Self {
+            agent: agent.into(),
+            width_ms: duration_ms(cfg.width).max(1),
+            lateness_ms: duration_ms(cfg.allowed_lateness),
+            idle_timeout_ms: duration_ms(cfg.idle_timeout),
+            series_ttl_ms: duration_ms(cfg.series_ttl),
+            max_series: cfg.max_series.max(1),
+            series: SeriesMap::default(),
+            stats: WindowStats::default(),
+        }
+    }
+
+    /// Window width in milliseconds.
+    pub fn width_ms(&self) -> i64 {
+        self.width_ms
+    }
+
+    /// Counters since start.
+    pub fn stats(&self) -> &WindowStats {
+        &self.stats
+    }
+
+    /// Number of series currently held.
+    pub fn live_series(&self) -> usize {
+        self.series.len()
+    }
+
+    /// Feeds one reading at wall-clock `now_ms`. Windows it closes and a dead
+    /// letter for it, if refused, are appended to `out`.
+    pub fn push(
+        &mut self,
+        reading: &Reading,
+        now_ms: UnixMs,
+        out: &mut Vec<EngineOutput>,
+    ) -> Admission {
+        let value = reading.value;
+        if !value.is_finite() {
+            let reason = if value.is_nan() {
+                self.stats.readings_nan += 1;
+                DeadLetterReason::NotANumber
+            } else {
+                self.stats.readings_infinite += 1;
+                DeadLetterReason::Infinite
+            };
+            return reject(reading, reason, now_ms, out);
+        }
+        let t = reading.time_ms;
+        let Some(start) = window_start_ms(t, self.width_ms) else {
+            self.stats.readings_time_out_of_range += 1;
+            return reject(reading, DeadLetterReason::Malformed, now_ms, out);
+        };
+        if let Some(state) = self.series.get_mut(&reading.series) {
+            return admit(
+                &self.agent,
+                self.width_ms,
+                self.lateness_ms,
+                &mut self.stats,
+                state,
+                reading,
+                start,
+                now_ms,
+                out,
+            );
+        }
+        if self.series.len() >= self.max_series {
+            self.stats.series_rejected_cap += 1;
+            let rejected = self.stats.series_rejected_cap;
+            if rejected.is_power_of_two() {
+                tracing::warn!(
+                    series = %reading.series,
+                    max_series = self.max_series,
+                    rejected,
+                    "series cap reached, new series dead-lettered"
+                );
+            }
+            return reject(reading, DeadLetterReason::SeriesCap, now_ms, out);
+        }
+        self.stats.live_series += 1;
+        let state = self
+            .series
+            .entry(reading.series.clone())
+            .or_insert_with(|| SeriesState::new(now_ms));
+        admit(
+            &self.agent,
+            self.width_ms,
+            self.lateness_ms,
+            &mut self.stats,
+            state,
+            reading,
+            start,
+            now_ms,
+            out,
+        )
+    }
+
+    /// Wall-clock housekeeping, to be called on a timer (every second or so):
+    /// closes the open windows of idle series and evicts series past their TTL.
+    pub fn tick(&mut self, now_ms: UnixMs, out: &mut Vec<EngineOutput>) {
+        let agent = &self.agent;
+        let width_ms = self.width_ms;
+        let idle_timeout_ms = self.idle_timeout_ms;
+        let series_ttl_ms = self.series_ttl_ms;
+        let mut idle_closed = 0u64;
+        let mut flushed = 0u64;
+        let mut evicted = 0u64;
+        self.series.retain(|key, state| {
+            if now_ms.saturating_sub(state.last_seen_wall_ms) > series_ttl_ms {
+                flushed += close_all(agent, key, state, width_ms, out);
+                out.push(EngineOutput::SeriesEvicted(key.clone()));
+                evicted += 1;
+                return false;
+            }
+            if !state.open.is_empty()
+                && now_ms.saturating_sub(state.last_accepted_wall_ms) > idle_timeout_ms
+            {
+                idle_closed += close_all(agent, key, state, width_ms, out);
+            }
+            true
+        });
+        self.stats.windows_idle_closed += idle_closed;
+        self.stats.windows_flushed += flushed;
+        self.stats.windows_emitted += idle_closed + flushed;
+        self.stats.series_evicted_ttl += evicted;
+        self.stats.live_series = self.series.len() as u64;
+        if idle_closed > 0 {
+            tracing::debug!(windows = idle_closed, "idle series: open windows closed");
+        }
+        if evicted > 0 {
+            tracing::info!(
+                series = evicted,
+                windows = flushed,
+                live_series = self.series.len(),
+                "silent series evicted after ttl"
+            );
+        }
+    }
+
+    /// Shutdown: emits every open window of every series (in start order per
+    /// series) and advances each watermark past them.
+    pub fn flush(&mut self, out: &mut Vec<EngineOutput>) {
+        let mut flushed = 0u64;
+        for (key, state) in &mut self.series {
+            flushed += close_all(&self.agent, key, state, self.width_ms, out);
+        }
+        self.stats.windows_flushed += flushed;
+        self.stats.windows_emitted += flushed;
+        tracing::debug!(windows = flushed, "window engine flushed");
+    }
+}
+
+/// Accepts `reading` into `state`, or dead-letters it as late; closes what
+/// the advanced watermark passes.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn admit(
+    agent: &str,
+    width_ms: i64,
+    lateness_ms: i64,
+    stats: &mut WindowStats,
+    state: &mut SeriesState,
+    reading: &Reading,
+    start: UnixMs,
+    now_ms: UnixMs,
+    out: &mut Vec<EngineOutput>,
+) -> Admission {
+    state.last_seen_wall_ms = now_ms;
+    if start + width_ms <= state.watermark_ms {
+        stats.readings_late += 1;
+        return reject(reading, DeadLetterReason::Late, now_ms, out);
+    }
+
+    let (t, value) = (reading.time_ms, reading.value);
+    state.last_accepted_wall_ms = now_ms;
+    if state.unit != reading.unit {
+        state.unit.clone_from(&reading.unit);
+    }
+    match state.open.get_mut(&start) {
+        Some(acc) => acc.add(t, value),
+        None => {
+            state.open.insert(start, Acc::new(t, value));
+        }
+    }
+    stats.readings_accepted += 1;
+
+    if t > state.max_event_ms {
+        state.max_event_ms = t;
+        let candidate = t.saturating_sub(lateness_ms);
+        if candidate > state.watermark_ms {
+            state.watermark_ms = candidate;
+            stats.windows_emitted +=
+                close_through(agent, &reading.series, state, width_ms, candidate, out);
+        }
+    }
+    Admission::Accepted {
+        window_start_ms: start,
+    }
+}
+
+fn reject(
+    reading: &Reading,
+    reason: DeadLetterReason,
+    now_ms: UnixMs,
+    out: &mut Vec<EngineOutput>,
+) -> Admission {
+    out.push(EngineOutput::DeadLetter(DeadLetter::for_reading(
+        reading, reason, now_ms,
+    )));
+    Admission::Rejected(reason)
+}
+
+/// Emits, in start order, the open windows with `end <= watermark_ms`.
+fn close_through(
+    agent: &str,
+    key: &SeriesKey,
+    state: &mut SeriesState,
+    width_ms: i64,
+    watermark_ms: UnixMs,
+    out: &mut Vec<EngineOutput>,
+) -> u64 {
+    let mut emitted = 0;
+    while let Some(entry) = state.open.first_entry() {
+        if *entry.key() + width_ms > watermark_ms {
+            break;
+        }
+        let (start, acc) = entry.remove_entry();
+        out.push(EngineOutput::Window(to_window(
+            agent, key, &state.unit, start, width_ms, &acc,
+        )));
+        emitted += 1;
+    }
+    emitted
+}
+
+/// Emits all open windows and advances the watermark to the end of the last one.
+fn close_all(
+    agent: &str,
+    key: &SeriesKey,
+    state: &mut SeriesState,
+    width_ms: i64,
+    out: &mut Vec<EngineOutput>,
+) -> u64 {
+    let Some((&last_start, _)) = state.open.last_key_value() else {
+        return 0;
+    };
+    let watermark_ms = (last_start + width_ms).max(state.watermark_ms);
+    state.watermark_ms = watermark_ms;
+    close_through(agent, key, state, width_ms, watermark_ms, out)
+}
+
+fn to_window(
+    agent: &str,
+    key: &SeriesKey,
+    unit: &str,
+    start_ms: UnixMs,
+    width_ms: i64,
+    acc: &Acc,
+) -> Window {
+    Window {
+        agent: agent.to_owned(),
+        series: key.clone(),
+        start_ms,
+        end_ms: start_ms + width_ms,
+        count: acc.count,
+        mean: acc.mean,
+        min: acc.min,
+        max: acc.max,
+        stddev: acc.population_stddev(),
+        first_event_ms: acc.first_event_ms,
+        last_event_ms: acc.last_event_ms,
+        unit: unit.to_owned(),
+        score: None,
+    }
+}
