@@ -6,6 +6,10 @@
 
 use millrace_protocol::{DeadLetter, Reading, UnixMs};
 
+pub mod broker;
+pub mod decode;
+pub mod mqtt;
+
 /// What a source hands to the pipeline.
 #[derive(Debug, Clone, PartialEq)]
 pub enum IngestEvent {

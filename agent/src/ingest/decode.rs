@@ -1,0 +1,933 @@
+//! MQTT payload decoders and the topic → series mapping.
+//!
+//! What it is: plain, synchronous functions that turn one MQTT message
+//! (topic + payload bytes) into [`Reading`]s and [`DeadLetter`]s, driven by
+//! the `[[mqtt.subscriptions]]` / `[[broker.subscriptions]]` rules. Both the
+//! external-broker client ([`super::mqtt`]) and the embedded broker
+//! ([`super::broker`]) use the same [`Decoder`], and it is testable without a
+//! socket.
+//!
+//! What it is not: no I/O, no counters and no judgement of values. NaN and
+//! ±Inf from `number` payloads pass through as readings; the window engine
+//! dead-letters them with its own reasons.
+//!
+//! # Formats
+//!
+//! | `format`     | payload                                              | readings |
+//! |--------------|------------------------------------------------------|----------|
+//! | `json`       | `{"ts": 1700000000000, "value": 80.1, "unit": "degC"}` | one |
+//! | `json-multi` | `{"ts": ..., "humidity": 45.2, "ambient": 22.1}`      | one per numeric field, sensor = field name |
+//! | `json-batch` | `[{"series": "boiler-3/temp", "ts": ..., "value": ...}, ...]` | one per element |
+//! | `number`     | `80.1` (text; `NaN`, `inf`, `-inf` accepted)          | one, stamped at ingest |
+//!
+//! Field names are configurable (`value-field`, `time-field`, `unit-field`,
+//! `series-field`, `device-field`, `sensor-field`). JSON booleans count as
+//! numbers (`true` = 1, `false` = 0), as a coil would. A `null` time or unit
+//! counts as absent. Event times are numbers in `time-unit` (`ms`, or `s` with
+//! fractions allowed); a payload without the time field is stamped at ingest.
+//!
+//! In `json-multi`, fields named in `ignore-fields` (and the time, unit,
+//! series, device and sensor fields) are skipped; every other non-numeric
+//! field becomes a `wrong-type` dead letter while the numeric fields of the
+//! same message still become readings, so a firmware change that turns a
+//! number into a string is visible instead of silently lost.
+//!
+//! # Series
+//!
+//! `device` and `sensor` are templates over the topic's `/`-separated
+//! segments: `{0}` is the first segment, and in `json-multi` `{field}` is the
+//! field name. Per reading, a `series-field` holding `"device/sensor"` wins,
+//! then `device-field` / `sensor-field`, then the templates. A template that
+//! names a segment the topic does not have is `unmapped`.
+//!
+//! # Dead letters
+//!
+//! Malformed JSON or text → `malformed`; valid JSON of the wrong shape, a
+//! missing or mistyped field → `wrong-type`; no subscription matches the topic
+//! or a template cannot be filled → `unmapped`; a payload over `max-payload` →
+//! `oversize`, keeping only its first [`DEAD_LETTER_INPUT_CAP`] bytes.
+//! Element-level dead letters of a `json-batch` carry the first
+//! [`DEAD_LETTER_INPUT_CAP`] bytes of the payload and name the element index
+//! in the detail.
+//!
+//! Decoding parses each payload once, straight from the bytes, borrowing
+//! field names and strings where the JSON has no escapes and skipping nested
+//! values without building them.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use millrace_protocol::{DeadLetter, DeadLetterReason, Quality, Reading, SeriesKey, Source, UnixMs};
+use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+
+use super::IngestEvent;
+
+/// How many bytes of an oversize input (or a batch with a bad element) are
+/// kept in its dead letter.
+pub const DEAD_LETTER_INPUT_CAP: usize = 1024;
+
+/// A configuration value that failed validation, named by its key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid config key `{key}`: {reason}")]
+pub struct ConfigError {
+    /// Dotted key path, e.g. `mqtt.subscriptions[1].device`.
+    pub key: String,
+    pub reason: String,
+}
+
+impl ConfigError {
+    pub fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The payload layout of one subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PayloadFormat {
+    /// One JSON object, one reading.
+    #[default]
+    Json,
+    /// One JSON object, one reading per numeric field.
+    JsonMulti,
+    /// A JSON array of objects, one reading per element.
+    JsonBatch,
+    /// A bare number as text.
+    Number,
+}
+
+/// The unit of numeric event times in payloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TimeUnit {
+    /// Unix milliseconds.
+    #[default]
+    Ms,
+    /// Unix seconds, fractions allowed.
+    S,
+}
+
+/// One `[[mqtt.subscriptions]]` / `[[broker.subscriptions]]` entry, as written.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SubscriptionConfig {
+    /// MQTT topic filter (`+` and `#` wildcards; `$share/group/...` allowed).
+    pub filter: String,
+    /// Requested QoS: 0 or 1.
+    #[serde(default = "defaults::qos")]
+    pub qos: u8,
+    #[serde(default)]
+    pub format: PayloadFormat,
+    /// Device template; default `{1}`.
+    #[serde(default)]
+    pub device: Option<String>,
+    /// Sensor template; default `{2}`, or `{field}` for `json-multi`.
+    #[serde(default)]
+    pub sensor: Option<String>,
+    /// Field holding the value (`json`, `json-batch`).
+    #[serde(default = "defaults::value_field")]
+    pub value_field: String,
+    /// Field holding the event time; empty = always stamp at ingest.
+    #[serde(default = "defaults::time_field")]
+    pub time_field: String,
+    #[serde(default)]
+    pub time_unit: TimeUnit,
+    /// Field holding the unit; empty = none.
+    #[serde(default = "defaults::unit_field")]
+    pub unit_field: String,
+    /// Fixed unit when the payload has none.
+    #[serde(default)]
+    pub unit: String,
+    /// Field holding `"device/sensor"`; default `series` for `json-batch`, none otherwise.
+    #[serde(default)]
+    pub series_field: Option<String>,
+    /// Field holding the device name, overriding the device template.
+    #[serde(default)]
+    pub device_field: Option<String>,
+    /// Field holding the sensor name, overriding the sensor template.
+    #[serde(default)]
+    pub sensor_field: Option<String>,
+    /// `json-multi`: non-numeric fields to skip without a dead letter.
+    #[serde(default)]
+    pub ignore_fields: Vec<String>,
+}
+
+/// The defaults of the subscription keys, in one place.
+pub mod defaults {
+    pub fn qos() -> u8 {
+        1
+    }
+    pub fn value_field() -> String {
+        "value".into()
+    }
+    pub fn time_field() -> String {
+        "ts".into()
+    }
+    pub fn unit_field() -> String {
+        "unit".into()
+    }
+    pub const DEVICE_TEMPLATE: &str = "{1}";
+    pub const SENSOR_TEMPLATE: &str = "{2}";
+    pub const MULTI_SENSOR_TEMPLATE: &str = "{field}";
+    pub const BATCH_SERIES_FIELD: &str = "series";
+}
+
+impl SubscriptionConfig {
+    /// A subscription with every optional key at its default.
+    pub fn new(filter: impl Into<String>, format: PayloadFormat) -> Self {
+        Self {
+            filter: filter.into(),
+            qos: defaults::qos(),
+            format,
+            device: None,
+            sensor: None,
+            value_field: defaults::value_field(),
+            time_field: defaults::time_field(),
+            time_unit: TimeUnit::default(),
+            unit_field: defaults::unit_field(),
+            unit: String::new(),
+            series_field: None,
+            device_field: None,
+            sensor_field: None,
+            ignore_fields: Vec::new(),
+        }
+    }
+}
+
+/// Checks an MQTT topic filter: non-empty, `#` only as the last level, `+`
+/// and `#` only as whole levels.
+pub fn validate_filter(filter: &str) -> Result<(), String> {
+    let body = strip_share(filter).ok_or("`$share/` needs a group and a filter")?;
+    if body.is_empty() {
+        return Err("empty topic filter".into());
+    }
+    let levels: Vec<&str> = body.split('/').collect();
+    for (i, level) in levels.iter().enumerate() {
+        if level.contains('#') && (*level != "#" || i + 1 != levels.len()) {
+            return Err("`#` must be a whole level and the last one".into());
+        }
+        if level.contains('+') && *level != "+" {
+            return Err("`+` must be a whole level".into());
+        }
+    }
+    Ok(())
+}
+
+/// The filter without a `$share/<group>/` prefix; `None` if the prefix is incomplete.
+fn strip_share(filter: &str) -> Option<&str> {
+    match filter.strip_prefix("$share/") {
+        None => Some(filter),
+        Some(rest) => rest.split_once('/').map(|(_, f)| f).filter(|f| !f.is_empty()),
+    }
+}
+
+/// Whether `topic` matches the MQTT filter (`+` one level, `#` the rest,
+/// including none; wildcards never match a leading `$` level).
+pub fn topic_matches(filter: &str, topic: &str) -> bool {
+    let filter = strip_share(filter).unwrap_or(filter);
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(fl), Some(tl)) if fl == tl => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// A compiled `device` / `sensor` template.
+#[derive(Debug, Clone, PartialEq)]
+struct Template {
+    parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Part {
+    Literal(String),
+    Segment(usize),
+    Field,
+}
+
+impl Template {
+    fn parse(text: &str) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut rest = text;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(Part::Literal(rest[..open].to_owned()));
+            }
+            let close = rest[open..]
+                .find('}')
+                .map(|c| open + c)
+                .ok_or_else(|| format!("unclosed `{{` in template {text:?}"))?;
+            let name = &rest[open + 1..close];
+            parts.push(match name {
+                "field" => Part::Field,
+                n => Part::Segment(n.parse().map_err(|_| {
+                    format!("`{{{n}}}` in template {text:?} is neither a segment index nor `{{field}}`")
+                })?),
+            });
+            rest = &rest[close + 1..];
+        }
+        if rest.contains('}') {
+            return Err(format!("stray `}}` in template {text:?}"));
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Literal(rest.to_owned()));
+        }
+        if parts.is_empty() {
+            return Err("empty template".into());
+        }
+        Ok(Self { parts })
+    }
+
+    fn uses_field(&self) -> bool {
+        self.parts.contains(&Part::Field)
+    }
+
+    /// Renders the template; `Err` names what could not be filled.
+    fn render(&self, segments: &[&str], field: Option<&str>) -> Result<String, String> {
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Literal(l) => out.push_str(l),
+                Part::Segment(i) => match segments.get(*i) {
+                    Some(s) if !s.is_empty() => out.push_str(s),
+                    _ => return Err(format!("topic has no segment {{{i}}}")),
+                },
+                Part::Field => out.push_str(field.ok_or("no field name for `{field}`")?),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// One compiled subscription rule.
+#[derive(Debug, Clone)]
+struct Route {
+    filter: String,
+    format: PayloadFormat,
+    device: Template,
+    sensor: Template,
+    value_field: String,
+    time_field: String,
+    time_unit: TimeUnit,
+    unit_field: String,
+    unit: String,
+    series_field: Option<String>,
+    device_field: Option<String>,
+    sensor_field: Option<String>,
+    ignore_fields: Vec<String>,
+}
+
+impl Route {
+    fn compile(sub: &SubscriptionConfig, key: &str) -> Result<Self, ConfigError> {
+        validate_filter(&sub.filter).map_err(|r| ConfigError::new(format!("{key}.filter"), r))?;
+        if sub.qos > 1 {
+            return Err(ConfigError::new(
+                format!("{key}.qos"),
+                format!("QoS {} is not supported; use 0 or 1", sub.qos),
+            ));
+        }
+        if sub.value_field.is_empty() {
+            return Err(ConfigError::new(format!("{key}.value-field"), "must not be empty"));
+        }
+        let multi = sub.format == PayloadFormat::JsonMulti;
+        let device_text = sub.device.as_deref().unwrap_or(defaults::DEVICE_TEMPLATE);
+        let sensor_default = if multi {
+            defaults::MULTI_SENSOR_TEMPLATE
+        } else {
+            defaults::SENSOR_TEMPLATE
+        };
+        let sensor_text = sub.sensor.as_deref().unwrap_or(sensor_default);
+        let device =
+            Template::parse(device_text).map_err(|r| ConfigError::new(format!("{key}.device"), r))?;
+        let sensor =
+            Template::parse(sensor_text).map_err(|r| ConfigError::new(format!("{key}.sensor"), r))?;
+        if device.uses_field() {
+            return Err(ConfigError::new(
+                format!("{key}.device"),
+                "`{field}` is only allowed in the sensor template",
+            ));
+        }
+        if sensor.uses_field() != multi {
+            let reason = if multi {
+                "a json-multi sensor template must contain `{field}`"
+            } else {
+                "`{field}` is only allowed with format = \"json-multi\""
+            };
+            return Err(ConfigError::new(format!("{key}.sensor"), reason));
+        }
+        if !sub.ignore_fields.is_empty() && !multi {
+            return Err(ConfigError::new(
+                format!("{key}.ignore-fields"),
+                "only used with format = \"json-multi\"",
+            ));
+        }
+        let series_field = match (&sub.series_field, sub.format) {
+            (Some(f), _) if f.is_empty() => None,
+            (Some(f), _) => Some(f.clone()),
+            (None, PayloadFormat::JsonBatch) => Some(defaults::BATCH_SERIES_FIELD.to_owned()),
+            (None, _) => None,
+        };
+        let non_empty = |f: &Option<String>| f.clone().filter(|f| !f.is_empty());
+        Ok(Self {
+            filter: sub.filter.clone(),
+            format: sub.format,
+            device,
+            sensor,
+            value_field: sub.value_field.clone(),
+            time_field: sub.time_field.clone(),
+            time_unit: sub.time_unit,
+            unit_field: sub.unit_field.clone(),
+            unit: sub.unit.clone(),
+            series_field,
+            device_field: non_empty(&sub.device_field),
+            sensor_field: non_empty(&sub.sensor_field),
+            ignore_fields: sub.ignore_fields.clone(),
+        })
+    }
+
+    /// Whether `name` is a field the route reads for something other than a value.
+    fn is_meta_field(&self, name: &str) -> bool {
+        (!self.time_field.is_empty() && name == self.time_field)
+            || (!self.unit_field.is_empty() && name == self.unit_field)
+            || self.series_field.as_deref() == Some(name)
+            || self.device_field.as_deref() == Some(name)
+            || self.sensor_field.as_deref() == Some(name)
+            || self.ignore_fields.iter().any(|f| f == name)
+    }
+}
+
+/// Why one reading could not be made: the dead-letter reason and a detail.
+type Rejection = (DeadLetterReason, String);
+
+/// Decodes MQTT messages into [`IngestEvent`]s according to a list of
+/// subscription rules (first matching filter wins).
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    routes: Vec<Route>,
+    max_payload_bytes: usize,
+}
+
+impl Decoder {
+    /// Compiles the rules; `key_prefix` names them in errors (e.g. `mqtt.subscriptions`).
+    pub fn new(
+        subscriptions: &[SubscriptionConfig],
+        max_payload_bytes: usize,
+        key_prefix: &str,
+    ) -> Result<Self, ConfigError> {
+        let routes = subscriptions
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Route::compile(s, &format!("{key_prefix}[{i}]")))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            routes,
+            max_payload_bytes,
+        })
+    }
+
+    /// The configured payload cap in bytes.
+    pub fn max_payload_bytes(&self) -> usize {
+        self.max_payload_bytes
+    }
+
+    /// Decodes one message, appending its readings and dead letters to `out`.
+    /// `now_ms` stamps readings without an event time and every dead letter.
+    pub fn decode(&self, topic: &str, payload: &[u8], now_ms: UnixMs, out: &mut Vec<IngestEvent>) {
+        let dead = |reason, input: &[u8], detail: String| {
+            IngestEvent::DeadLetter(DeadLetter::new(
+                Source::Mqtt,
+                topic,
+                input.to_vec(),
+                reason,
+                detail,
+                now_ms,
+            ))
+        };
+        if payload.len() > self.max_payload_bytes {
+            out.push(dead(
+                DeadLetterReason::Oversize,
+                capped(payload),
+                format!(
+                    "payload of {} bytes exceeds max-payload of {} bytes",
+                    payload.len(),
+                    self.max_payload_bytes
+                ),
+            ));
+            return;
+        }
+        let Some(route) = self.routes.iter().find(|r| topic_matches(&r.filter, topic)) else {
+            out.push(dead(
+                DeadLetterReason::Unmapped,
+                payload,
+                "no subscription filter matches the topic".into(),
+            ));
+            return;
+        };
+        let segments: Vec<&str> = topic.split('/').collect();
+        let ctx = Ctx {
+            route,
+            segments: &segments,
+            now_ms,
+        };
+        let reading = |series, time_ms, value, unit: &str| {
+            IngestEvent::Reading(Reading {
+                series,
+                time_ms,
+                value,
+                unit: unit.to_owned(),
+                source: Source::Mqtt,
+                quality: Quality::Good,
+            })
+        };
+
+        if route.format == PayloadFormat::Number {
+            match parse_number(payload).and_then(|v| Ok((ctx.series(None, None)?, v))) {
+                Ok((series, value)) => out.push(reading(series, now_ms, value, &route.unit)),
+                Err((reason, detail)) => out.push(dead(reason, payload, detail)),
+            }
+            return;
+        }
+
+        let top = match serde_json::from_slice::<Top<'_>>(payload) {
+            Ok(top) => top,
+            Err(e) => {
+                out.push(dead(DeadLetterReason::Malformed, payload, format!("invalid JSON: {e}")));
+                return;
+            }
+        };
+        match (route.format, top) {
+            (PayloadFormat::Json, Top::Object(obj)) => match ctx.single(&obj) {
+                Ok((series, time, value, unit)) => out.push(reading(series, time, value, &unit)),
+                Err((reason, detail)) => out.push(dead(reason, payload, detail)),
+            },
+            (PayloadFormat::JsonMulti, Top::Object(obj)) => {
+                let before = out.len();
+                let time = match ctx.event_time(&obj) {
+                    Ok(t) => t,
+                    Err((reason, detail)) => {
+                        out.push(dead(reason, payload, detail));
+                        return;
+                    }
+                };
+                for (name, value) in &obj.0 {
+                    if route.is_meta_field(name) {
+                        continue;
+                    }
+                    let made = value
+                        .as_number()
+                        .ok_or_else(|| {
+                            (
+                                DeadLetterReason::WrongType,
+                                format!("field `{name}` is {}, not a number", value.kind()),
+                            )
+                        })
+                        .and_then(|v| Ok((ctx.series(Some(&obj), Some(name))?, v)));
+                    match made {
+                        Ok((series, v)) => out.push(reading(series, time, v, &route.unit)),
+                        Err((reason, detail)) => out.push(dead(reason, payload, detail)),
+                    }
+                }
+                if out.len() == before {
+                    out.push(dead(
+                        DeadLetterReason::WrongType,
+                        payload,
+                        "object has no value fields".into(),
+                    ));
+                }
+            }
+            (PayloadFormat::JsonBatch, Top::Array(elements)) => {
+                for (i, element) in elements.iter().enumerate() {
+                    let made = match element {
+                        Element::Object(obj) => ctx.single(obj),
+                        Element::Other(kind) => Err((
+                            DeadLetterReason::WrongType,
+                            format!("is {kind}, not an object"),
+                        )),
+                    };
+                    match made {
+                        Ok((series, time, value, unit)) => {
+                            out.push(reading(series, time, value, &unit))
+                        }
+                        Err((reason, detail)) => {
+                            out.push(dead(reason, capped(payload), format!("element {i}: {detail}")))
+                        }
+                    }
+                }
+            }
+            (format, top) => {
+                let expected = if format == PayloadFormat::JsonBatch {
+                    "an array"
+                } else {
+                    "an object"
+                };
+                out.push(dead(
+                    DeadLetterReason::WrongType,
+                    payload,
+                    format!("payload is {}, expected {expected}", top.kind()),
+                ));
+            }
+        }
+    }
+}
+
+fn capped(input: &[u8]) -> &[u8] {
+    &input[..input.len().min(DEAD_LETTER_INPUT_CAP)]
+}
+
+fn parse_number(payload: &[u8]) -> Result<f64, Rejection> {
+    let text = std::str::from_utf8(payload)
+        .map_err(|_| (DeadLetterReason::Malformed, "payload is not UTF-8 text".to_owned()))?
+        .trim();
+    text.parse::<f64>().map_err(|_| {
+        let shown: String = text.chars().take(40).collect();
+        (DeadLetterReason::Malformed, format!("{shown:?} is not a number"))
+    })
+}
+
+/// What a decode step needs to know about the message.
+struct Ctx<'r, 's> {
+    route: &'r Route,
+    segments: &'s [&'s str],
+    now_ms: UnixMs,
+}
+
+impl Ctx<'_, '_> {
+    /// A `json` object (or a `json-batch` element): series, time, value, unit.
+    fn single(&self, obj: &FlatObject<'_>) -> Result<(SeriesKey, UnixMs, f64, String), Rejection> {
+        let field = &self.route.value_field;
+        let value = match obj.get(field) {
+            None => return Err((DeadLetterReason::WrongType, format!("missing field `{field}`"))),
+            Some(v) => v.as_number().ok_or_else(|| {
+                (
+                    DeadLetterReason::WrongType,
+                    format!("field `{field}` is {}, not a number", v.kind()),
+                )
+            })?,
+        };
+        let time = self.event_time(obj)?;
+        let unit = self.unit(obj)?;
+        let series = self.series(Some(obj), None)?;
+        Ok((series, time, value, unit))
+    }
+
+    fn event_time(&self, obj: &FlatObject<'_>) -> Result<UnixMs, Rejection> {
+        let field = &self.route.time_field;
+        if field.is_empty() {
+            return Ok(self.now_ms);
+        }
+        match obj.get(field) {
+            None | Some(Scalar::Null) => Ok(self.now_ms),
+            Some(Scalar::Number(t)) => {
+                let ms = match self.route.time_unit {
+                    TimeUnit::Ms => *t,
+                    TimeUnit::S => t * 1000.0,
+                };
+                // ±8.64e15 ms is the ECMAScript date range (about ±273,000 years).
+                if ms.is_finite() && ms.abs() <= 8.64e15 {
+                    Ok(ms.round() as UnixMs)
+                } else {
+                    Err((DeadLetterReason::WrongType, format!("field `{field}` = {t} is not a valid time")))
+                }
+            }
+            Some(other) => Err((
+                DeadLetterReason::WrongType,
+                format!("field `{field}` is {}, not a number", other.kind()),
+            )),
+        }
+    }
+
+    fn unit(&self, obj: &FlatObject<'_>) -> Result<String, Rejection> {
+        let field = &self.route.unit_field;
+        if field.is_empty() {
+            return Ok(self.route.unit.clone());
+        }
+        match obj.get(field) {
+            None | Some(Scalar::Null) => Ok(self.route.unit.clone()),
+            Some(Scalar::Str(s)) => Ok(s.clone().into_owned()),
+            Some(other) => Err((
+                DeadLetterReason::WrongType,
+                format!("field `{field}` is {}, not a string", other.kind()),
+            )),
+        }
+    }
+
+    /// Resolves the series: `series-field`, then `device-field` / `sensor-field`,
+    /// then the topic templates.
+    fn series(&self, obj: Option<&FlatObject<'_>>, field: Option<&str>) -> Result<SeriesKey, Rejection> {
+        let route = self.route;
+        let lookup = |name: &Option<String>| -> Result<Option<String>, Rejection> {
+            let (Some(name), Some(obj)) = (name, obj) else {
+                return Ok(None);
+            };
+            match obj.get(name) {
+                None | Some(Scalar::Null) => Ok(None),
+                Some(Scalar::Str(s)) if !s.is_empty() => Ok(Some(s.clone().into_owned())),
+                Some(other) => Err((
+                    DeadLetterReason::WrongType,
+                    format!("field `{name}` is {}, not a non-empty string", other.kind()),
+                )),
+            }
+        };
+        if let Some(series) = lookup(&route.series_field)? {
+            return match series.split_once('/') {
+                Some((d, s)) if !d.is_empty() && !s.is_empty() => Ok(SeriesKey::new(d, s)),
+                _ => Err((
+                    DeadLetterReason::WrongType,
+                    format!("series {series:?} is not of the form \"device/sensor\""),
+                )),
+            };
+        }
+        let unmapped = |detail| (DeadLetterReason::Unmapped, detail);
+        let device = match lookup(&route.device_field)? {
+            Some(d) => d,
+            None => route.device.render(self.segments, field).map_err(unmapped)?,
+        };
+        let sensor = match lookup(&route.sensor_field)? {
+            Some(s) if field.is_none() => s,
+            _ => route.sensor.render(self.segments, field).map_err(unmapped)?,
+        };
+        Ok(SeriesKey::new(device, sensor))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// One-pass JSON scanning: a top-level object keeps its scalar fields, an
+// array keeps its object elements; nested values are skipped, not built.
+
+/// A JSON value as far as a decoder cares.
+#[derive(Debug, Clone, PartialEq)]
+enum Scalar<'a> {
+    Number(f64),
+    Bool(bool),
+    Str(Cow<'a, str>),
+    Null,
+    Array,
+    Object,
+}
+
+impl Scalar<'_> {
+    fn as_number(&self) -> Option<f64> {
+        match self {
+            Scalar::Number(v) => Some(*v),
+            Scalar::Bool(b) => Some(f64::from(u8::from(*b))),
+            _ => None,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Scalar::Number(_) => "a number",
+            Scalar::Bool(_) => "a boolean",
+            Scalar::Str(_) => "a string",
+            Scalar::Null => "null",
+            Scalar::Array => "an array",
+            Scalar::Object => "an object",
+        }
+    }
+}
+
+struct ScalarVisitor;
+
+impl<'de> Visitor<'de> for ScalarVisitor {
+    type Value = Scalar<'de>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(Scalar::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(Scalar::Number(v as f64))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(Scalar::Number(v as f64))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(Scalar::Number(v))
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Scalar::Str(Cow::Borrowed(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Scalar::Str(Cow::Owned(v.to_owned())))
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Scalar::Null)
+    }
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(Scalar::Null)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Scalar::Array)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Scalar::Object)
+    }
+}
+
+impl<'de> Deserialize<'de> for Scalar<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ScalarVisitor)
+    }
+}
+
+/// A field name, borrowed from the payload when it has no escapes.
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// The fields of one JSON object in payload order (the first of duplicate
+/// names wins on lookup).
+#[derive(Debug, Default)]
+struct FlatObject<'a>(Vec<(Cow<'a, str>, Scalar<'a>)>);
+
+impl<'a> FlatObject<'a> {
+    fn get(&self, name: &str) -> Option<&Scalar<'a>> {
+        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v)
+    }
+
+    fn read<'de: 'a, A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+        let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(4));
+        while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
+            let v = map.next_value::<Scalar<'de>>()?;
+            fields.push((k, v));
+        }
+        Ok(FlatObject(fields))
+    }
+}
+
+/// One element of a `json-batch` array.
+#[derive(Debug)]
+enum Element<'a> {
+    Object(FlatObject<'a>),
+    Other(&'static str),
+}
+
+impl<'de> Deserialize<'de> for Element<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Element<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                FlatObject::read(map).map(Element::Object)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                ScalarVisitor.visit_seq(seq).map(|s| Element::Other(s.kind()))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Element::Other("a boolean"))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Element::Other("a number"))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Element::Other("a number"))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Element::Other("a number"))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(Element::Other("a string"))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Element::Other("null"))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The top level of a JSON payload.
+#[derive(Debug)]
+enum Top<'a> {
+    Object(FlatObject<'a>),
+    Array(Vec<Element<'a>>),
+    Scalar(Scalar<'a>),
+}
+
+impl Top<'_> {
+    fn kind(&self) -> &'static str {
+        match self {
+            Top::Object(_) => "an object",
+            Top::Array(_) => "an array",
+            Top::Scalar(s) => s.kind(),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Top<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Top<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                FlatObject::read(map).map(Top::Object)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut elements = Vec::with_capacity(seq.size_hint().unwrap_or(16).min(4096));
+                while let Some(e) = seq.next_element::<Element<'de>>()? {
+                    elements.push(e);
+                }
+                Ok(Top::Array(elements))
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(Top::Scalar(Scalar::Bool(v)))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(Top::Scalar(Scalar::Number(v as f64)))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(Top::Scalar(Scalar::Number(v as f64)))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+                Ok(Top::Scalar(Scalar::Number(v)))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(Top::Scalar(Scalar::Str(Cow::Borrowed(""))))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Top::Scalar(Scalar::Null))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
