@@ -4,6 +4,8 @@
 //! pipeline drains into the window engine. A source never drops an input
 //! silently: what it cannot decode becomes a [`DeadLetter`].
 
+pub mod modbus;
+
 use millrace_protocol::{DeadLetter, Reading, UnixMs};
 
 pub mod broker;
