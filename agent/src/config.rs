@@ -7,7 +7,9 @@
 //! this module composes them, applies environment overrides for secrets and
 //! runs every section's checks.
 //!
-//! Environment overrides: `MILLRACE_AGENT_ID` replaces `agent.id`.
+//! Environment overrides: `MILLRACE_AGENT_ID` replaces `agent.id`,
+//! `MILLRACE_DATA_DIR` replaces `agent.data-dir`, `MILLRACE_MQTT_PASSWORD`
+//! replaces `mqtt.password`.
 
 use crate::anomaly::AnomalyConfig;
 use crate::ingest::broker::BrokerConfig;
@@ -80,6 +82,12 @@ impl AgentConfig {
         if let Ok(id) = std::env::var("MILLRACE_AGENT_ID") {
             cfg.agent.id = id;
         }
+        if let Ok(dir) = std::env::var("MILLRACE_DATA_DIR") {
+            cfg.agent.data_dir = PathBuf::from(dir);
+        }
+        if let Some(m) = cfg.mqtt.as_mut() {
+            m.apply_env_overrides();
+        }
         cfg.validate().map_err(err)?;
         Ok(cfg)
     }
@@ -104,16 +112,22 @@ impl AgentConfig {
         if self.agent.channel_capacity == 0 {
             return Err("agent.channel-capacity: must be at least 1".into());
         }
-        self.window.validate().map_err(|e| format!("window.{e}"))?;
-        self.anomaly.validate().map_err(|e| format!("anomaly.{e}"))?;
+        self.window
+            .validate()
+            .map_err(|e| format!("window.{}: {}", e.key, e.reason))?;
+        self.anomaly
+            .validate()
+            .map_err(|e| format!("anomaly.{}: {}", e.key, e.reason))?;
+        // The source sections' errors carry their full key path.
+        let keyed = |key: String, reason: String| format!("{key}: {reason}");
         if let Some(m) = &self.mqtt {
-            m.validate().map_err(|e| format!("mqtt.{e}"))?;
+            m.validate().map_err(|e| keyed(e.key, e.reason))?;
         }
         if let Some(b) = &self.broker {
-            b.validate().map_err(|e| format!("broker.{e}"))?;
+            b.validate().map_err(|e| keyed(e.key, e.reason))?;
         }
         if let Some(m) = &self.modbus {
-            m.validate().map_err(|e| format!("modbus.{e}"))?;
+            m.validate().map_err(|e| keyed(e.key, e.message))?;
         }
         if self.mqtt.is_none()
             && self.broker.as_ref().is_none_or(|b| !b.enabled)

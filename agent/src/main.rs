@@ -90,7 +90,7 @@ fn run(cfg: AgentConfig, tap: Option<PathBuf>) -> anyhow::Result<()> {
         .thread_name("millrace")
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(millrace_agent::agent::run(cfg, tap))
+    Ok(rt.block_on(millrace_agent::runtime::run(cfg, tap))?)
 }
 
 fn init_tracing(format: LogFormat) {

@@ -108,6 +108,7 @@ impl Analytics {
                     self.produced.push(Record::Window(w));
                 }
                 EngineOutput::DeadLetter(dl) => self.produced.push(Record::DeadLetter(dl)),
+                EngineOutput::SeriesEvicted(series) => self.scorer.forget(&series),
             }
         }
     }

@@ -1,0 +1,129 @@
+//! The running agent: starts the configured sources, the pipeline and the
+//! outputs under one root [`CancellationToken`], and shuts them down in
+//! pipeline order on SIGINT/SIGTERM or when any task fails.
+//!
+//! Shutdown order: the token is cancelled → sources stop taking input → the
+//! pipeline drains the channel and flushes every open window → outputs get
+//! the last records → `run` returns.
+
+use crate::anomaly::Scorer;
+use crate::config::AgentConfig;
+use crate::ingest::broker::{BrokerError, EmbeddedBroker};
+use crate::ingest::modbus::ModbusSource;
+use crate::ingest::mqtt::{MqttError, MqttSource};
+use crate::pipeline::{self, Analytics, Output};
+use crate::tap::Tap;
+use crate::window::WindowEngine;
+use std::path::PathBuf;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Why the agent could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RuntimeError {
+    #[error("cannot open the tap {path}: {source}")]
+    Tap {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("embedded broker: {0}")]
+    Broker(#[from] BrokerError),
+    #[error("mqtt source: {0}")]
+    Mqtt(#[from] MqttError),
+    #[error("modbus source: {0}")]
+    Modbus(String),
+    #[error("cannot install the signal handler: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Runs the agent until SIGINT/SIGTERM (returns `Ok`) or a fatal error.
+pub async fn run(cfg: AgentConfig, tap: Option<PathBuf>) -> Result<(), RuntimeError> {
+    let shutdown = CancellationToken::new();
+    let mut outputs: Vec<Box<dyn Output>> = Vec::new();
+    if let Some(path) = tap {
+        let t = Tap::open(&path).map_err(|source| RuntimeError::Tap { path, source })?;
+        outputs.push(Box::new(t));
+    }
+
+    let (tx, rx) = mpsc::channel(cfg.agent.channel_capacity);
+    let mut sources: JoinSet<Result<(), RuntimeError>> = JoinSet::new();
+    if let Some(b) = cfg.broker.as_ref().filter(|b| b.enabled) {
+        let broker = EmbeddedBroker::start(b)?;
+        tracing::info!(listen = %broker.local_addr(), "embedded MQTT broker up");
+        let (tx, token) = (tx.clone(), shutdown.clone());
+        sources.spawn(async move { Ok(broker.run(tx, token).await?) });
+    }
+    if let Some(m) = cfg.mqtt.clone() {
+        let source = MqttSource::new(m)?;
+        let (tx, token) = (tx.clone(), shutdown.clone());
+        sources.spawn(async move { Ok(source.run(tx, token).await?) });
+    }
+    if let Some(m) = cfg.modbus.clone().filter(|m| !m.devices.is_empty()) {
+        let source = ModbusSource::new(m).map_err(|e| RuntimeError::Modbus(e.to_string()))?;
+        let (tx, token) = (tx.clone(), shutdown.clone());
+        sources.spawn(async move {
+            source.run(tx, token).await;
+            Ok(())
+        });
+    }
+    drop(tx);
+
+    let engine = WindowEngine::new(cfg.agent.id.clone(), cfg.window.clone());
+    let scorer = Scorer::new(cfg.agent.id.clone(), cfg.anomaly.clone())
+        .with_max_series(cfg.window.max_series);
+    let analytics = Analytics::new(engine, scorer, cfg.window.width);
+    let pipeline_token = shutdown.clone();
+    let pipeline = tokio::spawn(async move {
+        let mut outputs = outputs;
+        pipeline::run(analytics, rx, &mut outputs, pipeline_token).await
+    });
+    tracing::info!(agent = %cfg.agent.id, "agent running");
+
+    let mut failure = None;
+    let signals = wait_for_signal();
+    tokio::pin!(signals);
+    loop {
+        tokio::select! {
+            sig = &mut signals => {
+                match sig {
+                    Ok(name) => tracing::info!(signal = name, "stopping: ingest stops, open windows flush"),
+                    Err(e) => failure = Some(RuntimeError::Signals(e)),
+                }
+                break;
+            }
+            Some(done) = sources.join_next() => {
+                match done {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "source failed; stopping the agent");
+                        failure = Some(e);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "source task panicked; stopping the agent");
+                        failure = Some(RuntimeError::Modbus(format!("task failed: {e}")));
+                    }
+                }
+                break;
+            }
+        }
+    }
+    shutdown.cancel();
+    while sources.join_next().await.is_some() {}
+    match pipeline.await {
+        Ok(_) => {}
+        Err(e) => tracing::error!(error = %e, "pipeline task failed"),
+    }
+    failure.map_or(Ok(()), Err)
+}
+
+async fn wait_for_signal() -> std::io::Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
