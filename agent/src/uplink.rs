@@ -1,0 +1,567 @@
+//! The uplink: sends the outbox to the aggregator and deletes what it
+//! acknowledged.
+//!
+//! What it does, in order of precedence on every round:
+//! 1. **alerts** (the priority lane), oldest first, as soon as they exist;
+//! 2. **live** records (bulk lane, appended since the uplink last recovered
+//!    from an outage), oldest first;
+//! 3. **backlog** (bulk lane, older than that), oldest first, at most
+//!    `replay-rate` records per second, so a long outage drains without
+//!    starving live data or flooding the aggregator.
+//!
+//! Each batch is a [`Batch`] in the binary encoding, gzip-compressed, POSTed
+//! to `{url}/api/v1/ingest` with the agent's bearer token. The aggregator
+//! answers 200 only after its log acknowledged every record; only then are
+//! the records deleted from the outbox. Batches carry the outbox floor, so the
+//! aggregator can forget the dedup state below it.
+//!
+//! Answers and what the uplink does:
+//! - `200`: ack the batch's seqs.
+//! - `400` / `413`: the aggregator will never take this batch as it is. The
+//!   batch is split in halves to isolate the record at fault; a single record
+//!   still refused is deleted, counted (`millrace_uplink_rejected_records_total`)
+//!   and logged with the aggregator's reason — never retried forever.
+//! - `401`: token refused: retried with backoff (an operator must fix the
+//!   config; the outbox keeps everything meanwhile), logged as an error.
+//! - anything else (503, 5xx, timeouts, refused connections): retried with
+//!   exponential backoff and full jitter, honouring `Retry-After`.
+//!
+//! What it is not: it never reorders records within a lane and never holds
+//! more than one batch in flight.
+
+use crate::store::{blocking, Lane, Store, StoreError};
+use millrace_protocol::{Batch, Envelope};
+use rand::Rng;
+use serde::Deserialize;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Environment variable that overrides `uplink.token`.
+pub const TOKEN_ENV: &str = "MILLRACE_UPLINK_TOKEN";
+
+/// `[uplink]`: where and how the outbox is sent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct UplinkConfig {
+    /// Base URL of the aggregator, e.g. `https://aggregator.plant:8480`.
+    pub url: String,
+    /// Bearer token of this agent (or from `MILLRACE_UPLINK_TOKEN`).
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Extra CA certificate (PEM) to trust for `https` URLs.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Records per batch.
+    #[serde(default = "defaults::batch_records")]
+    pub batch_records: usize,
+    /// Stored bytes per batch (before compression).
+    #[serde(default = "defaults::batch_bytes")]
+    pub batch_bytes: bytesize::ByteSize,
+    /// Deadline of one POST, connection included.
+    #[serde(default = "defaults::request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// First retry delay; doubles on each failure up to `backoff-max`.
+    #[serde(default = "defaults::backoff_min", with = "humantime_serde")]
+    pub backoff_min: Duration,
+    #[serde(default = "defaults::backoff_max", with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// Backlog records per second sent after an outage (live data and alerts
+    /// are not limited).
+    #[serde(default = "defaults::replay_rate")]
+    pub replay_rate: u32,
+    /// How often an idle uplink looks at the outbox (it is also woken on append).
+    #[serde(default = "defaults::idle_poll", with = "humantime_serde")]
+    pub idle_poll: Duration,
+}
+
+/// The defaults of `[uplink]`, in one place.
+pub mod defaults {
+    use std::time::Duration;
+    pub fn batch_records() -> usize {
+        500
+    }
+    pub fn batch_bytes() -> bytesize::ByteSize {
+        bytesize::ByteSize::kib(512)
+    }
+    pub fn request_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn backoff_min() -> Duration {
+        Duration::from_millis(200)
+    }
+    pub fn backoff_max() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn replay_rate() -> u32 {
+        2000
+    }
+    pub fn idle_poll() -> Duration {
+        Duration::from_millis(500)
+    }
+}
+
+impl UplinkConfig {
+    pub fn apply_env_overrides(&mut self) {
+        if let Ok(token) = std::env::var(TOKEN_ENV) {
+            self.token = Some(token);
+        }
+    }
+
+    /// Checks every key; the error is `(key, reason)`.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |k: &str, r: &str| Err((format!("uplink.{k}"), r.to_string()));
+        let parsed = reqwest::Url::parse(&self.url);
+        match parsed {
+            Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+            Ok(_) => return bad("url", "must be an http:// or https:// URL"),
+            Err(e) => return bad("url", &format!("not a URL: {e}")),
+        }
+        if self.batch_records == 0 {
+            return bad("batch-records", "must be at least 1");
+        }
+        if self.batch_bytes.as_u64() < 1024 {
+            return bad("batch-bytes", "must be at least 1KiB");
+        }
+        if self.backoff_min.is_zero() || self.backoff_min > self.backoff_max {
+            return bad("backoff-min", "must be > 0 and ≤ backoff-max");
+        }
+        if self.replay_rate == 0 {
+            return bad("replay-rate", "must be at least 1 record/s");
+        }
+        if self.request_timeout.is_zero() {
+            return bad("request-timeout", "must be > 0");
+        }
+        if let Some(ca) = &self.ca_file {
+            if !ca.exists() {
+                return bad("ca-file", &format!("{} does not exist", ca.display()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why the uplink could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UplinkError {
+    #[error("cannot read the CA file {path}: {source}")]
+    CaFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot build the HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// How one POST ended.
+#[derive(Debug)]
+enum SendOutcome {
+    Committed,
+    /// The aggregator will never accept this batch as it is (400, 413).
+    Refused { status: u16, reason: String },
+    /// Try again later.
+    Retry {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+struct ErrorBody {
+    #[serde(default)]
+    error: String,
+}
+
+/// The uplink task.
+#[derive(Debug)]
+pub struct Uplink {
+    cfg: UplinkConfig,
+    agent: String,
+    store: Arc<Store>,
+    client: reqwest::Client,
+    endpoint: String,
+    wake: Arc<Notify>,
+}
+
+impl Uplink {
+    pub fn new(
+        cfg: UplinkConfig,
+        agent: String,
+        store: Arc<Store>,
+        wake: Arc<Notify>,
+    ) -> Result<Self, UplinkError> {
+        let mut builder = reqwest::Client::builder()
+            .timeout(cfg.request_timeout)
+            .connect_timeout(cfg.request_timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("millrace-agent/", env!("CARGO_PKG_VERSION")));
+        if let Some(path) = &cfg.ca_file {
+            let pem = std::fs::read(path).map_err(|source| UplinkError::CaFile {
+                path: path.clone(),
+                source,
+            })?;
+            builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
+        }
+        let endpoint = format!("{}/api/v1/ingest", cfg.url.trim_end_matches('/'));
+        Ok(Self {
+            client: builder.build()?,
+            cfg,
+            agent,
+            store,
+            endpoint,
+            wake,
+        })
+    }
+
+    /// Runs until `shutdown`; on shutdown, one last attempt to send what is
+    /// pending (bounded by one request timeout) is made by the caller's drain
+    /// order, not here: whatever is not acknowledged stays in the outbox.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut failures: u32 = 0;
+        // Bulk records with seq ≥ live_from are live; older ones are backlog.
+        let mut live_from: u64 = 0;
+        let mut bucket = TokenBucket::new(self.cfg.replay_rate);
+        let batch_bytes = self.cfg.batch_bytes.as_u64();
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let round = self.round(&mut live_from, &mut bucket, batch_bytes).await;
+            let pause = match round {
+                Ok(Progress::Sent) => {
+                    if failures > 0 {
+                        tracing::info!(after_failures = failures, "uplink recovered");
+                        // Whatever is in the outbox now is backlog; what comes next is live.
+                        live_from = self.next_seq().await.unwrap_or(live_from);
+                    }
+                    failures = 0;
+                    continue;
+                }
+                Ok(Progress::Idle) => {
+                    failures = 0;
+                    self.cfg.idle_poll
+                }
+                Ok(Progress::Throttled(wait)) => wait,
+                Err(RoundError::Retry { reason, retry_after }) => {
+                    failures = failures.saturating_add(1);
+                    metrics::counter!("millrace_uplink_retries_total").increment(1);
+                    let backoff = backoff_delay(
+                        self.cfg.backoff_min,
+                        self.cfg.backoff_max,
+                        failures,
+                        &mut rand::rng(),
+                    );
+                    let wait = retry_after.map_or(backoff, |r| r.max(backoff));
+                    tracing::warn!(%reason, failures, retry_in_ms = wait.as_millis() as u64, "uplink send failed; will retry");
+                    wait
+                }
+                Err(RoundError::Store(e)) => {
+                    tracing::error!(error = %e, "uplink cannot read the outbox");
+                    self.cfg.backoff_max
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    async fn next_seq(&self) -> Result<u64, StoreError> {
+        let store = self.store.clone();
+        blocking(move || Ok(store.outbox().stats()?.next_seq)).await
+    }
+
+    /// One step: the oldest sendable batch, by lane precedence.
+    async fn round(
+        &self,
+        live_from: &mut u64,
+        bucket: &mut TokenBucket,
+        batch_bytes: u64,
+    ) -> Result<Progress, RoundError> {
+        let max = self.cfg.batch_records;
+        let alerts = self.peek(Lane::Priority, 0, max, batch_bytes).await?;
+        if !alerts.is_empty() {
+            self.deliver(alerts).await?;
+            return Ok(Progress::Sent);
+        }
+        let live = self.peek(Lane::Bulk, *live_from, max, batch_bytes).await?;
+        if !live.is_empty() {
+            self.deliver(live).await?;
+            return Ok(Progress::Sent);
+        }
+        if *live_from == 0 {
+            return Ok(Progress::Idle);
+        }
+        // Backlog, rate limited.
+        let allowed = bucket.take(max);
+        if allowed == 0 {
+            return Ok(Progress::Throttled(bucket.wait_for_one()));
+        }
+        let mut backlog = self.peek(Lane::Bulk, 0, allowed, batch_bytes).await?;
+        backlog.retain(|e| e.seq < *live_from);
+        if backlog.is_empty() {
+            // Caught up: everything pending is live again.
+            *live_from = 0;
+            return Ok(Progress::Idle);
+        }
+        self.deliver(backlog).await?;
+        Ok(Progress::Sent)
+    }
+
+    async fn peek(
+        &self,
+        lane: Lane,
+        from: u64,
+        max: usize,
+        bytes: u64,
+    ) -> Result<Vec<Envelope>, RoundError> {
+        let store = self.store.clone();
+        blocking(move || store.outbox().peek_from(lane, from, max, bytes))
+            .await
+            .map_err(RoundError::Store)
+    }
+
+    /// Sends `records`, splitting batches the aggregator refuses until the
+    /// record at fault is isolated; acks what was committed or refused for good.
+    async fn deliver(&self, records: Vec<Envelope>) -> Result<(), RoundError> {
+        let mut stack = vec![records];
+        while let Some(part) = stack.pop() {
+            let floor = {
+                let store = self.store.clone();
+                blocking(move || store.outbox().floor())
+                    .await
+                    .map_err(RoundError::Store)?
+            };
+            let seqs: Vec<u64> = part.iter().map(|e| e.seq).collect();
+            let n = part.len();
+            let started = Instant::now();
+            match self.post(part.clone(), floor).await {
+                SendOutcome::Committed => {
+                    metrics::counter!("millrace_uplink_batches_total", "outcome" => "committed")
+                        .increment(1);
+                    metrics::counter!("millrace_uplink_records_total").increment(n as u64);
+                    metrics::histogram!("millrace_uplink_request_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    self.ack(seqs).await?;
+                }
+                SendOutcome::Refused { status, reason } if n > 1 => {
+                    tracing::warn!(status, %reason, records = n, "batch refused; splitting it to find the record at fault");
+                    let mut part = part;
+                    let second = part.split_off(n / 2);
+                    stack.push(second);
+                    stack.push(part);
+                }
+                SendOutcome::Refused { status, reason } => {
+                    metrics::counter!("millrace_uplink_batches_total", "outcome" => "refused")
+                        .increment(1);
+                    metrics::counter!("millrace_uplink_rejected_records_total").increment(1);
+                    tracing::error!(status, %reason, seq = seqs[0], "aggregator refused a record for good; it is deleted from the outbox");
+                    self.ack(seqs).await?;
+                }
+                SendOutcome::Retry {
+                    reason,
+                    retry_after,
+                } => {
+                    metrics::counter!("millrace_uplink_batches_total", "outcome" => "retry")
+                        .increment(1);
+                    return Err(RoundError::Retry {
+                        reason,
+                        retry_after,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn ack(&self, seqs: Vec<u64>) -> Result<(), RoundError> {
+        let store = self.store.clone();
+        blocking(move || store.outbox().ack(&seqs))
+            .await
+            .map(|_| ())
+            .map_err(RoundError::Store)
+    }
+
+    async fn post(&self, records: Vec<Envelope>, floor: u64) -> SendOutcome {
+        let mut batch = Batch::new(self.agent.clone(), records);
+        batch.outbox_floor = floor.min(batch.outbox_floor);
+        let body = match gzip(&batch.encode_binary()) {
+            Ok(b) => b,
+            Err(e) => {
+                return SendOutcome::Retry {
+                    reason: format!("compressing the batch: {e}"),
+                    retry_after: None,
+                }
+            }
+        };
+        let mut req = self
+            .client
+            .post(&self.endpoint)
+            .header(reqwest::header::CONTENT_TYPE, "application/x-millrace-batch")
+            .header(reqwest::header::CONTENT_ENCODING, "gzip")
+            .body(body);
+        if let Some(token) = &self.cfg.token {
+            req = req.bearer_auth(token);
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                return SendOutcome::Retry {
+                    reason: format!("request failed: {e}"),
+                    retry_after: None,
+                }
+            }
+        };
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let text = resp.text().await.unwrap_or_default();
+        let reason = serde_json::from_str::<ErrorBody>(&text)
+            .map(|b| b.error)
+            .ok()
+            .filter(|e| !e.is_empty())
+            .unwrap_or_else(|| text.chars().take(200).collect());
+        match status {
+            200..=299 => SendOutcome::Committed,
+            400 | 413 => SendOutcome::Refused { status, reason },
+            401 | 403 => {
+                tracing::error!(status, %reason, "aggregator refused this agent's token: check uplink.token and the aggregator's [[agents]]");
+                SendOutcome::Retry {
+                    reason: format!("unauthorized ({status})"),
+                    retry_after: None,
+                }
+            }
+            _ => SendOutcome::Retry {
+                reason: format!("HTTP {status}: {reason}"),
+                retry_after,
+            },
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Progress {
+    Sent,
+    Idle,
+    Throttled(Duration),
+}
+
+#[derive(Debug)]
+enum RoundError {
+    Retry {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    Store(StoreError),
+}
+
+fn gzip(bytes: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut enc = flate2::write::GzEncoder::new(
+        Vec::with_capacity(bytes.len() / 3),
+        flate2::Compression::fast(),
+    );
+    enc.write_all(bytes)?;
+    enc.finish()
+}
+
+/// Exponential backoff with full jitter: uniform in `[min/2, min(max, min·2^(n−1))]`.
+fn backoff_delay(min: Duration, max: Duration, failures: u32, rng: &mut impl Rng) -> Duration {
+    let exp = failures.saturating_sub(1).min(30);
+    let ceiling = min.saturating_mul(1u32 << exp).min(max);
+    let floor = (min / 2).min(ceiling);
+    let span = ceiling.saturating_sub(floor).as_millis() as u64;
+    floor + Duration::from_millis(rng.random_range(0..=span))
+}
+
+/// A token bucket of `rate` records per second, holding at most one second.
+#[derive(Debug)]
+struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u32) -> Self {
+        Self {
+            rate: f64::from(rate),
+            tokens: f64::from(rate),
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes up to `want` tokens; returns how many were taken.
+    fn take(&mut self, want: usize) -> usize {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate)
+            .min(self.rate);
+        self.last = now;
+        let n = (self.tokens.floor() as usize).min(want);
+        self.tokens -= n as f64;
+        n
+    }
+
+    fn wait_for_one(&self) -> Duration {
+        Duration::from_secs_f64(((1.0 - self.tokens) / self.rate).max(0.001))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let (min, max) = (Duration::from_millis(200), Duration::from_secs(30));
+        for failures in 1..40 {
+            let d = backoff_delay(min, max, failures, &mut rng);
+            assert!(d >= min / 2, "{d:?}");
+            assert!(d <= max, "{d:?}");
+        }
+        let first: Vec<_> = (0..50).map(|_| backoff_delay(min, max, 1, &mut rng)).collect();
+        assert!(first.iter().all(|d| *d <= min));
+        let tenth: Vec<_> = (0..50).map(|_| backoff_delay(min, max, 10, &mut rng)).collect();
+        assert!(tenth.iter().any(|d| *d > Duration::from_secs(5)), "grows");
+        assert!(tenth.windows(2).any(|w| w[0] != w[1]), "jittered");
+    }
+
+    #[test]
+    fn token_bucket_limits_to_rate() {
+        let mut b = TokenBucket::new(100);
+        assert_eq!(b.take(500), 100);
+        assert_eq!(b.take(500), 0);
+        assert!(b.wait_for_one() <= Duration::from_millis(11));
+    }
+
+    #[test]
+    fn config_errors_name_the_key() {
+        let cfg: UplinkConfig = toml::from_str("url = \"ftp://x\"").unwrap();
+        assert_eq!(cfg.validate().unwrap_err().0, "uplink.url");
+        let cfg: UplinkConfig =
+            toml::from_str("url = \"http://127.0.0.1:1\"\nbatch-records = 0").unwrap();
+        assert_eq!(cfg.validate().unwrap_err().0, "uplink.batch-records");
+        assert!(toml::from_str::<UplinkConfig>("url = \"http://x\"\nbogus = 1").is_err());
+    }
+
+    #[test]
+    fn gzip_round_trips() {
+        let data = b"millrace".repeat(100);
+        let z = gzip(&data).unwrap();
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&z[..]), &mut out).unwrap();
+        assert_eq!(out, data);
+        assert!(z.len() < data.len());
+    }
+}
