@@ -31,9 +31,17 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     #[error("{path}: key `{key}`: {message}")]
-    Parse { path: PathBuf, key: String, message: String },
+    Parse {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
     #[error("{path}: key `{key}`: {message}")]
-    Invalid { path: PathBuf, key: String, message: String },
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
 }
 
 impl ConfigError {
@@ -333,7 +341,11 @@ pub struct ModbusRtuConfig {
 #[derive(Debug, Clone)]
 pub enum MqttPayload {
     /// `{"ts": ms, "value": x, "unit": "..."}`, one reading per message.
-    Single { sensor: String, unit: Option<String>, signal: Signal },
+    Single {
+        sensor: String,
+        unit: Option<String>,
+        signal: Signal,
+    },
     /// `{"ts": ms, "<field>": x, ...}`, several sensors per message.
     Multi { fields: Vec<(String, Signal)> },
 }
@@ -353,8 +365,10 @@ pub struct MqttSensorConfig {
 impl SimConfig {
     /// Reads and checks a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::from_toml(&text, path)
     }
 
@@ -366,7 +380,11 @@ impl SimConfig {
             let inner = e.into_inner();
             ConfigError::Parse {
                 path: path.to_owned(),
-                key: if key == "." { "(document)".to_owned() } else { key },
+                key: if key == "." {
+                    "(document)".to_owned()
+                } else {
+                    key
+                },
                 message: inner.message().to_owned() + &line_hint(text, inner.span()),
             }
         })?;
@@ -414,9 +432,9 @@ impl SimConfig {
         for s in &mut self.mqtt_sensors {
             match &mut s.payload {
                 MqttPayload::Single { signal, .. } => signal.start_ms = start_ms,
-                MqttPayload::Multi { fields } => {
-                    fields.iter_mut().for_each(|(_, signal)| signal.start_ms = start_ms)
-                }
+                MqttPayload::Multi { fields } => fields
+                    .iter_mut()
+                    .for_each(|(_, signal)| signal.start_ms = start_ms),
             }
         }
     }
@@ -531,7 +549,13 @@ impl Checker<'_> {
             mqtt_sensors.push(self.check_mqtt_sensor(s, &key, &mut topics)?);
         }
 
-        let mut config = SimConfig { seed: raw.seed, mqtt, modbus_tcp, modbus_rtu, mqtt_sensors };
+        let mut config = SimConfig {
+            seed: raw.seed,
+            mqtt,
+            modbus_tcp,
+            modbus_rtu,
+            mqtt_sensors,
+        };
         for (i, a) in raw.anomaly.into_iter().enumerate() {
             self.attach_anomaly(&mut config, a, &format!("anomaly[{i}]"))?;
         }
@@ -569,7 +593,10 @@ impl Checker<'_> {
     ) -> Result<ModbusFaults, ConfigError> {
         let exception_rate = raw.exception_rate.unwrap_or(0.0);
         if !(0.0..=1.0).contains(&exception_rate) {
-            return Err(self.err(format!("{key}.faults.exception-rate"), "must be within 0..=1"));
+            return Err(self.err(
+                format!("{key}.faults.exception-rate"),
+                "must be within 0..=1",
+            ));
         }
         if let Some(every) = raw.disconnect_every {
             if !tcp {
@@ -597,7 +624,10 @@ impl Checker<'_> {
                 return Err(self.err(format!("{key}.sensor"), "must be non-empty, without `/`"));
             }
             if points.iter().any(|q| q.sensor == p.sensor) {
-                return Err(self.err(format!("{key}.sensor"), format!("duplicate sensor `{}`", p.sensor)));
+                return Err(self.err(
+                    format!("{key}.sensor"),
+                    format!("duplicate sensor `{}`", p.sensor),
+                ));
             }
             let bit_type = p.data_type == DataType::Bool;
             if bit_type != p.table.is_bit_table() {
@@ -607,7 +637,10 @@ impl Checker<'_> {
                 ));
             }
             if p.order.is_some() && !p.data_type.has_word_order() {
-                return Err(self.err(format!("{key}.order"), "only 32- and 64-bit types have a word order"));
+                return Err(self.err(
+                    format!("{key}.order"),
+                    "only 32- and 64-bit types have a word order",
+                ));
             }
             let scale = p.scale.unwrap_or(1.0);
             if !scale.is_finite() || scale <= 0.0 {
@@ -656,7 +689,10 @@ impl Checker<'_> {
             return Err(self.err(format!("{key}.noise-stddev"), "must not be negative"));
         }
         if raw.amplitude != 0.0 && raw.period.is_none_or(|p| p.as_millis() == 0) {
-            return Err(self.err(format!("{key}.period"), "a non-zero amplitude needs a period of at least 1ms"));
+            return Err(self.err(
+                format!("{key}.period"),
+                "a non-zero amplitude needs a period of at least 1ms",
+            ));
         }
         Ok(Signal {
             offset: raw.offset,
@@ -676,14 +712,21 @@ impl Checker<'_> {
         topics: &mut HashSet<String>,
     ) -> Result<MqttSensorConfig, ConfigError> {
         let segments: Vec<&str> = s.topic.split('/').collect();
-        if segments.iter().any(|seg| seg.is_empty() || seg.contains(['+', '#'])) || segments.len() < 2 {
+        if segments
+            .iter()
+            .any(|seg| seg.is_empty() || seg.contains(['+', '#']))
+            || segments.len() < 2
+        {
             return Err(self.err(
                 format!("{key}.topic"),
                 "expected a concrete topic `prefix/<device>/<sensor>` (no wildcards, no empty levels)",
             ));
         }
         if !topics.insert(s.topic.clone()) {
-            return Err(self.err(format!("{key}.topic"), format!("duplicate topic `{}`", s.topic)));
+            return Err(self.err(
+                format!("{key}.topic"),
+                format!("duplicate topic `{}`", s.topic),
+            ));
         }
         if s.interval.as_millis() == 0 {
             return Err(self.err(format!("{key}.interval"), "must be at least 1ms"));
@@ -708,12 +751,17 @@ impl Checker<'_> {
             }
             (None, false) => {
                 if s.unit.is_some() {
-                    return Err(self.err(format!("{key}.unit"), "multi-field payloads carry no unit"));
+                    return Err(
+                        self.err(format!("{key}.unit"), "multi-field payloads carry no unit")
+                    );
                 }
                 let mut fields: Vec<(String, Signal)> = Vec::new();
                 for (j, f) in s.fields.into_iter().enumerate() {
                     let fkey = format!("{key}.fields[{j}]");
-                    if f.name.is_empty() || f.name == "ts" || fields.iter().any(|(n, _)| *n == f.name) {
+                    if f.name.is_empty()
+                        || f.name == "ts"
+                        || fields.iter().any(|(n, _)| *n == f.name)
+                    {
                         return Err(self.err(
                             format!("{fkey}.name"),
                             "must be non-empty, unique and not `ts`",
@@ -725,10 +773,16 @@ impl Checker<'_> {
                 MqttPayload::Multi { fields }
             }
             (Some(_), false) => {
-                return Err(self.err(format!("{key}.fields"), "give either `signal` or `fields`, not both"))
+                return Err(self.err(
+                    format!("{key}.fields"),
+                    "give either `signal` or `fields`, not both",
+                ))
             }
             (None, true) => {
-                return Err(self.err(format!("{key}.signal"), "missing: give `signal` or `fields`"))
+                return Err(self.err(
+                    format!("{key}.signal"),
+                    "missing: give `signal` or `fields`",
+                ))
             }
         };
         Ok(MqttSensorConfig {
@@ -740,32 +794,61 @@ impl Checker<'_> {
         })
     }
 
-    fn attach_anomaly(&self, config: &mut SimConfig, a: RawAnomaly, key: &str) -> Result<(), ConfigError> {
+    fn attach_anomaly(
+        &self,
+        config: &mut SimConfig,
+        a: RawAnomaly,
+        key: &str,
+    ) -> Result<(), ConfigError> {
         let magnitude = |kind: &str| {
-            a.magnitude
-                .filter(|m| m.is_finite())
-                .ok_or_else(|| self.err(format!("{key}.magnitude"), format!("a {kind} needs a finite magnitude")))
+            a.magnitude.filter(|m| m.is_finite()).ok_or_else(|| {
+                self.err(
+                    format!("{key}.magnitude"),
+                    format!("a {kind} needs a finite magnitude"),
+                )
+            })
         };
         let span = || -> Result<Duration, ConfigError> {
-            let to = a.to.ok_or_else(|| self.err(format!("{key}.to"), "missing end offset"))?;
+            let to =
+                a.to.ok_or_else(|| self.err(format!("{key}.to"), "missing end offset"))?;
             if to <= a.from {
                 return Err(self.err(format!("{key}.to"), "must be after `from`"));
             }
             Ok(to - a.from)
         };
-        let (target, sample_period) = find_signal_mut(config, &a.series)
-            .ok_or_else(|| self.err(format!("{key}.series"), format!("no series `{}` in this plant", a.series)))?;
+        let (target, sample_period) = find_signal_mut(config, &a.series).ok_or_else(|| {
+            self.err(
+                format!("{key}.series"),
+                format!("no series `{}` in this plant", a.series),
+            )
+        })?;
         let (kind, duration) = match a.kind {
             RawAnomalyKind::Spike => {
                 if a.to.is_some() {
-                    return Err(self.err(format!("{key}.to"), "a spike lasts one sample; give only `from`"));
+                    return Err(self.err(
+                        format!("{key}.to"),
+                        "a spike lasts one sample; give only `from`",
+                    ));
                 }
-                (AnomalyKind::Spike { magnitude: magnitude("spike")? }, sample_period)
+                (
+                    AnomalyKind::Spike {
+                        magnitude: magnitude("spike")?,
+                    },
+                    sample_period,
+                )
             }
-            RawAnomalyKind::Step => (AnomalyKind::Step { magnitude: magnitude("step")? }, span()?),
+            RawAnomalyKind::Step => (
+                AnomalyKind::Step {
+                    magnitude: magnitude("step")?,
+                },
+                span()?,
+            ),
             RawAnomalyKind::Stuck | RawAnomalyKind::Dropout => {
                 if a.magnitude.is_some() {
-                    return Err(self.err(format!("{key}.magnitude"), "only spikes and steps have a magnitude"));
+                    return Err(self.err(
+                        format!("{key}.magnitude"),
+                        "only spikes and steps have a magnitude",
+                    ));
                 }
                 let kind = if matches!(a.kind, RawAnomalyKind::Stuck) {
                     AnomalyKind::Stuck
@@ -777,10 +860,18 @@ impl Checker<'_> {
         };
         if let Some(every) = a.every {
             if every < duration || every.is_zero() {
-                return Err(self.err(format!("{key}.every"), "must be at least the anomaly's duration"));
+                return Err(self.err(
+                    format!("{key}.every"),
+                    "must be at least the anomaly's duration",
+                ));
             }
         }
-        target.anomalies.push(Anomaly { kind, from: a.from, duration, every: a.every });
+        target.anomalies.push(Anomaly {
+            kind,
+            from: a.from,
+            duration,
+            every: a.every,
+        });
         Ok(())
     }
 
@@ -789,23 +880,31 @@ impl Checker<'_> {
         let modbus = config
             .modbus_tcp
             .iter()
-            .flat_map(|s| s.points.iter().map(move |p| format!("{}/{}", s.name, p.sensor)))
-            .chain(
-                config
-                    .modbus_rtu
+            .flat_map(|s| {
+                s.points
                     .iter()
-                    .flat_map(|s| s.points.iter().map(move |p| format!("{}/{}", s.name, p.sensor))),
-            );
+                    .map(move |p| format!("{}/{}", s.name, p.sensor))
+            })
+            .chain(config.modbus_rtu.iter().flat_map(|s| {
+                s.points
+                    .iter()
+                    .map(move |p| format!("{}/{}", s.name, p.sensor))
+            }));
         let mqtt = config.mqtt_sensors.iter().flat_map(|s| {
             let names: Vec<String> = match &s.payload {
                 MqttPayload::Single { sensor, .. } => vec![sensor.clone()],
                 MqttPayload::Multi { fields } => fields.iter().map(|(n, _)| n.clone()).collect(),
             };
-            names.into_iter().map(move |n| format!("{}/{}", s.device, n))
+            names
+                .into_iter()
+                .map(move |n| format!("{}/{}", s.device, n))
         });
         for series in modbus.chain(mqtt) {
             if !seen.insert(series.clone()) {
-                return Err(self.err("mqtt-sensor", format!("series `{series}` is produced twice")));
+                return Err(self.err(
+                    "mqtt-sensor",
+                    format!("series `{series}` is produced twice"),
+                ));
             }
         }
         Ok(())
@@ -813,18 +912,29 @@ impl Checker<'_> {
 }
 
 /// The signal of `device/sensor` and the sample period of its source.
-fn find_signal_mut<'a>(config: &'a mut SimConfig, series: &str) -> Option<(&'a mut Signal, Duration)> {
+fn find_signal_mut<'a>(
+    config: &'a mut SimConfig,
+    series: &str,
+) -> Option<(&'a mut Signal, Duration)> {
     let (device, sensor) = series.split_once('/')?;
     for s in &mut config.modbus_tcp {
         if s.name == device {
             let refresh = s.refresh;
-            return s.points.iter_mut().find(|p| p.sensor == sensor).map(|p| (&mut p.signal, refresh));
+            return s
+                .points
+                .iter_mut()
+                .find(|p| p.sensor == sensor)
+                .map(|p| (&mut p.signal, refresh));
         }
     }
     for s in &mut config.modbus_rtu {
         if s.name == device {
             let refresh = s.refresh;
-            return s.points.iter_mut().find(|p| p.sensor == sensor).map(|p| (&mut p.signal, refresh));
+            return s
+                .points
+                .iter_mut()
+                .find(|p| p.sensor == sensor)
+                .map(|p| (&mut p.signal, refresh));
         }
     }
     for s in &mut config.mqtt_sensors {
@@ -833,7 +943,11 @@ fn find_signal_mut<'a>(config: &'a mut SimConfig, series: &str) -> Option<(&'a m
         }
         let interval = s.interval;
         match &mut s.payload {
-            MqttPayload::Single { sensor: name, signal, .. } if name == sensor => return Some((signal, interval)),
+            MqttPayload::Single {
+                sensor: name,
+                signal,
+                ..
+            } if name == sensor => return Some((signal, interval)),
             MqttPayload::Multi { fields } => {
                 if let Some((_, signal)) = fields.iter_mut().find(|(n, _)| n == sensor) {
                     return Some((signal, interval));
@@ -922,7 +1036,10 @@ signal = { offset = 80, amplitude = 5, period = "60s", noise-stddev = 0.2 }
 
     #[test]
     fn bad_type_is_named() {
-        assert_key(parse(&POINT.replace("\"f32\"", "\"f128\"")), "modbus-tcp[0].points[0].type");
+        assert_key(
+            parse(&POINT.replace("\"f32\"", "\"f128\"")),
+            "modbus-tcp[0].points[0].type",
+        );
     }
 
     #[test]
@@ -970,7 +1087,10 @@ signal = { offset = 80, amplitude = 5, period = "60s", noise-stddev = 0.2 }
 
     #[test]
     fn exception_rate_out_of_range_is_named() {
-        let text = POINT.replace("unit-id = 1", "unit-id = 1\nfaults = { exception-rate = 1.5 }");
+        let text = POINT.replace(
+            "unit-id = 1",
+            "unit-id = 1\nfaults = { exception-rate = 1.5 }",
+        );
         assert_key(parse(&text), "modbus-tcp[0].faults.exception-rate");
     }
 

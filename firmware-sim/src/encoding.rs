@@ -121,7 +121,10 @@ mod tests {
     /// Independent decoder written from the definition: register words to
     /// wire bytes, then place each wire byte at its big-endian position.
     fn decode(words: &[u16], ty: DataType, order: WordOrder, scale: f64) -> f64 {
-        let wire: Vec<u8> = words.iter().flat_map(|w| [(w >> 8) as u8, *w as u8]).collect();
+        let wire: Vec<u8> = words
+            .iter()
+            .flat_map(|w| [(w >> 8) as u8, *w as u8])
+            .collect();
         let n = wire.len();
         // position[i] = index in big-endian bytes of wire byte i.
         let position = |i: usize| -> usize {
@@ -153,16 +156,33 @@ mod tests {
         raw * scale
     }
 
-    const ORDERS: [WordOrder; 4] = [WordOrder::Abcd, WordOrder::Cdab, WordOrder::Badc, WordOrder::Dcba];
+    const ORDERS: [WordOrder; 4] = [
+        WordOrder::Abcd,
+        WordOrder::Cdab,
+        WordOrder::Badc,
+        WordOrder::Dcba,
+    ];
 
     #[test]
     fn documented_byte_layouts() {
         // 0x11223344 as u32 in each order.
         let v = f64::from(0x1122_3344u32);
-        assert_eq!(encode(v, DataType::U32, WordOrder::Abcd, 1.0), [0x1122, 0x3344]);
-        assert_eq!(encode(v, DataType::U32, WordOrder::Cdab, 1.0), [0x3344, 0x1122]);
-        assert_eq!(encode(v, DataType::U32, WordOrder::Badc, 1.0), [0x2211, 0x4433]);
-        assert_eq!(encode(v, DataType::U32, WordOrder::Dcba, 1.0), [0x4433, 0x2211]);
+        assert_eq!(
+            encode(v, DataType::U32, WordOrder::Abcd, 1.0),
+            [0x1122, 0x3344]
+        );
+        assert_eq!(
+            encode(v, DataType::U32, WordOrder::Cdab, 1.0),
+            [0x3344, 0x1122]
+        );
+        assert_eq!(
+            encode(v, DataType::U32, WordOrder::Badc, 1.0),
+            [0x2211, 0x4433]
+        );
+        assert_eq!(
+            encode(v, DataType::U32, WordOrder::Dcba, 1.0),
+            [0x4433, 0x2211]
+        );
         // Below 2^53, so exactly representable as f64.
         let v = 0x0001_0203_0405_0607u64 as f64;
         assert_eq!(
@@ -178,7 +198,10 @@ mod tests {
             [0x0100, 0x0302, 0x0504, 0x0706]
         );
         // 1.0f32 = 0x3F800000.
-        assert_eq!(encode(1.0, DataType::F32, WordOrder::Cdab, 1.0), [0x0000, 0x3F80]);
+        assert_eq!(
+            encode(1.0, DataType::F32, WordOrder::Cdab, 1.0),
+            [0x0000, 0x3F80]
+        );
     }
 
     #[test]
@@ -194,8 +217,11 @@ mod tests {
             (DataType::F64, 42.123_456_789_012, 1.0),
         ];
         for &(ty, value, scale) in cases {
-            let orders: &[WordOrder] =
-                if ty.has_word_order() { &ORDERS } else { &[WordOrder::Abcd] };
+            let orders: &[WordOrder] = if ty.has_word_order() {
+                &ORDERS
+            } else {
+                &[WordOrder::Abcd]
+            };
             for &order in orders {
                 let words = encode(value, ty, order, scale);
                 assert_eq!(words.len(), usize::from(ty.width()), "{ty:?}");
@@ -220,7 +246,10 @@ mod tests {
         assert_eq!(encode(1e9, DataType::U16, WordOrder::Abcd, 1.0), [u16::MAX]);
         assert_eq!(encode(-5.0, DataType::U16, WordOrder::Abcd, 1.0), [0]);
         assert_eq!(encode(f64::NAN, DataType::I16, WordOrder::Abcd, 1.0), [0]);
-        assert_eq!(encode(-1e30, DataType::I32, WordOrder::Abcd, 1.0), [0x8000, 0x0000]);
+        assert_eq!(
+            encode(-1e30, DataType::I32, WordOrder::Abcd, 1.0),
+            [0x8000, 0x0000]
+        );
     }
 
     #[test]

@@ -64,9 +64,16 @@ pub struct LoadOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("invalid load option `{option}`: {message}")]
-    InvalidOption { option: &'static str, message: String },
+    InvalidOption {
+        option: &'static str,
+        message: String,
+    },
     #[error("broker {addr} not reachable within {timeout:?}: {reason}")]
-    Connect { addr: String, timeout: Duration, reason: String },
+    Connect {
+        addr: String,
+        timeout: Duration,
+        reason: String,
+    },
     #[error("mqtt client closed while publishing: {0}")]
     ClientClosed(#[from] rumqttc::ClientError),
 }
@@ -111,7 +118,12 @@ struct SingleItem {
 
 impl LoadOptions {
     fn check(&self) -> Result<(), LoadError> {
-        let bad = |option, message: &str| Err(LoadError::InvalidOption { option, message: message.to_owned() });
+        let bad = |option, message: &str| {
+            Err(LoadError::InvalidOption {
+                option,
+                message: message.to_owned(),
+            })
+        };
         if !(self.rate.is_finite() && self.rate > 0.0) {
             return bad("rate", "must be a positive number of readings per second");
         }
@@ -128,7 +140,10 @@ impl LoadOptions {
             return bad("duration", "must be positive");
         }
         if self.topic_prefix.is_empty() || self.topic_prefix.contains(['+', '#']) {
-            return bad("topic-prefix", "must be a non-empty topic without wildcards");
+            return bad(
+                "topic-prefix",
+                "must be a non-empty topic without wildcards",
+            );
         }
         if self.inflight == 0 || self.queue_capacity == 0 {
             return bad("inflight", "inflight and queue capacity must be at least 1");
@@ -138,7 +153,10 @@ impl LoadOptions {
 }
 
 /// Runs a load test; stops after `duration` or when `cancel` fires.
-pub async fn run_load(opts: LoadOptions, cancel: CancellationToken) -> Result<LoadReport, LoadError> {
+pub async fn run_load(
+    opts: LoadOptions,
+    cancel: CancellationToken,
+) -> Result<LoadReport, LoadError> {
     opts.check()?;
     let devices = opts.devices.min(opts.series);
     // Series grouped per device, round-robin.
@@ -147,7 +165,11 @@ pub async fn run_load(opts: LoadOptions, cancel: CancellationToken) -> Result<Lo
         let device = format!("load-dev-{}", i % devices);
         let sensor = format!("s{i}");
         let key = format!("{device}/{sensor}");
-        by_device[i % devices].push(LoadSeries { device, sensor, key });
+        by_device[i % devices].push(LoadSeries {
+            device,
+            sensor,
+            key,
+        });
     }
     let signal = Signal {
         offset: 50.0,
@@ -181,9 +203,19 @@ pub async fn run_load(opts: LoadOptions, cancel: CancellationToken) -> Result<Lo
     .await;
     match connected {
         Ok(Ok(())) => {}
-        Ok(Err(reason)) => return Err(LoadError::Connect { addr, timeout: opts.connect_timeout, reason }),
+        Ok(Err(reason)) => {
+            return Err(LoadError::Connect {
+                addr,
+                timeout: opts.connect_timeout,
+                reason,
+            })
+        }
         Err(_) => {
-            return Err(LoadError::Connect { addr, timeout: opts.connect_timeout, reason: "timed out".to_owned() })
+            return Err(LoadError::Connect {
+                addr,
+                timeout: opts.connect_timeout,
+                reason: "timed out".to_owned(),
+            })
         }
     }
     info!(broker = %addr, rate = opts.rate, series = opts.series, devices, per_message = opts.per_message, duration = ?opts.duration, "load run starting");
@@ -237,20 +269,34 @@ pub async fn run_load(opts: LoadOptions, cancel: CancellationToken) -> Result<Lo
             let (topic, payload) = if opts.per_message == 1 {
                 let s = &series[cursors[d] % series.len()];
                 cursors[d] = cursors[d].wrapping_add(1);
-                let value = signal.value_at(opts.seed, &s.key, ts).unwrap_or(signal.offset);
+                let value = signal
+                    .value_at(opts.seed, &s.key, ts)
+                    .unwrap_or(signal.offset);
                 let body = serde_json::to_vec(&SingleItem { ts, value }).unwrap_or_default();
-                (format!("{}/{}/{}", opts.topic_prefix, s.device, s.sensor), body)
+                (
+                    format!("{}/{}/{}", opts.topic_prefix, s.device, s.sensor),
+                    body,
+                )
             } else {
                 let items: Vec<BatchItem<'_>> = (0..opts.per_message)
                     .map(|_| {
                         let s = &series[cursors[d] % series.len()];
                         cursors[d] = cursors[d].wrapping_add(1);
-                        let value = signal.value_at(opts.seed, &s.key, ts).unwrap_or(signal.offset);
-                        BatchItem { series: &s.sensor, ts, value }
+                        let value = signal
+                            .value_at(opts.seed, &s.key, ts)
+                            .unwrap_or(signal.offset);
+                        BatchItem {
+                            series: &s.sensor,
+                            ts,
+                            value,
+                        }
                     })
                     .collect();
                 let body = serde_json::to_vec(&items).unwrap_or_default();
-                (format!("{}/{}/batch", opts.topic_prefix, series[0].device), body)
+                (
+                    format!("{}/{}/batch", opts.topic_prefix, series[0].device),
+                    body,
+                )
             };
             tokio::select! {
                 res = client.publish(topic, opts.qos, false, payload) => res?,
@@ -281,7 +327,11 @@ pub async fn run_load(opts: LoadOptions, cancel: CancellationToken) -> Result<Lo
     stop_loop.cancel();
     let _ = driver.await;
 
-    let messages_acked = if opts.qos == QoS::AtMostOnce { messages_sent } else { acked.load(Ordering::Relaxed) };
+    let messages_acked = if opts.qos == QoS::AtMostOnce {
+        messages_sent
+    } else {
+        acked.load(Ordering::Relaxed)
+    };
     let acked_readings = messages_acked.min(messages_sent) * opts.per_message as u64;
     let report = LoadReport {
         target_rate: opts.rate,

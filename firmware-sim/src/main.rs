@@ -50,7 +50,7 @@ enum Command {
         /// Added to every Modbus TCP listen port in the file (port 0 stays 0).
         #[arg(long, default_value_t = 0)]
         modbus_port_offset: u16,
-        /// Simulation start as Unix ms (origin of anomaly times); default now.
+        /// Simulation start as Unix ms (origin of anomaly times); default now, rounded down to the second.
         #[arg(long)]
         start_ms: Option<i64>,
         /// Serial device of an RTU slave, NAME=PATH (repeatable); overrides `device`.
@@ -116,7 +116,9 @@ enum Command {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -150,10 +152,22 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Run { config, seed, mqtt, modbus_port_offset, start_ms, rtu_device, no_mqtt, no_rtu } => {
+        Command::Run {
+            config,
+            seed,
+            mqtt,
+            modbus_port_offset,
+            start_ms,
+            rtu_device,
+            no_mqtt,
+            no_rtu,
+        } => {
             let plant = SimConfig::load(&config)?;
             let mqtt_broker = match mqtt {
-                Some(s) => Some(parse_host_port(&s).with_context(|| format!("--mqtt `{s}`: expected HOST:PORT"))?),
+                Some(s) => Some(
+                    parse_host_port(&s)
+                        .with_context(|| format!("--mqtt `{s}`: expected HOST:PORT"))?,
+                ),
                 None => None,
             };
             let mut rtu_devices = Vec::new();
@@ -163,7 +177,15 @@ async fn main() -> anyhow::Result<()> {
                 };
                 rtu_devices.push((name.to_owned(), PathBuf::from(path)));
             }
-            let options = RunOptions { seed, mqtt_broker, modbus_port_offset, start_ms, rtu_devices, no_mqtt, no_rtu };
+            let options = RunOptions {
+                seed,
+                mqtt_broker,
+                modbus_port_offset,
+                start_ms,
+                rtu_devices,
+                no_mqtt,
+                no_rtu,
+            };
             let sim = Simulation::start(plant, options).await?;
             cancel_on_signals(sim.cancel_token())?;
             sim.wait().await?;
@@ -184,8 +206,8 @@ async fn main() -> anyhow::Result<()> {
             drain_timeout,
             json,
         } => {
-            let (broker_host, broker_port) =
-                parse_host_port(&broker).with_context(|| format!("--broker `{broker}`: expected HOST:PORT"))?;
+            let (broker_host, broker_port) = parse_host_port(&broker)
+                .with_context(|| format!("--broker `{broker}`: expected HOST:PORT"))?;
             let opts = LoadOptions {
                 broker_host,
                 broker_port,
@@ -195,7 +217,11 @@ async fn main() -> anyhow::Result<()> {
                 per_message,
                 duration,
                 topic_prefix,
-                qos: if qos == 0 { rumqttc::QoS::AtMostOnce } else { rumqttc::QoS::AtLeastOnce },
+                qos: if qos == 0 {
+                    rumqttc::QoS::AtMostOnce
+                } else {
+                    rumqttc::QoS::AtLeastOnce
+                },
                 seed,
                 inflight,
                 queue_capacity: 1024,

@@ -111,7 +111,10 @@ impl RegisterMap {
             refresh_ms: duration_ms(refresh).max(1),
             points: points
                 .iter()
-                .map(|p| MappedPoint { series: format!("{device}/{}", p.sensor), point: p.clone() })
+                .map(|p| MappedPoint {
+                    series: format!("{device}/{}", p.sensor),
+                    point: p.clone(),
+                })
                 .collect(),
         }
     }
@@ -155,7 +158,13 @@ impl RegisterMap {
         Ok(words.into_iter().map(|w| w != 0).collect())
     }
 
-    fn read_words(&self, table: Table, address: u16, quantity: u16, now_ms: i64) -> Result<Vec<u16>, ReadError> {
+    fn read_words(
+        &self,
+        table: Table,
+        address: u16,
+        quantity: u16,
+        now_ms: i64,
+    ) -> Result<Vec<u16>, ReadError> {
         let start = u32::from(address);
         let end = start + u32::from(quantity);
         if end > 65_536 {
@@ -171,7 +180,10 @@ impl RegisterMap {
             if p_end <= start || p_start >= end {
                 continue;
             }
-            let value = p.signal.value_at(self.seed, &mp.series, t_ms).ok_or(ReadError::SensorDropout)?;
+            let value = p
+                .signal
+                .value_at(self.seed, &mp.series, t_ms)
+                .ok_or(ReadError::SensorDropout)?;
             let encoded = encode(value, p.data_type, p.order, p.scale);
             for reg in p_start.max(start)..p_end.min(end) {
                 let i = (reg - start) as usize;
@@ -189,16 +201,18 @@ impl RegisterMap {
     /// Answers one request (no faults, no unit-id check).
     pub fn answer(&self, request: &Request<'_>, now_ms: i64) -> Result<Response, ExceptionCode> {
         let answer = match *request {
-            Request::ReadHoldingRegisters(addr, qty) => {
-                Response::ReadHoldingRegisters(self.read_registers(Table::Holding, addr, qty, now_ms)?)
+            Request::ReadHoldingRegisters(addr, qty) => Response::ReadHoldingRegisters(
+                self.read_registers(Table::Holding, addr, qty, now_ms)?,
+            ),
+            Request::ReadInputRegisters(addr, qty) => Response::ReadInputRegisters(
+                self.read_registers(Table::Input, addr, qty, now_ms)?,
+            ),
+            Request::ReadCoils(addr, qty) => {
+                Response::ReadCoils(self.read_bits(Table::Coil, addr, qty, now_ms)?)
             }
-            Request::ReadInputRegisters(addr, qty) => {
-                Response::ReadInputRegisters(self.read_registers(Table::Input, addr, qty, now_ms)?)
-            }
-            Request::ReadCoils(addr, qty) => Response::ReadCoils(self.read_bits(Table::Coil, addr, qty, now_ms)?),
-            Request::ReadDiscreteInputs(addr, qty) => {
-                Response::ReadDiscreteInputs(self.read_bits(Table::DiscreteInput, addr, qty, now_ms)?)
-            }
+            Request::ReadDiscreteInputs(addr, qty) => Response::ReadDiscreteInputs(
+                self.read_bits(Table::DiscreteInput, addr, qty, now_ms)?,
+            ),
             _ => return Err(ExceptionCode::IllegalFunction),
         };
         Ok(answer)
@@ -275,7 +289,8 @@ impl PlcService {
     }
 
     fn respond(&self, req: &SlaveRequest<'_>) -> Result<Option<Response>, ExceptionCode> {
-        let for_us = req.slave == self.unit_id || (self.other_unit == OtherUnit::Exception && req.slave == 255);
+        let for_us = req.slave == self.unit_id
+            || (self.other_unit == OtherUnit::Exception && req.slave == 255);
         if !for_us {
             return match self.other_unit {
                 OtherUnit::Exception => Err(ExceptionCode::GatewayTargetDevice),
@@ -283,7 +298,9 @@ impl PlcService {
             };
         }
         if self.inject_exception() {
-            self.stats.injected_exceptions.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .injected_exceptions
+                .fetch_add(1, Ordering::Relaxed);
             return Err(ExceptionCode::ServerDeviceFailure);
         }
         self.map.answer(&req.request, unix_now_ms()).map(Some)
@@ -315,11 +332,13 @@ impl Service for PlcService {
 
 /// Binds the listener of a Modbus TCP server (port 0 picks a free port).
 pub async fn bind_tcp(config: &ModbusTcpConfig) -> Result<TcpListener, ModbusServerError> {
-    TcpListener::bind(config.listen).await.map_err(|source| ModbusServerError::Bind {
-        device: config.name.clone(),
-        addr: config.listen,
-        source,
-    })
+    TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ModbusServerError::Bind {
+            device: config.name.clone(),
+            addr: config.listen,
+            source,
+        })
 }
 
 /// Serves a simulated PLC on `listener` until `cancel` fires.
@@ -329,7 +348,12 @@ pub async fn serve_tcp(
     seed: u64,
     cancel: CancellationToken,
 ) -> Result<(), ModbusServerError> {
-    let map = Arc::new(RegisterMap::new(&config.name, seed, config.refresh, &config.points));
+    let map = Arc::new(RegisterMap::new(
+        &config.name,
+        seed,
+        config.refresh,
+        &config.points,
+    ));
     let stats = Arc::new(ServerStats::default());
     let permits = Arc::new(Semaphore::new(config.max_connections));
     let device = config.name.clone();
@@ -364,7 +388,10 @@ pub async fn serve_tcp(
                 Arc::clone(&stats),
             )
             .with_permit(permit);
-            Ok(Some((service, ExpiringStream::new(stream, disconnect_after, stats))))
+            Ok(Some((
+                service,
+                ExpiringStream::new(stream, disconnect_after, stats),
+            )))
         }
     };
     let on_process_error = {
@@ -387,13 +414,21 @@ pub async fn serve_tcp(
         forced_disconnects = stats.forced_disconnects.load(Ordering::Relaxed),
         "modbus tcp server stopped"
     );
-    result.map_err(|source| ModbusServerError::Serve { device: config.name.clone(), source })
+    result.map_err(|source| ModbusServerError::Serve {
+        device: config.name.clone(),
+        source,
+    })
 }
 
 /// Serves a simulated RTU slave on its serial device until `cancel` fires,
 /// reopening the device after `reopen-delay` when it is missing or fails.
 pub async fn serve_rtu(config: ModbusRtuConfig, seed: u64, cancel: CancellationToken) {
-    let map = Arc::new(RegisterMap::new(&config.name, seed, config.refresh, &config.points));
+    let map = Arc::new(RegisterMap::new(
+        &config.name,
+        seed,
+        config.refresh,
+        &config.points,
+    ));
     let stats = Arc::new(ServerStats::default());
     let fault_seed = seed ^ fnv1a(config.name.as_bytes());
     let device_path = config.device.to_string_lossy().into_owned();
@@ -466,7 +501,9 @@ impl ExpiringStream {
         if let Some(deadline) = self.deadline.as_mut() {
             if deadline.as_mut().poll(cx).is_ready() {
                 self.expired = true;
-                self.stats.forced_disconnects.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .forced_disconnects
+                    .fetch_add(1, Ordering::Relaxed);
                 debug!("dropping modbus connection (disconnect-every)");
             }
         }
@@ -475,7 +512,11 @@ impl ExpiringStream {
 }
 
 impl AsyncRead for ExpiringStream {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         if self.poll_expired(cx) {
             return Poll::Ready(Ok(()));
         }
@@ -484,7 +525,11 @@ impl AsyncRead for ExpiringStream {
 }
 
 impl AsyncWrite for ExpiringStream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         if self.poll_expired(cx) {
             return Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into()));
         }
@@ -508,7 +553,13 @@ mod tests {
 
     const NOW: i64 = 1_700_000_000_500;
 
-    fn point(sensor: &str, table: Table, address: u16, data_type: DataType, value: f64) -> PointConfig {
+    fn point(
+        sensor: &str,
+        table: Table,
+        address: u16,
+        data_type: DataType,
+        value: f64,
+    ) -> PointConfig {
         PointConfig {
             sensor: sensor.to_owned(),
             table,
@@ -537,37 +588,80 @@ mod tests {
 
     #[test]
     fn contiguous_read_spans_points() {
-        assert_eq!(map().read_registers(Table::Holding, 0, 3, NOW), Ok(vec![1, 1, 7]));
+        assert_eq!(
+            map().read_registers(Table::Holding, 0, 3, NOW),
+            Ok(vec![1, 1, 7])
+        );
         assert_eq!(map().read_registers(Table::Holding, 1, 1, NOW), Ok(vec![1]));
     }
 
     #[test]
     fn gaps_and_unknown_addresses_are_illegal() {
         let m = map();
-        assert_eq!(m.read_registers(Table::Holding, 0, 4, NOW), Err(ReadError::IllegalDataAddress));
-        assert_eq!(m.read_registers(Table::Holding, 100, 1, NOW), Err(ReadError::IllegalDataAddress));
-        assert_eq!(m.read_registers(Table::Input, 0, 1, NOW), Err(ReadError::IllegalDataAddress));
-        assert_eq!(m.read_registers(Table::Holding, 65_535, 2, NOW), Err(ReadError::IllegalDataAddress));
-        assert_eq!(m.read_registers(Table::Holding, 0, 0, NOW), Err(ReadError::IllegalDataValue));
-        assert_eq!(m.read_registers(Table::Holding, 0, 126, NOW), Err(ReadError::IllegalDataValue));
+        assert_eq!(
+            m.read_registers(Table::Holding, 0, 4, NOW),
+            Err(ReadError::IllegalDataAddress)
+        );
+        assert_eq!(
+            m.read_registers(Table::Holding, 100, 1, NOW),
+            Err(ReadError::IllegalDataAddress)
+        );
+        assert_eq!(
+            m.read_registers(Table::Input, 0, 1, NOW),
+            Err(ReadError::IllegalDataAddress)
+        );
+        assert_eq!(
+            m.read_registers(Table::Holding, 65_535, 2, NOW),
+            Err(ReadError::IllegalDataAddress)
+        );
+        assert_eq!(
+            m.read_registers(Table::Holding, 0, 0, NOW),
+            Err(ReadError::IllegalDataValue)
+        );
+        assert_eq!(
+            m.read_registers(Table::Holding, 0, 126, NOW),
+            Err(ReadError::IllegalDataValue)
+        );
     }
 
     #[test]
     fn writes_are_illegal_functions() {
         let m = map();
-        assert_eq!(m.answer(&Request::WriteSingleRegister(0, 1), NOW), Err(ExceptionCode::IllegalFunction));
-        assert_eq!(m.answer(&Request::WriteSingleCoil(0, true), NOW), Err(ExceptionCode::IllegalFunction));
-        assert_eq!(m.answer(&Request::ReadCoils(0, 1), NOW), Ok(Response::ReadCoils(vec![true])));
+        assert_eq!(
+            m.answer(&Request::WriteSingleRegister(0, 1), NOW),
+            Err(ExceptionCode::IllegalFunction)
+        );
+        assert_eq!(
+            m.answer(&Request::WriteSingleCoil(0, true), NOW),
+            Err(ExceptionCode::IllegalFunction)
+        );
+        assert_eq!(
+            m.answer(&Request::ReadCoils(0, 1), NOW),
+            Ok(Response::ReadCoils(vec![true]))
+        );
     }
 
     #[test]
     fn other_unit_handling() {
         let svc = |other| {
-            PlcService::new(Arc::new(map()), 3, other, ModbusFaults::default(), 1, Arc::default())
+            PlcService::new(
+                Arc::new(map()),
+                3,
+                other,
+                ModbusFaults::default(),
+                1,
+                Arc::default(),
+            )
         };
-        let req = |slave| SlaveRequest { slave, request: Request::ReadHoldingRegisters(2, 1) };
+        let req = |slave| SlaveRequest {
+            slave,
+            request: Request::ReadHoldingRegisters(2, 1),
+        };
         assert_eq!(svc(OtherUnit::Ignore).respond(&req(4)), Ok(None));
-        assert_eq!(svc(OtherUnit::Exception).respond(&req(4)), Err(ExceptionCode::GatewayTargetDevice));
+        assert_eq!(
+            svc(OtherUnit::Exception).respond(&req(4)),
+            Err(ExceptionCode::GatewayTargetDevice)
+        );
         assert_eq!(
             svc(OtherUnit::Ignore).respond(&req(3)),
             Ok(Some(Response::ReadHoldingRegisters(vec![7])))
@@ -576,15 +670,31 @@ mod tests {
 
     #[test]
     fn exception_rate_is_honoured() {
-        let faults = ModbusFaults { exception_rate: 0.25, ..ModbusFaults::default() };
+        let faults = ModbusFaults {
+            exception_rate: 0.25,
+            ..ModbusFaults::default()
+        };
         let stats = Arc::new(ServerStats::default());
-        let svc = PlcService::new(Arc::new(map()), 1, OtherUnit::Exception, faults, 99, Arc::clone(&stats));
-        let req = SlaveRequest { slave: 1, request: Request::ReadHoldingRegisters(2, 1) };
+        let svc = PlcService::new(
+            Arc::new(map()),
+            1,
+            OtherUnit::Exception,
+            faults,
+            99,
+            Arc::clone(&stats),
+        );
+        let req = SlaveRequest {
+            slave: 1,
+            request: Request::ReadHoldingRegisters(2, 1),
+        };
         let failures = (0..4000)
             .filter(|_| svc.respond(&req) == Err(ExceptionCode::ServerDeviceFailure))
             .count();
         assert!((800..1200).contains(&failures), "{failures} of 4000");
-        assert_eq!(stats.injected_exceptions.load(Ordering::Relaxed), failures as u64);
+        assert_eq!(
+            stats.injected_exceptions.load(Ordering::Relaxed),
+            failures as u64
+        );
     }
 
     #[test]

@@ -82,7 +82,9 @@ impl Malformed {
     pub fn payload(self, ts_ms: i64) -> Vec<u8> {
         match self {
             Malformed::Truncated => format!("{{\"ts\": {ts_ms}, \"value\": 1").into_bytes(),
-            Malformed::NonNumericValue => format!("{{\"ts\": {ts_ms}, \"value\": \"n/a\"}}").into_bytes(),
+            Malformed::NonNumericValue => {
+                format!("{{\"ts\": {ts_ms}, \"value\": \"n/a\"}}").into_bytes()
+            }
             Malformed::MissingTimestamp => b"{\"value\": 1.0}".to_vec(),
             Malformed::Garbage => vec![0xff, 0xfe, 0x00, 0x13, 0x37],
             Malformed::NanToken => format!("{{\"ts\": {ts_ms}, \"value\": NaN}}").into_bytes(),
@@ -95,7 +97,11 @@ pub fn payload_at(payload: &MqttPayload, device: &str, seed: u64, ts_ms: i64) ->
     let mut object = Map::new();
     object.insert("ts".to_owned(), Value::from(ts_ms));
     match payload {
-        MqttPayload::Single { sensor, unit, signal } => {
+        MqttPayload::Single {
+            sensor,
+            unit,
+            signal,
+        } => {
             let value = signal.value_at(seed, &format!("{device}/{sensor}"), ts_ms)?;
             object.insert("value".to_owned(), Value::Number(Number::from_f64(value)?));
             if let Some(unit) = unit {
@@ -136,9 +142,20 @@ pub async fn run_sensors(
     info!(broker = %format!("{}:{}", config.host, config.port), sensors = sensors.len(), "mqtt sensors starting");
 
     let mut tasks = JoinSet::new();
-    tasks.spawn(drive_connection(eventloop, config.reconnect_delay, Arc::clone(&stats), cancel.clone()));
+    tasks.spawn(drive_connection(
+        eventloop,
+        config.reconnect_delay,
+        Arc::clone(&stats),
+        cancel.clone(),
+    ));
     for sensor in sensors {
-        tasks.spawn(run_sensor(client.clone(), sensor, seed, Arc::clone(&stats), cancel.clone()));
+        tasks.spawn(run_sensor(
+            client.clone(),
+            sensor,
+            seed,
+            Arc::clone(&stats),
+            cancel.clone(),
+        ));
     }
     cancel.cancelled().await;
     // Sensors stop first; give the connection a moment to flush acknowledgements.
@@ -233,7 +250,9 @@ async fn run_sensor(
         let behind = unix_now_ms() - next_ms;
         if behind > MAX_CATCH_UP_INTERVALS * interval_ms {
             let skipped = behind / interval_ms;
-            stats.skipped_behind.fetch_add(skipped.unsigned_abs(), Ordering::Relaxed);
+            stats
+                .skipped_behind
+                .fetch_add(skipped.unsigned_abs(), Ordering::Relaxed);
             warn!(topic = %sensor.topic, skipped, "sensor fell behind its schedule; skipping ahead");
             next_ms = align_up(unix_now_ms(), interval_ms);
         }
@@ -271,14 +290,22 @@ mod tests {
         let payload = MqttPayload::Single {
             sensor: "temp".into(),
             unit: Some("degC".into()),
-            signal: Signal { noise_stddev: 0.5, ..Signal::constant(180.0, 0) },
+            signal: Signal {
+                noise_stddev: 0.5,
+                ..Signal::constant(180.0, 0)
+            },
         };
         let bytes = payload_at(&payload, "boiler-3", 7, 1_000).unwrap();
         let v: Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(v["ts"], 1_000);
         assert_eq!(v["unit"], "degC");
-        let MqttPayload::Single { signal, .. } = &payload else { unreachable!() };
-        assert_eq!(v["value"].as_f64(), signal.value_at(7, "boiler-3/temp", 1_000));
+        let MqttPayload::Single { signal, .. } = &payload else {
+            unreachable!()
+        };
+        assert_eq!(
+            v["value"].as_f64(),
+            signal.value_at(7, "boiler-3/temp", 1_000)
+        );
     }
 
     #[test]
@@ -294,12 +321,18 @@ mod tests {
             ..Signal::constant(1.0, 0)
         };
         let payload = MqttPayload::Multi {
-            fields: vec![("humidity".into(), Signal::constant(45.0, 0)), ("ambient".into(), dropped.clone())],
+            fields: vec![
+                ("humidity".into(), Signal::constant(45.0, 0)),
+                ("ambient".into(), dropped.clone()),
+            ],
         };
-        let v: Value = serde_json::from_slice(&payload_at(&payload, "env-1", 1, 500).unwrap()).unwrap();
+        let v: Value =
+            serde_json::from_slice(&payload_at(&payload, "env-1", 1, 500).unwrap()).unwrap();
         assert_eq!(v["humidity"], 45.0);
         assert!(v.get("ambient").is_none());
-        let all_dropped = MqttPayload::Multi { fields: vec![("ambient".into(), dropped)] };
+        let all_dropped = MqttPayload::Multi {
+            fields: vec![("ambient".into(), dropped)],
+        };
         assert_eq!(payload_at(&all_dropped, "env-1", 1, 500), None);
     }
 

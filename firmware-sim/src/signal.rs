@@ -153,7 +153,10 @@ impl Signal {
             .min();
         let effective_ms = frozen_at.unwrap_or(elapsed_ms);
         let series_hash = fnv1a(series.as_bytes());
-        Some(self.clean_value(seed, series_hash, effective_ms) + self.additive_anomalies(effective_ms))
+        Some(
+            self.clean_value(seed, series_hash, effective_ms)
+                + self.additive_anomalies(effective_ms),
+        )
     }
 
     /// Mean of the readings a sampler with period `sample_period` produces
@@ -187,7 +190,11 @@ impl Signal {
         sample_period: Duration,
     ) -> impl Iterator<Item = (i64, f64)> + 'a {
         let period_ms = duration_ms(sample_period);
-        let first = if period_ms > 0 { align_up(start_ms, period_ms) } else { end_ms };
+        let first = if period_ms > 0 {
+            align_up(start_ms, period_ms)
+        } else {
+            end_ms
+        };
         let step = period_ms.max(1);
         (first..end_ms)
             .step_by(usize::try_from(step).unwrap_or(usize::MAX))
@@ -254,7 +261,9 @@ pub fn duration_ms(d: Duration) -> i64 {
 pub fn fnv1a(bytes: &[u8]) -> u64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
-    bytes.iter().fold(OFFSET, |h, &b| (h ^ u64::from(b)).wrapping_mul(PRIME))
+    bytes
+        .iter()
+        .fold(OFFSET, |h, &b| (h ^ u64::from(b)).wrapping_mul(PRIME))
 }
 
 /// One SplitMix64 step: a strong 64-bit mixer.
@@ -319,7 +328,11 @@ mod tests {
     }
 
     fn quiet() -> Signal {
-        Signal { amplitude: 0.0, noise_stddev: 0.0, ..base() }
+        Signal {
+            amplitude: 0.0,
+            noise_stddev: 0.0,
+            ..base()
+        }
     }
 
     fn anomaly(kind: AnomalyKind, from_s: u64, dur_ms: u64, every_s: Option<u64>) -> Anomaly {
@@ -339,9 +352,13 @@ mod tests {
             assert_eq!(a.value_at(42, SERIES, t), b.value_at(42, SERIES, t));
         }
         // Evaluation order does not matter: no hidden state.
-        let forward: Vec<_> = (0..100).map(|i| a.value_at(42, SERIES, START + i * 100)).collect();
-        let backward: Vec<_> =
-            (0..100).rev().map(|i| a.value_at(42, SERIES, START + i * 100)).collect();
+        let forward: Vec<_> = (0..100)
+            .map(|i| a.value_at(42, SERIES, START + i * 100))
+            .collect();
+        let backward: Vec<_> = (0..100)
+            .rev()
+            .map(|i| a.value_at(42, SERIES, START + i * 100))
+            .collect();
         assert_eq!(forward, backward.into_iter().rev().collect::<Vec<_>>());
     }
 
@@ -350,12 +367,19 @@ mod tests {
         let s = base();
         let t = START + 1234;
         assert_ne!(s.value_at(1, SERIES, t), s.value_at(2, SERIES, t));
-        assert_ne!(s.value_at(1, SERIES, t), s.value_at(1, "press-1/pressure", t));
+        assert_ne!(
+            s.value_at(1, SERIES, t),
+            s.value_at(1, "press-1/pressure", t)
+        );
     }
 
     #[test]
     fn value_matches_formula_without_noise() {
-        let s = Signal { noise_stddev: 0.0, drift_per_hour: 36.0, ..base() };
+        let s = Signal {
+            noise_stddev: 0.0,
+            drift_per_hour: 36.0,
+            ..base()
+        };
         let t = START + 15_000; // quarter period: sin = 1
         let v = s.value_at(9, SERIES, t).unwrap();
         let expected = 80.0 + 5.0 + 36.0 * 15_000.0 / 3_600_000.0;
@@ -364,10 +388,14 @@ mod tests {
 
     #[test]
     fn noise_has_the_configured_spread() {
-        let s = Signal { amplitude: 0.0, ..base() };
+        let s = Signal {
+            amplitude: 0.0,
+            ..base()
+        };
         let n = 20_000;
-        let values: Vec<f64> =
-            (0..n).map(|i| s.value_at(3, SERIES, START + i * 100).unwrap()).collect();
+        let values: Vec<f64> = (0..n)
+            .map(|i| s.value_at(3, SERIES, START + i * 100).unwrap())
+            .collect();
         let mean = values.iter().sum::<f64>() / n as f64;
         let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
         assert!((mean - 80.0).abs() < 0.01, "mean {mean}");
@@ -377,7 +405,12 @@ mod tests {
     #[test]
     fn spike_hits_one_sample_and_repeats() {
         let s = Signal {
-            anomalies: vec![anomaly(AnomalyKind::Spike { magnitude: 40.0 }, 45, 1000, Some(45))],
+            anomalies: vec![anomaly(
+                AnomalyKind::Spike { magnitude: 40.0 },
+                45,
+                1000,
+                Some(45),
+            )],
             ..quiet()
         };
         let at = |sec: i64| s.value_at(1, SERIES, START + sec * 1000).unwrap();
@@ -395,7 +428,12 @@ mod tests {
     #[test]
     fn step_adds_during_interval_only() {
         let s = Signal {
-            anomalies: vec![anomaly(AnomalyKind::Step { magnitude: 30.0 }, 120, 30_000, None)],
+            anomalies: vec![anomaly(
+                AnomalyKind::Step { magnitude: 30.0 },
+                120,
+                30_000,
+                None,
+            )],
             ..quiet()
         };
         let at = |ms: i64| s.value_at(1, SERIES, START + ms).unwrap();

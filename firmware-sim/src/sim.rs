@@ -20,7 +20,7 @@ use tracing::{error, info};
 
 use crate::config::SimConfig;
 use crate::modbus::{bind_tcp, serve_rtu, serve_tcp, ModbusServerError};
-use crate::signal::Signal;
+use crate::signal::{align_down, Signal};
 use crate::unix_now_ms;
 
 /// Command-line overrides applied on top of the config file.
@@ -32,7 +32,7 @@ pub struct RunOptions {
     pub mqtt_broker: Option<(String, u16)>,
     /// Added to every non-zero Modbus TCP listen port.
     pub modbus_port_offset: u16,
-    /// Simulation start (Unix ms); defaults to now.
+    /// Simulation start (Unix ms); defaults to now, rounded down to the second.
     pub start_ms: Option<i64>,
     /// `device name → serial path` overrides for RTU slaves.
     pub rtu_devices: Vec<(String, PathBuf)>,
@@ -78,10 +78,12 @@ impl Simulation {
         for server in &mut config.modbus_tcp {
             let port = server.listen.port();
             if port != 0 {
-                let shifted = port.checked_add(options.modbus_port_offset).ok_or_else(|| SimError::PortOffset {
-                    device: server.name.clone(),
-                    offset: options.modbus_port_offset,
-                })?;
+                let shifted = port
+                    .checked_add(options.modbus_port_offset)
+                    .ok_or_else(|| SimError::PortOffset {
+                        device: server.name.clone(),
+                        offset: options.modbus_port_offset,
+                    })?;
                 server.listen.set_port(shifted);
             }
         }
@@ -99,7 +101,10 @@ impl Simulation {
         if options.no_rtu {
             config.modbus_rtu.clear();
         }
-        let start_ms = options.start_ms.unwrap_or_else(unix_now_ms);
+        // Whole seconds, so anomaly offsets line up with the sampling grids.
+        let start_ms = options
+            .start_ms
+            .unwrap_or_else(|| align_down(unix_now_ms(), 1000));
         config.set_start_ms(start_ms);
 
         let cancel = CancellationToken::new();
@@ -108,18 +113,24 @@ impl Simulation {
         let mut listeners = Vec::new();
         for server in &config.modbus_tcp {
             let listener = bind_tcp(server).await?;
-            let addr = listener.local_addr().map_err(|source| ModbusServerError::Bind {
-                device: server.name.clone(),
-                addr: server.listen,
-                source,
-            })?;
+            let addr = listener
+                .local_addr()
+                .map_err(|source| ModbusServerError::Bind {
+                    device: server.name.clone(),
+                    addr: server.listen,
+                    source,
+                })?;
             tcp_addrs.insert(server.name.clone(), addr);
             listeners.push((listener, server.clone()));
         }
         let seed = config.seed;
         for (listener, server) in listeners {
             let cancel = cancel.clone();
-            tasks.spawn(async move { serve_tcp(listener, server, seed, cancel).await.map_err(SimError::from) });
+            tasks.spawn(async move {
+                serve_tcp(listener, server, seed, cancel)
+                    .await
+                    .map_err(SimError::from)
+            });
         }
         for slave in config.modbus_rtu.clone() {
             let cancel = cancel.clone();
@@ -138,7 +149,13 @@ impl Simulation {
             });
         }
         info!(seed, start_ms, modbus_tcp = ?tcp_addrs, rtu = config.modbus_rtu.len(), mqtt_sensors = config.mqtt_sensors.len(), "simulation started");
-        Ok(Self { config, start_ms, tcp_addrs, cancel, tasks })
+        Ok(Self {
+            config,
+            start_ms,
+            tcp_addrs,
+            cancel,
+            tasks,
+        })
     }
 
     /// The effective configuration (overrides applied, signals started).
@@ -167,7 +184,8 @@ impl Simulation {
 
     /// The value series `device/sensor` takes at `t_ms` in this simulation.
     pub fn value_at(&self, series: &str, t_ms: i64) -> Option<f64> {
-        self.signal(series)?.value_at(self.config.seed, series, t_ms)
+        self.signal(series)?
+            .value_at(self.config.seed, series, t_ms)
     }
 
     /// A token that stops the simulation when cancelled.
@@ -179,7 +197,9 @@ impl Simulation {
     pub async fn wait(mut self) -> Result<(), SimError> {
         let mut first_error = None;
         while let Some(joined) = self.tasks.join_next().await {
-            let result = joined.map_err(|e| SimError::TaskPanicked(e.to_string())).and_then(|r| r);
+            let result = joined
+                .map_err(|e| SimError::TaskPanicked(e.to_string()))
+                .and_then(|r| r);
             if let Err(err) = result {
                 error!(error = %err, "simulation task failed; stopping");
                 self.cancel.cancel();
