@@ -223,10 +223,13 @@ pub async fn run_load(
     let acked = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let stop_loop = CancellationToken::new();
-    let driver = tokio::spawn({
+    // Set once we disconnect on purpose, so the broker closing the socket is not an error.
+    let closing = CancellationToken::new();
+    let mut driver = tokio::spawn({
         let acked = Arc::clone(&acked);
         let errors = Arc::clone(&errors);
         let stop = stop_loop.clone();
+        let closing = closing.clone();
         async move {
             loop {
                 let event = tokio::select! {
@@ -237,7 +240,9 @@ pub async fn run_load(
                     Ok(Event::Incoming(Packet::PubAck(_))) => {
                         acked.fetch_add(1, Ordering::Relaxed);
                     }
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
                     Ok(_) => {}
+                    Err(_) if closing.is_cancelled() => return,
                     Err(err) => {
                         errors.fetch_add(1, Ordering::Relaxed);
                         warn!(error = %err, "load connection error; reconnecting");
@@ -322,10 +327,15 @@ pub async fn run_load(
         }
     }
     let total_secs = started.elapsed().as_secs_f64();
+    closing.cancel();
     let _ = client.disconnect().await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    stop_loop.cancel();
-    let _ = driver.await;
+    if tokio::time::timeout(Duration::from_secs(1), &mut driver)
+        .await
+        .is_err()
+    {
+        stop_loop.cancel();
+        let _ = driver.await;
+    }
 
     let messages_acked = if opts.qos == QoS::AtMostOnce {
         messages_sent
