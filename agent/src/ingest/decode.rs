@@ -931,3 +931,330 @@ impl<'de> Deserialize<'de> for Top<'de> {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: UnixMs = 1_700_000_999_000;
+
+    fn decoder(subs: Vec<SubscriptionConfig>) -> Decoder {
+        Decoder::new(&subs, 256 * 1024, "mqtt.subscriptions").unwrap()
+    }
+
+    fn run(d: &Decoder, topic: &str, payload: &[u8]) -> Vec<IngestEvent> {
+        let mut out = Vec::new();
+        d.decode(topic, payload, NOW, &mut out);
+        out
+    }
+
+    fn reading(e: &IngestEvent) -> &Reading {
+        match e {
+            IngestEvent::Reading(r) => r,
+            IngestEvent::DeadLetter(dl) => panic!("expected a reading, got {dl:?}"),
+        }
+    }
+
+    fn dead(e: &IngestEvent) -> &DeadLetter {
+        match e {
+            IngestEvent::DeadLetter(dl) => dl,
+            IngestEvent::Reading(r) => panic!("expected a dead letter, got {r:?}"),
+        }
+    }
+
+    fn plant_json() -> Decoder {
+        decoder(vec![SubscriptionConfig::new("plant/+/+", PayloadFormat::Json)])
+    }
+
+    #[test]
+    fn json_reading_with_time_unit_and_topic_series() {
+        let d = plant_json();
+        let out = run(&d, "plant/boiler-3/temp", br#"{"ts": 1700000000123, "value": 181.25, "unit": "degC"}"#);
+        assert_eq!(out.len(), 1);
+        let r = reading(&out[0]);
+        assert_eq!(r.series, SeriesKey::new("boiler-3", "temp"));
+        assert_eq!(r.time_ms, 1_700_000_000_123);
+        assert_eq!(r.value, 181.25);
+        assert_eq!(r.unit, "degC");
+        assert_eq!(r.source, Source::Mqtt);
+    }
+
+    #[test]
+    fn json_without_time_is_stamped_and_fixed_unit_applies() {
+        let mut sub = SubscriptionConfig::new("plant/+/+", PayloadFormat::Json);
+        sub.unit = "t/h".into();
+        let d = decoder(vec![sub]);
+        let r = run(&d, "plant/boiler-3/steam-flow", br#"{"value": 12}"#);
+        let r = reading(&r[0]);
+        assert_eq!(r.time_ms, NOW);
+        assert_eq!(r.unit, "t/h");
+        assert_eq!(r.value, 12.0);
+    }
+
+    #[test]
+    fn configurable_fields_seconds_and_escaped_names() {
+        let mut sub = SubscriptionConfig::new("site/#", PayloadFormat::Json);
+        sub.value_field = "v".into();
+        sub.time_field = "t".into();
+        sub.time_unit = TimeUnit::S;
+        sub.unit_field = "u".into();
+        sub.device = Some("{1}-{2}".into());
+        sub.sensor = Some("x.{3}".into());
+        let d = decoder(vec![sub]);
+        let out = run(&d, "site/a/b/c", br#"{"t": 1700000000.5, "\u0076": -3.5e-2, "u": "b\u0061r", "nested": {"v": "x"}}"#);
+        let r = reading(&out[0]);
+        assert_eq!(r.series, SeriesKey::new("a-b", "x.c"));
+        assert_eq!(r.time_ms, 1_700_000_000_500);
+        assert_eq!(r.value, -0.035);
+        assert_eq!(r.unit, "bar");
+    }
+
+    #[test]
+    fn json_booleans_are_zero_and_one() {
+        let d = plant_json();
+        assert_eq!(reading(&run(&d, "plant/press-1/running", br#"{"value": true}"#)[0]).value, 1.0);
+        assert_eq!(reading(&run(&d, "plant/press-1/running", br#"{"value": false}"#)[0]).value, 0.0);
+    }
+
+    #[test]
+    fn json_wrong_types_and_missing_fields() {
+        let d = plant_json();
+        let cases: [(&[u8], &str); 7] = [
+            (br#"{"value": "12.5"}"#, "field `value` is a string"),
+            (br#"{"ts": 1}"#, "missing field `value`"),
+            (br#"{"value": null}"#, "field `value` is null"),
+            (br#"{"value": 1, "ts": "yesterday"}"#, "field `ts` is a string"),
+            (br#"{"value": 1, "unit": 5}"#, "field `unit` is a number"),
+            (br#"{"value": 1, "ts": 1e300}"#, "not a valid time"),
+            (br#"[1, 2]"#, "payload is an array, expected an object"),
+        ];
+        for (payload, detail) in cases {
+            let out = run(&d, "plant/boiler-3/temp", payload);
+            assert_eq!(out.len(), 1);
+            let dl = dead(&out[0]);
+            assert_eq!(dl.reason, DeadLetterReason::WrongType, "{dl:?}");
+            assert!(dl.detail.contains(detail), "{} does not contain {detail}", dl.detail);
+            assert_eq!(dl.input, payload);
+            assert_eq!(dl.origin, "plant/boiler-3/temp");
+            assert_eq!(dl.time_ms, NOW);
+        }
+    }
+
+    #[test]
+    fn malformed_json_and_text() {
+        let d = plant_json();
+        for payload in [&b"{\"value\": 1"[..], b"", b"\xff\xfe", b"{value: 1}", b"{\"value\": 1} trailing"] {
+            let out = run(&d, "plant/boiler-3/temp", payload);
+            assert_eq!(dead(&out[0]).reason, DeadLetterReason::Malformed, "{payload:?}");
+        }
+    }
+
+    #[test]
+    fn unmapped_topics_and_templates() {
+        let d = plant_json();
+        let out = run(&d, "factory/x/y", br#"{"value": 1}"#);
+        assert_eq!(dead(&out[0]).reason, DeadLetterReason::Unmapped);
+        let d = decoder(vec![SubscriptionConfig::new("plant/#", PayloadFormat::Json)]);
+        let out = run(&d, "plant/only-device", br#"{"value": 1}"#);
+        let dl = dead(&out[0]);
+        assert_eq!(dl.reason, DeadLetterReason::Unmapped);
+        assert!(dl.detail.contains("{2}"), "{}", dl.detail);
+    }
+
+    #[test]
+    fn oversize_keeps_the_first_kib() {
+        let d = Decoder::new(&[SubscriptionConfig::new("plant/+/+", PayloadFormat::Json)], 2000, "k").unwrap();
+        let payload = vec![b'x'; 2001];
+        let out = run(&d, "plant/a/b", &payload);
+        let dl = dead(&out[0]);
+        assert_eq!(dl.reason, DeadLetterReason::Oversize);
+        assert_eq!(dl.input.len(), DEAD_LETTER_INPUT_CAP);
+        assert!(dl.detail.contains("2001"), "{}", dl.detail);
+        // Exactly at the cap is fine (and here malformed).
+        let out = run(&d, "plant/a/b", &payload[..2000]);
+        assert_eq!(dead(&out[0]).reason, DeadLetterReason::Malformed);
+    }
+
+    #[test]
+    fn number_payloads_including_nan_and_inf() {
+        let mut sub = SubscriptionConfig::new("plant/+/+", PayloadFormat::Number);
+        sub.unit = "bar".into();
+        let d = decoder(vec![sub]);
+        let r = run(&d, "plant/pump-2/suction", b" -0.30\n");
+        let r = reading(&r[0]);
+        assert_eq!((r.value, r.time_ms, r.unit.as_str()), (-0.3, NOW, "bar"));
+        assert!(reading(&run(&d, "plant/a/b", b"NaN")[0]).value.is_nan());
+        assert_eq!(reading(&run(&d, "plant/a/b", b"inf")[0]).value, f64::INFINITY);
+        assert_eq!(reading(&run(&d, "plant/a/b", b"-Infinity")[0]).value, f64::NEG_INFINITY);
+        for bad in [&b"twelve"[..], b"", b"1,5", b"\xff"] {
+            assert_eq!(dead(&run(&d, "plant/a/b", bad)[0]).reason, DeadLetterReason::Malformed);
+        }
+    }
+
+    #[test]
+    fn json_multi_one_reading_per_numeric_field() {
+        let mut sub = SubscriptionConfig::new("plant/+/state", PayloadFormat::JsonMulti);
+        sub.ignore_fields = vec!["fw".into()];
+        let d = decoder(vec![sub]);
+        let out = run(
+            &d,
+            "plant/env-1/state",
+            br#"{"ts": 1700000000000, "humidity": 45.5, "ambient": 22.1, "fw": "1.2.3", "status": "ok"}"#,
+        );
+        assert_eq!(out.len(), 3, "{out:?}");
+        let h = reading(&out[0]);
+        assert_eq!(h.series, SeriesKey::new("env-1", "humidity"));
+        assert_eq!((h.time_ms, h.value), (1_700_000_000_000, 45.5));
+        assert_eq!(reading(&out[1]).series, SeriesKey::new("env-1", "ambient"));
+        let dl = dead(&out[2]);
+        assert_eq!(dl.reason, DeadLetterReason::WrongType);
+        assert!(dl.detail.contains("`status`"), "{}", dl.detail);
+    }
+
+    #[test]
+    fn json_multi_edge_cases() {
+        let d = decoder(vec![SubscriptionConfig::new("plant/+/state", PayloadFormat::JsonMulti)]);
+        let dl = dead(&run(&d, "plant/env-1/state", br#"{"ts": 1}"#)[0]).clone();
+        assert_eq!(dl.reason, DeadLetterReason::WrongType);
+        let dl = dead(&run(&d, "plant/env-1/state", br#"{"ts": "x", "a": 1}"#)[0]).clone();
+        assert_eq!(dl.reason, DeadLetterReason::WrongType);
+        let dl = dead(&run(&d, "plant/env-1/state", b"17")[0]).clone();
+        assert_eq!(dl.reason, DeadLetterReason::WrongType);
+        let mut sub = SubscriptionConfig::new("p/+", PayloadFormat::JsonMulti);
+        sub.sensor = Some("env.{field}".into());
+        let d = decoder(vec![sub]);
+        assert_eq!(reading(&run(&d, "p/dev", br#"{"rh": 1}"#)[0]).series, SeriesKey::new("dev", "env.rh"));
+    }
+
+    #[test]
+    fn json_batch_with_series_field_and_bad_elements() {
+        let d = decoder(vec![SubscriptionConfig::new("load/#", PayloadFormat::JsonBatch)]);
+        let payload = br#"[
+            {"series": "dev-1/s-1", "ts": 1700000000000, "value": 1.5},
+            {"series": "dev-2/s-9", "ts": 1700000000001, "value": 2},
+            {"series": "no-slash", "ts": 1, "value": 3},
+            {"series": "dev-1/s-1", "value": "x"},
+            42,
+            {"value": 7}
+        ]"#;
+        let out = run(&d, "load/gen", payload);
+        assert_eq!(out.len(), 6, "{out:?}");
+        assert_eq!(reading(&out[0]).series, SeriesKey::new("dev-1", "s-1"));
+        assert_eq!(reading(&out[1]).time_ms, 1_700_000_000_001);
+        assert_eq!(dead(&out[2]).reason, DeadLetterReason::WrongType);
+        assert!(dead(&out[3]).detail.starts_with("element 3:"), "{}", dead(&out[3]).detail);
+        assert!(dead(&out[4]).detail.contains("a number, not an object"));
+        // No series field and no second topic segment for the sensor template.
+        assert_eq!(dead(&out[5]).reason, DeadLetterReason::Unmapped);
+        let dl = dead(&run(&d, "load/gen", br#"{"value": 1}"#)[0]).clone();
+        assert_eq!(dl.reason, DeadLetterReason::WrongType);
+        assert!(run(&d, "load/gen", b"[]").is_empty());
+    }
+
+    #[test]
+    fn device_and_sensor_fields_override_templates() {
+        let mut sub = SubscriptionConfig::new("gw/+", PayloadFormat::JsonBatch);
+        sub.device_field = Some("dev".into());
+        sub.sensor_field = Some("sen".into());
+        let d = decoder(vec![sub]);
+        let out = run(&d, "gw/x", br#"[{"dev": "press-1", "sen": "temperature", "value": 80}]"#);
+        assert_eq!(reading(&out[0]).series, SeriesKey::new("press-1", "temperature"));
+    }
+
+    #[test]
+    fn first_matching_subscription_wins() {
+        let mut number = SubscriptionConfig::new("plant/press-1/+", PayloadFormat::Number);
+        number.unit = "degC".into();
+        let d = decoder(vec![number, SubscriptionConfig::new("plant/#", PayloadFormat::Json)]);
+        assert_eq!(reading(&run(&d, "plant/press-1/temperature", b"80")[0]).unit, "degC");
+        assert_eq!(reading(&run(&d, "plant/boiler-3/temp", br#"{"value": 1}"#)[0]).value, 1.0);
+    }
+
+    #[test]
+    fn topic_filter_matching() {
+        assert!(topic_matches("plant/+/+", "plant/a/b"));
+        assert!(!topic_matches("plant/+/+", "plant/a"));
+        assert!(!topic_matches("plant/+/+", "plant/a/b/c"));
+        assert!(topic_matches("plant/#", "plant"));
+        assert!(topic_matches("plant/#", "plant/a/b/c"));
+        assert!(topic_matches("#", "a/b"));
+        assert!(!topic_matches("#", "$SYS/broker"));
+        assert!(!topic_matches("+/broker", "$SYS/broker"));
+        assert!(topic_matches("$SYS/#", "$SYS/broker"));
+        assert!(topic_matches("$share/g/plant/+", "plant/a"));
+        assert!(topic_matches("a//b", "a//b"));
+        assert!(!topic_matches("a/b", "a/c"));
+    }
+
+    #[test]
+    fn config_errors_name_the_key() {
+        let cases: Vec<(SubscriptionConfig, &str)> = vec![
+            (SubscriptionConfig::new("", PayloadFormat::Json), "s[0].filter"),
+            (SubscriptionConfig::new("a/b#", PayloadFormat::Json), "s[0].filter"),
+            (SubscriptionConfig::new("a/+x", PayloadFormat::Json), "s[0].filter"),
+            (SubscriptionConfig::new("$share/g", PayloadFormat::Json), "s[0].filter"),
+            (
+                SubscriptionConfig { device: Some("{1".into()), ..SubscriptionConfig::new("a/#", PayloadFormat::Json) },
+                "s[0].device",
+            ),
+            (
+                SubscriptionConfig { sensor: Some("{field}".into()), ..SubscriptionConfig::new("a/#", PayloadFormat::Json) },
+                "s[0].sensor",
+            ),
+            (
+                SubscriptionConfig { sensor: Some("{2}".into()), ..SubscriptionConfig::new("a/#", PayloadFormat::JsonMulti) },
+                "s[0].sensor",
+            ),
+            (
+                SubscriptionConfig { ignore_fields: vec!["x".into()], ..SubscriptionConfig::new("a/#", PayloadFormat::Json) },
+                "s[0].ignore-fields",
+            ),
+            (SubscriptionConfig { qos: 2, ..SubscriptionConfig::new("a/#", PayloadFormat::Json) }, "s[0].qos"),
+            (
+                SubscriptionConfig { value_field: String::new(), ..SubscriptionConfig::new("a/#", PayloadFormat::Json) },
+                "s[0].value-field",
+            ),
+        ];
+        for (sub, key) in cases {
+            let err = Decoder::new(&[sub], 1024, "s").unwrap_err();
+            assert_eq!(err.key, key, "{err}");
+        }
+    }
+
+    #[test]
+    fn toml_subscription_with_defaults() {
+        let sub: SubscriptionConfig = toml::from_str("filter = \"plant/+/+\"\nformat = \"json-batch\"\n").unwrap();
+        assert_eq!(sub, SubscriptionConfig::new("plant/+/+", PayloadFormat::JsonBatch));
+        assert!(toml::from_str::<SubscriptionConfig>("filter = \"a\"\nformat = \"xml\"\n").is_err());
+        assert!(toml::from_str::<SubscriptionConfig>("filter = \"a\"\ntime-unit = \"us\"\n").is_err());
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        let d = decoder(vec![
+            SubscriptionConfig::new("j/#", PayloadFormat::Json),
+            SubscriptionConfig::new("m/+", PayloadFormat::JsonMulti),
+            SubscriptionConfig::new("b/#", PayloadFormat::JsonBatch),
+            SubscriptionConfig::new("n/#", PayloadFormat::Number),
+        ]);
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let alphabet = b"{}[]\":,0123456789.eE-+tfnul\\ abvs\xff";
+        for i in 0..20_000 {
+            let len = (i % 40) as usize;
+            let payload: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    alphabet[(seed % alphabet.len() as u64) as usize]
+                })
+                .collect();
+            for topic in ["j/a/b", "m/a", "b/a/b", "n/a/b", "x"] {
+                let out = run(&d, topic, &payload);
+                if topic != "b/a/b" {
+                    assert!(!out.is_empty());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""A Modbus server that is not ours: pymodbus 3.x serving a Millrace plant map.
+
+Used by the agent's integration tests (agent/tests/modbus.rs) as an
+independent peer. It serves one device map of the example plant with fixed
+fixture values (below), over Modbus TCP on 127.0.0.1 or Modbus RTU on a serial
+device (e.g. one end of a socat pty pair).
+
+    modbus-peer.py tcp --map press-1 [--port 0] [--unit 1]
+    modbus-peer.py rtu --map tank-4 --path /tmp/x/b --unit 3 [--baud 19200]
+
+On start it prints one line to stdout:  ready <transport> <where>
+(`ready tcp 127.0.0.1 40123` or `ready rtu /tmp/x/b`). It then reads commands
+from stdin, one per line, and answers `ok <command>` once applied:
+
+    silent                              accept requests, never reply
+    exception <fc> <first> <last> <code>
+                                        answer exception <code> to function code
+                                        <fc> requests touching [first, last]
+    normal                              reply normally again (clears both)
+
+Requests addressed to a unit id that is not served get no reply (an absent
+slave on a bus). The peer exits when stdin closes, so it never outlives the
+test that started it.
+
+Requires pymodbus >= 3.10 with the SimDevice datastore (pip install
+'pymodbus==3.*' pyserial).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import struct
+import sys
+import threading
+
+try:
+    from pymodbus.constants import ExcCodes
+    from pymodbus.server import ModbusSerialServer, ModbusTcpServer
+    from pymodbus.simulator import DataType, SimData, SimDevice
+except ImportError as exc:  # pragma: no cover - environment check
+    sys.exit(
+        f"modbus-peer: pymodbus 3.x with SimDevice is required ({exc}); "
+        "pip install 'pymodbus==3.*' pyserial"
+    )
+
+
+# --- fixtures ---------------------------------------------------------------
+# Word orders per the plant definition: the value's big-endian bytes laid into
+# registers (high byte first) as ABCD straight, CDAB words reversed, BADC
+# bytes swapped within each word, DCBA all bytes reversed.
+
+
+def words(fmt: str, value, order: str = "ABCD") -> list[int]:
+    raw = bytearray(struct.pack(">" + fmt, value))
+    if order == "DCBA":
+        raw.reverse()
+    elif order == "BADC":
+        for i in range(0, len(raw), 2):
+            raw[i], raw[i + 1] = raw[i + 1], raw[i]
+    elif order == "CDAB":
+        pairs = [raw[i : i + 2] for i in range(0, len(raw), 2)]
+        raw = bytearray(b"".join(reversed(pairs)))
+    elif order != "ABCD":
+        raise ValueError(order)
+    return [int.from_bytes(raw[i : i + 2], "big") for i in range(0, len(raw), 2)]
+
+
+def plant_map(name: str) -> dict[str, dict[int, int | bool]]:
+    """Register tables of one plant device: {table: {address: word or bit}}."""
+    hr: dict[int, int] = {}
+    ir: dict[int, int] = {}
+    co: dict[int, bool] = {}
+    di: dict[int, bool] = {}
+
+    def put(table: dict, address: int, ws: list[int]) -> None:
+        for i, w in enumerate(ws):
+            table[address + i] = w
+
+    if name == "press-1":
+        put(hr, 0, words("f", 80.5, "ABCD"))  # temperature 80.5 degC
+        put(hr, 2, words("f", 6.25, "CDAB"))  # pressure 6.25 bar
+        put(hr, 4, words("H", 14503))  # speed 1450.3 rpm (x0.1)
+        put(ir, 0, words("h", -37))  # vibration -0.37 mm/s (x0.01)
+        co[0] = True  # running
+    elif name == "pump-2":
+        put(hr, 0, words("d", 42.125, "ABCD"))  # flow 42.125 m3/h
+        put(ir, 10, words("i", -300, "BADC"))  # suction -0.3 bar (x0.001)
+        put(hr, 20, words("Q", 123_456_789_012, "DCBA"))  # energy Wh
+    elif name == "tank-4":
+        put(hr, 0, words("H", 553))  # level 55.3 % (x0.1)
+    else:
+        raise SystemExit(f"modbus-peer: unknown map {name!r}")
+    return {"hr": hr, "ir": ir, "co": co, "di": di}
+
+
+TABLE_SIZE = 64  # addresses 0..63 of every table exist; the rest are illegal
+
+
+def device(unit: int, tables: dict, control: "Control") -> SimDevice:
+    def regs(table: dict[int, int]) -> list[SimData]:
+        values = [table.get(a, 0) for a in range(TABLE_SIZE)]
+        return [SimData(0, values=values, datatype=DataType.REGISTERS)]
+
+    def bits(table: dict[int, bool]) -> list[SimData]:
+        values = [bool(table.get(a, False)) for a in range(TABLE_SIZE)]
+        return [SimData(0, values=values, datatype=DataType.BITS)]
+
+    return SimDevice(
+        id=unit,
+        simdata=(bits(tables["co"]), bits(tables["di"]), regs(tables["hr"]), regs(tables["ir"])),
+        action=control.action,
+    )
+
+
+# --- control ----------------------------------------------------------------
+
+
+class Control:
+    """The behaviour switches driven by stdin commands."""
+
+    def __init__(self, units: set[int], unit_byte: int) -> None:
+        self.silent = False
+        self.exception: tuple[int, int, int, int] | None = None
+        self.units = units
+        # Offset of the unit id in a frame: 6 in an MBAP (TCP) frame, 0 in RTU.
+        self.unit_byte = unit_byte
+
+    async def action(self, function_code, _start, address, count, _registers, set_values):
+        if set_values is not None:
+            return ExcCodes.ILLEGAL_FUNCTION  # a read-only plant
+        if self.exception:
+            fc, first, last, code = self.exception
+            if function_code == fc and address <= last and address + count - 1 >= first:
+                return ExcCodes(code)
+        return None
+
+    def trace_packet(self, sending: bool, data: bytes) -> bytes:
+        if not sending:
+            return data
+        if self.silent:
+            return b""
+        if len(data) > self.unit_byte and data[self.unit_byte] not in self.units:
+            return b""  # an absent slave never answers
+        return data
+
+    def apply(self, line: str) -> None:
+        parts = line.split()
+        if parts == ["silent"]:
+            self.silent = True
+        elif parts == ["normal"]:
+            self.silent = False
+            self.exception = None
+        elif len(parts) == 5 and parts[0] == "exception":
+            fc, first, last, code = (int(p, 0) for p in parts[1:])
+            self.exception = (fc, first, last, code)
+        else:
+            print(f"error unknown command {line!r}", flush=True)
+            return
+        print(f"ok {line}", flush=True)
+
+
+def read_stdin(loop: asyncio.AbstractEventLoop, control: Control, done: asyncio.Event) -> None:
+    for line in sys.stdin:
+        line = line.strip()
+        if line:
+            loop.call_soon_threadsafe(control.apply, line)
+    loop.call_soon_threadsafe(done.set)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("transport", choices=["tcp", "rtu"])
+    parser.add_argument("--map", required=True, help="press-1 | pump-2 | tank-4")
+    parser.add_argument("--unit", type=int, action="append", help="served unit id(s), default 1")
+    parser.add_argument("--port", type=int, default=0, help="tcp port, 0 = any free port")
+    parser.add_argument("--path", help="rtu: serial device")
+    parser.add_argument("--baud", type=int, default=19200)
+    args = parser.parse_args()
+
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    units = set(args.unit or [1])
+    tables = plant_map(args.map)
+    control = Control(units, 6 if args.transport == "tcp" else 0)
+    devices = [device(u, tables, control) for u in sorted(units)]
+
+    if args.transport == "tcp":
+        server = ModbusTcpServer(
+            devices, address=("127.0.0.1", args.port), trace_packet=control.trace_packet
+        )
+    else:
+        if not args.path:
+            parser.error("rtu needs --path")
+        server = ModbusSerialServer(
+            devices,
+            port=args.path,
+            baudrate=args.baud,
+            bytesize=8,
+            parity="N",
+            stopbits=1,
+            trace_packet=control.trace_packet,
+        )
+    await server.serve_forever(background=True)
+    if args.transport == "tcp":
+        port = server.transport.sockets[0].getsockname()[1]
+        print(f"ready tcp 127.0.0.1 {port}", flush=True)
+    else:
+        print(f"ready rtu {args.path}", flush=True)
+
+    done = asyncio.Event()
+    threading.Thread(
+        target=read_stdin, args=(asyncio.get_running_loop(), control, done), daemon=True
+    ).start()
+    await done.wait()
+    await server.shutdown()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
