@@ -217,6 +217,50 @@ pub fn validate_filter(filter: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether every topic matching filter `f` also matches filter `g`.
+pub fn filter_covers(g: &str, f: &str) -> bool {
+    if g.starts_with("$share/") || f.starts_with("$share/") {
+        return g == f;
+    }
+    let mut gl = g.split('/');
+    let mut fl = f.split('/');
+    loop {
+        match (gl.next(), fl.next()) {
+            (Some("#"), _) => return !f.starts_with('$') || !g.starts_with('#'),
+            (Some("+"), Some(l)) if l != "#" => {}
+            (Some(a), Some(b)) if a == b && a != "+" && a != "#" => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// The filters to subscribe to: duplicates and filters covered by another
+/// configured filter are dropped (the broker would deliver such a message
+/// once per matching subscription), keeping the highest QoS asked for.
+/// Routing still picks the first matching subscription rule per topic.
+pub fn subscription_filters(subscriptions: &[SubscriptionConfig]) -> Vec<(String, u8)> {
+    let mut kept: Vec<(String, u8)> = Vec::new();
+    for (i, sub) in subscriptions.iter().enumerate() {
+        let covered_by = subscriptions.iter().enumerate().find(|(j, other)| {
+            *j != i
+                && filter_covers(&other.filter, &sub.filter)
+                // Of two identical filters, keep the first.
+                && (other.filter != sub.filter || *j < i)
+        });
+        if covered_by.is_none() {
+            let qos = subscriptions
+                .iter()
+                .filter(|o| filter_covers(&sub.filter, &o.filter))
+                .map(|o| o.qos)
+                .max()
+                .unwrap_or(sub.qos);
+            kept.push((sub.filter.clone(), qos));
+        }
+    }
+    kept
+}
+
 /// The filter without a `$share/<group>/` prefix; `None` if the prefix is incomplete.
 fn strip_share(filter: &str) -> Option<&str> {
     match filter.strip_prefix("$share/") {
@@ -1184,6 +1228,30 @@ mod tests {
         assert!(topic_matches("$share/g/plant/+", "plant/a"));
         assert!(topic_matches("a//b", "a//b"));
         assert!(!topic_matches("a/b", "a/c"));
+    }
+
+    #[test]
+    fn covered_and_duplicate_filters_are_subscribed_once() {
+        assert!(filter_covers("plant/+/+", "plant/+/state"));
+        assert!(filter_covers("plant/#", "plant/+/+"));
+        assert!(filter_covers("#", "a"));
+        assert!(!filter_covers("plant/+/state", "plant/+/+"));
+        assert!(!filter_covers("plant/+", "plant/#"));
+        assert!(!filter_covers("a/+/c", "a/b"));
+        let mut multi = SubscriptionConfig::new("plant/+/state", PayloadFormat::JsonMulti);
+        multi.qos = 1;
+        let mut json = SubscriptionConfig::new("plant/+/+", PayloadFormat::Json);
+        json.qos = 0;
+        let subs = vec![
+            multi,
+            json,
+            SubscriptionConfig::new("load/#", PayloadFormat::JsonBatch),
+            SubscriptionConfig::new("load/#", PayloadFormat::Json),
+        ];
+        assert_eq!(
+            subscription_filters(&subs),
+            vec![("plant/+/+".to_owned(), 1), ("load/#".to_owned(), 1)]
+        );
     }
 
     #[test]

@@ -50,7 +50,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::decode::{ConfigError, Decoder, SubscriptionConfig};
+use super::decode::{subscription_filters, ConfigError, Decoder, SubscriptionConfig};
 use super::{now_ms, IngestEvent, IngestTx};
 
 /// The environment variable that overrides `mqtt.password`.
@@ -295,6 +295,9 @@ pub struct MqttStats {
     pub acks_withheld: AtomicU64,
     /// Whether the source is connected to its broker now.
     pub connected: AtomicBool,
+    /// Whether the broker has acknowledged every subscription on the current
+    /// connection (or kept them in a resumed session).
+    pub subscribed: AtomicBool,
 }
 
 impl MqttStats {
@@ -418,11 +421,7 @@ impl MqttSource {
         // queued message and for a resubscribe.
         let request_capacity = config.queue_capacity * 2 + 16;
         let (client, eventloop) = Session::open(&config, transport, request_capacity);
-        let filters: Vec<(String, u8)> = config
-            .subscriptions
-            .iter()
-            .map(|s| (s.filter.clone(), s.qos))
-            .collect();
+        let filters = subscription_filters(&config.subscriptions);
         let (queue_tx, mut queue_rx) = mpsc::channel(config.queue_capacity);
         let stop = shutdown.child_token();
         let epoch = AtomicU64::new(0);
@@ -525,6 +524,8 @@ async fn network_loop(
                     if let Err(e) = client.try_subscribe(filters) {
                         error!(error = %e, "could not queue the subscriptions");
                     }
+                } else {
+                    stats.subscribed.store(true, Ordering::Relaxed);
                 }
                 connected = true;
                 ever_connected = true;
@@ -543,6 +544,7 @@ async fn network_loop(
                 if rejected > 0 {
                     error!(rejected, "the broker rejected subscriptions");
                 } else {
+                    stats.subscribed.store(true, Ordering::Relaxed);
                     debug!("subscriptions acknowledged");
                 }
             }
@@ -551,6 +553,7 @@ async fn network_loop(
                 // Invalidate acks for messages of the lost connection.
                 epoch.fetch_add(1, Ordering::AcqRel);
                 stats.connected.store(false, Ordering::Relaxed);
+                stats.subscribed.store(false, Ordering::Relaxed);
                 stats.connection_errors.fetch_add(1, Ordering::Relaxed);
                 let delay = backoff.next_delay();
                 if connected {
@@ -580,6 +583,7 @@ async fn network_loop(
         }
     }
     stats.connected.store(false, Ordering::Relaxed);
+    stats.subscribed.store(false, Ordering::Relaxed);
 }
 
 /// A received publish and the connection epoch it arrived on.
