@@ -1,6 +1,8 @@
 //! MQTT ingest against real peers: mosquitto as the external broker, and a
 //! rumqttc client publishing to the embedded rumqttd broker.
 
+#![allow(clippy::unwrap_used)]
+
 #[path = "util/mosquitto.rs"]
 mod mosquitto;
 
@@ -10,7 +12,9 @@ use std::time::Duration;
 
 use millrace_agent::ingest::broker::{BrokerConfig, BrokerError, EmbeddedBroker};
 use millrace_agent::ingest::decode::{PayloadFormat, SubscriptionConfig};
-use millrace_agent::ingest::mqtt::{MqttConfig, MqttProtocol, MqttSource, MqttStats, MqttTlsConfig};
+use millrace_agent::ingest::mqtt::{
+    MqttConfig, MqttProtocol, MqttSource, MqttStats, MqttTlsConfig,
+};
 use millrace_agent::ingest::IngestEvent;
 use millrace_protocol::{DeadLetterReason, Reading, SeriesKey};
 use mosquitto::{Mosquitto, Options};
@@ -24,7 +28,10 @@ const WAIT: Duration = Duration::from_secs(20);
 fn init_logs() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
 }
 
 fn config(broker: &Mosquitto, client_id: &str, protocol: MqttProtocol) -> MqttConfig {
@@ -59,11 +66,19 @@ impl Running {
         let (tx, rx) = mpsc::channel(channel_capacity);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(source.run(tx, shutdown.clone()));
-        Self { rx, stats, shutdown, task }
+        Self {
+            rx,
+            stats,
+            shutdown,
+            task,
+        }
     }
 
     async fn subscribed(&self) {
-        wait_for("subscribed", || self.stats.subscribed.load(Ordering::Relaxed)).await;
+        wait_for("subscribed", || {
+            self.stats.subscribed.load(Ordering::Relaxed)
+        })
+        .await;
     }
 
     async fn next(&mut self) -> IngestEvent {
@@ -94,7 +109,10 @@ impl Running {
 async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !condition() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -110,17 +128,35 @@ async fn v4_qos0_and_qos1_readings_through_wildcards() {
     src.subscribed().await;
     assert!(src.stats.is_connected());
 
-    broker.publish("plant/boiler-3/temp", br#"{"ts": 1700000000100, "value": 181.5, "unit": "degC"}"#, 0, &[]);
+    broker.publish(
+        "plant/boiler-3/temp",
+        br#"{"ts": 1700000000100, "value": 181.5, "unit": "degC"}"#,
+        0,
+        &[],
+    );
     let r = src.reading().await;
     assert_eq!(r.series, SeriesKey::new("boiler-3", "temp"));
-    assert_eq!((r.time_ms, r.value, r.unit.as_str()), (1_700_000_000_100, 181.5, "degC"));
+    assert_eq!(
+        (r.time_ms, r.value, r.unit.as_str()),
+        (1_700_000_000_100, 181.5, "degC")
+    );
 
-    broker.publish("plant/boiler-3/steam-flow", br#"{"ts": 1700000000200, "value": 12.25, "unit": "t/h"}"#, 1, &[]);
+    broker.publish(
+        "plant/boiler-3/steam-flow",
+        br#"{"ts": 1700000000200, "value": 12.25, "unit": "t/h"}"#,
+        1,
+        &[],
+    );
     let r = src.reading().await;
     assert_eq!(r.series, SeriesKey::new("boiler-3", "steam-flow"));
     assert_eq!((r.time_ms, r.value), (1_700_000_000_200, 12.25));
 
-    broker.publish("multi/env-1/state", br#"{"ts": 1700000000300, "humidity": 45.5, "ambient": 22.0}"#, 1, &[]);
+    broker.publish(
+        "multi/env-1/state",
+        br#"{"ts": 1700000000300, "humidity": 45.5, "ambient": 22.0}"#,
+        1,
+        &[],
+    );
     let h = src.reading().await;
     let a = src.reading().await;
     assert_eq!(h.series, SeriesKey::new("env-1", "humidity"));
@@ -144,8 +180,16 @@ async fn v5_readings_qos0_and_qos1() {
     src.subscribed().await;
     broker.publish("raw/press-1/pressure", b"80.5", 1, &["-V", "mqttv5"]);
     let r = src.reading().await;
-    assert_eq!((r.series, r.value), (SeriesKey::new("press-1", "pressure"), 80.5));
-    broker.publish("plant/boiler-3/temp", br#"{"ts": 1700000000000, "value": 3}"#, 0, &["-V", "mqttv5"]);
+    assert_eq!(
+        (r.series, r.value),
+        (SeriesKey::new("press-1", "pressure"), 80.5)
+    );
+    broker.publish(
+        "plant/boiler-3/temp",
+        br#"{"ts": 1700000000000, "value": 3}"#,
+        0,
+        &["-V", "mqttv5"],
+    );
     let r = src.reading().await;
     assert_eq!((r.time_ms, r.value), (1_700_000_000_000, 3.0));
     wait_for("ack", || src.stats.acks.load(Ordering::Relaxed) == 1).await;
@@ -162,7 +206,10 @@ async fn username_and_password() {
     wrong.username = Some("gw".into());
     wrong.password = Some("nope".into());
     let bad = Running::start(wrong, 8);
-    wait_for("refused connects", || bad.stats.connection_errors.load(Ordering::Relaxed) >= 2).await;
+    wait_for("refused connects", || {
+        bad.stats.connection_errors.load(Ordering::Relaxed) >= 2
+    })
+    .await;
     assert!(!bad.stats.is_connected());
     bad.stop().await;
 
@@ -171,7 +218,12 @@ async fn username_and_password() {
     right.password = Some("s3cret".into());
     let mut src = Running::start(right, 8);
     src.subscribed().await;
-    broker.publish("plant/a/b", br#"{"value": 1}"#, 1, &["-u", "gw", "-P", "s3cret"]);
+    broker.publish(
+        "plant/a/b",
+        br#"{"value": 1}"#,
+        1,
+        &["-u", "gw", "-P", "s3cret"],
+    );
     assert_eq!(src.reading().await.series, SeriesKey::new("a", "b"));
     src.stop().await;
 }
@@ -185,10 +237,26 @@ async fn bad_payloads_become_counted_dead_letters_and_the_source_keeps_running()
     src.subscribed().await;
 
     let cases: [(&str, Vec<u8>, DeadLetterReason); 4] = [
-        ("plant/boiler-3/temp", b"{\"value\": ".to_vec(), DeadLetterReason::Malformed),
-        ("plant/boiler-3/temp", br#"{"value": "hot"}"#.to_vec(), DeadLetterReason::WrongType),
-        ("plant/boiler-3/temp", vec![b' '; 5000], DeadLetterReason::Oversize),
-        ("dev/only-device", br#"{"value": 1}"#.to_vec(), DeadLetterReason::Unmapped),
+        (
+            "plant/boiler-3/temp",
+            b"{\"value\": ".to_vec(),
+            DeadLetterReason::Malformed,
+        ),
+        (
+            "plant/boiler-3/temp",
+            br#"{"value": "hot"}"#.to_vec(),
+            DeadLetterReason::WrongType,
+        ),
+        (
+            "plant/boiler-3/temp",
+            vec![b' '; 5000],
+            DeadLetterReason::Oversize,
+        ),
+        (
+            "dev/only-device",
+            br#"{"value": 1}"#.to_vec(),
+            DeadLetterReason::Unmapped,
+        ),
     ];
     for (topic, payload, reason) in &cases {
         broker.publish(topic, payload, 1, &[]);
@@ -234,7 +302,10 @@ async fn reconnects_after_the_broker_is_killed_and_restarted() {
     wait_for("disconnect noticed", || !src.stats.is_connected()).await;
     broker.restart();
     // The restarted broker has no session (persistence false): the source resubscribes.
-    wait_for("reconnect", || src.stats.reconnects.load(Ordering::Relaxed) >= 1).await;
+    wait_for("reconnect", || {
+        src.stats.reconnects.load(Ordering::Relaxed) >= 1
+    })
+    .await;
     src.subscribed().await;
     broker.publish("plant/a/b", br#"{"value": 2}"#, 1, &[]);
     assert_eq!(src.reading().await.value, 2.0);
@@ -247,21 +318,37 @@ async fn qos1_is_not_acked_while_the_channel_is_full_and_is_redelivered() {
     for protocol in [MqttProtocol::V4, MqttProtocol::V5] {
         let broker = Mosquitto::start();
         let client_id = unique("slow");
-        let v = if protocol == MqttProtocol::V5 { &["-V", "mqttv5"][..] } else { &[][..] };
+        let v = if protocol == MqttProtocol::V5 {
+            &["-V", "mqttv5"][..]
+        } else {
+            &[][..]
+        };
         // A channel of one, never read: the first reading fills it.
         let slow = Running::start(config(&broker, &client_id, protocol), 1);
         slow.subscribed().await;
         for value in 1..=3 {
-            broker.publish("plant/a/b", format!("{{\"value\": {value}}}").as_bytes(), 1, v);
+            broker.publish(
+                "plant/a/b",
+                format!("{{\"value\": {value}}}").as_bytes(),
+                1,
+                v,
+            );
         }
         wait_for("the second message to wait for the channel", || {
             slow.stats.messages.load(Ordering::Relaxed) >= 2
         })
         .await;
-        wait_for("the first ack", || slow.stats.acks.load(Ordering::Relaxed) == 1).await;
+        wait_for("the first ack", || {
+            slow.stats.acks.load(Ordering::Relaxed) == 1
+        })
+        .await;
         let stats = Arc::clone(&slow.stats);
         let mut rx = slow.stop().await;
-        assert_eq!(stats.acks.load(Ordering::Relaxed), 1, "only the accepted message is acked");
+        assert_eq!(
+            stats.acks.load(Ordering::Relaxed),
+            1,
+            "only the accepted message is acked"
+        );
         match rx.recv().await {
             Some(IngestEvent::Reading(r)) => assert_eq!(r.value, 1.0),
             other => panic!("expected the first reading, got {other:?}"),
@@ -272,14 +359,20 @@ async fn qos1_is_not_acked_while_the_channel_is_full_and_is_redelivered() {
         let mut values = vec![again.reading().await.value, again.reading().await.value];
         values.sort_by(f64::total_cmp);
         assert_eq!(values, [2.0, 3.0], "{protocol:?}");
-        wait_for("acks after redelivery", || again.stats.acks.load(Ordering::Relaxed) == 2).await;
+        wait_for("acks after redelivery", || {
+            again.stats.acks.load(Ordering::Relaxed) == 2
+        })
+        .await;
         again.stop().await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_a_private_ca() {
-    let broker = Mosquitto::start_with(Options { tls: true, ..Options::default() });
+    let broker = Mosquitto::start_with(Options {
+        tls: true,
+        ..Options::default()
+    });
     let mut cfg = config(&broker, &unique("tls"), MqttProtocol::V4);
     cfg.tls = Some(MqttTlsConfig {
         ca_file: broker.ca_file.clone().expect("ca file"),
@@ -324,18 +417,39 @@ async fn embedded_broker_feeds_readings_from_a_rumqttc_publisher() {
         }
     });
     client
-        .publish("plant/boiler-3/temp", rumqttc::QoS::AtLeastOnce, false, r#"{"ts": 1700000000000, "value": 180.5, "unit": "degC"}"#)
+        .publish(
+            "plant/boiler-3/temp",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            r#"{"ts": 1700000000000, "value": 180.5, "unit": "degC"}"#,
+        )
         .await
         .unwrap();
     client
-        .publish("plant/env-1/state", rumqttc::QoS::AtMostOnce, false, r#"{"ts": 1700000001000, "humidity": 45, "ambient": 22}"#)
+        .publish(
+            "plant/env-1/state",
+            rumqttc::QoS::AtMostOnce,
+            false,
+            r#"{"ts": 1700000001000, "humidity": 45, "ambient": 22}"#,
+        )
         .await
         .unwrap();
-    client.publish("plant/boiler-3/temp", rumqttc::QoS::AtLeastOnce, false, "{oops").await.unwrap();
+    client
+        .publish(
+            "plant/boiler-3/temp",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            "{oops",
+        )
+        .await
+        .unwrap();
 
     let mut got = Vec::new();
     while got.len() < 4 {
-        let e = tokio::time::timeout(WAIT, rx.recv()).await.expect("event within 20 s").expect("open");
+        let e = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .expect("event within 20 s")
+            .expect("open");
         got.push(e);
     }
     let reading = |i: usize| match &got[i] {
@@ -343,16 +457,25 @@ async fn embedded_broker_feeds_readings_from_a_rumqttc_publisher() {
         IngestEvent::DeadLetter(d) => panic!("expected a reading, got {d:?}"),
     };
     assert_eq!(reading(0).series, SeriesKey::new("boiler-3", "temp"));
-    assert_eq!((reading(0).time_ms, reading(0).value), (1_700_000_000_000, 180.5));
+    assert_eq!(
+        (reading(0).time_ms, reading(0).value),
+        (1_700_000_000_000, 180.5)
+    );
     assert_eq!(reading(1).series, SeriesKey::new("env-1", "humidity"));
     assert_eq!(reading(2).series, SeriesKey::new("env-1", "ambient"));
-    assert!(matches!(&got[3], IngestEvent::DeadLetter(d) if d.reason == DeadLetterReason::Malformed));
+    assert!(
+        matches!(&got[3], IngestEvent::DeadLetter(d) if d.reason == DeadLetterReason::Malformed)
+    );
     assert_eq!(stats.messages.load(Ordering::Relaxed), 3);
     assert_eq!(stats.dead_letters(DeadLetterReason::Malformed), 1);
     assert!(stats.is_connected());
 
     shutdown.cancel();
-    tokio::time::timeout(WAIT, reader).await.unwrap().unwrap().unwrap();
+    tokio::time::timeout(WAIT, reader)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     pump.abort();
 }
 

@@ -117,9 +117,16 @@ impl BrokerConfig {
             return bad("listen-v5", "must differ from listen");
         }
         if self.subscriptions.is_empty() {
-            return bad("subscriptions", "at least one [[broker.subscriptions]] is needed");
+            return bad(
+                "subscriptions",
+                "at least one [[broker.subscriptions]] is needed",
+            );
         }
-        Decoder::new(&self.subscriptions, self.max_payload_bytes(), "broker.subscriptions")?;
+        Decoder::new(
+            &self.subscriptions,
+            self.max_payload_bytes(),
+            "broker.subscriptions",
+        )?;
         Ok(())
     }
 

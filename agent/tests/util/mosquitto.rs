@@ -33,10 +33,16 @@ pub struct Mosquitto {
 fn find(binary: &str, package: &str) -> PathBuf {
     let dirs = std::env::var("PATH").unwrap_or_default();
     std::env::split_paths(&dirs)
-        .chain(["/usr/sbin".into(), "/usr/bin".into(), "/usr/local/sbin".into()])
+        .chain([
+            "/usr/sbin".into(),
+            "/usr/bin".into(),
+            "/usr/local/sbin".into(),
+        ])
         .map(|d: PathBuf| d.join(binary))
         .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("`{binary}` not found: install it with `apt-get install {package}`"))
+        .unwrap_or_else(|| {
+            panic!("`{binary}` not found: install it with `apt-get install {package}`")
+        })
 }
 
 /// A loopback port that was free a moment ago.
@@ -60,20 +66,55 @@ fn generate_tls(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let openssl = find("openssl", "openssl");
     let p = |n: &str| dir.join(n);
     run(
-        Command::new(&openssl).args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=millrace-test-ca"])
-            .arg("-keyout").arg(p("ca.key")).arg("-out").arg(p("ca.pem")),
+        Command::new(&openssl)
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=millrace-test-ca",
+            ])
+            .arg("-keyout")
+            .arg(p("ca.key"))
+            .arg("-out")
+            .arg(p("ca.pem")),
         "openssl CA",
     );
     run(
-        Command::new(&openssl).args(["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost"])
-            .arg("-keyout").arg(p("server.key")).arg("-out").arg(p("server.csr")),
+        Command::new(&openssl)
+            .args([
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                "/CN=localhost",
+            ])
+            .arg("-keyout")
+            .arg(p("server.key"))
+            .arg("-out")
+            .arg(p("server.csr")),
         "openssl server key",
     );
-    std::fs::write(p("san.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").expect("write san.ext");
+    std::fs::write(p("san.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        .expect("write san.ext");
     run(
-        Command::new(&openssl).args(["x509", "-req", "-days", "2", "-CAcreateserial"])
-            .arg("-in").arg(p("server.csr")).arg("-CA").arg(p("ca.pem")).arg("-CAkey").arg(p("ca.key"))
-            .arg("-extfile").arg(p("san.ext")).arg("-out").arg(p("server.pem")),
+        Command::new(&openssl)
+            .args(["x509", "-req", "-days", "2", "-CAcreateserial"])
+            .arg("-in")
+            .arg(p("server.csr"))
+            .arg("-CA")
+            .arg(p("ca.pem"))
+            .arg("-CAkey")
+            .arg(p("ca.key"))
+            .arg("-extfile")
+            .arg(p("san.ext"))
+            .arg("-out")
+            .arg(p("server.pem")),
         "openssl sign server certificate",
     );
     // mosquitto started as root drops to its own user before reading the key.
@@ -93,7 +134,10 @@ impl Mosquitto {
     pub fn start_with(options: Options) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
-        let mut conf = format!("listener {port} 127.0.0.1\nallow_anonymous {}\npersistence false\n", options.login.is_none());
+        let mut conf = format!(
+            "listener {port} 127.0.0.1\nallow_anonymous {}\npersistence false\n",
+            options.login.is_none()
+        );
         // MOSQUITTO_LOG=all shows every packet when debugging a test.
         let log_types = std::env::var("MOSQUITTO_LOG").unwrap_or_else(|_| "error warning".into());
         conf.push_str("log_dest stderr\n");
@@ -103,7 +147,12 @@ impl Mosquitto {
         if let Some((user, password)) = &options.login {
             let file = dir.path().join("passwd");
             run(
-                Command::new(find("mosquitto_passwd", "mosquitto")).arg("-b").arg("-c").arg(&file).arg(user).arg(password),
+                Command::new(find("mosquitto_passwd", "mosquitto"))
+                    .arg("-b")
+                    .arg("-c")
+                    .arg(&file)
+                    .arg(user)
+                    .arg(password),
                 "mosquitto_passwd",
             );
             conf.push_str(&format!("password_file {}\n", file.display()));
@@ -111,12 +160,23 @@ impl Mosquitto {
         let mut ca_file = None;
         if options.tls {
             let (ca, cert, key) = generate_tls(dir.path());
-            conf.push_str(&format!("cafile {}\ncertfile {}\nkeyfile {}\n", ca.display(), cert.display(), key.display()));
+            conf.push_str(&format!(
+                "cafile {}\ncertfile {}\nkeyfile {}\n",
+                ca.display(),
+                cert.display(),
+                key.display()
+            ));
             ca_file = Some(ca);
         }
         let config = dir.path().join("mosquitto.conf");
         std::fs::write(&config, conf).expect("write mosquitto.conf");
-        let mut broker = Self { child: None, port, config, dir, ca_file };
+        let mut broker = Self {
+            child: None,
+            port,
+            config,
+            dir,
+            ca_file,
+        };
         broker.restart();
         broker
     }
@@ -146,10 +206,18 @@ impl Mosquitto {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 panic!("mosquitto exited at start with {status}");
             }
-            assert!(Instant::now() < deadline, "mosquitto did not listen on port {} within 10 s", self.port);
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not listen on port {} within 10 s",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -157,15 +225,37 @@ impl Mosquitto {
     /// Publishes one message with `mosquitto_pub` (payload on stdin), waiting for it to finish.
     pub fn publish(&self, topic: &str, payload: &[u8], qos: u8, extra: &[&str]) {
         let mut cmd = Command::new(find("mosquitto_pub", "mosquitto-clients"));
-        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-t", topic, "-q", &qos.to_string(), "-s"]);
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-t",
+            topic,
+            "-q",
+            &qos.to_string(),
+            "-s",
+        ]);
         if let Some(ca) = &self.ca_file {
             cmd.arg("--cafile").arg(ca);
         }
-        cmd.args(extra).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
+        cmd.args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn mosquitto_pub");
-        child.stdin.take().expect("stdin").write_all(payload).expect("write payload");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(payload)
+            .expect("write payload");
         let out = child.wait_with_output().expect("mosquitto_pub");
-        assert!(out.status.success(), "mosquitto_pub failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "mosquitto_pub failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
