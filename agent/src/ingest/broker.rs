@@ -39,7 +39,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::decode::{ConfigError, Decoder, SubscriptionConfig};
+use super::decode::{subscription_filters, ConfigError, Decoder, SubscriptionConfig};
 use super::mqtt::{hand_off, Handoff, MqttStats};
 use super::{now_ms, IngestTx};
 
@@ -117,9 +117,16 @@ impl BrokerConfig {
             return bad("listen-v5", "must differ from listen");
         }
         if self.subscriptions.is_empty() {
-            return bad("subscriptions", "at least one [[broker.subscriptions]] is needed");
+            return bad(
+                "subscriptions",
+                "at least one [[broker.subscriptions]] is needed",
+            );
         }
-        Decoder::new(&self.subscriptions, self.max_payload_bytes(), "broker.subscriptions")?;
+        Decoder::new(
+            &self.subscriptions,
+            self.max_payload_bytes(),
+            "broker.subscriptions",
+        )?;
         Ok(())
     }
 
@@ -228,10 +235,10 @@ impl EmbeddedBroker {
         let (mut link_tx, link_rx) = broker
             .link(defaults::LINK_CLIENT_ID)
             .map_err(|e| BrokerError::Link(e.to_string()))?;
-        for sub in &config.subscriptions {
+        for (filter, _qos) in subscription_filters(&config.subscriptions) {
             link_tx
-                .subscribe(sub.filter.clone())
-                .map_err(|e| BrokerError::Link(format!("subscribe {}: {e}", sub.filter)))?;
+                .subscribe(filter.clone())
+                .map_err(|e| BrokerError::Link(format!("subscribe {filter}: {e}")))?;
         }
 
         let (serving_tx, serving) = watch::channel(true);

@@ -57,7 +57,9 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use millrace_protocol::{DeadLetter, DeadLetterReason, Quality, Reading, SeriesKey, Source, UnixMs};
+use millrace_protocol::{
+    DeadLetter, DeadLetterReason, Quality, Reading, SeriesKey, Source, UnixMs,
+};
 use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
@@ -217,11 +219,58 @@ pub fn validate_filter(filter: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether every topic matching filter `f` also matches filter `g`.
+pub fn filter_covers(g: &str, f: &str) -> bool {
+    if g.starts_with("$share/") || f.starts_with("$share/") {
+        return g == f;
+    }
+    let mut gl = g.split('/');
+    let mut fl = f.split('/');
+    loop {
+        match (gl.next(), fl.next()) {
+            (Some("#"), _) => return !f.starts_with('$') || !g.starts_with('#'),
+            (Some("+"), Some(l)) if l != "#" => {}
+            (Some(a), Some(b)) if a == b && a != "+" && a != "#" => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// The filters to subscribe to: duplicates and filters covered by another
+/// configured filter are dropped (the broker would deliver such a message
+/// once per matching subscription), keeping the highest QoS asked for.
+/// Routing still picks the first matching subscription rule per topic.
+pub fn subscription_filters(subscriptions: &[SubscriptionConfig]) -> Vec<(String, u8)> {
+    let mut kept: Vec<(String, u8)> = Vec::new();
+    for (i, sub) in subscriptions.iter().enumerate() {
+        let covered_by = subscriptions.iter().enumerate().find(|(j, other)| {
+            *j != i
+                && filter_covers(&other.filter, &sub.filter)
+                // Of two identical filters, keep the first.
+                && (other.filter != sub.filter || *j < i)
+        });
+        if covered_by.is_none() {
+            let qos = subscriptions
+                .iter()
+                .filter(|o| filter_covers(&sub.filter, &o.filter))
+                .map(|o| o.qos)
+                .max()
+                .unwrap_or(sub.qos);
+            kept.push((sub.filter.clone(), qos));
+        }
+    }
+    kept
+}
+
 /// The filter without a `$share/<group>/` prefix; `None` if the prefix is incomplete.
 fn strip_share(filter: &str) -> Option<&str> {
     match filter.strip_prefix("$share/") {
         None => Some(filter),
-        Some(rest) => rest.split_once('/').map(|(_, f)| f).filter(|f| !f.is_empty()),
+        Some(rest) => rest
+            .split_once('/')
+            .map(|(_, f)| f)
+            .filter(|f| !f.is_empty()),
     }
 }
 
@@ -274,7 +323,9 @@ impl Template {
             parts.push(match name {
                 "field" => Part::Field,
                 n => Part::Segment(n.parse().map_err(|_| {
-                    format!("`{{{n}}}` in template {text:?} is neither a segment index nor `{{field}}`")
+                    format!(
+                        "`{{{n}}}` in template {text:?} is neither a segment index nor `{{field}}`"
+                    )
                 })?),
             });
             rest = &rest[close + 1..];
@@ -340,7 +391,10 @@ impl Route {
             ));
         }
         if sub.value_field.is_empty() {
-            return Err(ConfigError::new(format!("{key}.value-field"), "must not be empty"));
+            return Err(ConfigError::new(
+                format!("{key}.value-field"),
+                "must not be empty",
+            ));
         }
         let multi = sub.format == PayloadFormat::JsonMulti;
         let device_text = sub.device.as_deref().unwrap_or(defaults::DEVICE_TEMPLATE);
@@ -350,10 +404,10 @@ impl Route {
             defaults::SENSOR_TEMPLATE
         };
         let sensor_text = sub.sensor.as_deref().unwrap_or(sensor_default);
-        let device =
-            Template::parse(device_text).map_err(|r| ConfigError::new(format!("{key}.device"), r))?;
-        let sensor =
-            Template::parse(sensor_text).map_err(|r| ConfigError::new(format!("{key}.sensor"), r))?;
+        let device = Template::parse(device_text)
+            .map_err(|r| ConfigError::new(format!("{key}.device"), r))?;
+        let sensor = Template::parse(sensor_text)
+            .map_err(|r| ConfigError::new(format!("{key}.sensor"), r))?;
         if device.uses_field() {
             return Err(ConfigError::new(
                 format!("{key}.device"),
@@ -504,7 +558,11 @@ impl Decoder {
         let top = match serde_json::from_slice::<Top<'_>>(payload) {
             Ok(top) => top,
             Err(e) => {
-                out.push(dead(DeadLetterReason::Malformed, payload, format!("invalid JSON: {e}")));
+                out.push(dead(
+                    DeadLetterReason::Malformed,
+                    payload,
+                    format!("invalid JSON: {e}"),
+                ));
                 return;
             }
         };
@@ -561,9 +619,11 @@ impl Decoder {
                         Ok((series, time, value, unit)) => {
                             out.push(reading(series, time, value, &unit))
                         }
-                        Err((reason, detail)) => {
-                            out.push(dead(reason, capped(payload), format!("element {i}: {detail}")))
-                        }
+                        Err((reason, detail)) => out.push(dead(
+                            reason,
+                            capped(payload),
+                            format!("element {i}: {detail}"),
+                        )),
                     }
                 }
             }
@@ -589,11 +649,19 @@ fn capped(input: &[u8]) -> &[u8] {
 
 fn parse_number(payload: &[u8]) -> Result<f64, Rejection> {
     let text = std::str::from_utf8(payload)
-        .map_err(|_| (DeadLetterReason::Malformed, "payload is not UTF-8 text".to_owned()))?
+        .map_err(|_| {
+            (
+                DeadLetterReason::Malformed,
+                "payload is not UTF-8 text".to_owned(),
+            )
+        })?
         .trim();
     text.parse::<f64>().map_err(|_| {
         let shown: String = text.chars().take(40).collect();
-        (DeadLetterReason::Malformed, format!("{shown:?} is not a number"))
+        (
+            DeadLetterReason::Malformed,
+            format!("{shown:?} is not a number"),
+        )
     })
 }
 
@@ -609,7 +677,12 @@ impl Ctx<'_, '_> {
     fn single(&self, obj: &FlatObject<'_>) -> Result<(SeriesKey, UnixMs, f64, String), Rejection> {
         let field = &self.route.value_field;
         let value = match obj.get(field) {
-            None => return Err((DeadLetterReason::WrongType, format!("missing field `{field}`"))),
+            None => {
+                return Err((
+                    DeadLetterReason::WrongType,
+                    format!("missing field `{field}`"),
+                ))
+            }
             Some(v) => v.as_number().ok_or_else(|| {
                 (
                     DeadLetterReason::WrongType,
@@ -639,7 +712,10 @@ impl Ctx<'_, '_> {
                 if ms.is_finite() && ms.abs() <= 8.64e15 {
                     Ok(ms.round() as UnixMs)
                 } else {
-                    Err((DeadLetterReason::WrongType, format!("field `{field}` = {t} is not a valid time")))
+                    Err((
+                        DeadLetterReason::WrongType,
+                        format!("field `{field}` = {t} is not a valid time"),
+                    ))
                 }
             }
             Some(other) => Err((
@@ -666,7 +742,11 @@ impl Ctx<'_, '_> {
 
     /// Resolves the series: `series-field`, then `device-field` / `sensor-field`,
     /// then the topic templates.
-    fn series(&self, obj: Option<&FlatObject<'_>>, field: Option<&str>) -> Result<SeriesKey, Rejection> {
+    fn series(
+        &self,
+        obj: Option<&FlatObject<'_>>,
+        field: Option<&str>,
+    ) -> Result<SeriesKey, Rejection> {
         let route = self.route;
         let lookup = |name: &Option<String>| -> Result<Option<String>, Rejection> {
             let (Some(name), Some(obj)) = (name, obj) else {
@@ -693,11 +773,17 @@ impl Ctx<'_, '_> {
         let unmapped = |detail| (DeadLetterReason::Unmapped, detail);
         let device = match lookup(&route.device_field)? {
             Some(d) => d,
-            None => route.device.render(self.segments, field).map_err(unmapped)?,
+            None => route
+                .device
+                .render(self.segments, field)
+                .map_err(unmapped)?,
         };
         let sensor = match lookup(&route.sensor_field)? {
             Some(s) if field.is_none() => s,
-            _ => route.sensor.render(self.segments, field).map_err(unmapped)?,
+            _ => route
+                .sensor
+                .render(self.segments, field)
+                .map_err(unmapped)?,
         };
         Ok(SeriesKey::new(device, sensor))
     }
@@ -847,7 +933,9 @@ impl<'de> Deserialize<'de> for Element<'de> {
                 FlatObject::read(map).map(Element::Object)
             }
             fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-                ScalarVisitor.visit_seq(seq).map(|s| Element::Other(s.kind()))
+                ScalarVisitor
+                    .visit_seq(seq)
+                    .map(|s| Element::Other(s.kind()))
             }
             fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
                 Ok(Element::Other("a boolean"))
@@ -931,8 +1019,8 @@ impl<'de> Deserialize<'de> for Top<'de> {
     }
 }
 
-
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -963,13 +1051,20 @@ mod tests {
     }
 
     fn plant_json() -> Decoder {
-        decoder(vec![SubscriptionConfig::new("plant/+/+", PayloadFormat::Json)])
+        decoder(vec![SubscriptionConfig::new(
+            "plant/+/+",
+            PayloadFormat::Json,
+        )])
     }
 
     #[test]
     fn json_reading_with_time_unit_and_topic_series() {
         let d = plant_json();
-        let out = run(&d, "plant/boiler-3/temp", br#"{"ts": 1700000000123, "value": 181.25, "unit": "degC"}"#);
+        let out = run(
+            &d,
+            "plant/boiler-3/temp",
+            br#"{"ts": 1700000000123, "value": 181.25, "unit": "degC"}"#,
+        );
         assert_eq!(out.len(), 1);
         let r = reading(&out[0]);
         assert_eq!(r.series, SeriesKey::new("boiler-3", "temp"));
@@ -1001,7 +1096,11 @@ mod tests {
         sub.device = Some("{1}-{2}".into());
         sub.sensor = Some("x.{3}".into());
         let d = decoder(vec![sub]);
-        let out = run(&d, "site/a/b/c", br#"{"t": 1700000000.5, "\u0076": -3.5e-2, "u": "b\u0061r", "nested": {"v": "x"}}"#);
+        let out = run(
+            &d,
+            "site/a/b/c",
+            br#"{"t": 1700000000.5, "\u0076": -3.5e-2, "u": "b\u0061r", "nested": {"v": "x"}}"#,
+        );
         let r = reading(&out[0]);
         assert_eq!(r.series, SeriesKey::new("a-b", "x.c"));
         assert_eq!(r.time_ms, 1_700_000_000_500);
@@ -1012,8 +1111,14 @@ mod tests {
     #[test]
     fn json_booleans_are_zero_and_one() {
         let d = plant_json();
-        assert_eq!(reading(&run(&d, "plant/press-1/running", br#"{"value": true}"#)[0]).value, 1.0);
-        assert_eq!(reading(&run(&d, "plant/press-1/running", br#"{"value": false}"#)[0]).value, 0.0);
+        assert_eq!(
+            reading(&run(&d, "plant/press-1/running", br#"{"value": true}"#)[0]).value,
+            1.0
+        );
+        assert_eq!(
+            reading(&run(&d, "plant/press-1/running", br#"{"value": false}"#)[0]).value,
+            0.0
+        );
     }
 
     #[test]
@@ -1023,7 +1128,10 @@ mod tests {
             (br#"{"value": "12.5"}"#, "field `value` is a string"),
             (br#"{"ts": 1}"#, "missing field `value`"),
             (br#"{"value": null}"#, "field `value` is null"),
-            (br#"{"value": 1, "ts": "yesterday"}"#, "field `ts` is a string"),
+            (
+                br#"{"value": 1, "ts": "yesterday"}"#,
+                "field `ts` is a string",
+            ),
             (br#"{"value": 1, "unit": 5}"#, "field `unit` is a number"),
             (br#"{"value": 1, "ts": 1e300}"#, "not a valid time"),
             (br#"[1, 2]"#, "payload is an array, expected an object"),
@@ -1033,7 +1141,11 @@ mod tests {
             assert_eq!(out.len(), 1);
             let dl = dead(&out[0]);
             assert_eq!(dl.reason, DeadLetterReason::WrongType, "{dl:?}");
-            assert!(dl.detail.contains(detail), "{} does not contain {detail}", dl.detail);
+            assert!(
+                dl.detail.contains(detail),
+                "{} does not contain {detail}",
+                dl.detail
+            );
             assert_eq!(dl.input, payload);
             assert_eq!(dl.origin, "plant/boiler-3/temp");
             assert_eq!(dl.time_ms, NOW);
@@ -1043,9 +1155,19 @@ mod tests {
     #[test]
     fn malformed_json_and_text() {
         let d = plant_json();
-        for payload in [&b"{\"value\": 1"[..], b"", b"\xff\xfe", b"{value: 1}", b"{\"value\": 1} trailing"] {
+        for payload in [
+            &b"{\"value\": 1"[..],
+            b"",
+            b"\xff\xfe",
+            b"{value: 1}",
+            b"{\"value\": 1} trailing",
+        ] {
             let out = run(&d, "plant/boiler-3/temp", payload);
-            assert_eq!(dead(&out[0]).reason, DeadLetterReason::Malformed, "{payload:?}");
+            assert_eq!(
+                dead(&out[0]).reason,
+                DeadLetterReason::Malformed,
+                "{payload:?}"
+            );
         }
     }
 
@@ -1054,7 +1176,10 @@ mod tests {
         let d = plant_json();
         let out = run(&d, "factory/x/y", br#"{"value": 1}"#);
         assert_eq!(dead(&out[0]).reason, DeadLetterReason::Unmapped);
-        let d = decoder(vec![SubscriptionConfig::new("plant/#", PayloadFormat::Json)]);
+        let d = decoder(vec![SubscriptionConfig::new(
+            "plant/#",
+            PayloadFormat::Json,
+        )]);
         let out = run(&d, "plant/only-device", br#"{"value": 1}"#);
         let dl = dead(&out[0]);
         assert_eq!(dl.reason, DeadLetterReason::Unmapped);
@@ -1063,7 +1188,12 @@ mod tests {
 
     #[test]
     fn oversize_keeps_the_first_kib() {
-        let d = Decoder::new(&[SubscriptionConfig::new("plant/+/+", PayloadFormat::Json)], 2000, "k").unwrap();
+        let d = Decoder::new(
+            &[SubscriptionConfig::new("plant/+/+", PayloadFormat::Json)],
+            2000,
+            "k",
+        )
+        .unwrap();
         let payload = vec![b'x'; 2001];
         let out = run(&d, "plant/a/b", &payload);
         let dl = dead(&out[0]);
@@ -1084,10 +1214,19 @@ mod tests {
         let r = reading(&r[0]);
         assert_eq!((r.value, r.time_ms, r.unit.as_str()), (-0.3, NOW, "bar"));
         assert!(reading(&run(&d, "plant/a/b", b"NaN")[0]).value.is_nan());
-        assert_eq!(reading(&run(&d, "plant/a/b", b"inf")[0]).value, f64::INFINITY);
-        assert_eq!(reading(&run(&d, "plant/a/b", b"-Infinity")[0]).value, f64::NEG_INFINITY);
+        assert_eq!(
+            reading(&run(&d, "plant/a/b", b"inf")[0]).value,
+            f64::INFINITY
+        );
+        assert_eq!(
+            reading(&run(&d, "plant/a/b", b"-Infinity")[0]).value,
+            f64::NEG_INFINITY
+        );
         for bad in [&b"twelve"[..], b"", b"1,5", b"\xff"] {
-            assert_eq!(dead(&run(&d, "plant/a/b", bad)[0]).reason, DeadLetterReason::Malformed);
+            assert_eq!(
+                dead(&run(&d, "plant/a/b", bad)[0]).reason,
+                DeadLetterReason::Malformed
+            );
         }
     }
 
@@ -1113,7 +1252,10 @@ mod tests {
 
     #[test]
     fn json_multi_edge_cases() {
-        let d = decoder(vec![SubscriptionConfig::new("plant/+/state", PayloadFormat::JsonMulti)]);
+        let d = decoder(vec![SubscriptionConfig::new(
+            "plant/+/state",
+            PayloadFormat::JsonMulti,
+        )]);
         let dl = dead(&run(&d, "plant/env-1/state", br#"{"ts": 1}"#)[0]).clone();
         assert_eq!(dl.reason, DeadLetterReason::WrongType);
         let dl = dead(&run(&d, "plant/env-1/state", br#"{"ts": "x", "a": 1}"#)[0]).clone();
@@ -1123,12 +1265,18 @@ mod tests {
         let mut sub = SubscriptionConfig::new("p/+", PayloadFormat::JsonMulti);
         sub.sensor = Some("env.{field}".into());
         let d = decoder(vec![sub]);
-        assert_eq!(reading(&run(&d, "p/dev", br#"{"rh": 1}"#)[0]).series, SeriesKey::new("dev", "env.rh"));
+        assert_eq!(
+            reading(&run(&d, "p/dev", br#"{"rh": 1}"#)[0]).series,
+            SeriesKey::new("dev", "env.rh")
+        );
     }
 
     #[test]
     fn json_batch_with_series_field_and_bad_elements() {
-        let d = decoder(vec![SubscriptionConfig::new("load/#", PayloadFormat::JsonBatch)]);
+        let d = decoder(vec![SubscriptionConfig::new(
+            "load/#",
+            PayloadFormat::JsonBatch,
+        )]);
         let payload = br#"[
             {"series": "dev-1/s-1", "ts": 1700000000000, "value": 1.5},
             {"series": "dev-2/s-9", "ts": 1700000000001, "value": 2},
@@ -1142,7 +1290,11 @@ mod tests {
         assert_eq!(reading(&out[0]).series, SeriesKey::new("dev-1", "s-1"));
         assert_eq!(reading(&out[1]).time_ms, 1_700_000_000_001);
         assert_eq!(dead(&out[2]).reason, DeadLetterReason::WrongType);
-        assert!(dead(&out[3]).detail.starts_with("element 3:"), "{}", dead(&out[3]).detail);
+        assert!(
+            dead(&out[3]).detail.starts_with("element 3:"),
+            "{}",
+            dead(&out[3]).detail
+        );
         assert!(dead(&out[4]).detail.contains("a number, not an object"));
         // No series field and no second topic segment for the sensor template.
         assert_eq!(dead(&out[5]).reason, DeadLetterReason::Unmapped);
@@ -1157,17 +1309,33 @@ mod tests {
         sub.device_field = Some("dev".into());
         sub.sensor_field = Some("sen".into());
         let d = decoder(vec![sub]);
-        let out = run(&d, "gw/x", br#"[{"dev": "press-1", "sen": "temperature", "value": 80}]"#);
-        assert_eq!(reading(&out[0]).series, SeriesKey::new("press-1", "temperature"));
+        let out = run(
+            &d,
+            "gw/x",
+            br#"[{"dev": "press-1", "sen": "temperature", "value": 80}]"#,
+        );
+        assert_eq!(
+            reading(&out[0]).series,
+            SeriesKey::new("press-1", "temperature")
+        );
     }
 
     #[test]
     fn first_matching_subscription_wins() {
         let mut number = SubscriptionConfig::new("plant/press-1/+", PayloadFormat::Number);
         number.unit = "degC".into();
-        let d = decoder(vec![number, SubscriptionConfig::new("plant/#", PayloadFormat::Json)]);
-        assert_eq!(reading(&run(&d, "plant/press-1/temperature", b"80")[0]).unit, "degC");
-        assert_eq!(reading(&run(&d, "plant/boiler-3/temp", br#"{"value": 1}"#)[0]).value, 1.0);
+        let d = decoder(vec![
+            number,
+            SubscriptionConfig::new("plant/#", PayloadFormat::Json),
+        ]);
+        assert_eq!(
+            reading(&run(&d, "plant/press-1/temperature", b"80")[0]).unit,
+            "degC"
+        );
+        assert_eq!(
+            reading(&run(&d, "plant/boiler-3/temp", br#"{"value": 1}"#)[0]).value,
+            1.0
+        );
     }
 
     #[test]
@@ -1187,31 +1355,88 @@ mod tests {
     }
 
     #[test]
+    fn covered_and_duplicate_filters_are_subscribed_once() {
+        assert!(filter_covers("plant/+/+", "plant/+/state"));
+        assert!(filter_covers("plant/#", "plant/+/+"));
+        assert!(filter_covers("#", "a"));
+        assert!(!filter_covers("plant/+/state", "plant/+/+"));
+        assert!(!filter_covers("plant/+", "plant/#"));
+        assert!(!filter_covers("a/+/c", "a/b"));
+        let mut multi = SubscriptionConfig::new("plant/+/state", PayloadFormat::JsonMulti);
+        multi.qos = 1;
+        let mut json = SubscriptionConfig::new("plant/+/+", PayloadFormat::Json);
+        json.qos = 0;
+        let subs = vec![
+            multi,
+            json,
+            SubscriptionConfig::new("load/#", PayloadFormat::JsonBatch),
+            SubscriptionConfig::new("load/#", PayloadFormat::Json),
+        ];
+        assert_eq!(
+            subscription_filters(&subs),
+            vec![("plant/+/+".to_owned(), 1), ("load/#".to_owned(), 1)]
+        );
+    }
+
+    #[test]
     fn config_errors_name_the_key() {
         let cases: Vec<(SubscriptionConfig, &str)> = vec![
-            (SubscriptionConfig::new("", PayloadFormat::Json), "s[0].filter"),
-            (SubscriptionConfig::new("a/b#", PayloadFormat::Json), "s[0].filter"),
-            (SubscriptionConfig::new("a/+x", PayloadFormat::Json), "s[0].filter"),
-            (SubscriptionConfig::new("$share/g", PayloadFormat::Json), "s[0].filter"),
             (
-                SubscriptionConfig { device: Some("{1".into()), ..SubscriptionConfig::new("a/#", PayloadFormat::Json) },
+                SubscriptionConfig::new("", PayloadFormat::Json),
+                "s[0].filter",
+            ),
+            (
+                SubscriptionConfig::new("a/b#", PayloadFormat::Json),
+                "s[0].filter",
+            ),
+            (
+                SubscriptionConfig::new("a/+x", PayloadFormat::Json),
+                "s[0].filter",
+            ),
+            (
+                SubscriptionConfig::new("$share/g", PayloadFormat::Json),
+                "s[0].filter",
+            ),
+            (
+                SubscriptionConfig {
+                    device: Some("{1".into()),
+                    ..SubscriptionConfig::new("a/#", PayloadFormat::Json)
+                },
                 "s[0].device",
             ),
             (
-                SubscriptionConfig { sensor: Some("{field}".into()), ..SubscriptionConfig::new("a/#", PayloadFormat::Json) },
+                SubscriptionConfig {
+                    sensor: Some("{field}".into()),
+                    ..SubscriptionConfig::new("a/#", PayloadFormat::Json)
+                },
                 "s[0].sensor",
             ),
             (
-                SubscriptionConfig { sensor: Some("{2}".into()), ..SubscriptionConfig::new("a/#", PayloadFormat::JsonMulti) },
+                SubscriptionConfig {
+                    sensor: Some("{2}".into()),
+                    ..SubscriptionConfig::new("a/#", PayloadFormat::JsonMulti)
+                },
                 "s[0].sensor",
             ),
             (
-                SubscriptionConfig { ignore_fields: vec!["x".into()], ..SubscriptionConfig::new("a/#", PayloadFormat::Json) },
+                SubscriptionConfig {
+                    ignore_fields: vec!["x".into()],
+                    ..SubscriptionConfig::new("a/#", PayloadFormat::Json)
+                },
                 "s[0].ignore-fields",
             ),
-            (SubscriptionConfig { qos: 2, ..SubscriptionConfig::new("a/#", PayloadFormat::Json) }, "s[0].qos"),
             (
-                SubscriptionConfig { value_field: String::new(), ..SubscriptionConfig::new("a/#", PayloadFormat::Json) },
+                SubscriptionConfig {
+                    qos: 2,
+                    ..SubscriptionConfig::new("a/#", PayloadFormat::Json)
+                },
+                "s[0].qos",
+            ),
+            (
+                SubscriptionConfig {
+                    value_field: String::new(),
+                    ..SubscriptionConfig::new("a/#", PayloadFormat::Json)
+                },
                 "s[0].value-field",
             ),
         ];
@@ -1223,10 +1448,18 @@ mod tests {
 
     #[test]
     fn toml_subscription_with_defaults() {
-        let sub: SubscriptionConfig = toml::from_str("filter = \"plant/+/+\"\nformat = \"json-batch\"\n").unwrap();
-        assert_eq!(sub, SubscriptionConfig::new("plant/+/+", PayloadFormat::JsonBatch));
-        assert!(toml::from_str::<SubscriptionConfig>("filter = \"a\"\nformat = \"xml\"\n").is_err());
-        assert!(toml::from_str::<SubscriptionConfig>("filter = \"a\"\ntime-unit = \"us\"\n").is_err());
+        let sub: SubscriptionConfig =
+            toml::from_str("filter = \"plant/+/+\"\nformat = \"json-batch\"\n").unwrap();
+        assert_eq!(
+            sub,
+            SubscriptionConfig::new("plant/+/+", PayloadFormat::JsonBatch)
+        );
+        assert!(
+            toml::from_str::<SubscriptionConfig>("filter = \"a\"\nformat = \"xml\"\n").is_err()
+        );
+        assert!(
+            toml::from_str::<SubscriptionConfig>("filter = \"a\"\ntime-unit = \"us\"\n").is_err()
+        );
     }
 
     #[test]

@@ -29,6 +29,14 @@
 //! therefore holds acks back, the broker's in-flight window fills, and the
 //! broker stops sending QoS 1 messages until the pipeline catches up.
 //!
+//! # Subscriptions
+//!
+//! A filter covered by another configured filter (`plant/+/state` under
+//! `plant/+/+`) is not subscribed separately, since brokers (MQTT 5 always)
+//! deliver a message once per matching subscription; the first matching
+//! rule still decides how a topic is decoded. Filters that only partly
+//! overlap (`plant/a/+` and `plant/+/b`) can still deliver duplicates: avoid them.
+//!
 //! # Payload size
 //!
 //! Payloads over `max-payload` become `oversize` dead letters. The client
@@ -50,7 +58,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::decode::{ConfigError, Decoder, SubscriptionConfig};
+use super::decode::{subscription_filters, ConfigError, Decoder, SubscriptionConfig};
 use super::{now_ms, IngestEvent, IngestTx};
 
 /// The environment variable that overrides `mqtt.password`.
@@ -206,12 +214,17 @@ impl MqttConfig {
             return bad("port", "must not be 0");
         }
         if self.client_id.is_empty() {
-            return bad("client-id", "must not be empty (a persistent session is keyed by it)");
+            return bad(
+                "client-id",
+                "must not be empty (a persistent session is keyed by it)",
+            );
         }
-        if self.keep_alive < Duration::from_secs(1) || self.keep_alive > Duration::from_secs(65_535) {
+        if self.keep_alive < Duration::from_secs(1) || self.keep_alive > Duration::from_secs(65_535)
+        {
             return bad("keep-alive", "must be between 1s and 65535s");
         }
-        if self.protocol == MqttProtocol::V5 && self.session_expiry.as_secs() > u64::from(u32::MAX) {
+        if self.protocol == MqttProtocol::V5 && self.session_expiry.as_secs() > u64::from(u32::MAX)
+        {
             return bad("session-expiry", "must fit in 32 bits of seconds");
         }
         if self.max_payload.as_u64() == 0 || self.max_payload.as_u64() > MQTT_MAX_PACKET_BYTES {
@@ -221,7 +234,10 @@ impl MqttConfig {
             return bad("reconnect-backoff-min", "must be greater than 0");
         }
         if self.reconnect_backoff_max < self.reconnect_backoff_min {
-            return bad("reconnect-backoff-max", "must not be less than reconnect-backoff-min");
+            return bad(
+                "reconnect-backoff-max",
+                "must not be less than reconnect-backoff-min",
+            );
         }
         if self.queue_capacity == 0 {
             return bad("queue-capacity", "must be at least 1");
@@ -238,9 +254,16 @@ impl MqttConfig {
             }
         }
         if self.subscriptions.is_empty() {
-            return bad("subscriptions", "at least one [[mqtt.subscriptions]] is needed");
+            return bad(
+                "subscriptions",
+                "at least one [[mqtt.subscriptions]] is needed",
+            );
         }
-        Decoder::new(&self.subscriptions, self.max_payload_bytes(), "mqtt.subscriptions")?;
+        Decoder::new(
+            &self.subscriptions,
+            self.max_payload_bytes(),
+            "mqtt.subscriptions",
+        )?;
         Ok(())
     }
 
@@ -295,6 +318,9 @@ pub struct MqttStats {
     pub acks_withheld: AtomicU64,
     /// Whether the source is connected to its broker now.
     pub connected: AtomicBool,
+    /// Whether the broker has acknowledged every subscription on the current
+    /// connection (or kept them in a resumed session).
+    pub subscribed: AtomicBool,
 }
 
 impl MqttStats {
@@ -305,7 +331,10 @@ impl MqttStats {
 
     /// Dead letters produced, all reasons.
     pub fn dead_letters_total(&self) -> u64 {
-        self.dead_letters.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+        self.dead_letters
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
     }
 
     pub fn is_connected(&self) -> bool {
@@ -418,11 +447,7 @@ impl MqttSource {
         // queued message and for a resubscribe.
         let request_capacity = config.queue_capacity * 2 + 16;
         let (client, eventloop) = Session::open(&config, transport, request_capacity);
-        let filters: Vec<(String, u8)> = config
-            .subscriptions
-            .iter()
-            .map(|s| (s.filter.clone(), s.qos))
-            .collect();
+        let filters = subscription_filters(&config.subscriptions);
         let (queue_tx, mut queue_rx) = mpsc::channel(config.queue_capacity);
         let stop = shutdown.child_token();
         let epoch = AtomicU64::new(0);
@@ -433,7 +458,9 @@ impl MqttSource {
             subscriptions = filters.len(), "mqtt source starting"
         );
 
-        let network = network_loop(eventloop, &client, &filters, &epoch, &stats, backoff, queue_tx, &stop);
+        let network = network_loop(
+            eventloop, &client, &filters, &epoch, &stats, backoff, queue_tx, &stop,
+        );
         let processing = async {
             let mut events = Vec::new();
             loop {
@@ -469,7 +496,12 @@ impl MqttSource {
 /// message is acknowledged to the broker here. (A durable journal commit
 /// belongs before this call.) Messages from a connection that has since been
 /// lost are left unacknowledged; the broker redelivers them.
-fn acknowledge_accepted(client: &Client, delivery: &Delivery, epoch: &AtomicU64, stats: &MqttStats) {
+fn acknowledge_accepted(
+    client: &Client,
+    delivery: &Delivery,
+    epoch: &AtomicU64,
+    stats: &MqttStats,
+) {
     if !delivery.message.needs_ack() {
         return;
     }
@@ -525,6 +557,8 @@ async fn network_loop(
                     if let Err(e) = client.try_subscribe(filters) {
                         error!(error = %e, "could not queue the subscriptions");
                     }
+                } else {
+                    stats.subscribed.store(true, Ordering::Relaxed);
                 }
                 connected = true;
                 ever_connected = true;
@@ -543,6 +577,7 @@ async fn network_loop(
                 if rejected > 0 {
                     error!(rejected, "the broker rejected subscriptions");
                 } else {
+                    stats.subscribed.store(true, Ordering::Relaxed);
                     debug!("subscriptions acknowledged");
                 }
             }
@@ -551,6 +586,7 @@ async fn network_loop(
                 // Invalidate acks for messages of the lost connection.
                 epoch.fetch_add(1, Ordering::AcqRel);
                 stats.connected.store(false, Ordering::Relaxed);
+                stats.subscribed.store(false, Ordering::Relaxed);
                 stats.connection_errors.fetch_add(1, Ordering::Relaxed);
                 let delay = backoff.next_delay();
                 if connected {
@@ -580,6 +616,7 @@ async fn network_loop(
         }
     }
     stats.connected.store(false, Ordering::Relaxed);
+    stats.subscribed.store(false, Ordering::Relaxed);
 }
 
 /// A received publish and the connection epoch it arrived on.
@@ -619,7 +656,9 @@ impl Message {
     }
 }
 
-/// What the network side cares about from one poll.
+/// What the network side cares about from one poll (short-lived, so the
+/// size of a publish is not worth a box).
+#[allow(clippy::large_enum_variant)]
 enum Polled {
     ConnAck { session_present: bool },
     Publish(Message),
@@ -636,7 +675,7 @@ enum Client {
 
 /// The connection side of a session.
 enum EventLoop {
-    V4(rumqttc::EventLoop),
+    V4(Box<rumqttc::EventLoop>),
     V5(Box<rumqttc::v5::EventLoop>),
 }
 
@@ -646,7 +685,11 @@ type PollError = Box<dyn std::error::Error + Send + Sync>;
 struct Session;
 
 impl Session {
-    fn open(config: &MqttConfig, transport: rumqttc::Transport, request_capacity: usize) -> (Client, EventLoop) {
+    fn open(
+        config: &MqttConfig,
+        transport: rumqttc::Transport,
+        request_capacity: usize,
+    ) -> (Client, EventLoop) {
         let credentials = config
             .username
             .as_ref()
@@ -657,16 +700,20 @@ impl Session {
                 o.set_keep_alive(config.keep_alive)
                     .set_clean_session(config.clean_session)
                     .set_manual_acks(true)
-                    .set_max_packet_size(config.max_incoming_packet_bytes(), MAX_OUTGOING_PACKET_BYTES)
+                    .set_max_packet_size(
+                        config.max_incoming_packet_bytes(),
+                        MAX_OUTGOING_PACKET_BYTES,
+                    )
                     .set_transport(transport);
                 if let Some((u, p)) = credentials {
                     o.set_credentials(u, p);
                 }
                 let (c, e) = rumqttc::AsyncClient::new(o, request_capacity);
-                (Client::V4(c), EventLoop::V4(e))
+                (Client::V4(c), EventLoop::V4(Box::new(e)))
             }
             MqttProtocol::V5 => {
-                let mut o = rumqttc::v5::MqttOptions::new(&config.client_id, &config.host, config.port);
+                let mut o =
+                    rumqttc::v5::MqttOptions::new(&config.client_id, &config.host, config.port);
                 let limit = u32::try_from(config.max_incoming_packet_bytes()).unwrap_or(u32::MAX);
                 o.set_keep_alive(config.keep_alive)
                     .set_clean_start(config.clean_session)
@@ -691,14 +738,18 @@ impl Client {
     fn try_subscribe(&self, filters: &[(String, u8)]) -> Result<(), PollError> {
         match self {
             Client::V4(c) => c
-                .try_subscribe_many(filters.iter().map(|(f, q)| {
-                    rumqttc::SubscribeFilter::new(f.clone(), v4_qos(*q))
-                }))
+                .try_subscribe_many(
+                    filters
+                        .iter()
+                        .map(|(f, q)| rumqttc::SubscribeFilter::new(f.clone(), v4_qos(*q))),
+                )
                 .map_err(Into::into),
             Client::V5(c) => c
-                .try_subscribe_many(filters.iter().map(|(f, q)| {
-                    rumqttc::v5::mqttbytes::v5::Filter::new(f.clone(), v5_qos(*q))
-                }))
+                .try_subscribe_many(
+                    filters.iter().map(|(f, q)| {
+                        rumqttc::v5::mqttbytes::v5::Filter::new(f.clone(), v5_qos(*q))
+                    }),
+                )
                 .map_err(Into::into),
         }
     }
@@ -866,6 +917,7 @@ fn tls_transport(tls: &MqttTlsConfig) -> Result<rumqttc::Transport, MqttError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -921,10 +973,7 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_rejected_with_their_name() {
-        let err = config_from(
-            "[mqtt]\nclient-id = \"a\"\nkeepalive = \"5s\"\n",
-        )
-        .unwrap_err();
+        let err = config_from("[mqtt]\nclient-id = \"a\"\nkeepalive = \"5s\"\n").unwrap_err();
         assert!(err.contains("keepalive"), "{err}");
         let err = config_from(
             "[mqtt]\nclient-id = \"a\"\n[[mqtt.subscriptions]]\nfilter = \"a/#\"\nvalue = \"v\"\n",
@@ -937,19 +986,41 @@ mod tests {
     fn validation_names_the_key() {
         let base = || {
             let mut c = MqttConfig::new("127.0.0.1", 1883, "gw");
-            c.subscriptions.push(SubscriptionConfig::new("plant/+/+", super::super::decode::PayloadFormat::Json));
+            c.subscriptions.push(SubscriptionConfig::new(
+                "plant/+/+",
+                super::super::decode::PayloadFormat::Json,
+            ));
             c
         };
         base().validate().unwrap();
-        let cases: Vec<(Box<dyn Fn(&mut MqttConfig)>, &str)> = vec![
+        type Mutation = Box<dyn Fn(&mut MqttConfig)>;
+        let cases: Vec<(Mutation, &str)> = vec![
             (Box::new(|c| c.client_id.clear()), "mqtt.client-id"),
-            (Box::new(|c| c.keep_alive = Duration::from_millis(500)), "mqtt.keep-alive"),
-            (Box::new(|c| c.max_payload = ByteSize(0)), "mqtt.max-payload"),
-            (Box::new(|c| c.reconnect_backoff_max = Duration::from_millis(1)), "mqtt.reconnect-backoff-max"),
+            (
+                Box::new(|c| c.keep_alive = Duration::from_millis(500)),
+                "mqtt.keep-alive",
+            ),
+            (
+                Box::new(|c| c.max_payload = ByteSize(0)),
+                "mqtt.max-payload",
+            ),
+            (
+                Box::new(|c| c.reconnect_backoff_max = Duration::from_millis(1)),
+                "mqtt.reconnect-backoff-max",
+            ),
             (Box::new(|c| c.subscriptions.clear()), "mqtt.subscriptions"),
-            (Box::new(|c| c.subscriptions[0].qos = 2), "mqtt.subscriptions[0].qos"),
-            (Box::new(|c| c.subscriptions[0].filter = "a/#/b".into()), "mqtt.subscriptions[0].filter"),
-            (Box::new(|c| c.subscriptions[0].device = Some("{x}".into())), "mqtt.subscriptions[0].device"),
+            (
+                Box::new(|c| c.subscriptions[0].qos = 2),
+                "mqtt.subscriptions[0].qos",
+            ),
+            (
+                Box::new(|c| c.subscriptions[0].filter = "a/#/b".into()),
+                "mqtt.subscriptions[0].filter",
+            ),
+            (
+                Box::new(|c| c.subscriptions[0].device = Some("{x}".into())),
+                "mqtt.subscriptions[0].device",
+            ),
             (Box::new(|c| c.password = Some("p".into())), "mqtt.username"),
             (
                 Box::new(|c| {
@@ -973,7 +1044,10 @@ mod tests {
     #[test]
     fn missing_tls_files_are_a_clear_error() {
         let mut c = MqttConfig::new("127.0.0.1", 8883, "gw");
-        c.subscriptions.push(SubscriptionConfig::new("a/+/+", super::super::decode::PayloadFormat::Json));
+        c.subscriptions.push(SubscriptionConfig::new(
+            "a/+/+",
+            super::super::decode::PayloadFormat::Json,
+        ));
         c.tls = Some(MqttTlsConfig {
             ca_file: "/nonexistent/ca.pem".into(),
             client_cert_file: None,
@@ -991,7 +1065,11 @@ mod tests {
         for cap in caps {
             let d = b.next_delay();
             let cap = Duration::from_millis(cap);
-            assert!(d >= cap / 2 && d <= cap, "{d:?} not in [{:?}, {cap:?}]", cap / 2);
+            assert!(
+                d >= cap / 2 && d <= cap,
+                "{d:?} not in [{:?}, {cap:?}]",
+                cap / 2
+            );
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
@@ -1001,10 +1079,11 @@ mod tests {
     fn stats_count_by_reason() {
         use millrace_protocol::{DeadLetter, Source};
         let stats = MqttStats::default();
-        let dl = |r| {
-            IngestEvent::DeadLetter(DeadLetter::new(Source::Mqtt, "t", vec![], r, "", 0))
-        };
-        stats.record_decoded(&[dl(DeadLetterReason::Malformed), dl(DeadLetterReason::Oversize)]);
+        let dl = |r| IngestEvent::DeadLetter(DeadLetter::new(Source::Mqtt, "t", vec![], r, "", 0));
+        stats.record_decoded(&[
+            dl(DeadLetterReason::Malformed),
+            dl(DeadLetterReason::Oversize),
+        ]);
         stats.record_decoded(&[dl(DeadLetterReason::Malformed)]);
         assert_eq!(stats.messages.load(Ordering::Relaxed), 2);
         assert_eq!(stats.dead_letters(DeadLetterReason::Malformed), 2);
