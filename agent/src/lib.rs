@@ -4,3 +4,4 @@
 //! Modules follow the data flow: `ingest` → `window` → `anomaly` → `store` → `uplink`.
 
 pub mod ingest;
+pub mod store;
