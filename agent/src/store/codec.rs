@@ -62,7 +62,10 @@ pub(crate) fn decode_value<T: DeserializeOwned>(value: &[u8]) -> Result<(UnixMs,
     Ok((appended_ms, body))
 }
 
-pub(crate) fn encode_record(appended_ms: UnixMs, record: &Record) -> Result<Vec<u8>, postcard::Error> {
+pub(crate) fn encode_record(
+    appended_ms: UnixMs,
+    record: &Record,
+) -> Result<Vec<u8>, postcard::Error> {
     encode_value(appended_ms, record)
 }
 
@@ -118,6 +121,7 @@ pub(crate) fn decode_meta_u64(value: &[u8]) -> Result<u64, Corrupt> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use millrace_protocol::{DeadLetter, DeadLetterReason, Source};
@@ -167,7 +171,10 @@ mod tests {
 
     #[test]
     fn keys_sort_numerically() {
-        let mut keys: Vec<[u8; 8]> = [300u64, 2, 1 << 40, 255, 256].iter().map(|n| u64_key(*n)).collect();
+        let mut keys: Vec<[u8; 8]> = [300u64, 2, 1 << 40, 255, 256]
+            .iter()
+            .map(|n| u64_key(*n))
+            .collect();
         keys.sort();
         let back: Vec<u64> = keys.iter().map(|k| decode_u64_key(k).unwrap()).collect();
         assert_eq!(back, vec![2, 255, 256, 300, 1 << 40]);
@@ -177,7 +184,10 @@ mod tests {
     #[test]
     fn marks_and_meta_round_trip_and_detect_damage() {
         assert_eq!(decode_mark(&encode_mark(-5_000)).unwrap(), -5_000);
-        assert_eq!(decode_meta_u64(&encode_meta_u64(u64::MAX - 1)).unwrap(), u64::MAX - 1);
+        assert_eq!(
+            decode_meta_u64(&encode_meta_u64(u64::MAX - 1)).unwrap(),
+            u64::MAX - 1
+        );
         let mut bad = encode_mark(10_000);
         bad[3] ^= 0x10;
         assert_eq!(decode_mark(&bad), Err(Corrupt));

@@ -124,7 +124,10 @@ impl StoreConfig {
             return bad("journal.commit-readings", "must be at least 1");
         }
         if self.journal.max_age < Duration::from_secs(60) {
-            return bad("journal.max-age", "must be at least 1m (windows must be able to close first)");
+            return bad(
+                "journal.max-age",
+                "must be at least 1m (windows must be able to close first)",
+            );
         }
         Ok(())
     }
@@ -149,7 +152,11 @@ pub fn parse_byte_size(text: &str) -> Result<u64, String> {
         "KiB" => 1 << 10,
         "MiB" => 1 << 20,
         "GiB" => 1 << 30,
-        other => return Err(format!("unknown size unit `{other}` in `{text}` (use B, KiB, MiB, GiB, kB, MB, GB)")),
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` in `{text}` (use B, KiB, MiB, GiB, kB, MB, GB)"
+            ))
+        }
     };
     n.checked_mul(factor)
         .ok_or_else(|| format!("`{text}` does not fit in 64 bits"))
@@ -169,6 +176,7 @@ fn de_byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

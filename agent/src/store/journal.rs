@@ -138,14 +138,21 @@ impl Marks {
         let map = self.map();
         let mut best: HashMap<SeriesKey, UnixMs> = HashMap::new();
         for (series, end_ms) in updates {
-            let current = best.get(&series).copied().or_else(|| map.get(&series).copied());
+            let current = best
+                .get(&series)
+                .copied()
+                .or_else(|| map.get(&series).copied());
             if current.is_none_or(|c| end_ms > c) {
                 best.insert(series, end_ms);
             }
         }
         let mut staged = Vec::with_capacity(best.len());
         for (series, end_ms) in best {
-            batch.insert(&self.ks, codec::series_key(&series)?, codec::encode_mark(end_ms).to_vec());
+            batch.insert(
+                &self.ks,
+                codec::series_key(&series)?,
+                codec::encode_mark(end_ms).to_vec(),
+            );
             staged.push((series, end_ms));
         }
         Ok(staged)
@@ -260,7 +267,10 @@ impl Journal {
     }
 
     fn committed(&self) -> MutexGuard<'_, Committed> {
-        self.inner.committed.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner
+            .committed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Buffers a reading for the next [`Journal::commit`] (no I/O). Refuses

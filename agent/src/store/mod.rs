@@ -41,6 +41,7 @@
 //! <dir>/db/                      fjall database (format of fjall 3)
 //! <dir>/seq-lease                u64 BE + crc32 LE: no seq at or above it was ever handed out
 //! <dir>/opening                  count of opens that started and did not finish
+//! <dir>/appended                 u64 BE + crc32 LE: next_seq after the last append that returned (no fsync)
 //! <dir>/quarantine/<ms>-<why>/   broken databases moved aside (newest 3 kept)
 //! ```
 //!
@@ -89,7 +90,10 @@
 //!   truncated file), or three opens in a row did not finish (a panic or
 //!   abort inside the storage engine), the database directory is moved to
 //!   `quarantine/` and a fresh one is started; undecodable single entries are
-//!   deleted and counted. Both appear in the [`RecoveryReport`]. Errors of the
+//!   deleted and counted. Both appear in the [`RecoveryReport`]. fjall itself
+//!   treats a corrupt journal batch as a torn tail and drops it and all later
+//!   batches without an error; the `appended` mark detects that after the
+//!   fact and reports it as [`RecoveryReport::lost_appends`]. Errors of the
 //!   environment (permissions, a full disk, the lock held by another
 //!   process) are returned instead: quarantining would not fix them.
 //!
@@ -115,8 +119,12 @@ mod journal;
 mod outbox;
 mod recovery;
 
-pub use config::{parse_byte_size, ConfigError, JournalConfig, OutboxConfig, StoreConfig, WhenFull};
-pub use journal::{Journal, JournalPosition, JournalReplay, JournalStats, JournalTicket, ReclaimReport};
+pub use config::{
+    parse_byte_size, ConfigError, JournalConfig, OutboxConfig, StoreConfig, WhenFull,
+};
+pub use journal::{
+    Journal, JournalPosition, JournalReplay, JournalStats, JournalTicket, ReclaimReport,
+};
 pub use outbox::{AckReport, Lane, LaneStats, Outbox, OutboxStats};
 pub use recovery::{Quarantine, RecoveryReport};
 
@@ -244,7 +252,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("dir", &self.dir).finish_non_exhaustive()
+        f.debug_struct("Store")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
     }
 }
 

@@ -128,6 +128,10 @@ struct LaneState {
 pub(crate) struct OutboxState {
     next_seq: u64,
     lease: SeqLease,
+    /// `<dir>/appended`: `next_seq` after the last append that returned,
+    /// written without fsync (survives a process crash, may lag after power
+    /// loss). At open, a database whose `next_seq` is below it lost appends.
+    appended_mark: Option<std::fs::File>,
     lanes: [LaneState; 2],
 }
 
@@ -170,6 +174,8 @@ pub(crate) struct OutboxScan {
     pub corrupt: [u64; 2],
     pub next_seq: u64,
     pub meta_next_seq_unreadable: bool,
+    pub meta_next_seq_missing: bool,
+    pub meta_next_seq: u64,
 }
 
 pub(crate) const META_NEXT_SEQ: &[u8] = b"next_seq";
@@ -184,6 +190,7 @@ impl Outbox {
         marks: Arc<Marks>,
         config: OutboxConfig,
         mut lease: SeqLease,
+        appended_mark: Option<std::fs::File>,
     ) -> Result<(Outbox, OutboxScan)> {
         let mut scan = OutboxScan::default();
         let mut lanes_state = [LaneState::default(); 2];
@@ -222,7 +229,11 @@ impl Outbox {
             scan.records[lane.index()] = st.records;
             scan.corrupt[lane.index()] = st.corrupt;
             if !broken.is_empty() {
-                tracing::warn!(lane = lane.as_str(), count = broken.len(), "deleted undecodable outbox records");
+                tracing::warn!(
+                    lane = lane.as_str(),
+                    count = broken.len(),
+                    "deleted undecodable outbox records"
+                );
                 let mut batch = db.batch().durability(Some(PersistMode::SyncAll));
                 for key in broken {
                     batch.remove(&ks, key);
@@ -241,7 +252,10 @@ impl Outbox {
                     0
                 }
             },
-            Ok(None) => 0,
+            Ok(None) => {
+                scan.meta_next_seq_missing = true;
+                0
+            }
             Err(e) => return Err(StoreError::fjall("reading next_seq", e)),
         };
         let next_seq = meta_next
@@ -251,6 +265,7 @@ impl Outbox {
         // Reserve ahead before anything is handed out.
         lease.extend_to(next_seq.saturating_add(LEASE_STEP))?;
         scan.next_seq = next_seq;
+        scan.meta_next_seq = meta_next;
         let [priority, bulk]: [Keyspace; 2] = lanes
             .try_into()
             .map_err(|_| StoreError::Task("outbox lanes missing".into()))?;
@@ -264,6 +279,7 @@ impl Outbox {
                 state: Mutex::new(OutboxState {
                     next_seq,
                     lease,
+                    appended_mark,
                     lanes: lanes_state,
                 }),
             }),
@@ -373,7 +389,11 @@ impl Outbox {
             batch.insert(self.ks(lane), codec::u64_key(seq), value);
             seqs.push(seq);
         }
-        batch.insert(&self.inner.meta, META_NEXT_SEQ, codec::encode_meta_u64(next_seq).to_vec());
+        batch.insert(
+            &self.inner.meta,
+            META_NEXT_SEQ,
+            codec::encode_meta_u64(next_seq).to_vec(),
+        );
         let staged = self.inner.marks.stage(&mut batch, marks)?;
         batch
             .commit()
@@ -382,6 +402,12 @@ impl Outbox {
         // Committed: update the in-memory view.
         self.inner.marks.apply(staged);
         st.next_seq = next_seq;
+        if let Some(file) = &st.appended_mark {
+            use std::os::unix::fs::FileExt;
+            if let Err(e) = file.write_all_at(&codec::encode_meta_u64(next_seq), 0) {
+                tracing::warn!(error = %e, "could not update the appended mark");
+            }
+        }
         for lane in Lane::ALL {
             let ls = &mut st.lanes[lane.index()];
             ls.records += added[lane.index()].0;
@@ -570,7 +596,12 @@ impl Outbox {
         Ok(out)
     }
 
-    fn delete_corrupt(&self, st: &mut OutboxState, lane: Lane, broken: &[(u64, u64)]) -> Result<()> {
+    fn delete_corrupt(
+        &self,
+        st: &mut OutboxState,
+        lane: Lane,
+        broken: &[(u64, u64)],
+    ) -> Result<()> {
         let mut batch = self.inner.db.batch().durability(Some(PersistMode::Buffer));
         for (seq, _) in broken {
             batch.remove(self.ks(lane), codec::u64_key(*seq));
@@ -582,7 +613,11 @@ impl Outbox {
         ls.records = ls.records.saturating_sub(broken.len() as u64);
         ls.bytes = ls.bytes.saturating_sub(broken.iter().map(|(_, b)| b).sum());
         ls.corrupt += broken.len() as u64;
-        tracing::error!(lane = lane.as_str(), count = broken.len(), "deleted undecodable outbox records");
+        tracing::error!(
+            lane = lane.as_str(),
+            count = broken.len(),
+            "deleted undecodable outbox records"
+        );
         Ok(())
     }
 

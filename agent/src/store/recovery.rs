@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 const DB_DIR: &str = "db";
 const LEASE_FILE: &str = "seq-lease";
 const OPENING_FILE: &str = "opening";
+const APPENDED_FILE: &str = "appended";
 const QUARANTINE_DIR: &str = "quarantine";
 /// Opens that started and did not finish, in a row, before the database is
 /// quarantined without trying again (a panic or abort inside the engine).
@@ -57,6 +58,15 @@ pub struct RecoveryReport {
     pub lease_unreadable: bool,
     /// The persisted `next_seq` was unreadable (the keys and the lease still bound it).
     pub next_seq_unreadable: bool,
+    /// The database opened but its state is gone (no `next_seq`) although
+    /// the lease shows records were appended before: a file of the database
+    /// was deleted or replaced. Its pending records are lost.
+    pub state_lost: bool,
+    /// Seqs handed out by appends that returned, which the database no
+    /// longer has (its journal lost a tail to damage: fjall drops everything
+    /// after a corrupt journal batch). Up to this many records are lost.
+    /// Detected after process crashes; after a power loss the mark may lag.
+    pub lost_appends: u64,
     /// Both the database and the lease were lost: `next_seq` restarted from
     /// the clock (`now_ms << 20`), above any seq a counter could have reached.
     pub seq_from_clock: bool,
@@ -196,12 +206,17 @@ pub(crate) fn open(dir: &Path, config: &StoreConfig) -> Result<Opened> {
         journal = opened.report.journal_entries,
         corrupt = opened.report.corrupt_records,
         quarantined = opened.report.quarantined.is_some(),
+        state_lost = opened.report.state_lost,
         "store opened"
     );
     Ok(opened)
 }
 
-fn attempt(dir: &Path, config: &StoreConfig, report: &mut RecoveryReport) -> Result<Opened, Failure> {
+fn attempt(
+    dir: &Path,
+    config: &StoreConfig,
+    report: &mut RecoveryReport,
+) -> Result<Opened, Failure> {
     // A panic inside the engine on damaged files must not become a crash
     // loop. (With `panic = "abort"` the unfinished-open counter covers it.)
     match catch_unwind(AssertUnwindSafe(|| open_and_scan(dir, config, report))) {
@@ -249,7 +264,33 @@ fn open_and_scan(dir: &Path, config: &StoreConfig, report: &mut RecoveryReport) 
         lease.extend_to(from_clock)?;
         report.seq_from_clock = true;
     }
-    let (outbox, scan) = Outbox::recover(db.clone(), meta, marks.clone(), config.outbox.clone(), lease)?;
+    let appended_path = dir.join(APPENDED_FILE);
+    let appended_before = fs::read(&appended_path)
+        .ok()
+        .and_then(|b| codec::decode_meta_u64(&b).ok());
+    let appended_mark = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&appended_path)
+        .map_err(|e| StoreError::io(&appended_path, e))?;
+    let (outbox, scan) = Outbox::recover(
+        db.clone(),
+        meta,
+        marks.clone(),
+        config.outbox.clone(),
+        lease,
+        Some(appended_mark),
+    )?;
+    if report.quarantined.is_none() {
+        report.lost_appends = appended_before.map_or(0, |a| a.saturating_sub(scan.meta_next_seq));
+        if report.lost_appends > 0 {
+            tracing::error!(
+                lost_appends = report.lost_appends,
+                "store database lost the tail of its journal: appended records are gone"
+            );
+        }
+    }
     let (journal, journal_entries) = Journal::recover(
         db.clone(),
         keyspace("journal")?,
@@ -261,6 +302,10 @@ fn open_and_scan(dir: &Path, config: &StoreConfig, report: &mut RecoveryReport) 
     report.bulk_records = scan.records[1];
     report.corrupt_records = scan.corrupt[0] + scan.corrupt[1];
     report.next_seq_unreadable = scan.meta_next_seq_unreadable;
+    report.state_lost = scan.meta_next_seq_missing && lease_ok && report.quarantined.is_none();
+    if report.state_lost {
+        tracing::error!(path = %db_path.display(), "store database lost its state: pending records are gone");
+    }
     report.next_seq = scan.next_seq;
     report.journal_entries = journal_entries;
     report.corrupt_marks = corrupt_marks;
@@ -298,7 +343,13 @@ fn quarantine(dir: &Path, reason: &str) -> Result<PathBuf> {
     fs::create_dir_all(&qdir).map_err(|e| StoreError::io(&qdir, e))?;
     let slug: String = reason
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .take(40)
         .collect();
     let mut target = qdir.join(format!("{}-{}", now_ms(), slug.trim_matches('-')));

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 use super::*;
 use crate::store::outbox::tests::window;
 use crate::store::{JournalConfig, Store, StoreConfig};
@@ -67,8 +68,18 @@ fn replay_drops_readings_of_windows_already_in_the_outbox() {
     let store = open(dir.path());
     let replay = store.journal().replay().unwrap();
     assert_eq!(replay.skipped_closed, 2);
-    let of_a: Vec<UnixMs> = replay.readings.iter().filter(|r| r.series == a).map(|r| r.time_ms).collect();
-    let of_b: Vec<UnixMs> = replay.readings.iter().filter(|r| r.series == b).map(|r| r.time_ms).collect();
+    let of_a: Vec<UnixMs> = replay
+        .readings
+        .iter()
+        .filter(|r| r.series == a)
+        .map(|r| r.time_ms)
+        .collect();
+    let of_b: Vec<UnixMs> = replay
+        .readings
+        .iter()
+        .filter(|r| r.series == b)
+        .map(|r| r.time_ms)
+        .collect();
     assert_eq!(of_a, vec![5000, 7000, 10_001]);
     assert_eq!(of_b, vec![1000, 4999, 5000, 7000, 10_001]);
 }
@@ -87,7 +98,15 @@ fn explicit_marks_and_reclaim() {
     j.mark_closed(&a, 0).unwrap(); // never moves back
     assert_eq!(j.closed_up_to(&a), Some(5000));
     let r = j.reclaim(now_ms()).unwrap();
-    assert_eq!(r, ReclaimReport { closed: 2, expired: 0, corrupt: 0, remaining: 2 });
+    assert_eq!(
+        r,
+        ReclaimReport {
+            closed: 2,
+            expired: 0,
+            corrupt: 0,
+            remaining: 2
+        }
+    );
     assert_eq!(j.stats().entries, 2);
     // Entries past journal.max-age go even without a mark.
     let r = j.reclaim(now_ms() + 2 * 3_600_000).unwrap();
@@ -129,7 +148,10 @@ fn commit_due_by_count_and_by_time_and_the_buffer_is_bounded() {
             break;
         }
     }
-    assert!(matches!(refused, Some(StoreError::JournalBacklog { cap: 80, .. })), "{refused:?}");
+    assert!(
+        matches!(refused, Some(StoreError::JournalBacklog { cap: 80, .. })),
+        "{refused:?}"
+    );
     let ticket = j.commit().unwrap();
     assert_eq!(ticket.durable_before.0, 81);
     // An empty commit returns the same ticket.

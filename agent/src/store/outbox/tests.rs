@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 use super::*;
 use crate::store::{Store, StoreConfig};
 use millrace_protocol::{
@@ -62,7 +63,9 @@ pub(crate) fn id_of(record: &Record) -> u64 {
         Record::Alert(a) => a.series.device.clone(),
         Record::Window(w) => w.series.device.clone(),
     };
-    text.trim_start_matches("id-").parse().expect("test record id")
+    text.trim_start_matches("id-")
+        .parse()
+        .expect("test record id")
 }
 
 fn stored_bytes(record: &Record) -> u64 {
@@ -96,9 +99,15 @@ fn append_peek_ack_round_trip_with_lanes() {
 
     let pri = drain(ob, Lane::Priority);
     let bul = drain(ob, Lane::Bulk);
-    assert_eq!(pri.iter().map(|e| id_of(&e.record)).collect::<Vec<_>>(), vec![2]);
+    assert_eq!(
+        pri.iter().map(|e| id_of(&e.record)).collect::<Vec<_>>(),
+        vec![2]
+    );
     assert_eq!(pri[0].seq, seqs[1]);
-    assert_eq!(bul.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![seqs[0], seqs[2]]);
+    assert_eq!(
+        bul.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![seqs[0], seqs[2]]
+    );
 
     let stats = ob.stats().unwrap();
     assert_eq!((stats.priority.records, stats.bulk.records), (1, 2));
@@ -106,10 +115,20 @@ fn append_peek_ack_round_trip_with_lanes() {
 
     assert_eq!(ob.floor().unwrap(), seqs[0]);
     let r = ob.ack(&[seqs[0], seqs[1], seqs[0] + 1000]).unwrap();
-    assert_eq!(r, AckReport { acked: 2, unknown: 1 });
+    assert_eq!(
+        r,
+        AckReport {
+            acked: 2,
+            unknown: 1
+        }
+    );
     assert_eq!(ob.floor().unwrap(), seqs[2]);
     ob.ack(&[seqs[2]]).unwrap();
-    assert_eq!(ob.floor().unwrap(), seqs[2] + 1, "empty outbox: floor is next seq");
+    assert_eq!(
+        ob.floor().unwrap(),
+        seqs[2] + 1,
+        "empty outbox: floor is next seq"
+    );
     let stats = ob.stats().unwrap();
     assert_eq!((stats.records(), stats.bytes()), (0, 0));
     assert_eq!(stats.bulk.oldest_age, None);
@@ -121,7 +140,10 @@ fn seq_is_never_reused_across_reopen_even_when_everything_was_acked() {
     let mut last = 0;
     for round in 0..3 {
         let store = open(dir.path(), OutboxConfig::default());
-        let seqs = store.outbox().append(vec![bulk(round, 5), alert(round)]).unwrap();
+        let seqs = store
+            .outbox()
+            .append(vec![bulk(round, 5), alert(round)])
+            .unwrap();
         assert!(seqs[0] > last, "round {round}: {} after {last}", seqs[0]);
         last = seqs[1];
         store.outbox().ack(&seqs).unwrap();
@@ -159,8 +181,15 @@ fn drop_oldest_drops_bulk_before_priority_and_counts() {
     assert_eq!(stats.bulk.dropped_full, 2);
     assert_eq!(stats.priority.dropped_full, 0);
     assert!(stats.bytes() <= 64 * 1024);
-    let ids: Vec<u64> = drain(ob, Lane::Bulk).iter().map(|e| id_of(&e.record)).collect();
-    assert_eq!(ids.first(), Some(&102), "the two oldest bulk records went first");
+    let ids: Vec<u64> = drain(ob, Lane::Bulk)
+        .iter()
+        .map(|e| id_of(&e.record))
+        .collect();
+    assert_eq!(
+        ids.first(),
+        Some(&102),
+        "the two oldest bulk records went first"
+    );
     assert_eq!(ids.last(), Some(&1000));
     assert_eq!(drain(ob, Lane::Priority).len(), 1);
     // Everything below the floor is acked or dropped.
@@ -244,7 +273,10 @@ fn peek_respects_limits_but_never_wedges_on_a_big_record() {
     let first = ob.peek(Lane::Bulk, 10, 100).unwrap();
     assert_eq!(first.len(), 1, "an oversize record still comes out alone");
     let two = ob.peek_from(Lane::Bulk, seqs[1], 2, u64::MAX).unwrap();
-    assert_eq!(two.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![seqs[1], seqs[2]]);
+    assert_eq!(
+        two.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![seqs[1], seqs[2]]
+    );
     assert!(ob.peek(Lane::Bulk, 0, u64::MAX).unwrap().is_empty());
     assert!(ob.peek(Lane::Priority, 10, u64::MAX).unwrap().is_empty());
 }
@@ -257,11 +289,17 @@ fn windows_advance_closed_marks_in_the_same_append() {
         let store = open(dir.path(), OutboxConfig::default());
         store
             .outbox()
-            .append(vec![window(&series, 0, 5000), window(&series, 5000, 10_000)])
+            .append(vec![
+                window(&series, 0, 5000),
+                window(&series, 5000, 10_000),
+            ])
             .unwrap();
         assert_eq!(store.journal().closed_up_to(&series), Some(10_000));
         // Marks never move back.
-        store.outbox().append(vec![window(&series, 0, 5000)]).unwrap();
+        store
+            .outbox()
+            .append(vec![window(&series, 0, 5000)])
+            .unwrap();
         assert_eq!(store.journal().closed_up_to(&series), Some(10_000));
     }
     let store = open(dir.path(), OutboxConfig::default());
