@@ -9,12 +9,14 @@
 //!
 //! Environment overrides: `MILLRACE_AGENT_ID` replaces `agent.id`,
 //! `MILLRACE_DATA_DIR` replaces `agent.data-dir`, `MILLRACE_MQTT_PASSWORD`
-//! replaces `mqtt.password`.
+//! replaces `mqtt.password`, `MILLRACE_UPLINK_TOKEN` replaces `uplink.token`.
 
 use crate::anomaly::AnomalyConfig;
 use crate::ingest::broker::BrokerConfig;
 use crate::ingest::modbus::ModbusConfig;
 use crate::ingest::mqtt::MqttConfig;
+use crate::store::{JournalConfig, OutboxConfig, StoreConfig};
+use crate::uplink::UplinkConfig;
 use crate::window::WindowConfig;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -68,6 +70,15 @@ pub struct AgentConfig {
     /// Modbus TCP and RTU devices.
     #[serde(default)]
     pub modbus: Option<ModbusConfig>,
+    /// The store-and-forward buffer of records bound for the aggregator.
+    #[serde(default)]
+    pub outbox: OutboxConfig,
+    /// The reading journal (crash recovery of open windows).
+    #[serde(default)]
+    pub journal: JournalConfig,
+    /// The aggregator to forward to. Without it, records go to the tap only.
+    #[serde(default)]
+    pub uplink: Option<UplinkConfig>,
 }
 
 impl AgentConfig {
@@ -87,6 +98,9 @@ impl AgentConfig {
         }
         if let Some(m) = cfg.mqtt.as_mut() {
             m.apply_env_overrides();
+        }
+        if let Some(u) = cfg.uplink.as_mut() {
+            u.apply_env_overrides();
         }
         cfg.validate().map_err(err)?;
         Ok(cfg)
@@ -129,6 +143,10 @@ impl AgentConfig {
         if let Some(m) = &self.modbus {
             m.validate().map_err(|e| keyed(e.key, e.message))?;
         }
+        self.store().validate().map_err(|e| e.to_string())?;
+        if let Some(u) = &self.uplink {
+            u.validate().map_err(|(key, reason)| format!("{key}: {reason}"))?;
+        }
         if self.mqtt.is_none()
             && self.broker.as_ref().is_none_or(|b| !b.enabled)
             && self.modbus.as_ref().is_none_or(|m| m.devices.is_empty())
@@ -141,10 +159,18 @@ impl AgentConfig {
         Ok(())
     }
 
+    /// The store's config: `[outbox]` and `[journal]`.
+    pub fn store(&self) -> StoreConfig {
+        StoreConfig {
+            outbox: self.outbox.clone(),
+            journal: self.journal.clone(),
+        }
+    }
+
     /// One line for `check-config`: what this config will run.
     pub fn summary(&self) -> String {
         format!(
-            "agent {}, mqtt: {}, embedded broker: {}, modbus devices: {}",
+            "agent {}, mqtt: {}, embedded broker: {}, modbus devices: {}, uplink: {}",
             self.agent.id,
             if self.mqtt.is_some() { "yes" } else { "no" },
             if self.broker.as_ref().is_some_and(|b| b.enabled) {
@@ -153,6 +179,7 @@ impl AgentConfig {
                 "no"
             },
             self.modbus.as_ref().map_or(0, |m| m.devices.len()),
+            self.uplink.as_ref().map_or("none (tap only)", |u| u.url.as_str()),
         )
     }
 }

@@ -11,5 +11,7 @@ pub mod config;
 pub mod ingest;
 pub mod pipeline;
 pub mod runtime;
+pub mod store;
 pub mod tap;
+pub mod uplink;
 pub mod window;

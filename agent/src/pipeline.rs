@@ -13,13 +13,17 @@
 use crate::anomaly::Scorer;
 use crate::ingest::{now_ms, IngestEvent};
 use crate::window::{EngineOutput, WindowEngine};
-use millrace_protocol::{Reading, Record, UnixMs};
-use std::time::Duration;
-use tokio::sync::mpsc;
+use crate::ingest::DurableAck;
+use crate::store::{Store, StoreError};
+use millrace_protocol::{Reading, Record, SeriesKey, UnixMs};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
-/// How often idle windows and silent series are checked by the wall clock.
-pub const TICK_INTERVAL: Duration = Duration::from_millis(250);
+/// How often the journal's group commit is checked (and so the latency bound
+/// of an MQTT acknowledgement beyond `journal.commit-interval`).
+pub const TICK_INTERVAL: Duration = Duration::from_millis(50);
 /// Events taken from the channel per wake-up.
 const DRAIN_BATCH: usize = 1024;
 
@@ -73,6 +77,18 @@ impl Analytics {
         self.collect();
     }
 
+    /// Feeds a reading recovered from the journal after a restart: into the
+    /// window engine only (its spike alert, if any, was raised before).
+    pub fn replay(&mut self, reading: &Reading, now_ms: UnixMs) {
+        self.engine.push(reading, now_ms, &mut self.scratch);
+        self.collect();
+    }
+
+    /// Seeds the engine with the closed-up-to marks of a previous run.
+    pub fn restore_closed(&mut self, marks: impl IntoIterator<Item = (SeriesKey, UnixMs)>) {
+        self.engine.restore_closed(marks);
+    }
+
     pub fn dead_letter(&mut self, dl: millrace_protocol::DeadLetter) {
         self.produced.push(Record::DeadLetter(dl));
     }
@@ -114,16 +130,169 @@ impl Analytics {
     }
 }
 
+/// The durable side of the pipeline: the journal that makes readings
+/// survive a crash before their MQTT messages are acknowledged, and the
+/// outbox that holds records until the aggregator acknowledged them.
+#[derive(Debug)]
+pub struct Durability {
+    store: Arc<Store>,
+    /// Records go to the outbox (an uplink is configured). Without an uplink
+    /// only the windows' closed-up-to marks are stored.
+    outbox: bool,
+    wake_uplink: Arc<Notify>,
+    pending_acks: Vec<DurableAck>,
+    last_reclaim: Instant,
+    store_failures: u32,
+}
+
+impl Durability {
+    pub fn new(store: Arc<Store>, outbox: bool, wake_uplink: Arc<Notify>) -> Self {
+        Self {
+            store,
+            outbox,
+            wake_uplink,
+            pending_acks: Vec::new(),
+            last_reclaim: Instant::now(),
+            store_failures: 0,
+        }
+    }
+
+    fn journal(&mut self, reading: &Reading) {
+        let journal = self.store.journal();
+        match journal.append(reading) {
+            Ok(_) => {}
+            Err(StoreError::JournalBacklog { .. }) => {
+                // Commit what is buffered, then take this one.
+                self.commit();
+                if let Err(error) = self.store.journal().append(reading) {
+                    metrics::counter!("millrace_journal_errors_total").increment(1);
+                    tracing::error!(%error, "journal append failed; reading kept in memory only");
+                }
+            }
+            Err(error) => {
+                metrics::counter!("millrace_journal_errors_total").increment(1);
+                tracing::error!(%error, "journal append failed; reading kept in memory only");
+            }
+        }
+    }
+
+    /// Commits the journal if due, then releases the acks it covers.
+    fn maybe_commit(&mut self) {
+        let journal = self.store.journal();
+        if journal.commit_due() {
+            self.commit();
+        } else if journal.stats().pending == 0 {
+            // Nothing buffered: the inputs behind these markers are durable already.
+            self.pending_acks.drain(..).for_each(DurableAck::complete);
+        }
+    }
+
+    fn commit(&mut self) {
+        let started = Instant::now();
+        let store = Arc::clone(&self.store);
+        match tokio::task::block_in_place(|| store.journal().commit()) {
+            Ok(_) => {
+                metrics::histogram!("millrace_journal_commit_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                self.pending_acks.drain(..).for_each(DurableAck::complete);
+            }
+            Err(error) => {
+                metrics::counter!("millrace_journal_errors_total").increment(1);
+                tracing::error!(%error, "journal commit failed; the messages stay unacknowledged and will be redelivered");
+                // Dropping the markers withholds the acks.
+                self.pending_acks.clear();
+            }
+        }
+    }
+
+    /// Makes `records` durable in the outbox (or stores their windows' marks).
+    /// Retries until it succeeds or `shutdown` is cancelled and `give_up`
+    /// attempts passed: while it retries, the pipeline takes no input, so
+    /// the sources back off (MQTT stops acknowledging, the broker holds data).
+    async fn persist(&mut self, records: &[Record], shutdown: &CancellationToken) -> bool {
+        let mut attempts = 0u32;
+        loop {
+            let store = Arc::clone(&self.store);
+            let result = if self.outbox {
+                tokio::task::block_in_place(|| store.outbox().append(records.to_vec()))
+                    .map(|_| ())
+            } else {
+                let marks: Vec<(SeriesKey, UnixMs)> = records
+                    .iter()
+                    .filter_map(|r| match r {
+                        Record::Window(w) => Some((w.series.clone(), w.end_ms)),
+                        _ => None,
+                    })
+                    .collect();
+                if marks.is_empty() {
+                    return true;
+                }
+                tokio::task::block_in_place(|| store.outbox().append_closing(Vec::new(), &marks))
+                    .map(|_| ())
+            };
+            match result {
+                Ok(()) => {
+                    if self.store_failures > 0 {
+                        tracing::info!(after_failures = self.store_failures, "outbox writable again");
+                        self.store_failures = 0;
+                    }
+                    if self.outbox {
+                        self.wake_uplink.notify_one();
+                    }
+                    return true;
+                }
+                Err(error) => {
+                    attempts += 1;
+                    self.store_failures += 1;
+                    metrics::counter!("millrace_outbox_append_errors_total").increment(1);
+                    if self.store_failures.is_power_of_two() {
+                        tracing::error!(%error, failures = self.store_failures, "outbox append failed; ingest paused until it succeeds");
+                    }
+                    if shutdown.is_cancelled() && attempts >= 3 {
+                        tracing::error!(records = records.len(), "stopping with records that could not be stored; they were not acknowledged to their sources");
+                        return false;
+                    }
+                    let wait = Duration::from_millis(100u64 << attempts.min(6));
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = shutdown.cancelled(), if attempts < 3 => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn reclaim(&mut self) {
+        if self.last_reclaim.elapsed() < RECLAIM_INTERVAL {
+            return;
+        }
+        self.last_reclaim = Instant::now();
+        let store = Arc::clone(&self.store);
+        let now = now_ms();
+        if let Err(error) = tokio::task::block_in_place(|| {
+            store.journal().reclaim(now)?;
+            store.outbox().expire(now)
+        }) {
+            tracing::warn!(%error, "journal reclaim / outbox expiry failed");
+        }
+    }
+}
+
+/// How often journal space is reclaimed and expired outbox records dropped.
+const RECLAIM_INTERVAL: Duration = Duration::from_secs(2);
+
 /// Runs the pipeline until `shutdown` is cancelled and the channel is drained.
 pub async fn run(
     mut analytics: Analytics,
     mut rx: mpsc::Receiver<IngestEvent>,
     outputs: &mut [Box<dyn Output>],
+    mut durability: Option<Durability>,
     shutdown: CancellationToken,
 ) -> Analytics {
     let mut events = Vec::with_capacity(DRAIN_BATCH);
     let mut tick = tokio::time::interval(TICK_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_engine_tick = Instant::now();
     loop {
         tokio::select! {
             biased;
@@ -132,23 +301,38 @@ pub async fn run(
                 if n == 0 {
                     break; // every source has ended
                 }
-                handle(&mut analytics, &mut events, now_ms());
+                handle(&mut analytics, durability.as_mut(), &mut events, now_ms());
             }
-            _ = tick.tick() => analytics.tick(now_ms()),
+            _ = tick.tick() => {
+                if last_engine_tick.elapsed() >= ENGINE_TICK_INTERVAL {
+                    last_engine_tick = Instant::now();
+                    analytics.tick(now_ms());
+                }
+                if let Some(d) = durability.as_mut() {
+                    d.reclaim();
+                }
+            }
         }
-        publish(&mut analytics, outputs);
+        publish(&mut analytics, outputs, durability.as_mut(), &shutdown).await;
     }
     // Drain what the sources already handed over, then close every window.
     rx.close();
     while let Some(ev) = rx.recv().await {
         events.push(ev);
         if events.len() >= DRAIN_BATCH {
-            handle(&mut analytics, &mut events, now_ms());
+            handle(&mut analytics, durability.as_mut(), &mut events, now_ms());
         }
     }
-    handle(&mut analytics, &mut events, now_ms());
+    handle(&mut analytics, durability.as_mut(), &mut events, now_ms());
     analytics.flush();
-    publish(&mut analytics, outputs);
+    publish(&mut analytics, outputs, durability.as_mut(), &shutdown).await;
+    if let Some(d) = durability.as_mut() {
+        d.commit();
+        let store = Arc::clone(&d.store);
+        if let Err(error) = tokio::task::block_in_place(|| store.sync()) {
+            tracing::error!(%error, "final store sync failed");
+        }
+    }
     tracing::info!(
         windows = analytics.engine().stats().windows_emitted,
         "pipeline stopped; open windows flushed"
@@ -156,21 +340,50 @@ pub async fn run(
     analytics
 }
 
-fn handle(analytics: &mut Analytics, events: &mut Vec<IngestEvent>, now_ms: UnixMs) {
+/// How often idle windows and silent series are checked by the wall clock.
+const ENGINE_TICK_INTERVAL: Duration = Duration::from_millis(250);
+
+fn handle(
+    analytics: &mut Analytics,
+    mut durability: Option<&mut Durability>,
+    events: &mut Vec<IngestEvent>,
+    now_ms: UnixMs,
+) {
     for ev in events.drain(..) {
         match ev {
-            IngestEvent::Reading(r) => analytics.push(&r, now_ms),
+            IngestEvent::Reading(r) => {
+                if let Some(d) = durability.as_deref_mut() {
+                    d.journal(&r);
+                }
+                analytics.push(&r, now_ms);
+            }
             IngestEvent::DeadLetter(dl) => analytics.dead_letter(dl),
+            IngestEvent::Durable(ack) => match durability.as_deref_mut() {
+                Some(d) => d.pending_acks.push(ack),
+                None => ack.complete(),
+            },
         }
     }
 }
 
-fn publish(analytics: &mut Analytics, outputs: &mut [Box<dyn Output>]) {
-    if analytics.pending().is_empty() {
-        return;
+async fn publish(
+    analytics: &mut Analytics,
+    outputs: &mut [Box<dyn Output>],
+    durability: Option<&mut Durability>,
+    shutdown: &CancellationToken,
+) {
+    let mut durability = durability;
+    if !analytics.pending().is_empty() {
+        // Durable first: a record counts as produced once it is in the outbox.
+        if let Some(d) = durability.as_deref_mut() {
+            d.persist(analytics.pending(), shutdown).await;
+        }
+        for out in outputs.iter_mut() {
+            out.emit(analytics.pending());
+        }
+        analytics.take();
     }
-    for out in outputs.iter_mut() {
-        out.emit(analytics.pending());
+    if let Some(d) = durability {
+        d.maybe_commit();
     }
-    analytics.take();
 }

@@ -2,16 +2,26 @@
 //! outputs under one root [`CancellationToken`], and shuts them down in
 //! pipeline order on SIGINT/SIGTERM or when any task fails.
 //!
+//! Start-up order: the store opens (quarantining what is unreadable) → the
+//! journal is replayed into the window engine, which resumes every series
+//! from its closed-up-to mark (no window emitted twice) → the uplink, the
+//! sources and the pipeline start.
+//!
 //! Shutdown order: the token is cancelled → sources stop taking input → the
-//! pipeline drains the channel and flushes every open window → outputs get
-//! the last records → `run` returns.
+//! pipeline drains the channel, flushes every open window into the outbox and
+//! commits the journal → outputs get the last records → `run` returns.
+//! Whatever the uplink had not sent stays in the outbox for the next start.
 
 use crate::anomaly::Scorer;
 use crate::config::AgentConfig;
 use crate::ingest::broker::{BrokerError, EmbeddedBroker};
 use crate::ingest::modbus::ModbusSource;
 use crate::ingest::mqtt::{MqttError, MqttSource};
-use crate::pipeline::{self, Analytics, Output};
+use crate::pipeline::{self, Analytics, Durability, Output};
+use crate::store::Store;
+use crate::uplink::Uplink;
+use std::sync::Arc;
+use tokio::sync::Notify;
 use crate::tap::Tap;
 use crate::window::WindowEngine;
 use std::path::PathBuf;
@@ -36,6 +46,13 @@ pub enum RuntimeError {
     Modbus(String),
     #[error("cannot install the signal handler: {0}")]
     Signals(std::io::Error),
+    #[error("cannot open the store in {dir}: {source}")]
+    Store {
+        dir: PathBuf,
+        source: crate::store::StoreError,
+    },
+    #[error("uplink: {0}")]
+    Uplink(#[from] crate::uplink::UplinkError),
 }
 
 /// Runs the agent until SIGINT/SIGTERM (returns `Ok`) or a fatal error.
@@ -46,6 +63,49 @@ pub async fn run(cfg: AgentConfig, tap: Option<PathBuf>) -> Result<(), RuntimeEr
         let t = Tap::open(&path).map_err(|source| RuntimeError::Tap { path, source })?;
         outputs.push(Box::new(t));
     }
+
+    // The store first: recovery decides what the window engine starts from.
+    let dir = cfg.agent.data_dir.clone();
+    let (store, recovery) = {
+        let (open_dir, store_cfg) = (dir.clone(), cfg.store());
+        tokio::task::spawn_blocking(move || Store::open(&open_dir, store_cfg))
+            .await
+            .map_err(|e| RuntimeError::Store {
+                dir: dir.clone(),
+                source: crate::store::StoreError::Task(e.to_string()),
+            })?
+            .map_err(|source| RuntimeError::Store { dir, source })?
+    };
+    tracing::info!(dir = %cfg.agent.data_dir.display(), ?recovery, "store open");
+    let store = Arc::new(store);
+    let replay = {
+        let store = Arc::clone(&store);
+        tokio::task::spawn_blocking(move || {
+            Ok::<_, crate::store::StoreError>((
+                store.journal().replay()?,
+                store.journal().closed_marks(),
+            ))
+        })
+        .await
+        .map_err(|e| RuntimeError::Store {
+            dir: cfg.agent.data_dir.clone(),
+            source: crate::store::StoreError::Task(e.to_string()),
+        })?
+        .map_err(|source| RuntimeError::Store {
+            dir: cfg.agent.data_dir.clone(),
+            source,
+        })?
+    };
+
+    let wake_uplink = Arc::new(Notify::new());
+    let uplink_task = match cfg.uplink.clone() {
+        Some(u) => {
+            let uplink = Uplink::new(u, cfg.agent.id.clone(), Arc::clone(&store), Arc::clone(&wake_uplink))?;
+            let token = shutdown.clone();
+            Some(tokio::spawn(uplink.run(token)))
+        }
+        None => None,
+    };
 
     let (tx, rx) = mpsc::channel(cfg.agent.channel_capacity);
     let mut sources: JoinSet<Result<(), RuntimeError>> = JoinSet::new();
@@ -73,11 +133,22 @@ pub async fn run(cfg: AgentConfig, tap: Option<PathBuf>) -> Result<(), RuntimeEr
     let engine = WindowEngine::new(cfg.agent.id.clone(), cfg.window.clone());
     let scorer = Scorer::new(cfg.agent.id.clone(), cfg.anomaly.clone())
         .with_max_series(cfg.window.max_series);
-    let analytics = Analytics::new(engine, scorer, cfg.window.width);
+    let mut analytics = Analytics::new(engine, scorer, cfg.window.width);
+    let (journaled, marks) = replay;
+    analytics.restore_closed(marks);
+    let replayed = journaled.readings.len();
+    let now = crate::ingest::now_ms();
+    for r in &journaled.readings {
+        analytics.replay(r, now);
+    }
+    if replayed > 0 {
+        tracing::info!(readings = replayed, skipped_closed = journaled.skipped_closed, "open windows rebuilt from the journal");
+    }
+    let durability = Durability::new(Arc::clone(&store), cfg.uplink.is_some(), wake_uplink);
     let pipeline_token = shutdown.clone();
     let pipeline = tokio::spawn(async move {
         let mut outputs = outputs;
-        pipeline::run(analytics, rx, &mut outputs, pipeline_token).await
+        pipeline::run(analytics, rx, &mut outputs, Some(durability), pipeline_token).await
     });
     tracing::info!(agent = %cfg.agent.id, "agent running");
 
@@ -114,6 +185,9 @@ pub async fn run(cfg: AgentConfig, tap: Option<PathBuf>) -> Result<(), RuntimeEr
     match pipeline.await {
         Ok(_) => {}
         Err(e) => tracing::error!(error = %e, "pipeline task failed"),
+    }
+    if let Some(task) = uplink_task {
+        let _ = task.await;
     }
     failure.map_or(Ok(()), Err)
 }

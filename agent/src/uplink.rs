@@ -31,7 +31,7 @@
 
 use crate::store::{blocking, Lane, Store, StoreError};
 use millrace_protocol::{Batch, Envelope};
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 use serde::Deserialize;
 use std::io::Write;
 use std::path::PathBuf;
@@ -226,6 +226,10 @@ impl Uplink {
         let mut live_from: u64 = 0;
         let mut bucket = TokenBucket::new(self.cfg.replay_rate);
         let batch_bytes = self.cfg.batch_bytes.as_u64();
+        // Jitter only needs to differ between gateways, not to be secret.
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(
+            u64::from(std::process::id()) ^ crate::ingest::now_ms() as u64,
+        );
         loop {
             if shutdown.is_cancelled() {
                 return;
@@ -253,7 +257,7 @@ impl Uplink {
                         self.cfg.backoff_min,
                         self.cfg.backoff_max,
                         failures,
-                        &mut rand::rng(),
+                        &mut rng,
                     );
                     let wait = retry_after.map_or(backoff, |r| r.max(backoff));
                     tracing::warn!(%reason, failures, retry_in_ms = wait.as_millis() as u64, "uplink send failed; will retry");
@@ -519,7 +523,6 @@ impl TokenBucket {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::SeedableRng;
 
     #[test]
     fn backoff_grows_is_capped_and_jittered() {

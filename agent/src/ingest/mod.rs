@@ -13,10 +13,32 @@ pub mod decode;
 pub mod mqtt;
 
 /// What a source hands to the pipeline.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub enum IngestEvent {
     Reading(Reading),
     DeadLetter(DeadLetter),
+    /// Completed once every event sent before it on the same channel is
+    /// durable (journaled): the source may then acknowledge its input (MQTT
+    /// QoS 1 `PUBACK`). Dropped without completion if the agent stops first,
+    /// in which case the input is not acknowledged and the broker redelivers it.
+    Durable(DurableAck),
+}
+
+/// The completion half of [`IngestEvent::Durable`].
+#[derive(Debug)]
+pub struct DurableAck(tokio::sync::oneshot::Sender<()>);
+
+impl DurableAck {
+    /// A marker and the receiver that resolves once it is durable.
+    pub fn new() -> (Self, tokio::sync::oneshot::Receiver<()>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (Self(tx), rx)
+    }
+
+    /// Signals durability to the source.
+    pub fn complete(self) {
+        let _ = self.0.send(());
+    }
 }
 
 /// The sending half of the pipeline's ingest channel (bounded; a full channel

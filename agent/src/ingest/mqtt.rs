@@ -54,12 +54,12 @@ use millrace_protocol::DeadLetterReason;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Deserialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::decode::{subscription_filters, ConfigError, Decoder, SubscriptionConfig};
-use super::{now_ms, IngestEvent, IngestTx};
+use super::{now_ms, DurableAck, IngestEvent, IngestTx};
 
 /// The environment variable that overrides `mqtt.password`.
 pub const PASSWORD_ENV: &str = "MILLRACE_MQTT_PASSWORD";
@@ -352,6 +352,7 @@ impl MqttStats {
                 IngestEvent::DeadLetter(dl) => {
                     self.dead_letters[reason_index(dl.reason)].fetch_add(1, Ordering::Relaxed);
                 }
+                IngestEvent::Durable(_) => {}
             }
         }
     }
@@ -461,7 +462,24 @@ impl MqttSource {
         let network = network_loop(
             eventloop, &client, &filters, &epoch, &stats, backoff, queue_tx, &stop,
         );
+        // Acks wait for the pipeline's journal commit; they are sent in the
+        // order the messages were received, as MQTT requires.
+        let (ack_tx, mut ack_rx) =
+            mpsc::channel::<(oneshot::Receiver<()>, Delivery)>(config.queue_capacity.max(1) * 4);
+        let acker = async {
+            while let Some((durable, delivery)) = ack_rx.recv().await {
+                if durable.await.is_ok() {
+                    acknowledge_accepted(&client, &delivery, &epoch, &stats);
+                } else {
+                    // The pipeline stopped before the journal commit: leave it
+                    // to the broker's redelivery.
+                    stats.acks_withheld.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        };
         let processing = async {
+            // Owned here, so the acker ends once processing does.
+            let ack_tx = ack_tx;
             let mut events = Vec::new();
             loop {
                 let delivery = tokio::select! {
@@ -474,8 +492,26 @@ impl MqttSource {
                 let topic = delivery.message.topic();
                 decoder.decode(&topic, delivery.message.payload(), now_ms(), &mut events);
                 stats.record_decoded(&events);
+                if delivery.message.needs_ack() {
+                    let (marker, durable) = DurableAck::new();
+                    events.push(IngestEvent::Durable(marker));
+                    match hand_off(&mut events, &tx, &stop).await {
+                        Handoff::Accepted => {
+                            if ack_tx.send((durable, delivery)).await.is_err() {
+                                return Ok(());
+                            }
+                            continue;
+                        }
+                        Handoff::Stopped => return Ok(()),
+                        Handoff::Closed => {
+                            error!("ingest channel closed; mqtt source stopping");
+                            stop.cancel();
+                            return Err(MqttError::PipelineClosed);
+                        }
+                    }
+                }
                 match hand_off(&mut events, &tx, &stop).await {
-                    Handoff::Accepted => acknowledge_accepted(&client, &delivery, &epoch, &stats),
+                    Handoff::Accepted => {}
                     Handoff::Stopped => return Ok(()),
                     Handoff::Closed => {
                         error!("ingest channel closed; mqtt source stopping");
@@ -485,17 +521,18 @@ impl MqttSource {
                 }
             }
         };
-        let ((), result) = tokio::join!(network, processing);
+        let ((), result, ()) = tokio::join!(network, processing, acker);
         info!(client_id = %config.client_id, "mqtt source stopped");
         result
     }
 }
 
 /// The one place where a received message counts as done: every event
-/// decoded from it has been accepted by the ingest channel, so a QoS 1
-/// message is acknowledged to the broker here. (A durable journal commit
-/// belongs before this call.) Messages from a connection that has since been
-/// lost are left unacknowledged; the broker redelivers them.
+/// decoded from it has been accepted by the pipeline and made durable by its
+/// journal commit (the message's [`IngestEvent::Durable`] marker completed),
+/// so a QoS 1 message is acknowledged to the broker here. Messages from a
+/// connection that has since been lost are left unacknowledged; the broker
+/// redelivers them.
 fn acknowledge_accepted(
     client: &Client,
     delivery: &Delivery,

@@ -197,8 +197,14 @@ pub struct WindowEngine {
     series_ttl_ms: i64,
     max_series: usize,
     series: SeriesMap,
+    /// Watermarks of series that are not live (restored after a restart, or
+    /// kept at TTL eviction): a series that comes back resumes from its
+    /// watermark, so a window is never opened again once emitted.
+    floors: FloorMap,
     stats: WindowStats,
 }
+
+type FloorMap = HashMap<SeriesKey, UnixMs, foldhash::fast::RandomState>;
 
 /// The start of the window containing `time_ms`: `floor(time_ms / width_ms) * width_ms`,
 /// correct for negative times. `None` when `width_ms <= 0` or when the window
@@ -225,7 +231,23 @@ impl WindowEngine {
             series_ttl_ms: duration_ms(cfg.series_ttl),
             max_series: cfg.max_series.max(1),
             series: SeriesMap::default(),
+            floors: FloorMap::default(),
             stats: WindowStats::default(),
+        }
+    }
+
+    /// Seeds closed-up-to marks (the end of the last emitted window per
+    /// series, e.g. from the store after a restart): readings of those series
+    /// in windows ending at or before the mark are `late`.
+    pub fn restore_closed(&mut self, marks: impl IntoIterator<Item = (SeriesKey, UnixMs)>) {
+        for (series, end_ms) in marks {
+            match self.series.get_mut(&series) {
+                Some(state) => state.watermark_ms = state.watermark_ms.max(end_ms),
+                None => {
+                    let floor = self.floors.entry(series).or_insert(end_ms);
+                    *floor = (*floor).max(end_ms);
+                }
+            }
         }
     }
 
@@ -295,10 +317,14 @@ impl WindowEngine {
             return reject(reading, DeadLetterReason::SeriesCap, now_ms, out);
         }
         self.stats.live_series += 1;
+        let floor = self.floors.remove(&reading.series);
         let state = self
             .series
             .entry(reading.series.clone())
             .or_insert_with(|| SeriesState::new(now_ms));
+        if let Some(floor) = floor {
+            state.watermark_ms = floor;
+        }
         admit(
             &self.agent,
             self.width_ms,
@@ -322,9 +348,17 @@ impl WindowEngine {
         let mut idle_closed = 0u64;
         let mut flushed = 0u64;
         let mut evicted = 0u64;
+        let floors = &mut self.floors;
+        let max_floors = self.max_series.saturating_mul(4);
         self.series.retain(|key, state| {
             if now_ms.saturating_sub(state.last_seen_wall_ms) > series_ttl_ms {
                 flushed += close_all(agent, key, state, width_ms, out);
+                // Remember where it stopped, so a straggler cannot reopen an
+                // emitted window (bounded: beyond the cap, the oldest
+                // knowledge is simply not kept).
+                if floors.len() < max_floors {
+                    floors.insert(key.clone(), state.watermark_ms);
+                }
                 out.push(EngineOutput::SeriesEvicted(key.clone()));
                 evicted += 1;
                 return false;

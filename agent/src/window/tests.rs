@@ -532,3 +532,54 @@ proptest! {
         prop_assert_eq!(s.readings_accepted + s.readings_late, steps.len() as u64);
     }
 }
+
+#[test]
+fn restored_marks_make_emitted_windows_late() {
+    let mut e = WindowEngine::new("gw", WindowConfig::default());
+    let series = SeriesKey::new("d", "s");
+    // Windows up to 10_000 were emitted before a restart.
+    e.restore_closed([(series.clone(), 10_000)]);
+    let mut out = Vec::new();
+    let r = |t: i64| Reading {
+        series: series.clone(),
+        time_ms: t,
+        value: 1.0,
+        unit: String::new(),
+        source: millrace_protocol::Source::Mqtt,
+        quality: millrace_protocol::Quality::Good,
+    };
+    assert_eq!(
+        e.push(&r(9_999), 0, &mut out),
+        Admission::Rejected(DeadLetterReason::Late)
+    );
+    assert!(matches!(e.push(&r(10_000), 0, &mut out), Admission::Accepted { .. }));
+}
+
+#[test]
+fn a_series_evicted_by_ttl_resumes_from_its_watermark() {
+    let cfg = WindowConfig {
+        series_ttl: std::time::Duration::from_secs(60),
+        ..WindowConfig::default()
+    };
+    let mut e = WindowEngine::new("gw", cfg);
+    let series = SeriesKey::new("d", "s");
+    let r = |t: i64| Reading {
+        series: series.clone(),
+        time_ms: t,
+        value: 1.0,
+        unit: String::new(),
+        source: millrace_protocol::Source::Mqtt,
+        quality: millrace_protocol::Quality::Good,
+    };
+    let mut out = Vec::new();
+    e.push(&r(1_000), 0, &mut out);
+    e.tick(61_001, &mut out);
+    assert_eq!(e.live_series(), 0);
+    let windows = out.iter().filter(|o| matches!(o, EngineOutput::Window(_))).count();
+    assert_eq!(windows, 1);
+    // A straggler for the emitted window comes back after eviction: late, not a second window.
+    assert_eq!(
+        e.push(&r(1_500), 61_002, &mut out),
+        Admission::Rejected(DeadLetterReason::Late)
+    );
+}
