@@ -435,6 +435,45 @@ async fn silent_server_times_out_and_reconnects_while_another_device_keeps_produ
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_answer_is_never_taken_for_a_later_request() {
+    let mut press = ModbusPeer::tcp("press-1");
+    let mut source = Running::start(&press_1(press.port));
+    source
+        .collect_until(Duration::from_secs(10), |ev| {
+            has_reading(ev, "press-1", "temperature")
+        })
+        .await;
+    let all_stats = Arc::clone(&source.stats);
+    let stats = all_stats.device("press-1").expect("press-1 stats");
+    let errors_before = stats.transport_errors();
+
+    // Answers now come 1.5 s late, after the 1 s timeout.
+    press.command("slow 1500");
+    eventually(Duration::from_secs(10), || stats.timeouts() >= 2).await;
+    press.command("normal");
+    let events = source
+        .collect_until(Duration::from_secs(10), |ev| {
+            readings(ev)
+                .iter()
+                .filter(|r| r.series.sensor == "temperature")
+                .count()
+                >= 3
+        })
+        .await;
+    // The late answers went to connections that were already dropped: none
+    // was read as the reply to a later request (no transaction id mismatch),
+    // and every value is the right one.
+    assert_eq!(stats.transport_errors(), errors_before);
+    assert!(stats.reconnects() >= 1);
+    for r in readings(&events) {
+        if r.series.sensor == "temperature" {
+            assert_eq!(r.value, 80.5);
+        }
+    }
+    source.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rtu_bus_keeps_polling_a_slave_while_another_is_absent() {
     let pty = PtyPair::new();
     // Only unit 3 (tank-4) answers on the line; unit 4 is absent.
