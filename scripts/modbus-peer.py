@@ -17,7 +17,8 @@ from stdin, one per line, and answers `ok <command>` once applied:
     exception <fc> <first> <last> <code>
                                         answer exception <code> to function code
                                         <fc> requests touching [first, last]
-    normal                              reply normally again (clears both)
+    slow <ms>                           answer every request <ms> late
+    normal                              reply normally again (clears all three)
 
 Requests addressed to a unit id that is not served get no reply (an absent
 slave on a bus). The peer exits when stdin closes, so it never outlives the
@@ -123,6 +124,7 @@ class Control:
 
     def __init__(self, units: set[int], unit_byte: int) -> None:
         self.silent = False
+        self.delay_s = 0.0
         self.exception: tuple[int, int, int, int] | None = None
         self.units = units
         # Offset of the unit id in a frame: 6 in an MBAP (TCP) frame, 0 in RTU.
@@ -131,6 +133,8 @@ class Control:
     async def action(self, function_code, _start, address, count, _registers, set_values):
         if set_values is not None:
             return ExcCodes.ILLEGAL_FUNCTION  # a read-only plant
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         if self.exception:
             fc, first, last, code = self.exception
             if function_code == fc and address <= last and address + count - 1 >= first:
@@ -152,7 +156,10 @@ class Control:
             self.silent = True
         elif parts == ["normal"]:
             self.silent = False
+            self.delay_s = 0.0
             self.exception = None
+        elif len(parts) == 2 and parts[0] == "slow":
+            self.delay_s = int(parts[1]) / 1000
         elif len(parts) == 5 and parts[0] == "exception":
             fc, first, last, code = (int(p, 0) for p in parts[1:])
             self.exception = (fc, first, last, code)

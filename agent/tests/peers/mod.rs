@@ -178,7 +178,10 @@ impl PtyPair {
             if let Ok(Some(status)) = pair.child.try_wait() {
                 panic!("socat exited before creating the pty pair: {status}");
             }
-            assert!(Instant::now() < deadline, "socat did not create the pty pair");
+            assert!(
+                Instant::now() < deadline,
+                "socat did not create the pty pair"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         pair

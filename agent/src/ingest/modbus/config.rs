@@ -275,7 +275,10 @@ impl DeviceConfig {
         if self.name.contains('/') {
             return Err(err(
                 format!("{key}.name"),
-                format!("{:?} must not contain '/' (series keys are device/sensor)", self.name),
+                format!(
+                    "{:?} must not contain '/' (series keys are device/sensor)",
+                    self.name
+                ),
             ));
         }
         match self.transport {
@@ -373,7 +376,10 @@ impl DeviceConfig {
             if !sensors.insert(reg.sensor.as_str()) {
                 return Err(err(
                     format!("{rkey}.sensor"),
-                    format!("duplicate sensor {:?} on device {:?}", reg.sensor, self.name),
+                    format!(
+                        "duplicate sensor {:?} on device {:?}",
+                        reg.sensor, self.name
+                    ),
                 ));
             }
         }
@@ -442,6 +448,7 @@ impl RegisterConfig {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -502,10 +509,11 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_rejected() {
-        let e = toml::from_str::<ModbusConfig>(&PRESS.replace("unit-id", "x").replace(
-            "transport = \"tcp\"",
-            "transport = \"tcp\"\nunit_id = 3",
-        ))
+        let e = toml::from_str::<ModbusConfig>(
+            &PRESS
+                .replace("unit-id", "x")
+                .replace("transport = \"tcp\"", "transport = \"tcp\"\nunit_id = 3"),
+        )
         .unwrap_err();
         assert!(e.to_string().contains("unit_id"), "{e}");
     }
@@ -570,11 +578,15 @@ mod tests {
 
     #[test]
     fn register_errors_name_the_key() {
-        let e = validation_error(&PRESS.replace("type = \"u16\"", "type = \"u16\"\norder = \"CDAB\""));
+        let e =
+            validation_error(&PRESS.replace("type = \"u16\"", "type = \"u16\"\norder = \"CDAB\""));
         assert_eq!(e.key, "modbus.devices[0].registers[1].order");
         let e = validation_error(&PRESS.replace("scale = 0.1", "scale = 0.0"));
         assert_eq!(e.key, "modbus.devices[0].registers[1].scale");
-        let e = validation_error(&PRESS.replace("function = \"holding\"\n        address = 4", "function = \"coil\"\n        address = 4"));
+        let e = validation_error(&PRESS.replace(
+            "function = \"holding\"\n        address = 4",
+            "function = \"coil\"\n        address = 4",
+        ));
         assert_eq!(e.key, "modbus.devices[0].registers[1].type");
         let e = validation_error(&PRESS.replace("sensor = \"speed\"", "sensor = \"temperature\""));
         assert_eq!(e.key, "modbus.devices[0].registers[1].sensor");

@@ -170,8 +170,7 @@ pub fn plan_reads(registers: &[RegisterConfig], max_gap: u16) -> Vec<PlannedRead
             let same_function = read.function == reg.function;
             let near = start <= read.end() + u32::from(max_gap);
             let merged_end = end.max(read.end());
-            let fits =
-                merged_end - u32::from(read.start) <= u32::from(reg.function.max_per_read());
+            let fits = merged_end - u32::from(read.start) <= u32::from(reg.function.max_per_read());
             if same_function && near && fits {
                 read.count = u16::try_from(merged_end - u32::from(read.start))
                     .expect("a merged read is capped at 2000 items");
@@ -276,6 +275,7 @@ pub fn encode_words(big_endian: &[u8], order: WordOrder) -> Vec<u16> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -293,7 +293,10 @@ mod tests {
     }
 
     fn spans(reads: &[PlannedRead]) -> Vec<(Function, u16, u16)> {
-        reads.iter().map(|r| (r.function, r.start, r.count)).collect()
+        reads
+            .iter()
+            .map(|r| (r.function, r.start, r.count))
+            .collect()
     }
 
     #[test]
@@ -321,8 +324,15 @@ mod tests {
         use DataType::*;
         use Function::*;
         // 0..2, gap of 3 (2,3,4), 5..6, gap of 4 (6..10), 10.
-        let regs = vec![reg(Holding, 10, U16), reg(Holding, 0, U32), reg(Holding, 5, U16)];
-        assert_eq!(spans(&plan_reads(&regs, 3)), vec![(Holding, 0, 6), (Holding, 10, 1)]);
+        let regs = vec![
+            reg(Holding, 10, U16),
+            reg(Holding, 0, U32),
+            reg(Holding, 5, U16),
+        ];
+        assert_eq!(
+            spans(&plan_reads(&regs, 3)),
+            vec![(Holding, 0, 6), (Holding, 10, 1)]
+        );
         assert_eq!(spans(&plan_reads(&regs, 4)), vec![(Holding, 0, 11)]);
         assert_eq!(
             spans(&plan_reads(&regs, 0)),
@@ -391,7 +401,11 @@ mod tests {
     fn split_gives_one_read_per_register() {
         use DataType::*;
         use Function::*;
-        let regs = vec![reg(Holding, 0, F32), reg(Holding, 2, F32), reg(Holding, 4, U16)];
+        let regs = vec![
+            reg(Holding, 0, F32),
+            reg(Holding, 2, F32),
+            reg(Holding, 4, U16),
+        ];
         let read = &plan_reads(&regs, 8)[0];
         assert_eq!(
             spans(&split_read(read, &regs)),
@@ -471,7 +485,11 @@ mod tests {
             (WordOrder::Dcba, [0xFEFF, 0xFFFF]),
         ];
         for (order, words) in i32_cases {
-            assert_eq!(decode(DataType::I32, order, &words).unwrap(), -2.0, "{order:?}");
+            assert_eq!(
+                decode(DataType::I32, order, &words).unwrap(),
+                -2.0,
+                "{order:?}"
+            );
         }
         // -300 as i32 = FF FF FE D4 (suction −0.3 bar × 1000, BADC).
         assert_eq!(
@@ -488,10 +506,7 @@ mod tests {
             i64::MIN as f64
         );
         for order in ORDERS {
-            assert_eq!(
-                decode(DataType::I64, order, &[0xFFFF; 4]).unwrap(),
-                -1.0
-            );
+            assert_eq!(decode(DataType::I64, order, &[0xFFFF; 4]).unwrap(), -1.0);
             assert_eq!(
                 decode(DataType::U32, order, &[0xFFFF; 2]).unwrap(),
                 f64::from(u32::MAX)
@@ -499,7 +514,12 @@ mod tests {
         }
         // -123456789 as i64 = FF FF FF FF F8 A4 32 EB.
         assert_eq!(
-            decode(DataType::I64, WordOrder::Cdab, &[0x32EB, 0xF8A4, 0xFFFF, 0xFFFF]).unwrap(),
+            decode(
+                DataType::I64,
+                WordOrder::Cdab,
+                &[0x32EB, 0xF8A4, 0xFFFF, 0xFFFF]
+            )
+            .unwrap(),
             -123_456_789.0
         );
     }
@@ -507,13 +527,31 @@ mod tests {
     #[test]
     fn f32_values_and_specials() {
         // 80.0f32 = 42 A0 00 00; -2.5 = C0 20 00 00.
-        assert_eq!(decode(DataType::F32, WordOrder::Abcd, &[0x42A0, 0x0000]).unwrap(), 80.0);
-        assert_eq!(decode(DataType::F32, WordOrder::Cdab, &[0x0000, 0x42A0]).unwrap(), 80.0);
-        assert_eq!(decode(DataType::F32, WordOrder::Badc, &[0xA042, 0x0000]).unwrap(), 80.0);
-        assert_eq!(decode(DataType::F32, WordOrder::Dcba, &[0x0000, 0xA042]).unwrap(), 80.0);
-        assert_eq!(decode(DataType::F32, WordOrder::Abcd, &[0xC020, 0x0000]).unwrap(), -2.5);
+        assert_eq!(
+            decode(DataType::F32, WordOrder::Abcd, &[0x42A0, 0x0000]).unwrap(),
+            80.0
+        );
+        assert_eq!(
+            decode(DataType::F32, WordOrder::Cdab, &[0x0000, 0x42A0]).unwrap(),
+            80.0
+        );
+        assert_eq!(
+            decode(DataType::F32, WordOrder::Badc, &[0xA042, 0x0000]).unwrap(),
+            80.0
+        );
+        assert_eq!(
+            decode(DataType::F32, WordOrder::Dcba, &[0x0000, 0xA042]).unwrap(),
+            80.0
+        );
+        assert_eq!(
+            decode(DataType::F32, WordOrder::Abcd, &[0xC020, 0x0000]).unwrap(),
+            -2.5
+        );
         // 6.25 = 40 C8 00 00 as pressure (CDAB).
-        assert_eq!(decode(DataType::F32, WordOrder::Cdab, &[0x0000, 0x40C8]).unwrap(), 6.25);
+        assert_eq!(
+            decode(DataType::F32, WordOrder::Cdab, &[0x0000, 0x40C8]).unwrap(),
+            6.25
+        );
         // Specials: +inf 7F800000, -inf FF800000, NaN 7FC00000, -0 80000000,
         // smallest subnormal 00000001.
         let d = |w: [u16; 2]| decode(DataType::F32, WordOrder::Abcd, &w).unwrap();
@@ -544,15 +582,29 @@ mod tests {
             (WordOrder::Dcba, [0, 0, 0, 0x4540]),
         ];
         for (order, words) in cases {
-            assert_eq!(decode(DataType::F64, order, &words).unwrap(), 42.0, "{order:?}");
+            assert_eq!(
+                decode(DataType::F64, order, &words).unwrap(),
+                42.0,
+                "{order:?}"
+            );
         }
         // -0.1 = BF B9 99 99 99 99 99 9A.
         assert_eq!(
-            decode(DataType::F64, WordOrder::Abcd, &[0xBFB9, 0x9999, 0x9999, 0x999A]).unwrap(),
+            decode(
+                DataType::F64,
+                WordOrder::Abcd,
+                &[0xBFB9, 0x9999, 0x9999, 0x999A]
+            )
+            .unwrap(),
             -0.1
         );
         assert_eq!(
-            decode(DataType::F64, WordOrder::Dcba, &[0x9A99, 0x9999, 0x9999, 0xB9BF]).unwrap(),
+            decode(
+                DataType::F64,
+                WordOrder::Dcba,
+                &[0x9A99, 0x9999, 0x9999, 0xB9BF]
+            )
+            .unwrap(),
             -0.1
         );
         let d = |w: [u16; 4]| decode(DataType::F64, WordOrder::Abcd, &w).unwrap();
@@ -567,11 +619,27 @@ mod tests {
     fn every_type_and_order_round_trips() {
         let values: [(DataType, Vec<u8>, f64); 6] = [
             (DataType::U32, 4_000_000_000u32.to_be_bytes().to_vec(), 4e9),
-            (DataType::I32, (-123_456i32).to_be_bytes().to_vec(), -123_456.0),
+            (
+                DataType::I32,
+                (-123_456i32).to_be_bytes().to_vec(),
+                -123_456.0,
+            ),
             (DataType::F32, (-1.5f32).to_be_bytes().to_vec(), -1.5),
-            (DataType::U64, 9_007_199_254_740_993u64.to_be_bytes().to_vec(), 9_007_199_254_740_992.0),
-            (DataType::I64, (-9_000_000_000i64).to_be_bytes().to_vec(), -9e9),
-            (DataType::F64, std::f64::consts::PI.to_be_bytes().to_vec(), std::f64::consts::PI),
+            (
+                DataType::U64,
+                9_007_199_254_740_993u64.to_be_bytes().to_vec(),
+                9_007_199_254_740_992.0,
+            ),
+            (
+                DataType::I64,
+                (-9_000_000_000i64).to_be_bytes().to_vec(),
+                -9e9,
+            ),
+            (
+                DataType::F64,
+                std::f64::consts::PI.to_be_bytes().to_vec(),
+                std::f64::consts::PI,
+            ),
         ];
         for (t, bytes, expected) in values {
             for order in ORDERS {

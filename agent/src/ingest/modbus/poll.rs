@@ -103,7 +103,10 @@ impl Schedule {
 /// `interval × 2^(failures − 1)`, capped at `max` (and at least `interval`).
 pub(crate) fn backoff_delay(failures: u32, interval: Duration, max: Duration) -> Duration {
     let exponent = failures.saturating_sub(1).min(30);
-    interval.saturating_mul(1 << exponent).min(max).max(interval)
+    interval
+        .saturating_mul(1 << exponent)
+        .min(max)
+        .max(interval)
 }
 
 /// Logs at most once per interval, reporting how many were held back.
@@ -157,7 +160,12 @@ pub(crate) struct DevicePoller {
 }
 
 impl DevicePoller {
-    pub fn new(cfg: &DeviceConfig, stats: Arc<ModbusStats>, stats_index: usize, start: Instant) -> Self {
+    pub fn new(
+        cfg: &DeviceConfig,
+        stats: Arc<ModbusStats>,
+        stats_index: usize,
+        start: Instant,
+    ) -> Self {
         Self {
             name: Arc::from(cfg.name.as_str()),
             unit_id: cfg.unit_id,
@@ -329,8 +337,16 @@ impl DevicePoller {
             }
         };
         // Bit replies are padded to whole bytes; register replies are exact.
-        let got = if read.function.is_bit() { bits.len() } else { words.len() };
-        let short = if read.function.is_bit() { got < count } else { got != count };
+        let got = if read.function.is_bit() {
+            bits.len()
+        } else {
+            words.len()
+        };
+        let short = if read.function.is_bit() {
+            got < count
+        } else {
+            got != count
+        };
         if short {
             return Err(LinkError::UnexpectedReply(format!(
                 "asked {count} items from {} {}, got {got}",
@@ -345,8 +361,12 @@ impl DevicePoller {
                 f64::from(u8::from(bits[offset]))
             } else {
                 let width = usize::from(reg.data_type.width());
-                decode(reg.data_type, reg.word_order(), &words[offset..offset + width])
-                    .map_err(|e| LinkError::UnexpectedReply(e.to_string()))?
+                decode(
+                    reg.data_type,
+                    reg.word_order(),
+                    &words[offset..offset + width],
+                )
+                .map_err(|e| LinkError::UnexpectedReply(e.to_string()))?
             };
             let reading = Reading {
                 series: SeriesKey::new(self.name.as_ref(), reg.sensor.as_str()),
@@ -380,7 +400,10 @@ enum Step<T> {
     Shutdown,
 }
 
-async fn until_shutdown<F: std::future::Future>(shutdown: &CancellationToken, f: F) -> Step<F::Output> {
+async fn until_shutdown<F: std::future::Future>(
+    shutdown: &CancellationToken,
+    f: F,
+) -> Step<F::Output> {
     tokio::select! {
         biased;
         _ = shutdown.cancelled() => Step::Shutdown,
@@ -399,11 +422,18 @@ pub(crate) async fn run_tcp_device(
     let mut connected_before = false;
     tracing::info!(device = %device.name, %address, unit_id = device.unit_id, reads = device.reads.len(), "modbus tcp device polling");
     loop {
-        if let Step::Shutdown = until_shutdown(&shutdown, tokio::time::sleep_until(device.next_due())).await {
+        if let Step::Shutdown =
+            until_shutdown(&shutdown, tokio::time::sleep_until(device.next_due())).await
+        {
             break;
         }
         if link.is_none() {
-            match until_shutdown(&shutdown, connect_tcp(&address, device.unit_id, device.timeout)).await {
+            match until_shutdown(
+                &shutdown,
+                connect_tcp(&address, device.unit_id, device.timeout),
+            )
+            .await
+            {
                 Step::Shutdown => break,
                 Step::Done(Err(e)) => {
                     device.on_failure(&e);
@@ -445,7 +475,10 @@ async fn connect_tcp(address: &str, unit_id: u8, timeout: Duration) -> Result<Co
         .await
         .map_err(|_| LinkError::Timeout(timeout))??;
     stream.set_nodelay(true)?;
-    Ok(tokio_modbus::client::tcp::attach_slave(stream, Slave(unit_id)))
+    Ok(tokio_modbus::client::tcp::attach_slave(
+        stream,
+        Slave(unit_id),
+    ))
 }
 
 /// One serial bus and the RTU slaves polled on it.
@@ -464,13 +497,12 @@ pub(crate) async fn run_rtu_bus(mut bus: RtuBus, tx: IngestTx, shutdown: Cancell
     let mut opened_before = false;
     let path = bus.path.display().to_string();
     tracing::info!(path = %path, line = %bus.line, slaves = bus.devices.len(), "modbus rtu bus polling");
-    'bus: loop {
-        // The slave due first; ties go to configuration order.
-        let Some(next) = (0..bus.devices.len()).min_by_key(|&i| bus.devices[i].next_due()) else {
-            break;
-        };
+    // The slave due first; ties go to configuration order.
+    while let Some(next) = (0..bus.devices.len()).min_by_key(|&i| bus.devices[i].next_due()) {
         let device = &mut bus.devices[next];
-        if let Step::Shutdown = until_shutdown(&shutdown, tokio::time::sleep_until(device.next_due())).await {
+        if let Step::Shutdown =
+            until_shutdown(&shutdown, tokio::time::sleep_until(device.next_due())).await
+        {
             break;
         }
         if port.is_none() {
@@ -491,7 +523,7 @@ pub(crate) async fn run_rtu_bus(mut bus: RtuBus, tx: IngestTx, shutdown: Cancell
         }
         let Some(ctx) = port.as_mut() else { continue };
         match until_shutdown(&shutdown, device.poll(ctx, &tx)).await {
-            Step::Shutdown => break 'bus,
+            Step::Shutdown => break,
             Step::Done(Ok(())) => device.on_success(),
             Step::Done(Err(PollError::Link(e))) => {
                 // A late answer from this slave must not be read as the next
@@ -540,6 +572,7 @@ fn open_serial(path: &std::path::Path, line: SerialLine) -> Result<Context, Link
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -548,7 +581,9 @@ mod tests {
     #[test]
     fn backoff_doubles_from_the_interval_and_caps() {
         let max = Duration::from_secs(30);
-        let delays: Vec<u64> = (1..=8).map(|n| backoff_delay(n, S, max).as_secs()).collect();
+        let delays: Vec<u64> = (1..=8)
+            .map(|n| backoff_delay(n, S, max).as_secs())
+            .collect();
         assert_eq!(delays, vec![1, 2, 4, 8, 16, 30, 30, 30]);
         assert_eq!(backoff_delay(u32::MAX, S, max), max);
         assert_eq!(backoff_delay(0, S, max), S);
