@@ -81,7 +81,18 @@ impl Running {
         .await;
     }
 
+    /// The next reading or dead letter. Durability markers are completed on
+    /// the way, as the pipeline does once its journal commit covers them.
     async fn next(&mut self) -> IngestEvent {
+        loop {
+            match self.next_raw().await {
+                IngestEvent::Durable(ack) => ack.complete(),
+                other => return other,
+            }
+        }
+    }
+
+    async fn next_raw(&mut self) -> IngestEvent {
         tokio::time::timeout(WAIT, self.rx.recv())
             .await
             .expect("an ingest event within 20 s")
@@ -91,7 +102,7 @@ impl Running {
     async fn reading(&mut self) -> Reading {
         match self.next().await {
             IngestEvent::Reading(r) => r,
-            IngestEvent::DeadLetter(d) => panic!("expected a reading, got {d:?}"),
+            other => panic!("expected a reading, got {other:?}"),
         }
     }
 
@@ -269,7 +280,7 @@ async fn bad_payloads_become_counted_dead_letters_and_the_source_keeps_running()
                     assert_eq!(dl.input.len(), 1024);
                 }
             }
-            IngestEvent::Reading(r) => panic!("expected a {reason} dead letter, got {r:?}"),
+            other => panic!("expected a {reason} dead letter, got {other:?}"),
         }
     }
     // NaN and Inf pass through as readings; the window engine judges them.
@@ -323,8 +334,9 @@ async fn qos1_is_not_acked_while_the_channel_is_full_and_is_redelivered() {
         } else {
             &[][..]
         };
-        // A channel of one, never read: the first reading fills it.
-        let slow = Running::start(config(&broker, &client_id, protocol), 1);
+        // A channel of one: each message's reading fills it, and its ack
+        // waits for the durability marker behind it.
+        let mut slow = Running::start(config(&broker, &client_id, protocol), 1);
         slow.subscribed().await;
         for value in 1..=3 {
             broker.publish(
@@ -334,25 +346,27 @@ async fn qos1_is_not_acked_while_the_channel_is_full_and_is_redelivered() {
                 v,
             );
         }
-        wait_for("the second message to wait for the channel", || {
-            slow.stats.messages.load(Ordering::Relaxed) >= 2
-        })
-        .await;
+        assert_eq!(slow.next_raw().await.reading_value(), Some(1.0));
+        // Not acked while its marker is not complete.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(slow.stats.acks.load(Ordering::Relaxed), 0, "acked before durable");
+        match slow.next_raw().await {
+            IngestEvent::Durable(ack) => ack.complete(),
+            other => panic!("expected the durability marker, got {other:?}"),
+        }
         wait_for("the first ack", || {
             slow.stats.acks.load(Ordering::Relaxed) == 1
         })
         .await;
+        // Message 2 now waits in the channel, its marker never completed.
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let stats = Arc::clone(&slow.stats);
-        let mut rx = slow.stop().await;
+        slow.stop().await;
         assert_eq!(
             stats.acks.load(Ordering::Relaxed),
             1,
-            "only the accepted message is acked"
+            "only the durable message is acked"
         );
-        match rx.recv().await {
-            Some(IngestEvent::Reading(r)) => assert_eq!(r.value, 1.0),
-            other => panic!("expected the first reading, got {other:?}"),
-        }
 
         // Same client id, persistent session: the broker redelivers 2 and 3.
         let mut again = Running::start(config(&broker, &client_id, protocol), 16);
@@ -454,7 +468,7 @@ async fn embedded_broker_feeds_readings_from_a_rumqttc_publisher() {
     }
     let reading = |i: usize| match &got[i] {
         IngestEvent::Reading(r) => r.clone(),
-        IngestEvent::DeadLetter(d) => panic!("expected a reading, got {d:?}"),
+        other => panic!("expected a reading, got {other:?}"),
     };
     assert_eq!(reading(0).series, SeriesKey::new("boiler-3", "temp"));
     assert_eq!(
@@ -489,4 +503,17 @@ async fn embedded_broker_on_a_port_in_use_is_a_clear_error() {
     let text = err.to_string();
     assert!(text.contains(&cfg.listen.to_string()), "{text}");
     assert!(text.to_lowercase().contains("in use"), "{text}");
+}
+
+trait ReadingValue {
+    fn reading_value(&self) -> Option<f64>;
+}
+
+impl ReadingValue for IngestEvent {
+    fn reading_value(&self) -> Option<f64> {
+        match self {
+            IngestEvent::Reading(r) => Some(r.value),
+            _ => None,
+        }
+    }
 }

@@ -1039,14 +1039,14 @@ mod tests {
     fn reading(e: &IngestEvent) -> &Reading {
         match e {
             IngestEvent::Reading(r) => r,
-            IngestEvent::DeadLetter(dl) => panic!("expected a reading, got {dl:?}"),
+            other => panic!("expected a reading, got {other:?}"),
         }
     }
 
     fn dead(e: &IngestEvent) -> &DeadLetter {
         match e {
             IngestEvent::DeadLetter(dl) => dl,
-            IngestEvent::Reading(r) => panic!("expected a dead letter, got {r:?}"),
+            other => panic!("expected a dead letter, got {other:?}"),
         }
     }
 

@@ -468,11 +468,15 @@ impl MqttSource {
             mpsc::channel::<(oneshot::Receiver<()>, Delivery)>(config.queue_capacity.max(1) * 4);
         let acker = async {
             while let Some((durable, delivery)) = ack_rx.recv().await {
-                if durable.await.is_ok() {
+                let done = tokio::select! {
+                    done = durable => done.is_ok(),
+                    // Stopping: what is not durable by now is left to the
+                    // broker's redelivery (the session is persistent).
+                    () = stop.cancelled() => false,
+                };
+                if done {
                     acknowledge_accepted(&client, &delivery, &epoch, &stats);
                 } else {
-                    // The pipeline stopped before the journal commit: leave it
-                    // to the broker's redelivery.
                     stats.acks_withheld.fetch_add(1, Ordering::Relaxed);
                 }
             }
