@@ -58,6 +58,7 @@
 //! ```
 
 mod config;
+pub(crate) mod table;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests;
@@ -66,7 +67,8 @@ pub use config::{ConfigError, WindowConfig};
 
 use config::duration_ms;
 use millrace_protocol::{DeadLetter, DeadLetterReason, Reading, SeriesKey, UnixMs, Window};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+use table::SeriesTable;
 
 /// What the engine hands back to the pipeline.
 #[derive(Debug, Clone, PartialEq)]
@@ -168,7 +170,7 @@ struct SeriesState {
     last_accepted_wall_ms: UnixMs,
     /// Wall clock of the last reading of any kind (TTL).
     last_seen_wall_ms: UnixMs,
-    /// Unit of the latest accepted reading, carried by the windows.
+    /// Unit of the reading that opened the latest window, carried by the windows.
     unit: String,
 }
 
@@ -185,8 +187,6 @@ impl SeriesState {
     }
 }
 
-type SeriesMap = HashMap<SeriesKey, SeriesState, foldhash::fast::RandomState>;
-
 /// Per-series tumbling windows over event time. See the [module docs](self).
 #[derive(Debug)]
 pub struct WindowEngine {
@@ -196,7 +196,7 @@ pub struct WindowEngine {
     idle_timeout_ms: i64,
     series_ttl_ms: i64,
     max_series: usize,
-    series: SeriesMap,
+    series: SeriesTable<SeriesState>,
     stats: WindowStats,
 }
 
@@ -224,7 +224,7 @@ impl WindowEngine {
             idle_timeout_ms: duration_ms(cfg.idle_timeout),
             series_ttl_ms: duration_ms(cfg.series_ttl),
             max_series: cfg.max_series.max(1),
-            series: SeriesMap::default(),
+            series: SeriesTable::default(),
             stats: WindowStats::default(),
         }
     }
@@ -268,7 +268,8 @@ impl WindowEngine {
             self.stats.readings_time_out_of_range += 1;
             return reject(reading, DeadLetterReason::Malformed, now_ms, out);
         };
-        if let Some(state) = self.series.get_mut(&reading.series) {
+        let hash = self.series.hash(&reading.series);
+        if let Some(state) = self.series.get_mut(hash, &reading.series) {
             return admit(
                 &self.agent,
                 self.width_ms,
@@ -297,8 +298,7 @@ impl WindowEngine {
         self.stats.live_series += 1;
         let state = self
             .series
-            .entry(reading.series.clone())
-            .or_insert_with(|| SeriesState::new(now_ms));
+            .insert_new(hash, reading.series.clone(), SeriesState::new(now_ms));
         admit(
             &self.agent,
             self.width_ms,
@@ -358,7 +358,7 @@ impl WindowEngine {
     /// series) and advances each watermark past them.
     pub fn flush(&mut self, out: &mut Vec<EngineOutput>) {
         let mut flushed = 0u64;
-        for (key, state) in &mut self.series {
+        for (key, state) in self.series.iter_mut() {
             flushed += close_all(&self.agent, key, state, self.width_ms, out);
         }
         self.stats.windows_flushed += flushed;
@@ -390,12 +390,13 @@ fn admit(
 
     let (t, value) = (reading.time_ms, reading.value);
     state.last_accepted_wall_ms = now_ms;
-    if state.unit != reading.unit {
-        state.unit.clone_from(&reading.unit);
-    }
     match state.open.get_mut(&start) {
         Some(acc) => acc.add(t, value),
         None => {
+            // Compared once per window rather than once per reading.
+            if state.unit != reading.unit {
+                state.unit.clone_from(&reading.unit);
+            }
             state.open.insert(start, Acc::new(t, value));
         }
     }

@@ -1,6 +1,7 @@
 use super::*;
 use millrace_protocol::{Quality, Source};
 use proptest::prelude::*;
+use std::collections::HashMap;
 use std::time::Duration;
 
 const AGENT: &str = "gw-test";
