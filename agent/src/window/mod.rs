@@ -159,10 +159,17 @@ impl Acc {
 }
 
 /// State of one live series.
+///
+/// The open windows are `latest` (the one with the greatest start, where
+/// nearly every reading lands) plus the older ones still open in `older`,
+/// ordered by start. Keeping the latest inline means the hot path touches
+/// no tree node; `older` holds the one or two windows that out-of-order
+/// readings reopen near a window edge, and is empty most of the time.
 #[derive(Debug)]
+#[repr(C)] // hot fields first, next to the slot's hash and inline key
 struct SeriesState {
-    /// Open windows by start; in practice one to three at a time.
-    open: BTreeMap<UnixMs, Acc>,
+    /// The open window with the greatest start: `(start_ms, aggregate)`.
+    latest: Option<(UnixMs, Acc)>,
     /// Everything with `end <= watermark_ms` is closed. `i64::MIN` before the first reading.
     watermark_ms: UnixMs,
     max_event_ms: UnixMs,
@@ -170,14 +177,64 @@ struct SeriesState {
     last_accepted_wall_ms: UnixMs,
     /// Wall clock of the last reading of any kind (TTL).
     last_seen_wall_ms: UnixMs,
+    /// Open windows older than `latest`, by start.
+    older: BTreeMap<UnixMs, Acc>,
     /// Unit of the reading that opened the latest window, carried by the windows.
     unit: String,
 }
 
 impl SeriesState {
+    fn has_open(&self) -> bool {
+        self.latest.is_some()
+    }
+
+    /// Start of the earliest open window.
+    fn first_open_start(&self) -> Option<UnixMs> {
+        // `is_empty` reads the length inline; an emptied tree keeps its node.
+        if self.older.is_empty() {
+            return self.latest.map(|(start, _)| start);
+        }
+        self.older.first_key_value().map(|(&start, _)| start)
+    }
+
+    /// Removes the earliest open window.
+    fn pop_first_open(&mut self) -> Option<(UnixMs, Acc)> {
+        if self.older.is_empty() {
+            return self.latest.take();
+        }
+        self.older.pop_first()
+    }
+
+    #[inline]
+    fn add(&mut self, start: UnixMs, time_ms: UnixMs, value: f64, unit: &str) {
+        match &mut self.latest {
+            Some((latest, acc)) if *latest == start => acc.add(time_ms, value),
+            Some((latest, _)) if *latest > start => match self.older.get_mut(&start) {
+                Some(acc) => acc.add(time_ms, value),
+                None => {
+                    self.older.insert(start, Acc::new(time_ms, value));
+                }
+            },
+            _ => {
+                // A newer window opens: the current latest (if any) becomes older.
+                if let Some((prev, acc)) = self.latest.replace((start, Acc::new(time_ms, value))) {
+                    self.older.insert(prev, acc);
+                }
+                // Compared once per window rather than once per reading.
+                if self.unit != unit {
+                    self.unit.clear();
+                    self.unit.push_str(unit);
+                }
+            }
+        }
+    }
+}
+
+impl SeriesState {
     fn new(now_ms: UnixMs) -> Self {
         Self {
-            open: BTreeMap::new(),
+            latest: None,
+            older: BTreeMap::new(),
             watermark_ms: UnixMs::MIN,
             max_event_ms: UnixMs::MIN,
             last_accepted_wall_ms: now_ms,
@@ -329,7 +386,7 @@ impl WindowEngine {
                 evicted += 1;
                 return false;
             }
-            if !state.open.is_empty()
+            if state.has_open()
                 && now_ms.saturating_sub(state.last_accepted_wall_ms) > idle_timeout_ms
             {
                 idle_closed += close_all(agent, key, state, width_ms, out);
@@ -390,16 +447,7 @@ fn admit(
 
     let (t, value) = (reading.time_ms, reading.value);
     state.last_accepted_wall_ms = now_ms;
-    match state.open.get_mut(&start) {
-        Some(acc) => acc.add(t, value),
-        None => {
-            // Compared once per window rather than once per reading.
-            if state.unit != reading.unit {
-                state.unit.clone_from(&reading.unit);
-            }
-            state.open.insert(start, Acc::new(t, value));
-        }
-    }
+    state.add(start, t, value, &reading.unit);
     stats.readings_accepted += 1;
 
     if t > state.max_event_ms {
@@ -438,11 +486,13 @@ fn close_through(
     out: &mut Vec<EngineOutput>,
 ) -> u64 {
     let mut emitted = 0;
-    while let Some(entry) = state.open.first_entry() {
-        if *entry.key() + width_ms > watermark_ms {
+    while let Some(first) = state.first_open_start() {
+        if first + width_ms > watermark_ms {
             break;
         }
-        let (start, acc) = entry.remove_entry();
+        let Some((start, acc)) = state.pop_first_open() else {
+            break;
+        };
         out.push(EngineOutput::Window(to_window(
             agent, key, &state.unit, start, width_ms, &acc,
         )));
@@ -459,7 +509,7 @@ fn close_all(
     width_ms: i64,
     out: &mut Vec<EngineOutput>,
 ) -> u64 {
-    let Some((&last_start, _)) = state.open.last_key_value() else {
+    let Some((last_start, _)) = state.latest else {
         return 0;
     };
     let watermark_ms = (last_start + width_ms).max(state.watermark_ms);

@@ -56,6 +56,7 @@ impl InlineKey {
 }
 
 #[derive(Debug)]
+#[repr(C)] // what a lookup reads (hash, inline key, then the value) comes first
 struct Slot<V> {
     hash: u64,
     inline: InlineKey,
