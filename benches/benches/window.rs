@@ -4,7 +4,8 @@
 //!
 //! 10 000 series, pre-built readings in time order with ±300 ms event-time
 //! jitter, polled at 1 Hz (5 readings per window) and at 10 Hz (50 per
-//! window). The engine and scorer are warmed up (baselines past warm-up, so
+//! window), through the engine and scorer together and through the engine
+//! alone. The engine and scorer are warmed up (baselines past warm-up, so
 //! windows are really scored) and then fed the same block again and again,
 //! shifted forward in time outside the timed section.
 
@@ -20,6 +21,8 @@ const SERIES: usize = 10_000;
 const JITTER_MS: i64 = 300;
 
 struct Pipeline {
+    /// Score windows and spike-check readings (false: the window engine alone).
+    score: bool,
     engine: WindowEngine,
     scorer: Scorer,
     out: Vec<EngineOutput>,
@@ -28,10 +31,11 @@ struct Pipeline {
 }
 
 impl Pipeline {
-    fn new() -> Self {
+    fn new(score: bool) -> Self {
         let window_cfg = WindowConfig::default();
         let max_series = window_cfg.max_series;
         Self {
+            score,
             engine: WindowEngine::new("bench-gw", window_cfg),
             scorer: Scorer::new("bench-gw", AnomalyConfig::default()).with_max_series(max_series),
             out: Vec::with_capacity(4 * SERIES),
@@ -49,7 +53,7 @@ impl Pipeline {
             now_ms = now_ms.max(r.time_ms + JITTER_MS);
             let admission = self.engine.push(r, now_ms, &mut self.out);
             self.drain();
-            if let Admission::Accepted { window_start_ms } = admission {
+            if let (true, Admission::Accepted { window_start_ms }) = (self.score, admission) {
                 self.alerts += u64::from(self.scorer.check_reading(r, window_start_ms).is_some());
             }
             let now_s = now_ms.div_euclid(1_000);
@@ -66,7 +70,9 @@ impl Pipeline {
             match o {
                 EngineOutput::Window(mut w) => {
                     self.windows += 1;
-                    self.alerts += u64::from(self.scorer.score_window(&mut w).is_some());
+                    if self.score {
+                        self.alerts += u64::from(self.scorer.score_window(&mut w).is_some());
+                    }
                     black_box(&w);
                 }
                 EngineOutput::SeriesEvicted(k) => self.scorer.forget(&k),
@@ -80,21 +86,32 @@ impl Pipeline {
 
 fn window_engine_and_scorer(c: &mut Criterion) {
     let mut group = c.benchmark_group("window_engine_and_scorer");
-    group.sample_size(20).measurement_time(Duration::from_secs(20));
-    for (label, period_ms, rounds) in [("1Hz", 1_000i64, 10usize), ("10Hz", 100, 50)] {
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(20));
+    let cases = [
+        ("engine+scorer", true, "1Hz", 1_000i64, 10usize),
+        ("engine+scorer", true, "10Hz", 100, 50),
+        ("engine", false, "1Hz", 1_000, 10),
+        ("engine", false, "10Hz", 100, 50),
+    ];
+    for (what, score, label, period_ms, rounds) in cases {
         let mut block = jittered_readings(SERIES, rounds, period_ms, JITTER_MS, 42);
         let block_ms = period_ms * rounds as i64;
-        let mut pipeline = Pipeline::new();
+        let mut pipeline = Pipeline::new(score);
         // Warm up: past the scorer's warm-up of 6 windows for every series.
         let warm_passes = (8 * 5_000 / block_ms).max(1);
         for _ in 0..warm_passes {
             pipeline.run(&block);
             shift(&mut block, block_ms);
         }
-        assert!(pipeline.scorer.stats().windows_scored > 0, "baselines warmed up");
+        assert!(
+            !score || pipeline.scorer.stats().windows_scored > 0,
+            "baselines warmed up"
+        );
 
         group.throughput(Throughput::Elements(block.len() as u64));
-        group.bench_function(BenchmarkId::new("10k_series", label), |b| {
+        group.bench_function(BenchmarkId::new(format!("{what}/10k_series"), label), |b| {
             b.iter_custom(|iters| {
                 let mut timed = Duration::ZERO;
                 for _ in 0..iters {
@@ -108,7 +125,7 @@ fn window_engine_and_scorer(c: &mut Criterion) {
         });
         let s = pipeline.engine.stats();
         eprintln!(
-            "{label}: accepted={} late={} windows={} scored={} alerts={} live_series={}",
+            "{what} {label}: accepted={} late={} windows={} scored={} alerts={} live_series={}",
             s.readings_accepted,
             s.readings_late,
             pipeline.windows,

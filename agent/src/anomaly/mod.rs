@@ -35,11 +35,11 @@ mod tests;
 
 pub use config::{AnomalyConfig, ConfigError};
 
+use crate::window::table::SeriesTable;
 use millrace_protocol::{
     Alert, AlertKind, AnomalyScore, Reading, SeriesKey, Severity, UnixMs, Window,
 };
 use statrs::distribution::{ContinuousCDF, Normal};
-use crate::window::table::SeriesTable;
 use std::collections::VecDeque;
 
 /// Scorer counters, for `/metrics` and tests.
@@ -185,7 +185,11 @@ impl Scorer {
         if history.windows.len() == self.cfg.history {
             history.windows.pop_front();
         }
-        let variance = if w.stddev.is_finite() { w.stddev * w.stddev } else { 0.0 };
+        let variance = if w.stddev.is_finite() {
+            w.stddev * w.stddev
+        } else {
+            0.0
+        };
         history.windows.push_back((w.mean, variance));
         history.baseline = baseline(&self.cfg, self.spike_z, &history.windows);
 

@@ -494,7 +494,12 @@ fn close_through(
             break;
         };
         out.push(EngineOutput::Window(to_window(
-            agent, key, &state.unit, start, width_ms, &acc,
+            agent,
+            key,
+            &state.unit,
+            start,
+            width_ms,
+            &acc,
         )));
         emitted += 1;
     }

@@ -121,7 +121,10 @@ impl<V> SeriesTable<V> {
 
     pub(crate) fn remove(&mut self, key: &SeriesKey) -> Option<V> {
         let hash = self.hash(key);
-        let entry = self.table.find_entry(hash, |slot| slot.is(hash, key)).ok()?;
+        let entry = self
+            .table
+            .find_entry(hash, |slot| slot.is(hash, key))
+            .ok()?;
         Some(entry.remove().0.value)
     }
 
@@ -131,7 +134,9 @@ impl<V> SeriesTable<V> {
     }
 
     pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = (&SeriesKey, &mut V)> {
-        self.table.iter_mut().map(|slot| (&slot.key, &mut slot.value))
+        self.table
+            .iter_mut()
+            .map(|slot| (&slot.key, &mut slot.value))
     }
 }
 
