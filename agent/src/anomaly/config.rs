@@ -85,11 +85,17 @@ impl AnomalyConfig {
         if !(self.critical_z.is_finite() && self.critical_z > self.warning_z) {
             return Err(ConfigError::new(
                 "critical-z",
-                format!("must be finite and greater than warning-z ({})", self.warning_z),
+                format!(
+                    "must be finite and greater than warning-z ({})",
+                    self.warning_z
+                ),
             ));
         }
         if !(self.sigma_floor.is_finite() && self.sigma_floor > 0.0) {
-            return Err(ConfigError::new("sigma-floor", "must be a finite number > 0"));
+            return Err(ConfigError::new(
+                "sigma-floor",
+                "must be a finite number > 0",
+            ));
         }
         if !(self.sigma_floor_relative.is_finite() && self.sigma_floor_relative >= 0.0) {
             return Err(ConfigError::new(

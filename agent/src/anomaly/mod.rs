@@ -35,11 +35,12 @@ mod tests;
 
 pub use config::{AnomalyConfig, ConfigError};
 
+use crate::window::table::SeriesTable;
 use millrace_protocol::{
     Alert, AlertKind, AnomalyScore, Reading, SeriesKey, Severity, UnixMs, Window,
 };
 use statrs::distribution::{ContinuousCDF, Normal};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 /// Scorer counters, for `/metrics` and tests.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -84,8 +85,6 @@ struct SeriesHistory {
     last_spike_window_ms: Option<UnixMs>,
 }
 
-type HistoryMap = HashMap<SeriesKey, SeriesHistory, foldhash::fast::RandomState>;
-
 /// Moving-stddev anomaly scorer. See the [module docs](self).
 #[derive(Debug)]
 pub struct Scorer {
@@ -95,7 +94,7 @@ pub struct Scorer {
     /// |z| threshold for spike alerts.
     spike_z: f64,
     normal: Normal,
-    series: HistoryMap,
+    series: SeriesTable<SeriesHistory>,
     stats: ScorerStats,
 }
 
@@ -121,7 +120,7 @@ impl Scorer {
             max_series: DEFAULT_MAX_SERIES,
             spike_z,
             normal: Normal::standard(),
-            series: HistoryMap::default(),
+            series: SeriesTable::default(),
             stats: ScorerStats::default(),
         }
     }
@@ -154,23 +153,21 @@ impl Scorer {
         if w.count == 0 || !w.mean.is_finite() {
             return None;
         }
-        let history = match self.series.get_mut(&w.series) {
+        let hash = self.series.hash(&w.series);
+        let history = match self.series.get_mut(hash, &w.series) {
             Some(history) => history,
             None => {
                 if self.series.len() >= self.max_series {
                     self.stats.series_rejected_cap += 1;
                     return None;
                 }
-                let history = self
-                    .series
-                    .entry(w.series.clone())
-                    .or_insert_with(|| SeriesHistory {
-                        windows: VecDeque::with_capacity(self.cfg.history),
-                        baseline: None,
-                        last_spike_window_ms: None,
-                    });
                 self.stats.live_series += 1;
-                history
+                let history = SeriesHistory {
+                    windows: VecDeque::with_capacity(self.cfg.history),
+                    baseline: None,
+                    last_spike_window_ms: None,
+                };
+                self.series.insert_new(hash, w.series.clone(), history)
             }
         };
 
@@ -188,7 +185,11 @@ impl Scorer {
         if history.windows.len() == self.cfg.history {
             history.windows.pop_front();
         }
-        let variance = if w.stddev.is_finite() { w.stddev * w.stddev } else { 0.0 };
+        let variance = if w.stddev.is_finite() {
+            w.stddev * w.stddev
+        } else {
+            0.0
+        };
         history.windows.push_back((w.mean, variance));
         history.baseline = baseline(&self.cfg, self.spike_z, &history.windows);
 
@@ -231,7 +232,8 @@ impl Scorer {
         if !self.cfg.spike_alerts {
             return None;
         }
-        let history = self.series.get_mut(&r.series)?;
+        let hash = self.series.hash(&r.series);
+        let history = self.series.get_mut(hash, &r.series)?;
         let b = history.baseline?;
         if !r.value.is_finite() || (r.value - b.mean).abs() < b.spike_band {
             return None;

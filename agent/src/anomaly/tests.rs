@@ -84,12 +84,16 @@ impl Pipeline {
             }
         }
         if let Admission::Accepted { window_start_ms } = admission {
-            self.alerts.extend(self.scorer.check_reading(r, window_start_ms));
+            self.alerts
+                .extend(self.scorer.check_reading(r, window_start_ms));
         }
     }
 
     fn spikes(&self) -> Vec<&Alert> {
-        self.alerts.iter().filter(|a| a.kind == AlertKind::Spike).collect()
+        self.alerts
+            .iter()
+            .filter(|a| a.kind == AlertKind::Spike)
+            .collect()
     }
 }
 
@@ -98,7 +102,10 @@ fn no_score_during_warm_up() {
     let cfg = AnomalyConfig::default();
     let mut scorer = Scorer::new(AGENT, cfg.clone());
     for i in 0..cfg.warm_up as i64 {
-        assert_eq!(scorer.check_reading(&reading(i * 5_000, 1e9), i * 5_000), None);
+        assert_eq!(
+            scorer.check_reading(&reading(i * 5_000, 1e9), i * 5_000),
+            None
+        );
         let mut w = window(i * 5_000, 10.0 + (i % 2) as f64, 0.1);
         assert_eq!(scorer.score_window(&mut w), None);
         assert_eq!(w.score, None, "window {i} is still warm-up");
@@ -112,7 +119,9 @@ fn no_score_during_warm_up() {
 
 #[test]
 fn warning_and_critical_thresholds() {
-    let history: Vec<f64> = (0..12).map(|i| if i % 2 == 0 { 9.0 } else { 11.0 }).collect();
+    let history: Vec<f64> = (0..12)
+        .map(|i| if i % 2 == 0 { 9.0 } else { 11.0 })
+        .collect();
     let (mu, sigma) = mean_and_sample_stddev(&history);
     let mut totals = ScorerStats::default();
     // Each probe is scored by a scorer holding the same twelve windows.
@@ -138,7 +147,10 @@ fn warning_and_critical_thresholds() {
     let (s, alert) = probe(-4.0);
     assert_eq!(s.severity, Severity::Warning);
     let alert = alert.unwrap();
-    assert_eq!((alert.kind, alert.score.severity), (AlertKind::Window, Severity::Warning));
+    assert_eq!(
+        (alert.kind, alert.score.severity),
+        (AlertKind::Window, Severity::Warning)
+    );
     assert_eq!((alert.time_ms, alert.window_start_ms), (100_000, 100_000));
     assert_eq!(alert.unit, "bar");
     assert!((alert.score.z + 4.0).abs() < 1e-9);
@@ -165,13 +177,20 @@ fn stuck_sensor_never_divides_by_zero_or_alarms() {
         let mut scorer = Scorer::new(AGENT, AnomalyConfig::default());
         for i in 0..1_000i64 {
             let mut w = window(i * 5_000, level, 0.0);
-            assert_eq!(scorer.score_window(&mut w), None, "level {level} window {i}");
+            assert_eq!(
+                scorer.score_window(&mut w),
+                None,
+                "level {level} window {i}"
+            );
             if let Some(s) = w.score {
                 assert!(s.z.is_finite() && s.p_value.is_finite(), "{s:?}");
                 assert_eq!(s.z, 0.0);
                 assert_eq!(s.severity, Severity::Normal);
             }
-            assert_eq!(scorer.check_reading(&reading(i * 5_000, level), i * 5_000), None);
+            assert_eq!(
+                scorer.check_reading(&reading(i * 5_000, level), i * 5_000),
+                None
+            );
         }
         // Float noise far below the relative floor does not alarm either.
         let mut w = window(10_000_000, level + level.abs() * 1e-12 + 1e-12, 0.0);
@@ -210,11 +229,22 @@ fn spike_alert_fires_once_per_window_before_it_closes() {
     assert_eq!(p.windows.len(), windows_before, "its window is still open");
     let spike = spikes[0];
     assert_eq!(spike.score.severity, Severity::Critical);
-    assert_eq!((spike.time_ms, spike.window_start_ms, spike.value), (t, 120_000, 110.0));
-    assert!(spike.score.z > 5.0 && spike.score.p_value < 1e-6, "{:?}", spike.score);
+    assert_eq!(
+        (spike.time_ms, spike.window_start_ms, spike.value),
+        (t, 120_000, 110.0)
+    );
+    assert!(
+        spike.score.z > 5.0 && spike.score.p_value < 1e-6,
+        "{:?}",
+        spike.score
+    );
 
     p.push(&reading(t + 100, 111.0));
-    assert_eq!(p.spikes().len(), 1, "at most one spike alert per series and window");
+    assert_eq!(
+        p.spikes().len(),
+        1,
+        "at most one spike alert per series and window"
+    );
     p.push(&reading(t + 5_000, 112.0)); // next window
     assert_eq!(p.spikes().len(), 2);
 }
@@ -224,7 +254,10 @@ fn ordinary_noise_raises_no_spike_over_ten_thousand_readings() {
     let mut p = Pipeline::new(AnomalyConfig::default());
     let mut rng = StdRng::seed_from_u64(0x5eed);
     for i in 0..10_000i64 {
-        p.push(&reading(1_700_000_000_000 + i * 100, 55.0 + 2.0 * gaussian(&mut rng)));
+        p.push(&reading(
+            1_700_000_000_000 + i * 100,
+            55.0 + 2.0 * gaussian(&mut rng),
+        ));
     }
     assert!(p.windows.len() >= 190);
     assert!(p.windows.iter().filter(|w| w.score.is_some()).count() > 180);
@@ -269,15 +302,27 @@ fn step_of_ten_sigma_in_noisy_sine_is_critical_in_first_window_after_it() {
     for i in 0..(STEP_AT_MS / 100 + 50) {
         let t = i * 100;
         let phase = std::f64::consts::TAU * t as f64 / PERIOD_MS;
-        let step = if t >= STEP_AT_MS { 10.0 * NOISE_SIGMA } else { 0.0 };
+        let step = if t >= STEP_AT_MS {
+            10.0 * NOISE_SIGMA
+        } else {
+            0.0
+        };
         let v = 50.0 + AMPLITUDE * phase.sin() + NOISE_SIGMA * gaussian(&mut rng) + step;
         p.push(&reading(t, v));
     }
     p.push(&reading(STEP_AT_MS + 7_000, 60.0)); // watermark passes the step window
-    let before: Vec<_> = p.windows.iter().filter(|w| w.start_ms < STEP_AT_MS).collect();
-    assert!(before.iter().all(|w| w.score.is_none_or(|s| s.severity != Severity::Critical)));
+    let before: Vec<_> = p
+        .windows
+        .iter()
+        .filter(|w| w.start_ms < STEP_AT_MS)
+        .collect();
+    assert!(before
+        .iter()
+        .all(|w| w.score.is_none_or(|s| s.severity != Severity::Critical)));
     assert!(
-        before[before.len() - 12..].iter().all(|w| w.score.unwrap().z.abs() < 3.0),
+        before[before.len() - 12..]
+            .iter()
+            .all(|w| w.score.unwrap().z.abs() < 3.0),
         "the sine trend alone stays below warning"
     );
     let first_after = p.windows.iter().find(|w| w.start_ms == STEP_AT_MS).unwrap();
@@ -291,7 +336,11 @@ fn step_of_ten_sigma_in_noisy_sine_is_critical_in_first_window_after_it() {
         .unwrap();
     assert_eq!(window_alert.score.severity, Severity::Critical);
     // The spike check saw it within the window, well before it closed.
-    let spike = p.spikes().into_iter().find(|a| a.window_start_ms == STEP_AT_MS).unwrap();
+    let spike = p
+        .spikes()
+        .into_iter()
+        .find(|a| a.window_start_ms == STEP_AT_MS)
+        .unwrap();
     assert!(spike.time_ms < STEP_AT_MS + 5_000);
 }
 
@@ -346,6 +395,12 @@ fn config_parses_and_validate_names_the_key() {
     assert_eq!(bad(|c| c.warning_z = f64::NAN), "warning-z");
     assert_eq!(bad(|c| c.critical_z = 2.0), "critical-z");
     assert_eq!(bad(|c| c.sigma_floor = 0.0), "sigma-floor");
-    assert_eq!(bad(|c| c.sigma_floor_relative = -1.0), "sigma-floor-relative");
-    assert_eq!(bad(|c| c.spike_min_severity = Severity::Normal), "spike-min-severity");
+    assert_eq!(
+        bad(|c| c.sigma_floor_relative = -1.0),
+        "sigma-floor-relative"
+    );
+    assert_eq!(
+        bad(|c| c.spike_min_severity = Severity::Normal),
+        "spike-min-severity"
+    );
 }

@@ -87,11 +87,17 @@ impl WindowConfig {
         }
         let lateness_ms = whole_ms("allowed-lateness", self.allowed_lateness)?;
         if lateness_ms > DAY_MS {
-            return Err(ConfigError::new("allowed-lateness", "must be at most one day"));
+            return Err(ConfigError::new(
+                "allowed-lateness",
+                "must be at most one day",
+            ));
         }
         let idle_ms = whole_ms("idle-timeout", self.idle_timeout)?;
         if idle_ms == 0 {
-            return Err(ConfigError::new("idle-timeout", "must be greater than zero"));
+            return Err(ConfigError::new(
+                "idle-timeout",
+                "must be greater than zero",
+            ));
         }
         if self.max_series == 0 {
             return Err(ConfigError::new("max-series", "must be at least 1"));
@@ -118,7 +124,10 @@ impl WindowConfig {
 
 fn whole_ms(key: &'static str, d: Duration) -> Result<u128, ConfigError> {
     if d.subsec_nanos() % 1_000_000 != 0 {
-        return Err(ConfigError::new(key, "must be a whole number of milliseconds"));
+        return Err(ConfigError::new(
+            key,
+            "must be a whole number of milliseconds",
+        ));
     }
     Ok(d.as_millis())
 }

@@ -58,6 +58,7 @@
 //! ```
 
 mod config;
+pub(crate) mod table;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests;
@@ -66,7 +67,8 @@ pub use config::{ConfigError, WindowConfig};
 
 use config::duration_ms;
 use millrace_protocol::{DeadLetter, DeadLetterReason, Reading, SeriesKey, UnixMs, Window};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+use table::SeriesTable;
 
 /// What the engine hands back to the pipeline.
 #[derive(Debug, Clone, PartialEq)]
@@ -157,10 +159,17 @@ impl Acc {
 }
 
 /// State of one live series.
+///
+/// The open windows are `latest` (the one with the greatest start, where
+/// nearly every reading lands) plus the older ones still open in `older`,
+/// ordered by start. Keeping the latest inline means the hot path touches
+/// no tree node; `older` holds the one or two windows that out-of-order
+/// readings reopen near a window edge, and is empty most of the time.
 #[derive(Debug)]
+#[repr(C)] // hot fields first, next to the slot's hash and inline key
 struct SeriesState {
-    /// Open windows by start; in practice one to three at a time.
-    open: BTreeMap<UnixMs, Acc>,
+    /// The open window with the greatest start: `(start_ms, aggregate)`.
+    latest: Option<(UnixMs, Acc)>,
     /// Everything with `end <= watermark_ms` is closed. `i64::MIN` before the first reading.
     watermark_ms: UnixMs,
     max_event_ms: UnixMs,
@@ -168,14 +177,64 @@ struct SeriesState {
     last_accepted_wall_ms: UnixMs,
     /// Wall clock of the last reading of any kind (TTL).
     last_seen_wall_ms: UnixMs,
-    /// Unit of the latest accepted reading, carried by the windows.
+    /// Open windows older than `latest`, by start.
+    older: BTreeMap<UnixMs, Acc>,
+    /// Unit of the reading that opened the latest window, carried by the windows.
     unit: String,
+}
+
+impl SeriesState {
+    fn has_open(&self) -> bool {
+        self.latest.is_some()
+    }
+
+    /// Start of the earliest open window.
+    fn first_open_start(&self) -> Option<UnixMs> {
+        // `is_empty` reads the length inline; an emptied tree keeps its node.
+        if self.older.is_empty() {
+            return self.latest.map(|(start, _)| start);
+        }
+        self.older.first_key_value().map(|(&start, _)| start)
+    }
+
+    /// Removes the earliest open window.
+    fn pop_first_open(&mut self) -> Option<(UnixMs, Acc)> {
+        if self.older.is_empty() {
+            return self.latest.take();
+        }
+        self.older.pop_first()
+    }
+
+    #[inline]
+    fn add(&mut self, start: UnixMs, time_ms: UnixMs, value: f64, unit: &str) {
+        match &mut self.latest {
+            Some((latest, acc)) if *latest == start => acc.add(time_ms, value),
+            Some((latest, _)) if *latest > start => match self.older.get_mut(&start) {
+                Some(acc) => acc.add(time_ms, value),
+                None => {
+                    self.older.insert(start, Acc::new(time_ms, value));
+                }
+            },
+            _ => {
+                // A newer window opens: the current latest (if any) becomes older.
+                if let Some((prev, acc)) = self.latest.replace((start, Acc::new(time_ms, value))) {
+                    self.older.insert(prev, acc);
+                }
+                // Compared once per window rather than once per reading.
+                if self.unit != unit {
+                    self.unit.clear();
+                    self.unit.push_str(unit);
+                }
+            }
+        }
+    }
 }
 
 impl SeriesState {
     fn new(now_ms: UnixMs) -> Self {
         Self {
-            open: BTreeMap::new(),
+            latest: None,
+            older: BTreeMap::new(),
             watermark_ms: UnixMs::MIN,
             max_event_ms: UnixMs::MIN,
             last_accepted_wall_ms: now_ms,
@@ -184,8 +243,6 @@ impl SeriesState {
         }
     }
 }
-
-type SeriesMap = HashMap<SeriesKey, SeriesState, foldhash::fast::RandomState>;
 
 /// Per-series tumbling windows over event time. See the [module docs](self).
 #[derive(Debug)]
@@ -196,7 +253,7 @@ pub struct WindowEngine {
     idle_timeout_ms: i64,
     series_ttl_ms: i64,
     max_series: usize,
-    series: SeriesMap,
+    series: SeriesTable<SeriesState>,
     /// Watermarks of series that are not live (restored after a restart, or
     /// kept at TTL eviction): a series that comes back resumes from its
     /// watermark, so a window is never opened again once emitted.
@@ -204,7 +261,7 @@ pub struct WindowEngine {
     stats: WindowStats,
 }
 
-type FloorMap = HashMap<SeriesKey, UnixMs, foldhash::fast::RandomState>;
+type FloorMap = std::collections::HashMap<SeriesKey, UnixMs, foldhash::fast::RandomState>;
 
 /// The start of the window containing `time_ms`: `floor(time_ms / width_ms) * width_ms`,
 /// correct for negative times. `None` when `width_ms <= 0` or when the window
@@ -230,7 +287,7 @@ impl WindowEngine {
             idle_timeout_ms: duration_ms(cfg.idle_timeout),
             series_ttl_ms: duration_ms(cfg.series_ttl),
             max_series: cfg.max_series.max(1),
-            series: SeriesMap::default(),
+            series: SeriesTable::default(),
             floors: FloorMap::default(),
             stats: WindowStats::default(),
         }
@@ -241,7 +298,8 @@ impl WindowEngine {
     /// in windows ending at or before the mark are `late`.
     pub fn restore_closed(&mut self, marks: impl IntoIterator<Item = (SeriesKey, UnixMs)>) {
         for (series, end_ms) in marks {
-            match self.series.get_mut(&series) {
+            let hash = self.series.hash(&series);
+            match self.series.get_mut(hash, &series) {
                 Some(state) => state.watermark_ms = state.watermark_ms.max(end_ms),
                 None => {
                     let floor = self.floors.entry(series).or_insert(end_ms);
@@ -290,7 +348,8 @@ impl WindowEngine {
             self.stats.readings_time_out_of_range += 1;
             return reject(reading, DeadLetterReason::Malformed, now_ms, out);
         };
-        if let Some(state) = self.series.get_mut(&reading.series) {
+        let hash = self.series.hash(&reading.series);
+        if let Some(state) = self.series.get_mut(hash, &reading.series) {
             return admit(
                 &self.agent,
                 self.width_ms,
@@ -320,8 +379,7 @@ impl WindowEngine {
         let floor = self.floors.remove(&reading.series);
         let state = self
             .series
-            .entry(reading.series.clone())
-            .or_insert_with(|| SeriesState::new(now_ms));
+            .insert_new(hash, reading.series.clone(), SeriesState::new(now_ms));
         if let Some(floor) = floor {
             state.watermark_ms = floor;
         }
@@ -363,7 +421,7 @@ impl WindowEngine {
                 evicted += 1;
                 return false;
             }
-            if !state.open.is_empty()
+            if state.has_open()
                 && now_ms.saturating_sub(state.last_accepted_wall_ms) > idle_timeout_ms
             {
                 idle_closed += close_all(agent, key, state, width_ms, out);
@@ -392,7 +450,7 @@ impl WindowEngine {
     /// series) and advances each watermark past them.
     pub fn flush(&mut self, out: &mut Vec<EngineOutput>) {
         let mut flushed = 0u64;
-        for (key, state) in &mut self.series {
+        for (key, state) in self.series.iter_mut() {
             flushed += close_all(&self.agent, key, state, self.width_ms, out);
         }
         self.stats.windows_flushed += flushed;
@@ -424,15 +482,7 @@ fn admit(
 
     let (t, value) = (reading.time_ms, reading.value);
     state.last_accepted_wall_ms = now_ms;
-    if state.unit != reading.unit {
-        state.unit.clone_from(&reading.unit);
-    }
-    match state.open.get_mut(&start) {
-        Some(acc) => acc.add(t, value),
-        None => {
-            state.open.insert(start, Acc::new(t, value));
-        }
-    }
+    state.add(start, t, value, &reading.unit);
     stats.readings_accepted += 1;
 
     if t > state.max_event_ms {
@@ -471,13 +521,20 @@ fn close_through(
     out: &mut Vec<EngineOutput>,
 ) -> u64 {
     let mut emitted = 0;
-    while let Some(entry) = state.open.first_entry() {
-        if *entry.key() + width_ms > watermark_ms {
+    while let Some(first) = state.first_open_start() {
+        if first + width_ms > watermark_ms {
             break;
         }
-        let (start, acc) = entry.remove_entry();
+        let Some((start, acc)) = state.pop_first_open() else {
+            break;
+        };
         out.push(EngineOutput::Window(to_window(
-            agent, key, &state.unit, start, width_ms, &acc,
+            agent,
+            key,
+            &state.unit,
+            start,
+            width_ms,
+            &acc,
         )));
         emitted += 1;
     }
@@ -492,7 +549,7 @@ fn close_all(
     width_ms: i64,
     out: &mut Vec<EngineOutput>,
 ) -> u64 {
-    let Some((&last_start, _)) = state.open.last_key_value() else {
+    let Some((last_start, _)) = state.latest else {
         return 0;
     };
     let watermark_ms = (last_start + width_ms).max(state.watermark_ms);

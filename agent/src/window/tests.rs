@@ -1,6 +1,7 @@
 use super::*;
 use millrace_protocol::{Quality, Source};
 use proptest::prelude::*;
+use std::collections::HashMap;
 use std::time::Duration;
 
 const AGENT: &str = "gw-test";
@@ -50,7 +51,10 @@ fn alignment_is_epoch_based_and_floors_negative_times() {
     assert_eq!(window_start_ms(0, w), Some(0));
     assert_eq!(window_start_ms(4_999, w), Some(0));
     assert_eq!(window_start_ms(5_000, w), Some(5_000));
-    assert_eq!(window_start_ms(1_700_000_003_217, w), Some(1_700_000_000_000));
+    assert_eq!(
+        window_start_ms(1_700_000_003_217, w),
+        Some(1_700_000_000_000)
+    );
     assert_eq!(window_start_ms(-1, w), Some(-5_000));
     assert_eq!(window_start_ms(-5_000, w), Some(-5_000));
     assert_eq!(window_start_ms(-5_001, w), Some(-10_000));
@@ -141,9 +145,18 @@ fn idle_series_windows_close_by_wall_clock() {
     let late = engine.push(&reading("a", 9_999, 3.0), 106_000, &mut out);
     assert_eq!(late, Admission::Rejected(DeadLetterReason::Late));
     let next = engine.push(&reading("a", 10_000, 3.0), 106_000, &mut out);
-    assert_eq!(next, Admission::Accepted { window_start_ms: 10_000 });
+    assert_eq!(
+        next,
+        Admission::Accepted {
+            window_start_ms: 10_000
+        }
+    );
     engine.tick(106_500, &mut out);
-    assert_eq!(windows(&out).len(), 0, "the new reading reset the idle clock");
+    assert_eq!(
+        windows(&out).len(),
+        0,
+        "the new reading reset the idle clock"
+    );
 }
 
 #[test]
@@ -168,7 +181,11 @@ fn every_window_is_emitted_exactly_once_across_push_tick_and_flush() {
     for i in 0..200i64 {
         now += 137;
         let t = i * 97 - (i % 7) * 300;
-        engine.push(&reading(["a", "b", "c"][(i % 3) as usize], t, i as f64), now, &mut out);
+        engine.push(
+            &reading(["a", "b", "c"][(i % 3) as usize], t, i as f64),
+            now,
+            &mut out,
+        );
         if i % 41 == 0 {
             engine.tick(now + 10_000, &mut out); // idle-closes everything open
         }
@@ -220,7 +237,9 @@ fn series_cap_dead_letters_new_series_and_frees_up_after_ttl() {
 
     out.clear();
     engine.tick(ttl_ms, &mut out);
-    assert!(!out.iter().any(|o| matches!(o, EngineOutput::SeriesEvicted(_))));
+    assert!(!out
+        .iter()
+        .any(|o| matches!(o, EngineOutput::SeriesEvicted(_))));
     engine.tick(ttl_ms + 1, &mut out);
     // "b" (last seen at 0) is evicted; its open window is emitted first.
     let evicted: Vec<_> = out
@@ -264,7 +283,10 @@ fn nan_and_infinite_values_are_dead_lettered_without_creating_series() {
         ]
     );
     let s = engine.stats();
-    assert_eq!((s.readings_nan, s.readings_infinite, s.readings_accepted), (1, 2, 0));
+    assert_eq!(
+        (s.readings_nan, s.readings_infinite, s.readings_accepted),
+        (1, 2, 0)
+    );
     assert_eq!(engine.live_series(), 0);
     let EngineOutput::DeadLetter(dl) = &out[0] else {
         unreachable!()
@@ -339,15 +361,20 @@ fn validate_names_the_offending_key() {
     assert_eq!(bad(|c| c.width = Duration::ZERO), "width");
     assert_eq!(bad(|c| c.width = Duration::from_secs(7)), "width");
     assert_eq!(bad(|c| c.width = Duration::from_micros(1_500)), "width");
-    assert_eq!(bad(|c| c.allowed_lateness = Duration::from_secs(200_000)), "allowed-lateness");
+    assert_eq!(
+        bad(|c| c.allowed_lateness = Duration::from_secs(200_000)),
+        "allowed-lateness"
+    );
     assert_eq!(bad(|c| c.idle_timeout = Duration::ZERO), "idle-timeout");
     assert_eq!(bad(|c| c.max_series = 0), "max-series");
     assert_eq!(bad(|c| c.series_ttl = Duration::from_secs(4)), "series-ttl");
-    let msg = {
-        let mut c = WindowConfig::default();
-        c.width = Duration::from_secs(7);
-        c.validate().unwrap_err().to_string()
-    };
+    let msg = WindowConfig {
+        width: Duration::from_secs(7),
+        ..WindowConfig::default()
+    }
+    .validate()
+    .unwrap_err()
+    .to_string();
     assert!(msg.starts_with("`width`:"), "{msg}");
 }
 
@@ -366,17 +393,31 @@ impl Naive {
     fn check(&self, w: &Window) -> Result<(), TestCaseError> {
         let n = self.values.len() as f64;
         let mean = self.values.iter().sum::<f64>() / n;
-        let var = self.values.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n;
+        let var = self
+            .values
+            .iter()
+            .map(|v| (v - mean) * (v - mean))
+            .sum::<f64>()
+            / n;
         let stddev = var.sqrt();
         let min = self.values.iter().copied().fold(f64::INFINITY, f64::min);
-        let max = self.values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let max = self
+            .values
+            .iter()
+            .copied()
+            .fold(f64::NEG_INFINITY, f64::max);
         prop_assert_eq!(w.count, self.values.len() as u64);
         prop_assert_eq!(w.min, min);
         prop_assert_eq!(w.max, max);
         prop_assert_eq!(w.first_event_ms, *self.times.iter().min().unwrap());
         prop_assert_eq!(w.last_event_ms, *self.times.iter().max().unwrap());
         prop_assert!(close(w.mean, mean), "mean {} vs two-pass {}", w.mean, mean);
-        prop_assert!(close(w.stddev, stddev), "stddev {} vs two-pass {}", w.stddev, stddev);
+        prop_assert!(
+            close(w.stddev, stddev),
+            "stddev {} vs two-pass {}",
+            w.stddev,
+            stddev
+        );
         Ok(())
     }
 }
@@ -393,7 +434,12 @@ type Step = (usize, i64, i64, i32);
 
 fn steps() -> impl Strategy<Value = Vec<Step>> {
     prop::collection::vec(
-        (0..DEVICES.len(), 0i64..1_500, -7_000i64..=500, -1_000_000i32..=1_000_000),
+        (
+            0..DEVICES.len(),
+            0i64..1_500,
+            -7_000i64..=500,
+            -1_000_000i32..=1_000_000,
+        ),
         1..400,
     )
 }
