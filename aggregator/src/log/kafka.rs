@@ -6,8 +6,10 @@
 //! `max-in-flight` records are handed over and not yet acknowledged at any
 //! time, across all requests; a request waits for room. A delivery that does
 //! not succeed within `message-timeout` fails the batch (`503`, the agent
-//! retries). If librdkafka reports a fatal error (possible with the
-//! idempotent producer), the producer is replaced by a fresh one.
+//! retries). After any failed write (including a fatal error of the
+//! idempotent producer) the producer is replaced by a fresh one, so the
+//! retry starts a new idempotent session instead of one whose sequence
+//! state is in doubt.
 //!
 //! What it is not: it does not create topics (create them with the
 //! partitions and replication your cluster needs), and it is at-least-once
@@ -60,7 +62,8 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(10);
 
 pub struct KafkaWriter {
-    producer: RwLock<Inner>,
+    /// The producer and its generation (bumped on each replacement).
+    producer: RwLock<(u64, Inner)>,
     config: KafkaConfig,
     in_flight: Arc<Semaphore>,
 }
@@ -101,34 +104,43 @@ impl KafkaWriter {
     pub fn new(config: KafkaConfig) -> Result<Self, LogError> {
         let producer = build_producer(&config)?;
         Ok(Self {
-            producer: RwLock::new(producer),
+            producer: RwLock::new((0, producer)),
             in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
             config,
         })
     }
 
-    fn current(&self) -> Inner {
+    fn current(&self) -> (u64, Inner) {
         match self.producer.read() {
             Ok(p) => p.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
 
-    /// Replaces the producer if librdkafka has declared it unusable.
-    fn replace_if_fatal(&self, producer: &Inner) -> Option<String> {
-        let (code, reason) = producer.client().fatal_error()?;
-        let message = format!("{code:?}: {reason}");
-        tracing::error!(%message, "kafka producer hit a fatal error; creating a new one");
-        match build_producer(&self.config) {
-            Ok(fresh) => match self.producer.write() {
-                Ok(mut slot) => *slot = fresh,
-                Err(poisoned) => *poisoned.into_inner() = fresh,
-            },
-            Err(error) => tracing::error!(%error, "could not create a new kafka producer"),
-        }
-        Some(message)
+    /// Replaces `failed` with a fresh producer (a new idempotent producer
+    /// session) unless another request already did. The old one is dropped
+    /// on the blocking pool: librdkafka's teardown may wait for the network.
+    fn replace_producer(&self, failed_generation: u64, reason: &str) {
+        let fresh = match build_producer(&self.config) {
+            Ok(fresh) => fresh,
+            Err(error) => {
+                tracing::error!(%error, "could not create a new kafka producer");
+                return;
+            }
+        };
+        let old = {
+            let mut slot = match self.producer.write() {
+                Ok(slot) => slot,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            if slot.0 != failed_generation {
+                return;
+            }
+            std::mem::replace(&mut *slot, (failed_generation + 1, fresh))
+        };
+        tracing::warn!(reason, "replaced the kafka producer");
+        tokio::task::spawn_blocking(move || drop(old));
     }
-
     async fn write_chunk(&self, producer: &Inner, records: &[LogRecord]) -> Result<(), LogError> {
         let count = u32::try_from(records.len()).unwrap_or(u32::MAX);
         let _permits = self
@@ -195,13 +207,22 @@ impl LogWriter for KafkaWriter {
 
     fn write(&self, records: Vec<LogRecord>) -> BoxFuture<'_, Result<WriteReceipt, LogError>> {
         Box::pin(async move {
-            let producer = self.current();
+            let (generation, producer) = self.current();
             let started = Instant::now();
             for chunk in records.chunks(self.config.max_in_flight) {
                 if let Err(error) = self.write_chunk(&producer, chunk).await {
-                    if let Some(fatal) = self.replace_if_fatal(&producer) {
+                    if let Some((code, reason)) = producer.client().fatal_error() {
+                        let fatal = format!("{code:?}: {reason}");
+                        self.replace_producer(generation, &fatal);
                         return Err(LogError::KafkaFatal(fatal));
                     }
+                    // After a failed delivery the idempotent session's
+                    // sequence state is in doubt (timed-out batches may or
+                    // may not have landed; a restarted broker may have lost
+                    // the session), and librdkafka can stall or be rejected
+                    // on it. The batch is retried by the agent anyway, so
+                    // start that retry on a fresh session.
+                    self.replace_producer(generation, &error.to_string());
                     return Err(error);
                 }
             }
@@ -216,7 +237,7 @@ impl LogWriter for KafkaWriter {
 
     fn health(&self) -> BoxFuture<'_, Health> {
         Box::pin(async move {
-            let producer = self.current();
+            let (_, producer) = self.current();
             if let Some((code, reason)) = producer.client().fatal_error() {
                 return Health::Unhealthy(format!("fatal producer error {code:?}: {reason}"));
             }
@@ -235,7 +256,7 @@ impl LogWriter for KafkaWriter {
 
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            let producer = self.current();
+            let (_, producer) = self.current();
             let timeout = self.config.message_timeout;
             let flushed =
                 tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
