@@ -399,7 +399,10 @@ impl Config {
                 ));
             }
             if !ids.insert(agent.id.clone()) {
-                return Err(invalid(&key("id"), format!("duplicate agent id `{}`", agent.id)));
+                return Err(invalid(
+                    &key("id"),
+                    format!("duplicate agent id `{}`", agent.id),
+                ));
             }
             let var = token_env_var(&agent.id);
             let token = env(&var).or(agent.token).ok_or_else(|| {
@@ -421,7 +424,10 @@ impl Config {
                 ));
             }
             if !tokens.insert(token.clone()) {
-                return Err(invalid(&key("token"), "the same token is used by another agent".into()));
+                return Err(invalid(
+                    &key("token"),
+                    "the same token is used by another agent".into(),
+                ));
             }
             agents.push(AgentCredential {
                 id: agent.id,
@@ -449,7 +455,10 @@ impl Config {
         }
         let distinct: HashSet<&str> = topics.all().into_iter().collect();
         if distinct.len() != 3 {
-            return Err(invalid("topics", "the three topic names must differ".into()));
+            return Err(invalid(
+                "topics",
+                "the three topic names must differ".into(),
+            ));
         }
 
         let kafka = raw.kafka.filter(|k| !k.brokers.trim().is_empty());
@@ -554,20 +563,26 @@ token = "0123456789abcdef"
 
     #[test]
     fn unknown_keys_are_rejected_with_the_file_name() {
-        let err = parse(&format!("bogus = 1\n{MINIMAL}")).unwrap_err().to_string();
+        let err = parse(&format!("bogus = 1\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("agg.toml:"), "{err}");
         assert!(err.contains("bogus"), "{err}");
     }
 
     #[test]
     fn errors_name_the_key() {
-        let err = parse(&MINIMAL.replace("gw-1", "gw 1")).unwrap_err().to_string();
+        let err = parse(&MINIMAL.replace("gw-1", "gw 1"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("agents[0].id"), "{err}");
         let err = parse(&MINIMAL.replace("0123456789abcdef", "short"))
             .unwrap_err()
             .to_string();
         assert!(err.contains("agents[0].token"), "{err}");
-        let err = parse(&format!("listen = \"nowhere\"\n{MINIMAL}")).unwrap_err().to_string();
+        let err = parse(&format!("listen = \"nowhere\"\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("key `listen`"), "{err}");
     }
 
@@ -582,5 +597,24 @@ token = "0123456789abcdef"
         let err = parse(text).unwrap_err().to_string();
         assert!(err.contains("MILLRACE_TOKEN_GW_PRESS_1"), "{err}");
         assert!(!format!("{:?}", cfg.agents).contains("from-the-environment"));
+    }
+
+    #[test]
+    fn shipped_examples_are_valid() {
+        let env = |name: &str| Some(format!("token-from-the-environment-{name}"));
+        for (name, text) in [
+            (
+                "aggregator.toml",
+                include_str!("../../config/aggregator.toml"),
+            ),
+            (
+                "aggregator-kafka.toml",
+                include_str!("../../config/aggregator-kafka.toml"),
+            ),
+        ] {
+            if let Err(e) = Config::parse(Path::new(name), text, env) {
+                panic!("{e}");
+            }
+        }
     }
 }

@@ -365,7 +365,9 @@ mod tests {
         let dir = tmp.path().join("dedup");
         fs::create_dir_all(&dir).unwrap();
         fs::write(dir.join("gw-1.json"), b"{not json").unwrap();
-        let err = DedupStore::open(&dir, ["gw-1"], &log).unwrap_err().to_string();
+        let err = DedupStore::open(&dir, ["gw-1"], &log)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("gw-1.json"), "{err}");
     }
 }

@@ -203,8 +203,15 @@ impl Ingest {
         found.ok_or(IngestError::Unauthorized("unknown token"))
     }
 
-    async fn handle(&self, headers: HeaderMap, body: Body) -> Result<(String, IngestReply), IngestError> {
-        let _admitted = self.admission.try_acquire().map_err(|_| IngestError::Busy)?;
+    async fn handle(
+        &self,
+        headers: HeaderMap,
+        body: Body,
+    ) -> Result<(String, IngestReply), IngestError> {
+        let _admitted = self
+            .admission
+            .try_acquire()
+            .map_err(|_| IngestError::Busy)?;
         let token_agent = self.authenticate(&headers)?.to_owned();
         let format = BodyFormat::from_headers(&headers)?;
         let limit_bytes = self.max_body_bytes;
@@ -222,13 +229,19 @@ impl Ingest {
             Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
                 return Err(IngestError::TooLarge { limit_bytes })
             }
-            Err(e) => return Err(IngestError::BadRequest(format!("reading the body failed: {e}"))),
+            Err(e) => {
+                return Err(IngestError::BadRequest(format!(
+                    "reading the body failed: {e}"
+                )))
+            }
         };
         let batch = tokio::task::spawn_blocking(move || format.decode(bytes, limit_bytes))
             .await
             .map_err(|e| IngestError::BadRequest(format!("decoding failed: {e}")))??;
         if batch.agent != token_agent {
-            return Err(IngestError::Unauthorized("batch agent does not match the token"));
+            return Err(IngestError::Unauthorized(
+                "batch agent does not match the token",
+            ));
         }
         let reply = self.commit(&batch).await?;
         Ok((token_agent, reply))
@@ -254,7 +267,9 @@ impl Ingest {
             .iter()
             .map(|e| LogRecord::from_envelope(&self.topics, &batch.agent, batch.version, e))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| IngestError::BadRequest(format!("record not representable as JSON: {e}")))?;
+            .map_err(|e| {
+                IngestError::BadRequest(format!("record not representable as JSON: {e}"))
+            })?;
         let receipt = if records.is_empty() {
             Default::default()
         } else {

@@ -22,6 +22,9 @@
 //! - [`log`]: the [`log::LogWriter`] trait, [`log::kafka`] and [`log::local`].
 //! - [`tail`]: the `tail` command over the embedded log.
 
+// Tests may unwrap; library code may not (see [workspace.lints]).
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod config;
 pub mod dedup;
 pub mod ingest;

@@ -98,11 +98,7 @@ impl SeqSet {
         self.floor = floor;
         // Drop every interval that starts at or below the new floor; one may
         // reach above it and then extends the floor.
-        let below: Vec<(u64, u64)> = self
-            .ranges
-            .range(..=floor)
-            .map(|(&s, &e)| (s, e))
-            .collect();
+        let below: Vec<(u64, u64)> = self.ranges.range(..=floor).map(|(&s, &e)| (s, e)).collect();
         for (start, end) in below {
             self.ranges.remove(&start);
             self.floor = self.floor.max(end);
@@ -238,7 +234,10 @@ mod tests {
     fn check_invariants(set: &SeqSet) {
         let mut prev_end = set.floor;
         for (&start, &end) in &set.ranges {
-            assert!(start > prev_end, "interval {start}..{end} touches {prev_end}");
+            assert!(
+                start > prev_end,
+                "interval {start}..{end} touches {prev_end}"
+            );
             assert!(end > start);
             prev_end = end;
         }

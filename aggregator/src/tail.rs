@@ -73,7 +73,7 @@ pub fn tail(options: &TailOptions, out: &mut impl Write) -> Result<u64, TailErro
     let mut cursor = reader.cursor(from)?;
     let mut printed = 0u64;
     loop {
-        while let Some(record) = cursor.next()? {
+        while let Some(record) = cursor.next_record()? {
             let line = record_json(&options.topic, &record);
             let written = serde_json::to_writer(&mut *out, &line)
                 .map_err(io::Error::from)

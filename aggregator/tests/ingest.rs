@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 //! The ingest HTTP contract against a real server on 127.0.0.1, with the
 //! embedded log.
 
@@ -20,7 +21,7 @@ fn logged(log_dir: &Path, topic: &str) -> Vec<(String, u64)> {
     };
     let mut cursor = reader.cursor(0).unwrap();
     let mut out = Vec::new();
-    while let Some(record) = cursor.next().unwrap() {
+    while let Some(record) = cursor.next_record().unwrap() {
         let header = |name: &str| {
             let (_, v) = record.headers.iter().find(|(n, _)| n == name).unwrap();
             String::from_utf8(v.clone()).unwrap()
@@ -52,7 +53,12 @@ async fn unauthorized_requests_get_401() {
     assert_eq!(no_auth.status, StatusCode::UNAUTHORIZED);
     assert_eq!(no_auth.headers["www-authenticate"], "Bearer");
 
-    let wrong = post_batch(server.addr, "not-a-configured-token", &batch("gw-1", &[1], 1)).await;
+    let wrong = post_batch(
+        server.addr,
+        "not-a-configured-token",
+        &batch("gw-1", &[1], 1),
+    )
+    .await;
     assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
 
     // gw-2's token cannot send gw-1's batch.
@@ -79,7 +85,10 @@ async fn oversize_bodies_get_413_also_after_decompression() {
         server.addr,
         Method::POST,
         "/api/v1/ingest",
-        &[("authorization", &auth), ("content-type", "application/json")],
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
         vec![b' '; 17 << 10],
     )
     .await;
@@ -135,9 +144,17 @@ async fn invalid_batches_get_400_with_a_reason() {
         }
     };
 
-    let garbage = post("application/x-millrace-batch", b"definitely not a batch".to_vec()).await;
+    let garbage = post(
+        "application/x-millrace-batch",
+        b"definitely not a batch".to_vec(),
+    )
+    .await;
     assert_eq!(garbage.status, StatusCode::BAD_REQUEST);
-    assert!(garbage.json["error"].as_str().unwrap().contains("magic"), "{}", garbage.json);
+    assert!(
+        garbage.json["error"].as_str().unwrap().contains("magic"),
+        "{}",
+        garbage.json
+    );
 
     let mut corrupt = batch("gw-1", &[1, 2], 1).encode_binary();
     let last = corrupt.len() - 1;
@@ -154,7 +171,10 @@ async fn invalid_batches_get_400_with_a_reason() {
 
     let reply = post("text/plain", batch("gw-1", &[1], 1).encode_json()).await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST);
-    assert!(reply.json["error"].as_str().unwrap().contains("Content-Type"));
+    assert!(reply.json["error"]
+        .as_str()
+        .unwrap()
+        .contains("Content-Type"));
 
     assert!(seqs_of(&tmp.path().join("log"), "millrace.windows").is_empty());
     server.stop().await;
@@ -174,22 +194,30 @@ async fn committed_batch_is_written_once_and_resend_is_acknowledged() {
     });
     let reply = post_batch(server.addr, TOKEN_1, &first).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.json);
-    assert_eq!(reply.json, serde_json::json!({"committed": 4, "duplicates": 0}));
+    assert_eq!(
+        reply.json,
+        serde_json::json!({"committed": 4, "duplicates": 0})
+    );
 
     let again = post_batch(server.addr, TOKEN_1, &first).await;
     assert_eq!(again.status, StatusCode::OK);
-    assert_eq!(again.json, serde_json::json!({"committed": 0, "duplicates": 4}));
+    assert_eq!(
+        again.json,
+        serde_json::json!({"committed": 0, "duplicates": 4})
+    );
 
     assert_eq!(seqs_of(&log_dir, "millrace.windows"), vec![1, 2, 3]);
     assert_eq!(seqs_of(&log_dir, "millrace.dead-letters"), vec![4]);
 
     // Layout of a logged record: key, headers, value.
     let reader = TopicReader::open(&log_dir, "millrace.windows").unwrap();
-    let record = reader.cursor(0).unwrap().next().unwrap().unwrap();
+    let record = reader.cursor(0).unwrap().next_record().unwrap().unwrap();
     assert_eq!(record.key, b"press-1/temp");
     let names: Vec<&str> = record.headers.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["agent", "seq", "wire-version", "kind"]);
-    let Record::Window(sent) = &first.records[0].record else { unreachable!() };
+    let Record::Window(sent) = &first.records[0].record else {
+        unreachable!()
+    };
     let stored: millrace_protocol::Window = serde_json::from_slice(&record.value).unwrap();
     assert_eq!(&stored, sent);
 
@@ -207,7 +235,10 @@ async fn committed_batch_is_written_once_and_resend_is_acknowledged() {
         gzip(&batch("gw-2", &[1, 2], 1).encode_json()),
     )
     .await;
-    assert_eq!(reply.json, serde_json::json!({"committed": 2, "duplicates": 0}));
+    assert_eq!(
+        reply.json,
+        serde_json::json!({"committed": 2, "duplicates": 0})
+    );
     assert_eq!(logged(&log_dir, "millrace.windows").len(), 5);
 
     let stats = server.aggregator_stats.stats();
@@ -226,11 +257,22 @@ async fn out_of_order_batches_are_deduplicated_by_set() {
     // An alert batch overtakes the backlog 1..=9.
     let alert = post_batch(server.addr, TOKEN_1, &batch("gw-1", &[10, 11], 1)).await;
     assert_eq!(alert.json["committed"], 2);
-    let backlog = post_batch(server.addr, TOKEN_1, &batch("gw-1", &[1, 2, 3, 4, 5, 6, 7, 8, 9], 1)).await;
-    assert_eq!(backlog.json, serde_json::json!({"committed": 9, "duplicates": 0}));
+    let backlog = post_batch(
+        server.addr,
+        TOKEN_1,
+        &batch("gw-1", &[1, 2, 3, 4, 5, 6, 7, 8, 9], 1),
+    )
+    .await;
+    assert_eq!(
+        backlog.json,
+        serde_json::json!({"committed": 9, "duplicates": 0})
+    );
     // A mixed resend: 5 and 11 are known, 12 is new.
     let mixed = post_batch(server.addr, TOKEN_1, &batch("gw-1", &[5, 11, 12], 5)).await;
-    assert_eq!(mixed.json, serde_json::json!({"committed": 1, "duplicates": 2}));
+    assert_eq!(
+        mixed.json,
+        serde_json::json!({"committed": 1, "duplicates": 2})
+    );
 
     // Gaps stay open until filled or floored: 20 arrives before 13..19.
     let ahead = post_batch(server.addr, TOKEN_1, &batch("gw-1", &[20], 13)).await;
@@ -241,18 +283,25 @@ async fn out_of_order_batches_are_deduplicated_by_set() {
     let floor = post_batch(server.addr, TOKEN_1, &batch("gw-1", &[21], 21)).await;
     assert_eq!(floor.json["committed"], 1);
     let late = post_batch(server.addr, TOKEN_1, &batch("gw-1", &[17], 17)).await;
-    assert_eq!(late.json, serde_json::json!({"committed": 0, "duplicates": 1}));
+    assert_eq!(
+        late.json,
+        serde_json::json!({"committed": 0, "duplicates": 1})
+    );
 
     let mut seqs = seqs_of(&log_dir, "millrace.windows");
     let written = seqs.len();
     seqs.sort_unstable();
     seqs.dedup();
     assert_eq!(seqs.len(), written, "a seq was written twice");
-    assert_eq!(seqs, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 20, 21]);
+    assert_eq!(
+        seqs,
+        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 20, 21]
+    );
 
     // The saved state is compact: everything collapsed into the floor.
     let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(tmp.path().join("dedup/gw-1.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(tmp.path().join("dedup/gw-1.json")).unwrap())
+            .unwrap();
     assert_eq!(state["committed"]["floor"], 22);
     assert_eq!(state["committed"]["ranges"], serde_json::json!([]));
     server.stop().await;
@@ -271,7 +320,10 @@ async fn restart_keeps_the_dedup_state() {
 
     let server = Server::start(&config).await;
     let reply = post_batch(server.addr, TOKEN_1, &batch("gw-1", &[7, 8, 9], 1)).await;
-    assert_eq!(reply.json, serde_json::json!({"committed": 1, "duplicates": 2}));
+    assert_eq!(
+        reply.json,
+        serde_json::json!({"committed": 1, "duplicates": 2})
+    );
     assert_eq!(seqs_of(&log_dir, "millrace.windows"), vec![7, 8, 9]);
     assert_eq!(healthz(server.addr).await.status, StatusCode::OK);
     server.stop().await;
@@ -316,12 +368,9 @@ async fn log_failure_answers_503_and_commits_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let config = parse_config(&config_text(tmp.path(), "retry-after = \"7s\"", ""));
     let log_dir = tmp.path().join("log");
-    let (inner, _) = millrace_aggregator::log::local::LocalLogWriter::open(
-        &log_dir,
-        &config.topics,
-        1 << 20,
-    )
-    .unwrap();
+    let (inner, _) =
+        millrace_aggregator::log::local::LocalLogWriter::open(&log_dir, &config.topics, 1 << 20)
+            .unwrap();
     let flaky = Arc::new(Flaky {
         failures: AtomicU32::new(1),
         inner,
@@ -336,7 +385,10 @@ async fn log_failure_answers_503_and_commits_nothing() {
 
     // The retry is written: the failed attempt did not mark anything committed.
     let reply = post_batch(server.addr, TOKEN_1, &batch("gw-1", &[1, 2], 1)).await;
-    assert_eq!(reply.json, serde_json::json!({"committed": 2, "duplicates": 0}));
+    assert_eq!(
+        reply.json,
+        serde_json::json!({"committed": 2, "duplicates": 0})
+    );
     assert_eq!(seqs_of(&log_dir, "millrace.windows"), vec![1, 2]);
     assert_eq!(healthz(server.addr).await.status, StatusCode::OK);
     server.stop().await;
@@ -358,7 +410,11 @@ async fn tail_prints_json_lines_with_offset_key_and_headers() {
         .arg("--from-beginning")
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let lines: Vec<serde_json::Value> = String::from_utf8(output.stdout)
         .unwrap()
         .lines()
@@ -384,7 +440,10 @@ fn check_config_names_file_and_key() {
         .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("bad.toml") && stderr.contains("max-body"), "{stderr}");
+    assert!(
+        stderr.contains("bad.toml") && stderr.contains("max-body"),
+        "{stderr}"
+    );
 
     let good = tmp.path().join("good.toml");
     std::fs::write(&good, config_text(tmp.path(), "", "")).unwrap();
@@ -393,6 +452,10 @@ fn check_config_names_file_and_key() {
         .arg(&good)
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(!String::from_utf8_lossy(&output.stdout).contains(TOKEN_1));
 }

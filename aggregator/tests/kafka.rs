@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 //! The Kafka writer against a real Kafka-compatible broker (tansu, started by
 //! `scripts/kafka-peer.sh`), checked with an independent client
 //! (`scripts/kafka-read.py`, confluent-kafka).
@@ -17,7 +18,9 @@ use std::time::{Duration, Instant};
 use util::*;
 
 fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../scripts")
+        .join(name)
 }
 
 /// A tansu broker on loopback; stopped on drop, even when the test fails.
@@ -114,7 +117,10 @@ async fn wait_healthy(server: &Server, want: StatusCode) {
         if status == want {
             return;
         }
-        assert!(Instant::now() < deadline, "/healthz stayed {status}, wanted {want}");
+        assert!(
+            Instant::now() < deadline,
+            "/healthz stayed {status}, wanted {want}"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
@@ -145,18 +151,30 @@ async fn records_land_in_kafka_once_and_outage_answers_503() {
     });
     let reply = post_batch(server.addr, TOKEN_1, &first).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.json);
-    assert_eq!(reply.json, serde_json::json!({"committed": 4, "duplicates": 0}));
+    assert_eq!(
+        reply.json,
+        serde_json::json!({"committed": 4, "duplicates": 0})
+    );
     let again = post_batch(server.addr, TOKEN_1, &first).await;
-    assert_eq!(again.json, serde_json::json!({"committed": 0, "duplicates": 4}));
+    assert_eq!(
+        again.json,
+        serde_json::json!({"committed": 0, "duplicates": 4})
+    );
 
     let windows = read_topic(broker.port, "millrace.windows");
-    assert_eq!(seq_counts(&windows), BTreeMap::from([(1, 1), (2, 1), (3, 1)]));
+    assert_eq!(
+        seq_counts(&windows),
+        BTreeMap::from([(1, 1), (2, 1), (3, 1)])
+    );
     let w = &windows[0];
     assert_eq!(w["key"], "press-1/temp");
     assert_eq!(w["headers"]["kind"], "window");
     assert_eq!(w["headers"]["wire-version"], "1");
     assert_eq!(w["value"]["series"]["sensor"], "temp");
-    assert_eq!(w["value"]["end_ms"].as_i64().unwrap() - w["value"]["start_ms"].as_i64().unwrap(), 5_000);
+    assert_eq!(
+        w["value"]["end_ms"].as_i64().unwrap() - w["value"]["start_ms"].as_i64().unwrap(),
+        5_000
+    );
     let dead = read_topic(broker.port, "millrace.dead-letters");
     assert_eq!(seq_counts(&dead), BTreeMap::from([(4, 1)]));
     assert_eq!(dead[0]["key"], "plant/line1/temp");
@@ -166,7 +184,12 @@ async fn records_land_in_kafka_once_and_outage_answers_503() {
     broker.stop();
     let down: Batch = batch("gw-1", &[5], 5);
     let reply = post_batch(server.addr, TOKEN_1, &down).await;
-    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{}", reply.json);
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.json
+    );
     assert!(reply.headers.contains_key("retry-after"));
     wait_healthy(&server, StatusCode::SERVICE_UNAVAILABLE).await;
 
@@ -176,11 +199,23 @@ async fn records_land_in_kafka_once_and_outage_answers_503() {
     loop {
         let reply = post_batch(server.addr, TOKEN_1, &down).await;
         if reply.status == StatusCode::OK {
-            assert_eq!(reply.json, serde_json::json!({"committed": 1, "duplicates": 0}));
+            assert_eq!(
+                reply.json,
+                serde_json::json!({"committed": 1, "duplicates": 0})
+            );
             break;
         }
-        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{}", reply.json);
-        assert!(Instant::now() < deadline, "still 503 after the broker came back: {}", reply.json);
+        assert_eq!(
+            reply.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{}",
+            reply.json
+        );
+        assert!(
+            Instant::now() < deadline,
+            "still 503 after the broker came back: {}",
+            reply.json
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     wait_healthy(&server, StatusCode::OK).await;

@@ -248,7 +248,9 @@ impl LogWriter for KafkaWriter {
             match probe {
                 Ok(Ok(metadata)) if !metadata.brokers().is_empty() => Health::Healthy,
                 Ok(Ok(_)) => Health::Unhealthy("metadata lists no brokers".into()),
-                Ok(Err(error)) => Health::Unhealthy(format!("kafka metadata request failed: {error}")),
+                Ok(Err(error)) => {
+                    Health::Unhealthy(format!("kafka metadata request failed: {error}"))
+                }
                 Err(error) => Health::Unhealthy(format!("health probe failed: {error}")),
             }
         })
@@ -258,8 +260,7 @@ impl LogWriter for KafkaWriter {
         Box::pin(async move {
             let (_, producer) = self.current();
             let timeout = self.config.message_timeout;
-            let flushed =
-                tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
+            let flushed = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
             if let Ok(Err(error)) = flushed {
                 tracing::warn!(%error, "kafka producer flush at shutdown failed");
             }

@@ -215,7 +215,10 @@ fn decode_body(body: &[u8]) -> Result<StoredRecord, String> {
 }
 
 enum Frame {
-    Record { record: StoredRecord, len: u64 },
+    Record {
+        record: StoredRecord,
+        len: u64,
+    },
     /// Clean end of file at a frame boundary.
     End,
     /// The file ends inside a frame: a torn write, or one still in progress.
@@ -245,12 +248,16 @@ fn read_frame(reader: &mut impl Read) -> io::Result<Frame> {
         return Ok(Frame::End);
     }
     if n < FRAME_HEADER_LEN {
-        return Ok(Frame::Incomplete(format!("frame header cut after {n} bytes")));
+        return Ok(Frame::Incomplete(format!(
+            "frame header cut after {n} bytes"
+        )));
     }
     let body_len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
     let expected_crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
     if body_len > MAX_RECORD_BYTES {
-        return Ok(Frame::Corrupt(format!("implausible body length {body_len}")));
+        return Ok(Frame::Corrupt(format!(
+            "implausible body length {body_len}"
+        )));
     }
     let mut body = vec![0u8; body_len];
     let n = read_up_to(reader, &mut body)?;
@@ -326,10 +333,8 @@ fn scan_segment(path: &Path, base: u64) -> Result<(u64, u64, Option<String>), Lo
             }
             Frame::Record { record, len } => {
                 if record.offset != next_offset {
-                    let reason = format!(
-                        "offset {} where {next_offset} was expected",
-                        record.offset
-                    );
+                    let reason =
+                        format!("offset {} where {next_offset} was expected", record.offset);
                     return Ok((good_len, next_offset, Some(reason)));
                 }
                 good_len += len;
@@ -452,7 +457,9 @@ impl LocalLog {
         let mut logs = BTreeMap::new();
         for &topic in topics {
             let (log, truncation) = TopicLog::open(dir, topic)?;
-            report.next_offsets.insert(topic.to_owned(), log.next_offset);
+            report
+                .next_offsets
+                .insert(topic.to_owned(), log.next_offset);
             report.truncations.extend(truncation);
             logs.insert(topic.to_owned(), log);
         }
@@ -521,10 +528,7 @@ impl LocalLog {
                 let Some(log) = self.topics.get_mut(topic) else {
                     continue;
                 };
-                let rollback = log
-                    .active
-                    .set_len(len)
-                    .and_then(|()| log.active.sync_all());
+                let rollback = log.active.set_len(len).and_then(|()| log.active.sync_all());
                 match rollback {
                     Ok(()) => {
                         log.active_len = len;
@@ -588,7 +592,9 @@ impl TopicReader {
     /// The offset the next appended record will get (first offset if empty).
     pub fn end_offset(&self) -> Result<u64, LocalLogError> {
         let bases = list_segments(&self.dir)?;
-        let Some(&base) = bases.last() else { return Ok(0) };
+        let Some(&base) = bases.last() else {
+            return Ok(0);
+        };
         let (_, next, _) = scan_segment(&segment_path(&self.dir, base), base)?;
         Ok(next)
     }
@@ -645,7 +651,7 @@ impl Cursor {
     }
 
     /// The next record, or `None` at the current end of the topic.
-    pub fn next(&mut self) -> Result<Option<StoredRecord>, LocalLogError> {
+    pub fn next_record(&mut self) -> Result<Option<StoredRecord>, LocalLogError> {
         loop {
             if self.reader.is_none() {
                 self.open_segment()?;
@@ -703,9 +709,9 @@ pub(crate) fn committed_since(
     for topic in topics {
         let reader = TopicReader::open(log_dir, topic)?;
         let mut cursor = reader.cursor(from.get(topic).copied().unwrap_or(0))?;
-        while let Some(record) = cursor.next()? {
-            let agent = header(&record.headers, HEADER_AGENT)
-                .and_then(|a| std::str::from_utf8(a).ok());
+        while let Some(record) = cursor.next_record()? {
+            let agent =
+                header(&record.headers, HEADER_AGENT).and_then(|a| std::str::from_utf8(a).ok());
             let seq = header(&record.headers, HEADER_SEQ)
                 .and_then(|s| std::str::from_utf8(s).ok())
                 .and_then(|s| s.parse::<u64>().ok());
@@ -814,7 +820,7 @@ mod tests {
     fn read_all(dir: &Path, topic: &str) -> Vec<StoredRecord> {
         let mut cursor = TopicReader::open(dir, topic).unwrap().cursor(0).unwrap();
         let mut out = Vec::new();
-        while let Some(r) = cursor.next().unwrap() {
+        while let Some(r) = cursor.next_record().unwrap() {
             out.push(r);
         }
         out
@@ -874,7 +880,7 @@ mod tests {
         // A cursor from the middle starts in the right segment.
         let reader = TopicReader::open(tmp.path(), "w").unwrap();
         let mut cursor = reader.cursor(bases[1] + 1).unwrap();
-        assert_eq!(cursor.next().unwrap().unwrap().offset, bases[1] + 1);
+        assert_eq!(cursor.next_record().unwrap().unwrap().offset, bases[1] + 1);
         assert_eq!(reader.end_offset().unwrap(), 200);
         let (log, report) = LocalLog::open(tmp.path(), &["w"], 4096).unwrap();
         assert!(report.truncations.is_empty());
@@ -901,7 +907,10 @@ mod tests {
         assert_eq!(log.next_offset("w"), Some(2));
         log.append(&[record("w", 3)]).unwrap();
         let got = read_all(tmp.path(), "w");
-        assert_eq!(got.iter().map(|r| r.offset).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(
+            got.iter().map(|r| r.offset).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
         assert_eq!(got[2].value, record("w", 3).value);
         // Opening again finds nothing more to cut.
         drop(log);
@@ -926,13 +935,22 @@ mod tests {
         fs::write(&path, &bytes).unwrap();
 
         // A reader reports the corruption instead of returning bad data.
-        let mut cursor = TopicReader::open(tmp.path(), "w").unwrap().cursor(0).unwrap();
-        assert_eq!(cursor.next().unwrap().unwrap().offset, 0);
-        assert!(matches!(cursor.next(), Err(LocalLogError::Corrupt { .. })));
+        let mut cursor = TopicReader::open(tmp.path(), "w")
+            .unwrap()
+            .cursor(0)
+            .unwrap();
+        assert_eq!(cursor.next_record().unwrap().unwrap().offset, 0);
+        assert!(matches!(
+            cursor.next_record(),
+            Err(LocalLogError::Corrupt { .. })
+        ));
 
         let (log, report) = LocalLog::open(tmp.path(), &["w"], 1 << 20).unwrap();
         assert_eq!(report.truncations.len(), 1);
-        assert!(report.truncations[0].reason.contains("checksum"), "{report:?}");
+        assert!(
+            report.truncations[0].reason.contains("checksum"),
+            "{report:?}"
+        );
         assert_eq!(report.truncations[0].at_byte, frame_len as u64);
         assert_eq!(log.next_offset("w"), Some(1));
         assert_eq!(read_all(tmp.path(), "w").len(), 1);
@@ -946,7 +964,8 @@ mod tests {
         drop(log);
         let path = only_segment(tmp.path(), "w");
         let mut file = OpenOptions::new().append(true).open(&path).unwrap();
-        file.write_all(&[0xff, 0xff, 0xff, 0x7f, 1, 2, 3, 4, 5]).unwrap();
+        file.write_all(&[0xff, 0xff, 0xff, 0x7f, 1, 2, 3, 4, 5])
+            .unwrap();
         drop(file);
         let (log, report) = LocalLog::open(tmp.path(), &["w"], 1 << 20).unwrap();
         assert_eq!(report.truncations[0].dropped_bytes, 9);
@@ -959,11 +978,11 @@ mod tests {
         let (mut log, _) = LocalLog::open(tmp.path(), &["w"], 4096).unwrap();
         let reader = TopicReader::open(tmp.path(), "w").unwrap();
         let mut cursor = reader.cursor(reader.end_offset().unwrap()).unwrap();
-        assert!(cursor.next().unwrap().is_none());
+        assert!(cursor.next_record().unwrap().is_none());
         let mut seen = 0u64;
         for n in 0..60 {
             log.append(&[record("w", n)]).unwrap();
-            while let Some(r) = cursor.next().unwrap() {
+            while let Some(r) = cursor.next_record().unwrap() {
                 assert_eq!(r.offset, seen);
                 seen += 1;
             }
@@ -975,10 +994,14 @@ mod tests {
     fn committed_since_reports_agent_and_seq_from_an_offset() {
         let tmp = tempfile::tempdir().unwrap();
         let (mut log, _) = LocalLog::open(tmp.path(), &["w"], 1 << 20).unwrap();
-        log.append(&[record("w", 10), record("w", 11), record("w", 12)]).unwrap();
+        log.append(&[record("w", 10), record("w", 11), record("w", 12)])
+            .unwrap();
         let mut seen = Vec::new();
         let from = BTreeMap::from([("w".to_owned(), 1)]);
-        committed_since(tmp.path(), &["w".to_owned()], &from, &mut |r| seen.push(r.seq)).unwrap();
+        committed_since(tmp.path(), &["w".to_owned()], &from, &mut |r| {
+            seen.push(r.seq)
+        })
+        .unwrap();
         assert_eq!(seen, vec![11, 12]);
     }
 }

@@ -50,9 +50,17 @@ impl LogRecord {
         envelope: &Envelope,
     ) -> Result<Self, serde_json::Error> {
         let (topic, key, value) = match &envelope.record {
-            Record::Window(w) => (&topics.windows, w.series.to_string(), serde_json::to_vec(w)?),
+            Record::Window(w) => (
+                &topics.windows,
+                w.series.to_string(),
+                serde_json::to_vec(w)?,
+            ),
             Record::Alert(a) => (&topics.alerts, a.series.to_string(), serde_json::to_vec(a)?),
-            Record::DeadLetter(d) => (&topics.dead_letters, d.origin.clone(), serde_json::to_vec(d)?),
+            Record::DeadLetter(d) => (
+                &topics.dead_letters,
+                d.origin.clone(),
+                serde_json::to_vec(d)?,
+            ),
         };
         Ok(Self {
             topic: topic.clone(),
@@ -61,8 +69,14 @@ impl LogRecord {
             headers: vec![
                 (HEADER_AGENT.into(), agent.as_bytes().to_vec()),
                 (HEADER_SEQ.into(), envelope.seq.to_string().into_bytes()),
-                (HEADER_WIRE_VERSION.into(), wire_version.to_string().into_bytes()),
-                (HEADER_KIND.into(), envelope.record.kind().as_str().as_bytes().to_vec()),
+                (
+                    HEADER_WIRE_VERSION.into(),
+                    wire_version.to_string().into_bytes(),
+                ),
+                (
+                    HEADER_KIND.into(),
+                    envelope.record.kind().as_str().as_bytes().to_vec(),
+                ),
             ],
         })
     }

@@ -179,7 +179,12 @@ pub fn batch(agent: &str, seqs: &[u64], floor: u64) -> Batch {
         .iter()
         .map(|&seq| Envelope {
             seq,
-            record: window(agent, "temp", 1_700_000_000_000 + seq as i64 * 5_000, seq as f64),
+            record: window(
+                agent,
+                "temp",
+                1_700_000_000_000 + seq as i64 * 5_000,
+                seq as f64,
+            ),
         })
         .collect();
     let mut batch = Batch::new(agent, records);
