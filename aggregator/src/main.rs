@@ -1,4 +1,209 @@
 //! `millrace-aggregator`: central ingest, dedup and log writer.
+//!
+//! ```text
+//! millrace-aggregator run --config /etc/millrace/aggregator.toml
+//! millrace-aggregator check-config /etc/millrace/aggregator.toml
+//! millrace-aggregator tail --config aggregator.toml millrace.alerts --from-beginning --follow
+//! ```
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use millrace_aggregator::config::{Config, SinkConfig};
+use millrace_aggregator::tail::{tail, StartAt, TailOptions};
+use millrace_aggregator::Aggregator;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Millrace aggregator: receives batches from Millrace agents over HTTP,
+/// deduplicates them by (agent, seq), and writes windows, alerts and dead
+/// letters to Kafka or to an embedded log on local disk.
+///
+/// Logging: `RUST_LOG` selects levels (default `info`), e.g.
+/// `RUST_LOG=millrace_aggregator=debug,librdkafka=warn`.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// Log line format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// One JSON object per line, for log shippers.
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the ingest API until SIGINT or SIGTERM.
+    ///
+    /// Endpoints: `POST /api/v1/ingest` (Bearer token; body a batch as
+    /// application/x-millrace-batch or application/json, optionally gzip) and
+    /// `GET /healthz` (200 when the log writer is healthy, 503 otherwise).
+    Run {
+        /// The TOML configuration (see config/aggregator.toml for every key).
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Check a configuration file and print its effective settings; exit
+    /// status 0 when valid. Tokens are not printed.
+    CheckConfig {
+        #[arg(value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Print the records of an embedded-log topic, one JSON line each
+    /// (offset, key, headers, value). Safe to run next to a running aggregator.
+    Tail {
+        /// The topic, e.g. millrace.windows, millrace.alerts, millrace.dead-letters.
+        topic: String,
+        /// Take the log directory from this configuration file.
+        #[arg(long, short, value_name = "FILE", conflicts_with = "log_dir")]
+        config: Option<PathBuf>,
+        /// The embedded log directory (`[log] dir`, default `<data-dir>/log`).
+        #[arg(long, value_name = "DIR")]
+        log_dir: Option<PathBuf>,
+        /// Start at the first record (default: only records appended from now on).
+        #[arg(long, conflicts_with = "from_offset")]
+        from_beginning: bool,
+        /// Start at this offset.
+        #[arg(long, value_name = "OFFSET")]
+        from_offset: Option<u64>,
+        /// Keep printing records as they are appended.
+        #[arg(long, short)]
+        follow: bool,
+    },
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
-    anyhow::bail!("millrace-aggregator: not built yet in this release")
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match cli.command {
+        Command::Run { config } => run(&config),
+        Command::CheckConfig { config } => check_config(&config),
+        Command::Tail {
+            topic,
+            config,
+            log_dir,
+            from_beginning,
+            from_offset,
+            follow,
+        } => {
+            let log_dir = match (log_dir, config) {
+                (Some(dir), _) => dir,
+                (None, Some(file)) => match Config::load(&file)?.sink {
+                    SinkConfig::Local(local) => local.dir,
+                    SinkConfig::Kafka(_) => anyhow::bail!(
+                        "{}: Kafka is configured; read the topic with a Kafka client",
+                        file.display()
+                    ),
+                },
+                (None, None) => anyhow::bail!("tail needs --config FILE or --log-dir DIR"),
+            };
+            let start = match (from_beginning, from_offset) {
+                (true, _) => StartAt::Beginning,
+                (false, Some(offset)) => StartAt::Offset(offset),
+                (false, None) => StartAt::End,
+            };
+            let options = TailOptions {
+                log_dir,
+                topic,
+                start,
+                follow,
+                poll_interval: Duration::from_millis(200),
+            };
+            tail(&options, &mut std::io::stdout().lock())?;
+            Ok(())
+        }
+    }
+}
+
+fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    println!("{}: ok", path.display());
+    println!("listen: {}", config.listen);
+    println!("data-dir: {}", config.data_dir.display());
+    println!("max-body: {} bytes", config.max_body_bytes);
+    let ids: Vec<&str> = config.agents.iter().map(|a| a.id.as_str()).collect();
+    println!("agents: {}", ids.join(", "));
+    println!(
+        "topics: {}, {}, {}",
+        config.topics.windows, config.topics.alerts, config.topics.dead_letters
+    );
+    match &config.sink {
+        SinkConfig::Kafka(k) => println!(
+            "log: kafka brokers={} message-timeout={:?} max-in-flight={}",
+            k.brokers, k.message_timeout, k.max_in_flight
+        ),
+        SinkConfig::Local(l) => println!(
+            "log: embedded dir={} segment-size={} bytes",
+            l.dir.display(),
+            l.segment_bytes
+        ),
+    }
+    Ok(())
+}
+
+fn run(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let aggregator = Aggregator::open(&config)?;
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("listening on {}", config.listen))?;
+        let local = listener.local_addr()?;
+        tracing::info!(listen = %local, "millrace-aggregator ready");
+        let shutdown = CancellationToken::new();
+        tokio::spawn(wait_for_signal(shutdown.clone()));
+        aggregator.serve(listener, shutdown).await?;
+        tracing::info!("millrace-aggregator stopped");
+        Ok(())
+    })
+}
+
+async fn wait_for_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only SIGINT stops the aggregator");
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    tracing::info!("shutdown requested");
+    shutdown.cancel();
 }

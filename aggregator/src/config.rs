@@ -1,0 +1,620 @@
+//! Aggregator configuration: the TOML file, checked in two stages.
+//!
+//! Stage one is [`RawConfig`], a plain serde mirror of the file
+//! (`deny_unknown_fields`, kebab-case keys, durations like `"5s"`, sizes like
+//! `"8MiB"`). Stage two, [`Config::from_raw`], applies defaults, reads secrets
+//! from the environment and checks every value; its errors name the file and
+//! the key. Defaults live in the `default_*` functions of this module only.
+//!
+//! ```toml
+//! listen = "127.0.0.1:8480"
+//! data-dir = "/var/lib/millrace-aggregator"
+//! max-body = "8MiB"
+//!
+//! [[agents]]
+//! id = "gw-press-1"
+//! # or MILLRACE_TOKEN_GW_PRESS_1 in the environment
+//! token = "change-me-to-a-long-random-secret"
+//!
+//! [topics]
+//! windows = "millrace.windows"
+//!
+//! [kafka]            # omit the table (or leave brokers empty) for the embedded log
+//! brokers = "kafka-1:9092,kafka-2:9092"
+//! message-timeout = "30s"
+//! ```
+//!
+//! What it is not: there is no hot reload; a changed file takes effect on restart.
+
+use serde::{Deserialize, Deserializer};
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The file as written, before defaults and checks.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawConfig {
+    /// Address the HTTP API listens on. Default `127.0.0.1:8480`.
+    pub listen: Option<String>,
+    /// Directory for the dedup state (and the embedded log unless `[log] dir`
+    /// says otherwise). Required.
+    pub data_dir: Option<PathBuf>,
+    /// Largest accepted request body, compressed and after decompression.
+    /// Default `8MiB`.
+    pub max_body: Option<ByteSize>,
+    /// Ingest requests handled at once; further requests get `503` with
+    /// `Retry-After` at once instead of queueing. Default 64.
+    pub max_concurrent_batches: Option<usize>,
+    /// The `Retry-After` sent with every `503`. Default `5s`.
+    #[serde(default, with = "humantime_serde::option")]
+    pub retry_after: Option<Duration>,
+    /// How long a shutdown waits for in-flight requests. Default `10s`.
+    #[serde(default, with = "humantime_serde::option")]
+    pub shutdown_grace: Option<Duration>,
+    /// The agents allowed to send, each with its bearer token.
+    #[serde(default)]
+    pub agents: Vec<RawAgent>,
+    #[serde(default)]
+    pub topics: RawTopics,
+    pub kafka: Option<RawKafka>,
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawAgent {
+    /// Agent id as sent in `Batch::agent`: letters, digits, `.`, `_`, `-`.
+    pub id: String,
+    /// Bearer token; `MILLRACE_TOKEN_<ID>` (id upper-cased, `.`/`-` → `_`)
+    /// in the environment takes precedence.
+    pub token: Option<String>,
+}
+
+/// Topic names, shared by the Kafka writer and the embedded log so that
+/// downstream tools see the same names whichever is in use.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawTopics {
+    /// Default `millrace.windows`.
+    pub windows: Option<String>,
+    /// Default `millrace.alerts`.
+    pub alerts: Option<String>,
+    /// Default `millrace.dead-letters`.
+    pub dead_letters: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawKafka {
+    /// `host:port[,host:port...]`; empty means: use the embedded log.
+    pub brokers: String,
+    /// How long the producer tries to deliver a record before the batch
+    /// fails with `503`. Default `30s`.
+    #[serde(default, with = "humantime_serde::option")]
+    pub message_timeout: Option<Duration>,
+    /// Records handed to the producer and not yet acknowledged, across all
+    /// requests; a request waits for room. Default 10000.
+    pub max_in_flight: Option<usize>,
+    /// Kafka `client.id`. Default `millrace-aggregator`.
+    pub client_id: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawLog {
+    /// Directory of the embedded log. Default `<data-dir>/log`.
+    pub dir: Option<PathBuf>,
+    /// A segment file is closed and a new one started past this size.
+    /// Default `64MiB`.
+    pub segment_size: Option<ByteSize>,
+}
+
+/// A byte count written as `"8MiB"`, `"512 KiB"`, `"1GB"` or a plain integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let number: u64 = number
+            .parse()
+            .map_err(|_| format!("`{text}` is not a size like \"8MiB\""))?;
+        let multiplier: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "kB" | "KB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            other => {
+                return Err(format!(
+                    "unknown size unit `{other}` (use B, KiB, MiB, GiB, kB, MB or GB)"
+                ))
+            }
+        };
+        number
+            .checked_mul(multiplier)
+            .map(ByteSize)
+            .ok_or_else(|| format!("size `{text}` is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Repr {
+            Int(u64),
+            Text(String),
+        }
+        match Repr::deserialize(d)? {
+            Repr::Int(n) => Ok(ByteSize(n)),
+            Repr::Text(t) => ByteSize::parse(&t).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// The checked configuration the aggregator runs with.
+#[derive(Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub max_body_bytes: usize,
+    pub max_concurrent_batches: usize,
+    pub retry_after: Duration,
+    pub shutdown_grace: Duration,
+    pub agents: Vec<AgentCredential>,
+    pub topics: Topics,
+    pub sink: SinkConfig,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("data_dir", &self.data_dir)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_concurrent_batches", &self.max_concurrent_batches)
+            .field("retry_after", &self.retry_after)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .field("agents", &self.agents)
+            .field("topics", &self.topics)
+            .field("sink", &self.sink)
+            .finish()
+    }
+}
+
+/// One agent and its bearer token. `Debug` never prints the token.
+#[derive(Clone)]
+pub struct AgentCredential {
+    pub id: String,
+    pub token: String,
+}
+
+impl fmt::Debug for AgentCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AgentCredential")
+            .field("id", &self.id)
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    pub windows: String,
+    pub alerts: String,
+    pub dead_letters: String,
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Self {
+            windows: "millrace.windows".into(),
+            alerts: "millrace.alerts".into(),
+            dead_letters: "millrace.dead-letters".into(),
+        }
+    }
+}
+
+impl Topics {
+    pub fn all(&self) -> [&str; 3] {
+        [&self.windows, &self.alerts, &self.dead_letters]
+    }
+}
+
+/// Where committed records go.
+#[derive(Debug, Clone)]
+pub enum SinkConfig {
+    Kafka(KafkaConfig),
+    Local(LocalLogConfig),
+}
+
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub message_timeout: Duration,
+    pub max_in_flight: usize,
+    pub client_id: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct LocalLogConfig {
+    pub dir: PathBuf,
+    pub segment_bytes: u64,
+}
+
+/// A configuration error, naming the file and the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}: {source}")]
+    Parse {
+        file: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{file}: key `{key}`: {message}")]
+    Invalid {
+        file: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+fn default_listen() -> &'static str {
+    "127.0.0.1:8480"
+}
+const DEFAULT_MAX_BODY: ByteSize = ByteSize(8 << 20);
+const DEFAULT_MAX_CONCURRENT_BATCHES: usize = 64;
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
+const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_MAX_IN_FLIGHT: usize = 10_000;
+const DEFAULT_SEGMENT_SIZE: ByteSize = ByteSize(64 << 20);
+const MIN_TOKEN_LEN: usize = 16;
+const MAX_AGENT_ID_LEN: usize = 128;
+
+/// The environment variable that overrides the token of agent `id`.
+pub fn token_env_var(id: &str) -> String {
+    let suffix: String = id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("MILLRACE_TOKEN_{suffix}")
+}
+
+/// Agent ids become file names of the dedup state, so they are restricted.
+pub fn valid_agent_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_AGENT_ID_LEN
+        && !id.starts_with('.')
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+impl Config {
+    /// Reads, parses and checks `path`, taking secrets from the process environment.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text, |name| std::env::var(name).ok())
+    }
+
+    /// Parses and checks `text` (read from `path`, used in errors), looking
+    /// up environment overrides through `env`.
+    pub fn parse(
+        path: &Path,
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            file: path.to_owned(),
+            source: Box::new(source),
+        })?;
+        Self::from_raw(path, raw, env)
+    }
+
+    pub fn from_raw(
+        path: &Path,
+        raw: RawConfig,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            file: path.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+
+        let listen_text = raw.listen.as_deref().unwrap_or(default_listen());
+        let listen: SocketAddr = listen_text.parse().map_err(|e| {
+            invalid(
+                "listen",
+                format!("`{listen_text}` is not an address like 127.0.0.1:8480: {e}"),
+            )
+        })?;
+        let data_dir = raw
+            .data_dir
+            .ok_or_else(|| invalid("data-dir", "is required".into()))?;
+        if data_dir.as_os_str().is_empty() {
+            return Err(invalid("data-dir", "must not be empty".into()));
+        }
+        let max_body = raw.max_body.unwrap_or(DEFAULT_MAX_BODY);
+        if max_body.0 == 0 {
+            return Err(invalid("max-body", "must be greater than 0".into()));
+        }
+        let max_body_bytes = usize::try_from(max_body.0)
+            .map_err(|_| invalid("max-body", "too large for this platform".into()))?;
+        let max_concurrent_batches = raw
+            .max_concurrent_batches
+            .unwrap_or(DEFAULT_MAX_CONCURRENT_BATCHES);
+        if max_concurrent_batches == 0 {
+            return Err(invalid(
+                "max-concurrent-batches",
+                "must be at least 1".into(),
+            ));
+        }
+        let retry_after = raw.retry_after.unwrap_or(DEFAULT_RETRY_AFTER);
+        if retry_after < Duration::from_secs(1) {
+            return Err(invalid(
+                "retry-after",
+                "must be at least 1s (Retry-After counts whole seconds)".into(),
+            ));
+        }
+        let shutdown_grace = raw.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE);
+
+        let mut agents = Vec::with_capacity(raw.agents.len());
+        let mut ids = HashSet::new();
+        let mut tokens = HashSet::new();
+        for (i, agent) in raw.agents.into_iter().enumerate() {
+            let key = |field: &str| format!("agents[{i}].{field}");
+            if !valid_agent_id(&agent.id) {
+                return Err(invalid(
+                    &key("id"),
+                    format!(
+                        "`{}` is not a valid agent id (1 to {MAX_AGENT_ID_LEN} of A-Z a-z 0-9 . _ -, not starting with .)",
+                        agent.id
+                    ),
+                ));
+            }
+            if !ids.insert(agent.id.clone()) {
+                return Err(invalid(
+                    &key("id"),
+                    format!("duplicate agent id `{}`", agent.id),
+                ));
+            }
+            let var = token_env_var(&agent.id);
+            let token = env(&var).or(agent.token).ok_or_else(|| {
+                invalid(
+                    &key("token"),
+                    format!("missing: set it in the file or in the environment as {var}"),
+                )
+            })?;
+            if token.len() < MIN_TOKEN_LEN {
+                return Err(invalid(
+                    &key("token"),
+                    format!("too short: at least {MIN_TOKEN_LEN} characters"),
+                ));
+            }
+            if !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(invalid(
+                    &key("token"),
+                    "must be printable ASCII without spaces".into(),
+                ));
+            }
+            if !tokens.insert(token.clone()) {
+                return Err(invalid(
+                    &key("token"),
+                    "the same token is used by another agent".into(),
+                ));
+            }
+            agents.push(AgentCredential {
+                id: agent.id,
+                token,
+            });
+        }
+
+        let defaults = Topics::default();
+        let topics = Topics {
+            windows: raw.topics.windows.unwrap_or(defaults.windows),
+            alerts: raw.topics.alerts.unwrap_or(defaults.alerts),
+            dead_letters: raw.topics.dead_letters.unwrap_or(defaults.dead_letters),
+        };
+        for (key, name) in [
+            ("topics.windows", &topics.windows),
+            ("topics.alerts", &topics.alerts),
+            ("topics.dead-letters", &topics.dead_letters),
+        ] {
+            if !valid_topic(name) {
+                return Err(invalid(
+                    key,
+                    format!("`{name}` is not a valid topic name (1 to 249 of A-Z a-z 0-9 . _ -)"),
+                ));
+            }
+        }
+        let distinct: HashSet<&str> = topics.all().into_iter().collect();
+        if distinct.len() != 3 {
+            return Err(invalid(
+                "topics",
+                "the three topic names must differ".into(),
+            ));
+        }
+
+        let kafka = raw.kafka.filter(|k| !k.brokers.trim().is_empty());
+        let sink = match kafka {
+            Some(kafka) => {
+                let message_timeout = kafka.message_timeout.unwrap_or(DEFAULT_MESSAGE_TIMEOUT);
+                if message_timeout < Duration::from_millis(1) {
+                    return Err(invalid("kafka.message-timeout", "must be positive".into()));
+                }
+                let max_in_flight = kafka.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT);
+                if max_in_flight == 0 {
+                    return Err(invalid("kafka.max-in-flight", "must be at least 1".into()));
+                }
+                SinkConfig::Kafka(KafkaConfig {
+                    brokers: kafka.brokers.trim().to_owned(),
+                    message_timeout,
+                    max_in_flight,
+                    client_id: kafka
+                        .client_id
+                        .unwrap_or_else(|| "millrace-aggregator".into()),
+                })
+            }
+            None => {
+                let segment = raw.log.segment_size.unwrap_or(DEFAULT_SEGMENT_SIZE);
+                if segment.0 < 4096 {
+                    return Err(invalid("log.segment-size", "must be at least 4KiB".into()));
+                }
+                SinkConfig::Local(LocalLogConfig {
+                    dir: raw.log.dir.unwrap_or_else(|| data_dir.join("log")),
+                    segment_bytes: segment.0,
+                })
+            }
+        };
+
+        Ok(Config {
+            listen,
+            data_dir,
+            max_body_bytes,
+            max_concurrent_batches,
+            retry_after,
+            shutdown_grace,
+            agents,
+            topics,
+            sink,
+        })
+    }
+}
+
+/// Kafka's own rule, which the embedded log also uses for directory names.
+pub fn valid_topic(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 249
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("agg.toml"), text, |_| None)
+    }
+
+    const MINIMAL: &str = r#"
+data-dir = "/tmp/x"
+[[agents]]
+id = "gw-1"
+token = "0123456789abcdef"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults_and_embedded_log() {
+        let cfg = parse(MINIMAL).unwrap();
+        assert_eq!(cfg.listen, "127.0.0.1:8480".parse().unwrap());
+        assert_eq!(cfg.max_body_bytes, 8 << 20);
+        assert_eq!(cfg.topics, Topics::default());
+        match cfg.sink {
+            SinkConfig::Local(l) => assert_eq!(l.dir, PathBuf::from("/tmp/x/log")),
+            other => panic!("expected the embedded log, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn sizes_and_durations_parse() {
+        let text = "max-body = \"512KiB\"\ndata-dir = \"/d\"\n\
+                    [kafka]\nbrokers = \"k:9092\"\nmessage-timeout = \"3s\"\n";
+        let cfg = parse(text).unwrap();
+        assert_eq!(cfg.max_body_bytes, 512 << 10);
+        match cfg.sink {
+            SinkConfig::Kafka(k) => assert_eq!(k.message_timeout, Duration::from_secs(3)),
+            other => panic!("expected kafka, got {other:?}"),
+        }
+        assert_eq!(ByteSize::parse("8 MiB"), Ok(ByteSize(8 << 20)));
+        assert_eq!(ByteSize::parse("100kB"), Ok(ByteSize(100_000)));
+        assert!(ByteSize::parse("8 parsecs").is_err());
+        assert!(ByteSize::parse("99999999999999GiB").is_err());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_the_file_name() {
+        let err = parse(&format!("bogus = 1\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("agg.toml:"), "{err}");
+        assert!(err.contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = parse(&MINIMAL.replace("gw-1", "gw 1"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("agents[0].id"), "{err}");
+        let err = parse(&MINIMAL.replace("0123456789abcdef", "short"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("agents[0].token"), "{err}");
+        let err = parse(&format!("listen = \"nowhere\"\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("key `listen`"), "{err}");
+    }
+
+    #[test]
+    fn token_comes_from_the_environment() {
+        let text = "data-dir = \"/d\"\n[[agents]]\nid = \"gw-press.1\"\n";
+        let cfg = Config::parse(Path::new("a.toml"), text, |name| {
+            (name == "MILLRACE_TOKEN_GW_PRESS_1").then(|| "from-the-environment".to_owned())
+        })
+        .unwrap();
+        assert_eq!(cfg.agents[0].token, "from-the-environment");
+        let err = parse(text).unwrap_err().to_string();
+        assert!(err.contains("MILLRACE_TOKEN_GW_PRESS_1"), "{err}");
+        assert!(!format!("{:?}", cfg.agents).contains("from-the-environment"));
+    }
+
+    #[test]
+    fn shipped_examples_are_valid() {
+        let env = |name: &str| Some(format!("token-from-the-environment-{name}"));
+        for (name, text) in [
+            (
+                "aggregator.toml",
+                include_str!("../../config/aggregator.toml"),
+            ),
+            (
+                "aggregator-kafka.toml",
+                include_str!("../../config/aggregator-kafka.toml"),
+            ),
+        ] {
+            if let Err(e) = Config::parse(Path::new(name), text, env) {
+                panic!("{e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,373 @@
+//! Durable per-agent dedup state: which `seq` of each agent are committed.
+//!
+//! What it is: for every configured agent, a [`SeqSet`] of committed
+//! sequence numbers (a floor plus intervals, so it stays small however out
+//! of order batches arrive), saved as `<data-dir>/dedup/<agent>.json` by
+//! write-to-temp, fsync, rename, fsync-directory before a batch is answered
+//! `200`. Every agent has its own async lock; the ingest API holds it from
+//! the dedup check until the state is saved, so two copies of one batch
+//! racing each other are written once.
+//!
+//! # Write order and what a crash can do
+//!
+//! The log is written first, the dedup state second. A crash between the two
+//! leaves records in the log that the state does not list:
+//!
+//! - embedded log: the state file also keeps, per topic, the log offset it
+//!   covers (`log-marks`). At start-up every record after those marks is read
+//!   back and its (`agent`, `seq`) added to the set before serving, so the
+//!   resent batch is recognised: exactly once.
+//! - Kafka: nothing is read back, so the resent batch writes those records a
+//!   second time: at least once. Consumers can drop them by `agent`/`seq`.
+//!
+//! What it is not: it does not decide what a batch contains or check
+//! tokens; it only answers "was this seq committed?" and remembers answers.
+
+use crate::log::{CommittedRecord, LogError, LogWriter, WriteReceipt};
+use crate::seqset::{SeqSet, SeqSetRepr};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::sync::Mutex;
+
+const STATE_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DedupError {
+    #[error("dedup state {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("dedup state {path} is unreadable ({reason}); move it away to start afresh, which may re-accept batches already committed")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("reading the log back to reconcile the dedup state: {0}")]
+    Log(#[from] LogError),
+    #[error("dedup state task failed: {0}")]
+    Task(String),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct StateFile {
+    version: u32,
+    agent: String,
+    committed: SeqSetRepr,
+    /// Per topic: every record of this agent below this offset is in `committed`
+    /// (embedded log only).
+    #[serde(default)]
+    log_marks: BTreeMap<String, u64>,
+}
+
+/// The dedup state of one agent.
+#[derive(Debug)]
+pub struct AgentDedup {
+    agent: String,
+    path: PathBuf,
+    committed: SeqSet,
+    log_marks: BTreeMap<String, u64>,
+}
+
+impl AgentDedup {
+    pub fn agent(&self) -> &str {
+        &self.agent
+    }
+
+    pub fn is_committed(&self, seq: u64) -> bool {
+        self.committed.contains(seq)
+    }
+
+    pub fn committed(&self) -> &SeqSet {
+        &self.committed
+    }
+
+    /// Records `seqs` as committed (their log write was acknowledged, ending
+    /// at `receipt`) and raises the floor to `outbox_floor`. Returns whether
+    /// anything changed, i.e. whether the state must be saved.
+    pub fn commit(
+        &mut self,
+        seqs: impl IntoIterator<Item = u64>,
+        outbox_floor: u64,
+        receipt: &WriteReceipt,
+    ) -> bool {
+        let before = (self.committed.clone(), self.log_marks.clone());
+        for seq in seqs {
+            self.committed.insert(seq);
+        }
+        self.committed.raise_floor(outbox_floor);
+        for (topic, &next) in &receipt.next_offsets {
+            let mark = self.log_marks.entry(topic.clone()).or_insert(0);
+            *mark = (*mark).max(next);
+        }
+        before != (self.committed.clone(), self.log_marks.clone())
+    }
+
+    /// Saves the state durably (temp file, fsync, rename, fsync directory).
+    pub async fn persist(&self) -> Result<(), DedupError> {
+        let bytes = self.encode();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || write_atomically(&path, &bytes))
+            .await
+            .map_err(|e| DedupError::Task(e.to_string()))?
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let file = StateFile {
+            version: STATE_VERSION,
+            agent: self.agent.clone(),
+            committed: self.committed.to_repr(),
+            log_marks: self.log_marks.clone(),
+        };
+        // Plain data with string keys: serialising cannot fail.
+        serde_json::to_vec_pretty(&file).unwrap_or_default()
+    }
+
+    fn persist_blocking(&self) -> Result<(), DedupError> {
+        write_atomically(&self.path, &self.encode())
+    }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), DedupError> {
+    let io = |source| DedupError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let tmp = path.with_extension("json.tmp");
+    let mut file = File::create(&tmp).map_err(io)?;
+    file.write_all(bytes).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    drop(file);
+    fs::rename(&tmp, path).map_err(io)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+    }
+    Ok(())
+}
+
+/// The dedup state of every configured agent.
+#[derive(Debug)]
+pub struct DedupStore {
+    agents: HashMap<String, Arc<Mutex<AgentDedup>>>,
+}
+
+/// What [`DedupStore::open`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DedupRecovery {
+    pub agents_loaded: usize,
+    /// Records found in the log but missing from the saved state (a crash
+    /// between the log write and the state save), now marked committed.
+    pub reconciled_records: usize,
+}
+
+impl DedupStore {
+    /// Loads the state of `agents` from `dir` (creating it) and reconciles it
+    /// with what `log` holds beyond the saved marks. Blocking; call before serving.
+    pub fn open<'a>(
+        dir: &Path,
+        agents: impl IntoIterator<Item = &'a str>,
+        log: &dyn LogWriter,
+    ) -> Result<(Self, DedupRecovery), DedupError> {
+        fs::create_dir_all(dir).map_err(|source| DedupError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let mut recovery = DedupRecovery::default();
+        let mut states: HashMap<String, AgentDedup> = HashMap::new();
+        for agent in agents {
+            let path = dir.join(format!("{agent}.json"));
+            let state = match fs::read(&path) {
+                Ok(bytes) => {
+                    let file: StateFile =
+                        serde_json::from_slice(&bytes).map_err(|e| DedupError::Corrupt {
+                            path: path.clone(),
+                            reason: e.to_string(),
+                        })?;
+                    if file.version != STATE_VERSION || file.agent != agent {
+                        return Err(DedupError::Corrupt {
+                            path,
+                            reason: format!(
+                                "version {} for agent `{}`, expected version {STATE_VERSION} for `{agent}`",
+                                file.version, file.agent
+                            ),
+                        });
+                    }
+                    recovery.agents_loaded += 1;
+                    AgentDedup {
+                        agent: agent.to_owned(),
+                        path,
+                        committed: SeqSet::from_repr(&file.committed),
+                        log_marks: file.log_marks,
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => AgentDedup {
+                    agent: agent.to_owned(),
+                    path,
+                    committed: SeqSet::new(),
+                    log_marks: BTreeMap::new(),
+                },
+                Err(source) => return Err(DedupError::Io { path, source }),
+            };
+            states.insert(agent.to_owned(), state);
+        }
+
+        // Read each topic from the lowest mark of all agents; a topic some
+        // agent has no mark for is read from the start.
+        let marked: BTreeSet<String> = states
+            .values()
+            .flat_map(|s| s.log_marks.keys().cloned())
+            .collect();
+        let from: BTreeMap<String, u64> = marked
+            .into_iter()
+            .filter_map(|topic| {
+                let low = states
+                    .values()
+                    .map(|s| s.log_marks.get(&topic).copied())
+                    .collect::<Option<Vec<u64>>>()?
+                    .into_iter()
+                    .min()?;
+                Some((topic, low))
+            })
+            .collect();
+        let mut scanned_end: BTreeMap<String, u64> = BTreeMap::new();
+        log.committed_since(&from, &mut |record: CommittedRecord| {
+            let end = scanned_end.entry(record.topic.clone()).or_insert(0);
+            *end = (*end).max(record.offset + 1);
+            let Some(state) = states.get_mut(&record.agent) else {
+                return;
+            };
+            let mark = state.log_marks.get(&record.topic).copied().unwrap_or(0);
+            if record.offset >= mark && state.committed.insert(record.seq) {
+                recovery.reconciled_records += 1;
+            }
+        })?;
+        // Every agent's set now covers the log up to the scanned end: move
+        // the marks there, so the next start-up reads only what is new.
+        for state in states.values_mut() {
+            let mut moved = false;
+            for (topic, &end) in &scanned_end {
+                let mark = state.log_marks.entry(topic.clone()).or_insert(0);
+                if end > *mark {
+                    *mark = end;
+                    moved = true;
+                }
+            }
+            if moved {
+                state.persist_blocking()?;
+            }
+        }
+        if recovery.reconciled_records > 0 {
+            tracing::warn!(
+                records = recovery.reconciled_records,
+                "dedup state was behind the embedded log (crash after a log write); reconciled"
+            );
+        }
+        let agents = states
+            .into_iter()
+            .map(|(id, state)| (id, Arc::new(Mutex::new(state))))
+            .collect();
+        Ok((Self { agents }, recovery))
+    }
+
+    /// The state of `agent`, if it is configured.
+    pub fn agent(&self, agent: &str) -> Option<Arc<Mutex<AgentDedup>>> {
+        self.agents.get(agent).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Topics;
+    use crate::log::local::LocalLogWriter;
+    use crate::log::LogRecord;
+    use millrace_protocol::{DeadLetter, DeadLetterReason, Envelope, Record, Source};
+
+    fn envelope(seq: u64) -> Envelope {
+        Envelope {
+            seq,
+            record: Record::DeadLetter(DeadLetter::new(
+                Source::Mqtt,
+                "plant/x",
+                b"x".to_vec(),
+                DeadLetterReason::Malformed,
+                "",
+                0,
+            )),
+        }
+    }
+
+    #[tokio::test]
+    async fn state_survives_reopen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let topics = Topics::default();
+        let (log, _) = LocalLogWriter::open(&tmp.path().join("log"), &topics, 1 << 20).unwrap();
+        let dir = tmp.path().join("dedup");
+        let (store, _) = DedupStore::open(&dir, ["gw-1"], &log).unwrap();
+        {
+            let state = store.agent("gw-1").unwrap();
+            let mut state = state.lock().await;
+            assert!(state.commit([5, 6, 9], 5, &WriteReceipt::default()));
+            state.persist().await.unwrap();
+        }
+        drop(store);
+        let (store, recovery) = DedupStore::open(&dir, ["gw-1", "gw-2"], &log).unwrap();
+        assert_eq!(recovery.agents_loaded, 1);
+        let state = store.agent("gw-1").unwrap();
+        let state = state.lock().await;
+        assert!(state.is_committed(4) && state.is_committed(6) && state.is_committed(9));
+        assert!(!state.is_committed(7));
+        assert!(store.agent("gw-3").is_none());
+    }
+
+    #[tokio::test]
+    async fn records_written_after_the_last_save_are_reconciled() {
+        let tmp = tempfile::tempdir().unwrap();
+        let topics = Topics::default();
+        let (log, _) = LocalLogWriter::open(&tmp.path().join("log"), &topics, 1 << 20).unwrap();
+        let dir = tmp.path().join("dedup");
+        let (store, _) = DedupStore::open(&dir, ["gw-1"], &log).unwrap();
+        let write = |seqs: &[u64]| {
+            seqs.iter()
+                .map(|&s| LogRecord::from_envelope(&topics, "gw-1", 1, &envelope(s)).unwrap())
+                .collect::<Vec<_>>()
+        };
+        // Batch 1: logged and saved.
+        let receipt = log.write(write(&[1, 2])).await.unwrap();
+        {
+            let state = store.agent("gw-1").unwrap();
+            let mut state = state.lock().await;
+            state.commit([1, 2], 1, &receipt);
+            state.persist().await.unwrap();
+        }
+        // Batch 2: logged, then "crash" before the state is saved.
+        log.write(write(&[3, 4])).await.unwrap();
+        drop(store);
+
+        let (store, recovery) = DedupStore::open(&dir, ["gw-1"], &log).unwrap();
+        assert_eq!(recovery.reconciled_records, 2);
+        let state = store.agent("gw-1").unwrap();
+        assert!(state.lock().await.is_committed(4));
+        drop(store);
+        // Saved during reconciliation: nothing left to do next time.
+        let (_, recovery) = DedupStore::open(&dir, ["gw-1"], &log).unwrap();
+        assert_eq!(recovery.reconciled_records, 0);
+    }
+
+    #[test]
+    fn corrupt_state_is_a_clear_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (log, _) =
+            LocalLogWriter::open(&tmp.path().join("log"), &Topics::default(), 1 << 20).unwrap();
+        let dir = tmp.path().join("dedup");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("gw-1.json"), b"{not json").unwrap();
+        let err = DedupStore::open(&dir, ["gw-1"], &log)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("gw-1.json"), "{err}");
+    }
+}

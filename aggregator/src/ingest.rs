@@ -1,0 +1,488 @@
+//! The ingest API: `POST /api/v1/ingest` and `GET /healthz`.
+//!
+//! What it is: the HTTP contract the agents' uplink relies on.
+//!
+//! `POST /api/v1/ingest`, `Authorization: Bearer <token>`, body a
+//! [`Batch`] as `application/x-millrace-batch` (binary) or
+//! `application/json`, optionally `Content-Encoding: gzip`:
+//!
+//! | status | meaning | agent does |
+//! |---|---|---|
+//! | 200 `{"committed": n, "duplicates": m}` | every new record is acknowledged by the log and the dedup state is saved | deletes the batch |
+//! | 401 | unknown token, or the batch's `agent` is not the token's agent | alerts an operator |
+//! | 413 | body over `max-body`, compressed or decompressed | splits or drops |
+//! | 400 `{"error": reason}` | undecodable or invalid batch, unsupported content type or encoding | never retries |
+//! | 503 + `Retry-After` | log unavailable, dedup state not saved, or too many requests at once | retries later |
+//!
+//! Processing order for one batch: authenticate (before reading the body),
+//! read at most `max-body` bytes, decompress at most `max-body` bytes
+//! (a gzip bomb stops there), decode and validate, check the agent, then
+//! under that agent's lock: split the records into new and already
+//! committed, write the new ones to the log, record them (and the batch's
+//! `outbox_floor`) in the dedup state, save it, answer.
+//!
+//! What it is not: no TLS here (terminate it in front, or add it at the
+//! listener), no per-agent rate limit beyond the global concurrency cap.
+
+use crate::config::{AgentCredential, Topics};
+use crate::dedup::{DedupError, DedupStore};
+use crate::log::{Health, LogError, LogRecord, LogWriter};
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use millrace_protocol::{Batch, WireError};
+use serde::Serialize;
+use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+
+pub const INGEST_PATH: &str = "/api/v1/ingest";
+pub const HEALTH_PATH: &str = "/healthz";
+pub const CONTENT_TYPE_BINARY: &str = "application/x-millrace-batch";
+pub const CONTENT_TYPE_JSON: &str = "application/json";
+
+/// The `200` answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct IngestReply {
+    /// Records written to the log by this request.
+    pub committed: u64,
+    /// Records already committed earlier, acknowledged without a second write.
+    pub duplicates: u64,
+}
+
+/// Why a request was not answered `200`.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("too many ingest requests in progress")]
+    Busy,
+    #[error("unauthorized: {0}")]
+    Unauthorized(&'static str),
+    #[error("request body exceeds {limit_bytes} bytes")]
+    TooLarge { limit_bytes: usize },
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("log unavailable: {0}")]
+    LogUnavailable(#[from] LogError),
+    #[error("dedup state not saved: {0}")]
+    StateUnavailable(#[from] DedupError),
+}
+
+impl IngestError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            IngestError::Busy
+            | IngestError::LogUnavailable(_)
+            | IngestError::StateUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            IngestError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            IngestError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            IngestError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+impl From<WireError> for IngestError {
+    fn from(e: WireError) -> Self {
+        IngestError::BadRequest(format!("invalid batch: {e}"))
+    }
+}
+
+/// Counters of the ingest API, for `/metrics` and tests.
+#[derive(Debug, Default)]
+pub struct IngestStats {
+    pub batches_accepted: AtomicU64,
+    pub records_committed: AtomicU64,
+    pub records_duplicate: AtomicU64,
+    pub rejected_unauthorized: AtomicU64,
+    pub rejected_too_large: AtomicU64,
+    pub rejected_bad_request: AtomicU64,
+    pub rejected_busy: AtomicU64,
+    pub log_errors: AtomicU64,
+    pub state_errors: AtomicU64,
+}
+
+impl IngestStats {
+    fn count_error(&self, error: &IngestError) {
+        let counter = match error {
+            IngestError::Busy => &self.rejected_busy,
+            IngestError::Unauthorized(_) => &self.rejected_unauthorized,
+            IngestError::TooLarge { .. } => &self.rejected_too_large,
+            IngestError::BadRequest(_) => &self.rejected_bad_request,
+            IngestError::LogUnavailable(_) => &self.log_errors,
+            IngestError::StateUnavailable(_) => &self.state_errors,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Everything the handlers share.
+#[derive(Debug)]
+pub struct Ingest {
+    agents: Vec<AgentCredential>,
+    dedup: DedupStore,
+    log: Arc<dyn LogWriter>,
+    topics: Topics,
+    max_body_bytes: usize,
+    retry_after: Duration,
+    admission: Semaphore,
+    stats: IngestStats,
+}
+
+/// Settings of [`Ingest::new`], taken from the checked config.
+#[derive(Debug, Clone)]
+pub struct IngestLimits {
+    pub max_body_bytes: usize,
+    pub max_concurrent_batches: usize,
+    pub retry_after: Duration,
+}
+
+impl Ingest {
+    pub fn new(
+        agents: Vec<AgentCredential>,
+        dedup: DedupStore,
+        log: Arc<dyn LogWriter>,
+        topics: Topics,
+        limits: IngestLimits,
+    ) -> Self {
+        Self {
+            agents,
+            dedup,
+            log,
+            topics,
+            max_body_bytes: limits.max_body_bytes,
+            retry_after: limits.retry_after,
+            admission: Semaphore::new(limits.max_concurrent_batches),
+            stats: IngestStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> &IngestStats {
+        &self.stats
+    }
+
+    pub fn log(&self) -> &Arc<dyn LogWriter> {
+        &self.log
+    }
+
+    /// The routes of the ingest API.
+    pub fn router(self: Arc<Self>) -> Router {
+        Router::new()
+            .route(INGEST_PATH, post(ingest))
+            .route(HEALTH_PATH, get(healthz))
+            // The handler enforces `max-body` itself, compressed and not.
+            .layer(DefaultBodyLimit::disable())
+            .with_state(self)
+    }
+
+    /// The agent whose token this is. Every configured token is compared in
+    /// constant time, so timing does not reveal which one nearly matched.
+    fn authenticate(&self, headers: &HeaderMap) -> Result<&str, IngestError> {
+        let value = headers
+            .get(header::AUTHORIZATION)
+            .ok_or(IngestError::Unauthorized("missing Authorization header"))?;
+        let value = value
+            .to_str()
+            .map_err(|_| IngestError::Unauthorized("malformed Authorization header"))?;
+        let token = value
+            .split_once(' ')
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
+            .ok_or(IngestError::Unauthorized("expected a Bearer token"))?;
+        let mut found = None;
+        for agent in &self.agents {
+            if constant_time_eq(agent.token.as_bytes(), token.as_bytes()) {
+                found = Some(agent.id.as_str());
+            }
+        }
+        found.ok_or(IngestError::Unauthorized("unknown token"))
+    }
+
+    async fn handle(
+        &self,
+        headers: HeaderMap,
+        body: Body,
+    ) -> Result<(String, IngestReply), IngestError> {
+        let _admitted = self
+            .admission
+            .try_acquire()
+            .map_err(|_| IngestError::Busy)?;
+        let token_agent = self.authenticate(&headers)?.to_owned();
+        let format = BodyFormat::from_headers(&headers)?;
+        let limit_bytes = self.max_body_bytes;
+        if let Some(length) = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            if length > limit_bytes as u64 {
+                return Err(IngestError::TooLarge { limit_bytes });
+            }
+        }
+        let bytes = match Limited::new(body, limit_bytes).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+                return Err(IngestError::TooLarge { limit_bytes })
+            }
+            Err(e) => {
+                return Err(IngestError::BadRequest(format!(
+                    "reading the body failed: {e}"
+                )))
+            }
+        };
+        let batch = tokio::task::spawn_blocking(move || format.decode(bytes, limit_bytes))
+            .await
+            .map_err(|e| IngestError::BadRequest(format!("decoding failed: {e}")))??;
+        if batch.agent != token_agent {
+            return Err(IngestError::Unauthorized(
+                "batch agent does not match the token",
+            ));
+        }
+        let reply = self.commit(&batch).await?;
+        Ok((token_agent, reply))
+    }
+
+    /// Dedups `batch`, writes its new records, records them as committed.
+    async fn commit(&self, batch: &Batch) -> Result<IngestReply, IngestError> {
+        let state = self
+            .dedup
+            .agent(&batch.agent)
+            .ok_or(IngestError::Unauthorized("unknown agent"))?;
+        let mut state = state.lock().await;
+        // Seqs below the saved floor were promised never to come again; treat
+        // them as already committed. The batch's own floor applies afterwards,
+        // so a record carried by this batch is never skipped because of it.
+        let new: Vec<_> = batch
+            .records
+            .iter()
+            .filter(|e| !state.is_committed(e.seq))
+            .collect();
+        let duplicates = (batch.records.len() - new.len()) as u64;
+        let records = new
+            .iter()
+            .map(|e| LogRecord::from_envelope(&self.topics, &batch.agent, batch.version, e))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| {
+                IngestError::BadRequest(format!("record not representable as JSON: {e}"))
+            })?;
+        let receipt = if records.is_empty() {
+            Default::default()
+        } else {
+            self.log.write(records).await?
+        };
+        if state.commit(new.iter().map(|e| e.seq), batch.outbox_floor, &receipt) {
+            state.persist().await?;
+        }
+        Ok(IngestReply {
+            committed: new.len() as u64,
+            duplicates,
+        })
+    }
+
+    fn retry_after_header(&self) -> HeaderValue {
+        HeaderValue::from(self.retry_after.as_secs().max(1))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Debug, Clone, Copy)]
+struct BodyFormat {
+    binary: bool,
+    gzip: bool,
+}
+
+impl BodyFormat {
+    fn from_headers(headers: &HeaderMap) -> Result<Self, IngestError> {
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let mime = content_type
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        let binary = match mime.as_str() {
+            CONTENT_TYPE_BINARY => true,
+            CONTENT_TYPE_JSON => false,
+            _ => {
+                return Err(IngestError::BadRequest(format!(
+                    "unsupported Content-Type `{content_type}`: use {CONTENT_TYPE_BINARY} or {CONTENT_TYPE_JSON}"
+                )))
+            }
+        };
+        let encoding = headers
+            .get(header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("identity")
+            .trim()
+            .to_ascii_lowercase();
+        let gzip = match encoding.as_str() {
+            "gzip" | "x-gzip" => true,
+            "identity" | "" => false,
+            other => {
+                return Err(IngestError::BadRequest(format!(
+                    "unsupported Content-Encoding `{other}`: use gzip or none"
+                )))
+            }
+        };
+        Ok(Self { binary, gzip })
+    }
+
+    /// Decompresses (at most `limit_bytes`) and decodes. Blocking.
+    fn decode(self, body: Bytes, limit_bytes: usize) -> Result<Batch, IngestError> {
+        let plain: Vec<u8>;
+        let bytes: &[u8] = if self.gzip {
+            let mut out = Vec::new();
+            flate2::read::MultiGzDecoder::new(&body[..])
+                .take(limit_bytes as u64 + 1)
+                .read_to_end(&mut out)
+                .map_err(|e| IngestError::BadRequest(format!("bad gzip body: {e}")))?;
+            if out.len() > limit_bytes {
+                return Err(IngestError::TooLarge { limit_bytes });
+            }
+            plain = out;
+            &plain
+        } else {
+            &body
+        };
+        let batch = if self.binary {
+            Batch::decode_binary(bytes)?
+        } else {
+            Batch::decode_json(bytes)?
+        };
+        Ok(batch)
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody {
+    error: String,
+}
+
+async fn ingest(State(app): State<Arc<Ingest>>, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    match app.handle(headers, body).await {
+        Ok((agent, reply)) => {
+            app.stats.batches_accepted.fetch_add(1, Ordering::Relaxed);
+            app.stats
+                .records_committed
+                .fetch_add(reply.committed, Ordering::Relaxed);
+            app.stats
+                .records_duplicate
+                .fetch_add(reply.duplicates, Ordering::Relaxed);
+            tracing::debug!(
+                %agent,
+                committed = reply.committed,
+                duplicates = reply.duplicates,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "batch committed"
+            );
+            (StatusCode::OK, Json(reply)).into_response()
+        }
+        Err(error) => {
+            app.stats.count_error(&error);
+            let status = error.status();
+            if status.is_server_error() {
+                tracing::warn!(%error, status = status.as_u16(), "batch not committed");
+            } else {
+                tracing::info!(%error, status = status.as_u16(), "batch rejected");
+            }
+            let mut response = (
+                status,
+                Json(ErrorBody {
+                    error: error.to_string(),
+                }),
+            )
+                .into_response();
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, app.retry_after_header());
+            }
+            if status == StatusCode::UNAUTHORIZED {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            response
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct HealthBody {
+    status: &'static str,
+    log: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+}
+
+async fn healthz(State(app): State<Arc<Ingest>>) -> Response {
+    let log = app.log.kind();
+    match app.log.health().await {
+        Health::Healthy => (
+            StatusCode::OK,
+            Json(HealthBody {
+                status: "ok",
+                log,
+                reason: None,
+            }),
+        )
+            .into_response(),
+        Health::Unhealthy(reason) => {
+            let mut response = (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(HealthBody {
+                    status: "unavailable",
+                    log,
+                    reason: Some(reason),
+                }),
+            )
+                .into_response();
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, app.retry_after_header());
+            response
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_eq_matches_plain_eq() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+
+    #[test]
+    fn gzip_bomb_stops_at_the_limit() {
+        use std::io::Write;
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        encoder.write_all(&vec![0u8; 4 << 20]).unwrap();
+        let bomb = encoder.finish().unwrap();
+        assert!(bomb.len() < 64 << 10);
+        let format = BodyFormat {
+            binary: true,
+            gzip: true,
+        };
+        let err = format.decode(Bytes::from(bomb), 1 << 20).unwrap_err();
+        assert!(matches!(err, IngestError::TooLarge { .. }), "{err:?}");
+    }
+}

@@ -1,0 +1,150 @@
+//! Millrace aggregator: the central end of the agents' uplink.
+//!
+//! What it is: an HTTP ingest API ([`ingest`]) that authenticates each
+//! agent by bearer token, decodes its batches (binary or JSON, optionally
+//! gzip), drops records it has already committed ([`dedup`], backed by the
+//! compact [`seqset::SeqSet`]), and writes the rest to a log ([`log`]):
+//! Kafka when brokers are configured, otherwise an embedded durable log on
+//! local disk that `millrace-aggregator tail` can read. A batch is answered
+//! `200` only after the log acknowledged every new record and the dedup
+//! state is fsync'd.
+//!
+//! What it is not: the dashboard, `/metrics` exporter and live state are
+//! separate parts; they read [`ingest::IngestStats`] and the log. There is
+//! no TLS termination here.
+//!
+//! # Layout
+//! - [`config`]: the TOML file, raw and checked.
+//! - [`ingest`]: routes, status codes, body limits, the commit path.
+//! - [`dedup`]: per-agent committed-seq sets, saved atomically; crash
+//!   reconciliation against the embedded log.
+//! - [`seqset`]: the interval set itself.
+//! - [`log`]: the [`log::LogWriter`] trait, [`log::kafka`] and [`log::local`].
+//! - [`tail`]: the `tail` command over the embedded log.
+
+// Tests may unwrap; library code may not (see [workspace.lints]).
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod config;
+pub mod dedup;
+pub mod ingest;
+pub mod log;
+pub mod seqset;
+pub mod tail;
+
+use config::{Config, SinkConfig};
+use dedup::{DedupError, DedupStore};
+use ingest::{Ingest, IngestLimits};
+use log::{kafka::KafkaWriter, local::LocalLogWriter, LogError, LogWriter};
+use std::future::IntoFuture;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// Why the aggregator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("opening the log writer: {0}")]
+    Log(#[from] LogError),
+    #[error("opening the dedup state: {0}")]
+    Dedup(#[from] DedupError),
+    #[error("listening on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A ready aggregator: log writer open, dedup state loaded and reconciled.
+#[derive(Debug)]
+pub struct Aggregator {
+    ingest: Arc<Ingest>,
+    shutdown_grace: std::time::Duration,
+}
+
+impl Aggregator {
+    /// Opens the configured log writer and the dedup state. Blocks on disk
+    /// I/O (recovery of the embedded log, reconciliation); call it before
+    /// serving.
+    pub fn open(config: &Config) -> Result<Self, StartError> {
+        let log: Arc<dyn LogWriter> = match &config.sink {
+            SinkConfig::Kafka(kafka) => {
+                tracing::info!(brokers = %kafka.brokers, "writing to kafka");
+                Arc::new(KafkaWriter::new(kafka.clone())?)
+            }
+            SinkConfig::Local(local) => {
+                let (writer, report) =
+                    LocalLogWriter::open(&local.dir, &config.topics, local.segment_bytes)
+                        .map_err(LogError::from)?;
+                tracing::info!(
+                    dir = %local.dir.display(),
+                    torn_tails_truncated = report.truncations.len(),
+                    next_offsets = ?report.next_offsets,
+                    "writing to the embedded log"
+                );
+                Arc::new(writer)
+            }
+        };
+        Self::with_log(config, log)
+    }
+
+    /// Like [`Aggregator::open`] with a given log writer.
+    pub fn with_log(config: &Config, log: Arc<dyn LogWriter>) -> Result<Self, StartError> {
+        let (dedup, recovery) = DedupStore::open(
+            &config.data_dir.join("dedup"),
+            config.agents.iter().map(|a| a.id.as_str()),
+            log.as_ref(),
+        )?;
+        tracing::info!(
+            agents = config.agents.len(),
+            agents_with_state = recovery.agents_loaded,
+            reconciled_records = recovery.reconciled_records,
+            "dedup state loaded"
+        );
+        let ingest = Ingest::new(
+            config.agents.clone(),
+            dedup,
+            log,
+            config.topics.clone(),
+            IngestLimits {
+                max_body_bytes: config.max_body_bytes,
+                max_concurrent_batches: config.max_concurrent_batches,
+                retry_after: config.retry_after,
+            },
+        );
+        Ok(Self {
+            ingest: Arc::new(ingest),
+            shutdown_grace: config.shutdown_grace,
+        })
+    }
+
+    pub fn ingest(&self) -> &Arc<Ingest> {
+        &self.ingest
+    }
+
+    /// Serves the API on `listener` until `shutdown` is cancelled, then lets
+    /// in-flight requests finish (up to the shutdown grace) and flushes the log.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
+        let router = self.ingest.clone().router();
+        let server = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .into_future();
+        let grace = self.shutdown_grace;
+        let deadline = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+        };
+        let result = tokio::select! {
+            result = server => result,
+            () = deadline => {
+                tracing::warn!(grace_ms = grace.as_millis() as u64, "shutdown grace elapsed with requests in flight");
+                Ok(())
+            }
+        };
+        self.ingest.log().close().await;
+        result
+    }
+}

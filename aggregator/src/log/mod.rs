@@ -1,0 +1,168 @@
+//! The log writers: where committed records go.
+//!
+//! What it is: the [`LogWriter`] trait the ingest API writes through, the
+//! mapping of protocol records to log records ([`LogRecord::from_envelope`]),
+//! and two implementations — [`kafka::KafkaWriter`] (rdkafka, idempotent,
+//! `acks=all`) and [`local::LocalLogWriter`] (an embedded append-only log on
+//! disk, used when no Kafka brokers are configured).
+//!
+//! Record layout, the same for both writers:
+//! - topic: per kind (windows, alerts, dead letters; names configurable);
+//! - key: the series as `device/sensor` (dead letters: their origin), so each
+//!   series stays ordered within its partition;
+//! - value: the inner `Window` / `Alert` / `DeadLetter` as serde JSON;
+//! - headers: `agent`, `seq` (decimal), `wire-version` (decimal), `kind`.
+//!
+//! What it is not: no dedup happens here (see [`crate::dedup`]) and a writer
+//! never retries on its own beyond its transport's delivery timeout; a failed
+//! write fails the whole batch and the agent resends it.
+
+pub mod kafka;
+pub mod local;
+
+use crate::config::Topics;
+use futures::future::BoxFuture;
+use millrace_protocol::{Envelope, Record};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// One record as written to a log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogRecord {
+    pub topic: String,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    /// In order: `agent`, `seq`, `wire-version`, `kind`.
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+pub const HEADER_AGENT: &str = "agent";
+pub const HEADER_SEQ: &str = "seq";
+pub const HEADER_WIRE_VERSION: &str = "wire-version";
+pub const HEADER_KIND: &str = "kind";
+
+impl LogRecord {
+    /// The log record for one envelope of `agent`'s batch.
+    pub fn from_envelope(
+        topics: &Topics,
+        agent: &str,
+        wire_version: u8,
+        envelope: &Envelope,
+    ) -> Result<Self, serde_json::Error> {
+        let (topic, key, value) = match &envelope.record {
+            Record::Window(w) => (
+                &topics.windows,
+                w.series.to_string(),
+                serde_json::to_vec(w)?,
+            ),
+            Record::Alert(a) => (&topics.alerts, a.series.to_string(), serde_json::to_vec(a)?),
+            Record::DeadLetter(d) => (
+                &topics.dead_letters,
+                d.origin.clone(),
+                serde_json::to_vec(d)?,
+            ),
+        };
+        Ok(Self {
+            topic: topic.clone(),
+            key: key.into_bytes(),
+            value,
+            headers: vec![
+                (HEADER_AGENT.into(), agent.as_bytes().to_vec()),
+                (HEADER_SEQ.into(), envelope.seq.to_string().into_bytes()),
+                (
+                    HEADER_WIRE_VERSION.into(),
+                    wire_version.to_string().into_bytes(),
+                ),
+                (
+                    HEADER_KIND.into(),
+                    envelope.record.kind().as_str().as_bytes().to_vec(),
+                ),
+            ],
+        })
+    }
+
+    /// The value of header `name`, if present.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        header(&self.headers, name)
+    }
+}
+
+pub(crate) fn header<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_slice())
+}
+
+/// Where a write ended, per topic: the next offset after the last record
+/// written. Only the embedded log reports offsets; Kafka's are not needed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteReceipt {
+    pub next_offsets: BTreeMap<String, u64>,
+}
+
+/// A record found in the log when reconciling the dedup state at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommittedRecord {
+    pub topic: String,
+    pub offset: u64,
+    pub agent: String,
+    pub seq: u64,
+}
+
+/// Whether the writer can currently accept writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    Healthy,
+    Unhealthy(String),
+}
+
+/// Why a write failed. Every variant means "not written, try again later":
+/// the ingest API answers `503` with `Retry-After`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LogError {
+    #[error("kafka delivery failed: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("kafka producer is being rebuilt after a fatal error: {0}")]
+    KafkaFatal(String),
+    #[error("embedded log: {0}")]
+    Local(#[from] local::LocalLogError),
+    #[error("log writer task failed: {0}")]
+    Task(String),
+}
+
+/// A destination for committed records.
+///
+/// `write` returns only when every record is durably acknowledged (Kafka:
+/// `acks=all` delivery reports; embedded log: fsync). On error, none, some
+/// or all records may have been written; the caller must not record them
+/// as committed and the sender retries, so a failed write may produce
+/// duplicates downstream (Kafka) — the embedded log rolls back instead.
+pub trait LogWriter: Send + Sync + fmt::Debug {
+    /// A short name for logs and `/healthz`: `kafka` or `embedded`.
+    fn kind(&self) -> &'static str;
+
+    fn write(&self, records: Vec<LogRecord>) -> BoxFuture<'_, Result<WriteReceipt, LogError>>;
+
+    fn health(&self) -> BoxFuture<'_, Health>;
+
+    /// Visits every record at or after `from` (per topic; topics not named
+    /// start at 0) that carries `agent` and `seq` headers. Used once at
+    /// start-up, before serving, to find records written after the dedup
+    /// state was last saved; it blocks on disk I/O. Writers that cannot read
+    /// back (Kafka) visit nothing.
+    fn committed_since(
+        &self,
+        from: &BTreeMap<String, u64>,
+        visit: &mut dyn FnMut(CommittedRecord),
+    ) -> Result<(), LogError> {
+        let _ = (from, visit);
+        Ok(())
+    }
+
+    /// Flushes and releases resources at shutdown.
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
