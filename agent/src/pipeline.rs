@@ -12,7 +12,7 @@
 
 use crate::anomaly::Scorer;
 use crate::ingest::{now_ms, IngestEvent};
-use crate::window::{EngineOutput, WindowEngine};
+use crate::window::{Admission, EngineOutput, WindowEngine};
 use crate::ingest::DurableAck;
 use crate::store::{Store, StoreError};
 use millrace_protocol::{Reading, Record, SeriesKey, UnixMs};
@@ -44,17 +44,15 @@ impl Output for crate::tap::Tap {
 pub struct Analytics {
     engine: WindowEngine,
     scorer: Scorer,
-    width_ms: UnixMs,
     scratch: Vec<EngineOutput>,
     produced: Vec<Record>,
 }
 
 impl Analytics {
-    pub fn new(engine: WindowEngine, scorer: Scorer, width: Duration) -> Self {
+    pub fn new(engine: WindowEngine, scorer: Scorer) -> Self {
         Self {
             engine,
             scorer,
-            width_ms: width.as_millis() as UnixMs,
             scratch: Vec::new(),
             produced: Vec::new(),
         }
@@ -64,16 +62,16 @@ impl Analytics {
         &self.engine
     }
 
-    /// Feeds one reading: the spike check first (an alert must not wait for
-    /// the window), then the window engine.
+    /// Feeds one reading to the window engine and, if it was accepted, to the
+    /// spike check (an alert must not wait for the window to close; a late or
+    /// invalid reading is a dead letter, not an alert).
     pub fn push(&mut self, reading: &Reading, now_ms: UnixMs) {
-        if reading.value.is_finite() {
-            let start = reading.time_ms - reading.time_ms.rem_euclid(self.width_ms);
-            if let Some(alert) = self.scorer.check_reading(reading, start) {
+        let admission = self.engine.push(reading, now_ms, &mut self.scratch);
+        if let Admission::Accepted { window_start_ms } = admission {
+            if let Some(alert) = self.scorer.check_reading(reading, window_start_ms) {
                 self.produced.push(Record::Alert(alert));
             }
         }
-        self.engine.push(reading, now_ms, &mut self.scratch);
         self.collect();
     }
 

@@ -133,7 +133,7 @@ pub async fn run(cfg: AgentConfig, tap: Option<PathBuf>) -> Result<(), RuntimeEr
     let engine = WindowEngine::new(cfg.agent.id.clone(), cfg.window.clone());
     let scorer = Scorer::new(cfg.agent.id.clone(), cfg.anomaly.clone())
         .with_max_series(cfg.window.max_series);
-    let mut analytics = Analytics::new(engine, scorer, cfg.window.width);
+    let mut analytics = Analytics::new(engine, scorer);
     let (journaled, marks) = replay;
     analytics.restore_closed(marks);
     let replayed = journaled.readings.len();

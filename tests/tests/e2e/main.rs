@@ -1,0 +1,4 @@
+//! End-to-end tests: the real binaries (`millrace-sim`, `millrace-agent`,
+//! `millrace-aggregator`) and real peers, on free loopback ports.
+
+mod pipeline;

@@ -1,0 +1,312 @@
+//! Simulator → agent → tap, for a fixed seed: what the agent computes is what
+//! the simulator's signal predicts, an injected step is scored critical, and
+//! bad input becomes counted dead letters while the agent keeps running.
+
+use millrace_sim::config::SimConfig;
+use millrace_tests::{
+    bin, follow_json_lines, free_port, require_program, wait_for_port, ChildGuard,
+};
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const SEED: u64 = 424242;
+/// Step on boiler-3/temp, from this many ms after the simulation start.
+const STEP_FROM_MS: i64 = 14_000;
+
+fn sim_config(mqtt_port: u16, modbus_port: u16) -> String {
+    format!(
+        r#"
+seed = {SEED}
+[mqtt]
+broker = "127.0.0.1:{mqtt_port}"
+client-id = "sim-e2e"
+keep-alive = "5s"
+reconnect-delay = "200ms"
+queue-capacity = 4096
+
+[[modbus-tcp]]
+name = "press-1"
+listen = "127.0.0.1:{modbus_port}"
+unit-id = 1
+refresh = "1s"
+
+[[modbus-tcp.points]]
+sensor = "temperature"
+unit = "degC"
+table = "holding"
+address = 0
+type = "f32"
+order = "ABCD"
+signal = {{ offset = 80.0, amplitude = 5.0, period = "60s", noise-stddev = 0.2 }}
+
+[[modbus-tcp.points]]
+sensor = "pressure"
+unit = "bar"
+table = "holding"
+address = 2
+type = "f32"
+order = "CDAB"
+signal = {{ offset = 6.0, amplitude = 0.5, period = "30s", noise-stddev = 0.05 }}
+
+[[mqtt-sensor]]
+topic = "plant/boiler-3/temp"
+interval = "100ms"
+unit = "degC"
+signal = {{ offset = 180.0, amplitude = 0.5, period = "600s", noise-stddev = 0.5 }}
+
+[[anomaly]]
+series = "boiler-3/temp"
+kind = "step"
+magnitude = 30.0
+from = "{step_s}s"
+to = "60s"
+"#,
+        step_s = STEP_FROM_MS / 1000
+    )
+}
+
+fn agent_config(mqtt_port: u16, modbus_port: u16, data_dir: &Path) -> String {
+    format!(
+        r#"
+[agent]
+id = "gw-e2e"
+data-dir = "{dir}"
+
+[window]
+width = "1s"
+allowed-lateness = "500ms"
+idle-timeout = "3s"
+
+[anomaly]
+history = 8
+warm-up = 5
+
+[broker]
+enabled = true
+listen = "127.0.0.1:{mqtt_port}"
+
+[[broker.subscriptions]]
+filter = "plant/+/+"
+format = "json"
+
+[[modbus.devices]]
+name = "press-1"
+transport = "tcp"
+address = "127.0.0.1:{modbus_port}"
+poll-interval = "500ms"
+timeout = "500ms"
+
+[[modbus.devices.registers]]
+sensor = "temperature"
+function = "holding"
+address = 0
+type = "f32"
+order = "ABCD"
+unit = "degC"
+
+[[modbus.devices.registers]]
+sensor = "pressure"
+function = "holding"
+address = 2
+type = "f32"
+order = "CDAB"
+unit = "bar"
+"#,
+        dir = data_dir.display()
+    )
+}
+
+fn windows_of<'a>(records: &'a [Value], series: &str) -> Vec<&'a Value> {
+    records
+        .iter()
+        .filter(|r| r["type"] == "window" && series_of(r) == series)
+        .collect()
+}
+
+fn series_of(r: &Value) -> String {
+    format!(
+        "{}/{}",
+        r["series"]["device"].as_str().unwrap_or(""),
+        r["series"]["sensor"].as_str().unwrap_or("")
+    )
+}
+
+#[test]
+fn simulated_plant_through_the_agent_matches_the_signal() {
+    let mosquitto_pub = require_program("mosquitto_pub", "mosquitto-clients");
+    let dir = tempfile::tempdir().unwrap();
+    let (mqtt_port, modbus_port) = (free_port(), free_port());
+    let sim_toml = dir.path().join("sim.toml");
+    let agent_toml = dir.path().join("agent.toml");
+    std::fs::write(&sim_toml, sim_config(mqtt_port, modbus_port)).unwrap();
+    std::fs::write(
+        &agent_toml,
+        agent_config(mqtt_port, modbus_port, &dir.path().join("state")),
+    )
+    .unwrap();
+    let tap = dir.path().join("tap.jsonl");
+
+    let mut agent = ChildGuard::spawn(
+        "millrace-agent",
+        Command::new(bin("millrace-agent"))
+            .args(["run", "--config"])
+            .arg(&agent_toml)
+            .arg("--tap")
+            .arg(&tap)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null()),
+    );
+    wait_for_port(
+        SocketAddr::from(([127, 0, 0, 1], mqtt_port)),
+        Duration::from_secs(20),
+    );
+    // Start on a whole second so the first 1 s window is complete.
+    let start_ms = (millrace_sim::unix_now_ms() / 1000 + 1) * 1000;
+    let mut sim = ChildGuard::spawn(
+        "millrace-sim",
+        Command::new(bin("millrace-sim"))
+            .args(["run", "--config"])
+            .arg(&sim_toml)
+            .args(["--start-ms", &start_ms.to_string(), "--no-rtu"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null()),
+    );
+
+    // Run until a few windows after the step are scored.
+    let step_window = start_ms + STEP_FROM_MS;
+    let records = follow_json_lines(&tap, Duration::from_secs(60), |seen| {
+        windows_of(seen, "boiler-3/temp")
+            .iter()
+            .any(|w| w["start_ms"].as_i64() >= Some(step_window + 3000))
+    });
+    assert!(agent.is_running(), "agent exited early");
+
+    // Bad input to the agent's broker: each becomes a dead letter, the agent goes on.
+    let publish = |topic: &str, payload: &str| {
+        let ok = Command::new(&mosquitto_pub)
+            .args(["-h", "127.0.0.1", "-p", &mqtt_port.to_string(), "-q", "1"])
+            .args(["-t", topic, "-m", payload])
+            .status()
+            .expect("mosquitto_pub runs")
+            .success();
+        assert!(ok, "mosquitto_pub {topic} failed");
+    };
+    publish("plant/bad-1/json", "{\"value\": ");
+    publish("plant/bad-1/type", "{\"value\": \"hot\"}");
+    publish("plant/bad-1/nan", "{\"value\": NaN}");
+    // Far behind boiler-3/temp's watermark: its window was emitted long ago.
+    publish(
+        "plant/boiler-3/temp",
+        &format!("{{\"value\": 1.0, \"ts\": {start_ms}}}"),
+    );
+    let before_bad = records.len();
+    let more = follow_json_lines(&tap, Duration::from_secs(20), |seen| {
+        seen.iter().filter(|r| r["type"] == "dead-letter").count() >= 3
+            && windows_of(seen, "boiler-3/temp").len()
+                > windows_of(&records, "boiler-3/temp").len() + 1
+    });
+    assert!(more.len() > before_bad, "the agent kept producing after bad input");
+
+    assert_eq!(
+        agent.terminate(Duration::from_secs(20)),
+        Some(0),
+        "SIGTERM: clean exit 0"
+    );
+    sim.kill();
+    let all = follow_json_lines(&tap, Duration::from_millis(200), |_| false);
+
+    // 1. MQTT windows equal the signal's prediction exactly (count) and to
+    //    float precision (mean, min, max).
+    let cfg = SimConfig::from_toml(&sim_config(mqtt_port, modbus_port), &sim_toml).unwrap();
+    let series = cfg.series();
+    let mut temp = (*series["boiler-3/temp"]).clone();
+    temp.start_ms = start_ms;
+    let windows = windows_of(&all, "boiler-3/temp");
+    assert!(windows.len() >= 15, "only {} windows", windows.len());
+    let mut checked = 0;
+    for w in &windows {
+        let first = w["first_event_ms"].as_i64().unwrap();
+        let last = w["last_event_ms"].as_i64().unwrap();
+        // The simulator publishes on the 100 ms grid: nothing between the
+        // first and the last reading of a window may be missing.
+        let expected: Vec<f64> = (first..=last)
+            .step_by(100)
+            .filter_map(|t| temp.value_at(SEED, "boiler-3/temp", t))
+            .collect();
+        let n = expected.len() as f64;
+        let mean = expected.iter().sum::<f64>() / n;
+        assert_eq!(w["count"].as_u64(), Some(expected.len() as u64), "{w}");
+        let got = w["mean"].as_f64().unwrap();
+        assert!((got - mean).abs() <= 1e-9 * mean.abs(), "mean {got} vs {mean}: {w}");
+        let min = expected.iter().copied().fold(f64::INFINITY, f64::min);
+        assert_eq!(w["min"].as_f64(), Some(min), "{w}");
+        checked += 1;
+    }
+    assert!(checked >= 15);
+
+    // 2. The step is scored critical in the first window after it.
+    let step = windows
+        .iter()
+        .find(|w| w["start_ms"].as_i64() == Some(step_window))
+        .expect("the window where the step starts");
+    assert_eq!(step["score"]["severity"], "critical", "{step}");
+    let alerts: Vec<&Value> = all
+        .iter()
+        .filter(|r| r["type"] == "alert" && series_of(r) == "boiler-3/temp")
+        .collect();
+    assert!(
+        alerts
+            .iter()
+            .any(|a| a["window_start_ms"].as_i64() == Some(step_window)
+                && a["score"]["severity"] == "critical"),
+        "a critical alert for the step window: {alerts:?}"
+    );
+    // No critical alert before the step: noise alone is not an anomaly.
+    assert!(
+        alerts.iter().all(|a| a["window_start_ms"].as_i64() >= Some(step_window)
+            || a["score"]["severity"] != "critical"),
+        "critical alerts before the step: {alerts:?}"
+    );
+
+    // 3. Modbus: every press-1 temperature reading is a value the simulated PLC
+    //    served (sample-and-hold on a 1 s grid, f32 on the wire).
+    let temp_plc = {
+        let mut s = (*series["press-1/temperature"]).clone();
+        s.start_ms = start_ms;
+        s
+    };
+    let plc_windows = windows_of(&all, "press-1/temperature");
+    assert!(plc_windows.len() >= 10, "modbus windows: {}", plc_windows.len());
+    for w in &plc_windows {
+        let t = w["first_event_ms"].as_i64().unwrap();
+        let grid = t - t.rem_euclid(1000);
+        let candidates: Vec<f64> = [grid - 1000, grid]
+            .iter()
+            .filter_map(|g| temp_plc.value_at(SEED, "press-1/temperature", *g))
+            .map(|v| f64::from(v as f32))
+            .collect();
+        let min = w["min"].as_f64().unwrap();
+        assert!(
+            candidates.iter().any(|c| (c - min).abs() < 1e-4),
+            "{min} not among {candidates:?}: {w}"
+        );
+    }
+    assert!(!windows_of(&all, "press-1/pressure").is_empty());
+
+    // 4. Bad input: counted dead letters with their reasons.
+    let reasons: Vec<&str> = all
+        .iter()
+        .filter(|r| r["type"] == "dead-letter")
+        .filter_map(|r| r["reason"].as_str())
+        .collect();
+    for reason in ["malformed", "wrong-type", "late"] {
+        assert!(reasons.contains(&reason), "{reason} missing from {reasons:?}");
+    }
+    assert!(
+        reasons.contains(&"not-a-number") || reasons.contains(&"malformed"),
+        "NaN payload dead-lettered: {reasons:?}"
+    );
+}
