@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Runs the whole Millrace pipeline on this machine with the example configs:
 #   millrace-sim (PLCs on 127.0.0.1:15020/15021, MQTT sensors)
-#     → millrace-agent (embedded MQTT broker on 127.0.0.1:1883, windows, anomaly scores)
+#     → millrace-agent (embedded MQTT broker on 127.0.0.1:1883, windows, anomaly
+#       scores, outbox)
+#     → millrace-aggregator (127.0.0.1:8480, embedded durable log)
 # and prints windows and anomalies as they close. Ctrl-C stops everything cleanly.
+# State goes under $DEMO_DIR (default out/demo); read the log afterwards with
+#   millrace-aggregator tail millrace.windows --from-beginning --config out/demo/aggregator.toml
 #
 #   scripts/demo.sh            # build (dev profile) and run
 #   DEMO_DIR=/tmp/x scripts/demo.sh
@@ -13,8 +17,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/millrace-target}"
 DEMO_DIR="${DEMO_DIR:-$PWD/out/demo}"
 mkdir -p "$DEMO_DIR"
 
-echo "demo: building millrace-agent and millrace-sim (first build takes a few minutes)"
-cargo build --quiet -p millrace-agent -p millrace-sim
+echo "demo: building the agent, the aggregator and the simulator (the first build takes several minutes)"
+cargo build --quiet -p millrace-agent -p millrace-sim -p millrace-aggregator
 BIN="$CARGO_TARGET_DIR/debug"
 
 pids=()
@@ -24,7 +28,14 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-# The agent first: it hosts the MQTT broker the simulated sensors publish to.
+# The aggregator keeps its state in the demo folder.
+sed -e "s|^data-dir = .*|data-dir = \"$DEMO_DIR/aggregator-state\"|" \
+    -e "s|^dir = .*|dir = \"$DEMO_DIR/aggregator-state/log\"|" \
+    config/aggregator.toml > "$DEMO_DIR/aggregator.toml"
+"$BIN/millrace-aggregator" run --config "$DEMO_DIR/aggregator.toml" 2> "$DEMO_DIR/aggregator.log" &
+pids+=($!)
+
+# Then the agent: it hosts the MQTT broker the simulated sensors publish to.
 MILLRACE_DATA_DIR="$DEMO_DIR/agent-state" \
   "$BIN/millrace-agent" run --config config/agent.toml --tap "$DEMO_DIR/tap.jsonl" \
   2> "$DEMO_DIR/agent.log" &
@@ -33,7 +44,8 @@ sleep 1
 "$BIN/millrace-sim" run --config config/sim.toml 2> "$DEMO_DIR/sim.log" &
 pids+=($!)
 
-echo "demo: agent log $DEMO_DIR/agent.log, simulator log $DEMO_DIR/sim.log"
+echo "demo: logs in $DEMO_DIR/{agent,aggregator,sim}.log"
+echo "demo: aggregator ingest on http://127.0.0.1:8480 (embedded log in $DEMO_DIR/aggregator-state/log)"
 echo "demo: every record as JSON lines in $DEMO_DIR/tap.jsonl; summary below (Ctrl-C to stop)"
 touch "$DEMO_DIR/tap.jsonl"
 tail -n 0 -F "$DEMO_DIR/tap.jsonl" 2>/dev/null | python3 -u scripts/tap-summary.py
