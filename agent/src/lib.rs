@@ -11,6 +11,7 @@ pub mod config;
 pub mod ingest;
 pub mod pipeline;
 pub mod runtime;
+pub mod service;
 pub mod store;
 pub mod tap;
 pub mod uplink;

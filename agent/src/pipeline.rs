@@ -141,6 +141,8 @@ pub struct Durability {
     pending_acks: Vec<DurableAck>,
     last_reclaim: Instant,
     store_failures: u32,
+    /// Beaten while a blocked append waits: waiting by policy is not a stall.
+    heartbeat: crate::service::Heartbeat,
 }
 
 impl Durability {
@@ -152,6 +154,7 @@ impl Durability {
             pending_acks: Vec::new(),
             last_reclaim: Instant::now(),
             store_failures: 0,
+            heartbeat: crate::service::Heartbeat::default(),
         }
     }
 
@@ -210,6 +213,7 @@ impl Durability {
     async fn persist(&mut self, records: &[Record], shutdown: &CancellationToken) -> bool {
         let mut attempts = 0u32;
         loop {
+            self.heartbeat.beat();
             let store = Arc::clone(&self.store);
             let result = if self.outbox {
                 tokio::task::block_in_place(|| store.outbox().append(records.to_vec()))
@@ -285,13 +289,18 @@ pub async fn run(
     mut rx: mpsc::Receiver<IngestEvent>,
     outputs: &mut [Box<dyn Output>],
     mut durability: Option<Durability>,
+    heartbeat: crate::service::Heartbeat,
     shutdown: CancellationToken,
 ) -> Analytics {
     let mut events = Vec::with_capacity(DRAIN_BATCH);
     let mut tick = tokio::time::interval(TICK_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_engine_tick = Instant::now();
+    if let Some(d) = durability.as_mut() {
+        d.heartbeat = heartbeat.clone();
+    }
     loop {
+        heartbeat.beat();
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break,

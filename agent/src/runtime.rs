@@ -18,6 +18,7 @@ use crate::ingest::broker::{BrokerError, EmbeddedBroker};
 use crate::ingest::modbus::ModbusSource;
 use crate::ingest::mqtt::{MqttError, MqttSource};
 use crate::pipeline::{self, Analytics, Durability, Output};
+use crate::service;
 use crate::store::Store;
 use crate::uplink::Uplink;
 use std::sync::Arc;
@@ -146,11 +147,16 @@ pub async fn run(cfg: AgentConfig, tap: Option<PathBuf>) -> Result<(), RuntimeEr
     }
     let durability = Durability::new(Arc::clone(&store), cfg.uplink.is_some(), wake_uplink);
     let pipeline_token = shutdown.clone();
+    let heartbeat = service::Heartbeat::default();
+    heartbeat.beat();
+    let beat = heartbeat.clone();
     let pipeline = tokio::spawn(async move {
         let mut outputs = outputs;
-        pipeline::run(analytics, rx, &mut outputs, Some(durability), pipeline_token).await
+        pipeline::run(analytics, rx, &mut outputs, Some(durability), beat, pipeline_token).await
     });
+    let watchdog = tokio::spawn(service::watchdog(heartbeat, shutdown.clone()));
     tracing::info!(agent = %cfg.agent.id, "agent running");
+    service::ready(&format!("agent {} running", cfg.agent.id));
 
     let mut failure = None;
     let signals = wait_for_signal();
@@ -180,7 +186,9 @@ pub async fn run(cfg: AgentConfig, tap: Option<PathBuf>) -> Result<(), RuntimeEr
             }
         }
     }
+    service::stopping();
     shutdown.cancel();
+    let _ = watchdog.await;
     while sources.join_next().await.is_some() {}
     match pipeline.await {
         Ok(_) => {}
