@@ -79,6 +79,9 @@ pub struct AgentConfig {
     /// The aggregator to forward to. Without it, records go to the tap only.
     #[serde(default)]
     pub uplink: Option<UplinkConfig>,
+    /// `/metrics` and `/healthz`; none without this section.
+    #[serde(default)]
+    pub http: Option<crate::telemetry::HttpConfig>,
 }
 
 impl AgentConfig {

@@ -14,5 +14,6 @@ pub mod runtime;
 pub mod service;
 pub mod store;
 pub mod tap;
+pub mod telemetry;
 pub mod uplink;
 pub mod window;

@@ -15,7 +15,7 @@ use crate::ingest::{now_ms, IngestEvent};
 use crate::window::{Admission, EngineOutput, WindowEngine};
 use crate::ingest::DurableAck;
 use crate::store::{Store, StoreError};
-use millrace_protocol::{Reading, Record, SeriesKey, UnixMs};
+use millrace_protocol::{DeadLetterReason, Reading, Record, SeriesKey, UnixMs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
@@ -101,6 +101,35 @@ impl Analytics {
     pub fn flush(&mut self) {
         self.engine.flush(&mut self.scratch);
         self.collect();
+    }
+
+    /// Copies the engine's and the scorer's counters into the metrics registry.
+    pub fn export_metrics(&self) {
+        let w = self.engine.stats();
+        metrics::counter!("millrace_readings_accepted_total").absolute(w.readings_accepted);
+        metrics::counter!("millrace_late_readings_total").absolute(w.readings_late);
+        for (reason, n) in [
+            (DeadLetterReason::Late, w.readings_late),
+            (DeadLetterReason::NotANumber, w.readings_nan),
+            (DeadLetterReason::Infinite, w.readings_infinite),
+            (DeadLetterReason::SeriesCap, w.series_rejected_cap),
+            (DeadLetterReason::Malformed, w.readings_time_out_of_range),
+        ] {
+            metrics::counter!("millrace_window_dead_letters_total", "reason" => reason.as_str())
+                .absolute(n);
+        }
+        metrics::counter!("millrace_windows_emitted_total").absolute(w.windows_emitted);
+        metrics::counter!("millrace_windows_idle_closed_total").absolute(w.windows_idle_closed);
+        metrics::counter!("millrace_series_evicted_total").absolute(w.series_evicted_ttl);
+        metrics::gauge!("millrace_live_series").set(w.live_series as f64);
+        let s = self.scorer.stats();
+        metrics::counter!("millrace_windows_scored_total").absolute(s.windows_scored);
+        metrics::counter!("millrace_alerts_total", "kind" => "window", "severity" => "warning")
+            .absolute(s.window_alerts_warning);
+        metrics::counter!("millrace_alerts_total", "kind" => "window", "severity" => "critical")
+            .absolute(s.window_alerts_critical);
+        metrics::counter!("millrace_alerts_total", "kind" => "spike", "severity" => "any")
+            .absolute(s.spike_alerts);
     }
 
     /// Records produced since the last call.
@@ -314,6 +343,7 @@ pub async fn run(
                 if last_engine_tick.elapsed() >= ENGINE_TICK_INTERVAL {
                     last_engine_tick = Instant::now();
                     analytics.tick(now_ms());
+                    analytics.export_metrics();
                 }
                 if let Some(d) = durability.as_mut() {
                     d.reclaim();

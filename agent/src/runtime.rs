@@ -19,6 +19,7 @@ use crate::ingest::modbus::ModbusSource;
 use crate::ingest::mqtt::{MqttError, MqttSource};
 use crate::pipeline::{self, Analytics, Durability, Output};
 use crate::service;
+use crate::telemetry;
 use crate::store::Store;
 use crate::uplink::Uplink;
 use std::sync::Arc;
@@ -51,6 +52,11 @@ pub enum RuntimeError {
     Store {
         dir: PathBuf,
         source: crate::store::StoreError,
+    },
+    #[error("cannot listen for /metrics on {addr}: {source}")]
+    Http {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
     },
     #[error("uplink: {0}")]
     Uplink(#[from] crate::uplink::UplinkError),
@@ -110,19 +116,26 @@ pub async fn run(cfg: AgentConfig, tap: Option<PathBuf>) -> Result<(), RuntimeEr
 
     let (tx, rx) = mpsc::channel(cfg.agent.channel_capacity);
     let mut sources: JoinSet<Result<(), RuntimeError>> = JoinSet::new();
+    let mut counters = telemetry::Sources {
+        store: Some(Arc::clone(&store)),
+        ..Default::default()
+    };
     if let Some(b) = cfg.broker.as_ref().filter(|b| b.enabled) {
         let broker = EmbeddedBroker::start(b)?;
         tracing::info!(listen = %broker.local_addr(), "embedded MQTT broker up");
+        counters.mqtt.push(("embedded-broker", broker.stats()));
         let (tx, token) = (tx.clone(), shutdown.clone());
         sources.spawn(async move { Ok(broker.run(tx, token).await?) });
     }
     if let Some(m) = cfg.mqtt.clone() {
         let source = MqttSource::new(m)?;
+        counters.mqtt.push(("mqtt", source.stats()));
         let (tx, token) = (tx.clone(), shutdown.clone());
         sources.spawn(async move { Ok(source.run(tx, token).await?) });
     }
     if let Some(m) = cfg.modbus.clone().filter(|m| !m.devices.is_empty()) {
         let source = ModbusSource::new(m).map_err(|e| RuntimeError::Modbus(e.to_string()))?;
+        counters.modbus = Some(source.stats());
         let (tx, token) = (tx.clone(), shutdown.clone());
         sources.spawn(async move {
             source.run(tx, token).await;
@@ -154,6 +167,20 @@ pub async fn run(cfg: AgentConfig, tap: Option<PathBuf>) -> Result<(), RuntimeEr
         let mut outputs = outputs;
         pipeline::run(analytics, rx, &mut outputs, Some(durability), beat, pipeline_token).await
     });
+    let http = match (cfg.http.as_ref(), telemetry::install_recorder()) {
+        (Some(http), Some(handle)) => {
+            let listener = tokio::net::TcpListener::bind(http.listen)
+                .await
+                .map_err(|source| RuntimeError::Http {
+                    addr: http.listen,
+                    source,
+                })?;
+            tracing::info!(listen = %http.listen, "metrics on /metrics, health on /healthz");
+            let serve = telemetry::serve(listener, handle, counters, heartbeat.clone(), shutdown.clone());
+            Some(tokio::spawn(serve))
+        }
+        _ => None,
+    };
     let watchdog = tokio::spawn(service::watchdog(heartbeat, shutdown.clone()));
     tracing::info!(agent = %cfg.agent.id, "agent running");
     service::ready(&format!("agent {} running", cfg.agent.id));
@@ -195,6 +222,9 @@ pub async fn run(cfg: AgentConfig, tap: Option<PathBuf>) -> Result<(), RuntimeEr
         Err(e) => tracing::error!(error = %e, "pipeline task failed"),
     }
     if let Some(task) = uplink_task {
+        let _ = task.await;
+    }
+    if let Some(task) = http {
         let _ = task.await;
     }
     failure.map_or(Ok(()), Err)

@@ -68,12 +68,15 @@ to = "60s"
     )
 }
 
-fn agent_config(mqtt_port: u16, modbus_port: u16, data_dir: &Path) -> String {
+fn agent_config(mqtt_port: u16, modbus_port: u16, http_port: u16, data_dir: &Path) -> String {
     format!(
         r#"
 [agent]
 id = "gw-e2e"
 data-dir = "{dir}"
+
+[http]
+listen = "127.0.0.1:{http_port}"
 
 [window]
 width = "1s"
@@ -138,13 +141,13 @@ fn series_of(r: &Value) -> String {
 fn simulated_plant_through_the_agent_matches_the_signal() {
     let mosquitto_pub = require_program("mosquitto_pub", "mosquitto-clients");
     let dir = tempfile::tempdir().unwrap();
-    let (mqtt_port, modbus_port) = (free_port(), free_port());
+    let (mqtt_port, modbus_port, http_port) = (free_port(), free_port(), free_port());
     let sim_toml = dir.path().join("sim.toml");
     let agent_toml = dir.path().join("agent.toml");
     std::fs::write(&sim_toml, sim_config(mqtt_port, modbus_port)).unwrap();
     std::fs::write(
         &agent_toml,
-        agent_config(mqtt_port, modbus_port, &dir.path().join("state")),
+        agent_config(mqtt_port, modbus_port, http_port, &dir.path().join("state")),
     )
     .unwrap();
     let tap = dir.path().join("tap.jsonl");
@@ -183,6 +186,7 @@ fn simulated_plant_through_the_agent_matches_the_signal() {
             .any(|w| w["start_ms"].as_i64() >= Some(step_window + 3000))
     });
     assert!(agent.is_running(), "agent exited early");
+    let first_scrape = scrape(http_port);
 
     // Bad input to the agent's broker: each becomes a dead letter, the agent goes on.
     let publish = |topic: &str, payload: &str| {
@@ -209,6 +213,28 @@ fn simulated_plant_through_the_agent_matches_the_signal() {
                 > windows_of(&records, "boiler-3/temp").len() + 1
     });
     assert!(more.len() > before_bad, "the agent kept producing after bad input");
+
+    // /metrics: Prometheus text with the expected names, counters increasing.
+    let second_scrape = scrape(http_port);
+    for name in [
+        "millrace_readings_in_total{source=\"embedded-broker\"}",
+        "millrace_readings_in_total{source=\"modbus\"}",
+        "millrace_windows_emitted_total",
+        "millrace_readings_accepted_total",
+    ] {
+        let (a, b) = (metric(&first_scrape, name), metric(&second_scrape, name));
+        assert!(b > a && a > 0.0, "{name}: {a} then {b}");
+    }
+    for name in [
+        "millrace_late_readings_total",
+        "millrace_outbox_records{lane=\"bulk\"}",
+        "millrace_live_series",
+        "millrace_alerts_total{kind=\"spike\",severity=\"any\"}",
+    ] {
+        assert!(second_scrape.contains(name), "{name} missing from /metrics");
+    }
+    assert!(metric(&second_scrape, "millrace_late_readings_total") >= 1.0);
+    assert!(http_get(http_port, "/healthz").starts_with("HTTP/1.1 200"));
 
     assert_eq!(
         agent.terminate(Duration::from_secs(20)),
@@ -309,4 +335,31 @@ fn simulated_plant_through_the_agent_matches_the_signal() {
         reasons.contains(&"not-a-number") || reasons.contains(&"malformed"),
         "NaN payload dead-lettered: {reasons:?}"
     );
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("agent http");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn scrape(port: u16) -> String {
+    let resp = http_get(port, "/metrics");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    resp
+}
+
+/// The value of the sample whose name (with labels) is exactly `name`.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (n, v) = l.rsplit_once(' ')?;
+            (n == name).then(|| v.parse().ok()).flatten()
+        })
+        .unwrap_or_else(|| panic!("{name} not in /metrics"))
 }
