@@ -334,6 +334,27 @@ fn kill_9_the_agent_twenty_times_loses_and_duplicates_no_window() {
         started.elapsed()
     );
     assert_eq!(kills, KILLS);
+    let records = aggregator_tail(&agg_toml, WINDOWS_TOPIC);
+    for (_, series, start, _) in &check.duplicates {
+        for r in records
+            .iter()
+            .filter(|r| series_name(&r["value"]) == *series && r["value"]["start_ms"] == *start)
+        {
+            eprintln!(
+                "duplicate: offset {} seq {} count {} first {} last {} mean {}",
+                r["offset"],
+                r["headers"]["seq"],
+                r["value"]["count"],
+                r["value"]["first_event_ms"],
+                r["value"]["last_event_ms"],
+                r["value"]["mean"]
+            );
+        }
+    }
+    if std::env::var_os("MILLRACE_KEEP_TMP").is_some() {
+        // Keep the agent's state and logs for a post-mortem.
+        eprintln!("kept {}", dir.keep().display());
+    }
     assert!(check.duplicates.is_empty(), "duplicate windows: {:?}", check.duplicates);
     assert!(check.gaps.is_empty(), "missing windows: {:?}", check.gaps);
     assert_eq!(check.series.len(), 2, "both series arrived: {:?}", check.series);
