@@ -435,7 +435,11 @@ fn aggregator_outage_backlog_drains() {
 
     std::thread::sleep(Duration::from_secs(5));
     sim.kill();
-    // Idle close + replay of the backlog.
+    // Idle close (2 s): every window is closed and in the outbox. (Windows
+    // still open at SIGTERM are flushed into the outbox but not sent before
+    // exit: the uplink stops on the same token.)
+    std::thread::sleep(Duration::from_secs(3));
+    // Replay of the backlog.
     let tap_now = || key_set(&tap_windows(&tap));
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
