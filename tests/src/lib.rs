@@ -198,3 +198,300 @@ pub fn follow_json_lines(
     }
     seen
 }
+
+// ---------------------------------------------------------------------------
+// Helpers for the chained tests (sim → agent → aggregator → log/Kafka).
+// ---------------------------------------------------------------------------
+
+/// A small deterministic RNG (SplitMix64), so a failing chaos run can be
+/// replayed with the same seed.
+#[derive(Debug, Clone)]
+pub struct SeededRng(u64);
+
+impl SeededRng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[lo, hi]` (inclusive).
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        assert!(lo <= hi);
+        lo + self.next_u64() % (hi - lo + 1)
+    }
+}
+
+/// Writes an aggregator config for one or more agents (`(id, token)`),
+/// listening on `127.0.0.1:port` with its state in `data_dir`. `extra` is
+/// appended verbatim (e.g. a `[kafka]` table).
+pub fn write_aggregator_config(
+    path: &Path,
+    port: u16,
+    data_dir: &Path,
+    agents: &[(&str, &str)],
+    extra: &str,
+) {
+    let mut text = format!(
+        "listen = \"127.0.0.1:{port}\"\ndata-dir = \"{}\"\nretry-after = \"1s\"\nshutdown-grace = \"2s\"\n",
+        data_dir.display()
+    );
+    for (id, token) in agents {
+        text.push_str(&format!("\n[[agents]]\nid = \"{id}\"\ntoken = \"{token}\"\n"));
+    }
+    text.push('\n');
+    text.push_str(extra);
+    std::fs::write(path, text).expect("write aggregator config");
+}
+
+/// Starts `millrace-aggregator run --config CONFIG` (stderr appended to
+/// `log`) and waits until it listens on `port`.
+pub fn start_aggregator(config: &Path, port: u16, log: &Path) -> ChildGuard {
+    let stderr = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("open aggregator log");
+    let guard = ChildGuard::spawn(
+        "millrace-aggregator",
+        Command::new(bin("millrace-aggregator"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(stderr),
+    );
+    wait_for_port(
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_secs(30),
+    );
+    guard
+}
+
+/// Every record of `topic` in the aggregator's embedded log, read with
+/// `millrace-aggregator tail TOPIC --from-beginning --config CONFIG`.
+pub fn aggregator_tail(config: &Path, topic: &str) -> Vec<serde_json::Value> {
+    let out = Command::new(bin("millrace-aggregator"))
+        .args(["tail", topic, "--from-beginning", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run millrace-aggregator tail");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        // A topic that does not exist yet (nothing written) reads as empty.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stdout.trim().is_empty(),
+            "millrace-aggregator tail {topic} failed: {stderr}"
+        );
+        return Vec::new();
+    }
+    stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("tail line {l:?}: {e}")))
+        .collect()
+}
+
+/// The status code of `GET path` on `127.0.0.1:port`, or `None` if nothing answers.
+pub fn http_status(port: u16, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let head = String::from_utf8_lossy(&buf);
+    head.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Calls `count` every `every` until it returned the same value for
+/// `stable_for` (and `ok` accepts it), or `timeout` passes. Returns the last value.
+pub fn wait_until_stable<T: PartialEq + Clone + std::fmt::Debug>(
+    mut count: impl FnMut() -> T,
+    mut ok: impl FnMut(&T) -> bool,
+    every: Duration,
+    stable_for: Duration,
+    timeout: Duration,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    let mut last = count();
+    let mut since = Instant::now();
+    loop {
+        if ok(&last) && since.elapsed() >= stable_for {
+            return last;
+        }
+        if Instant::now() >= deadline {
+            return last;
+        }
+        std::thread::sleep(every);
+        let now = count();
+        if now != last {
+            last = now;
+            since = Instant::now();
+        }
+    }
+}
+
+/// `device/sensor` of a window (or any record with a `series`).
+pub fn series_name(window: &serde_json::Value) -> String {
+    format!(
+        "{}/{}",
+        window["series"]["device"].as_str().unwrap_or("?"),
+        window["series"]["sensor"].as_str().unwrap_or("?")
+    )
+}
+
+/// What [`check_windows`] found.
+#[derive(Debug, Default, Clone)]
+pub struct WindowCheck {
+    /// Windows looked at.
+    pub total: usize,
+    /// Per series: (first start, last start, distinct windows).
+    pub series: std::collections::BTreeMap<String, (i64, i64, usize)>,
+    /// (agent, series, start_ms, times seen) for every key seen more than once.
+    pub duplicates: Vec<(String, String, i64, usize)>,
+    /// (series, missing start_ms) between each series' first and last window.
+    pub gaps: Vec<(String, i64)>,
+}
+
+/// Checks window values (the `value` of a log record, or a tap line): no
+/// (agent, series, start_ms) twice, and for each series every start between
+/// the first and the last, step `width_ms`, present.
+pub fn check_windows<'a>(
+    windows: impl IntoIterator<Item = &'a serde_json::Value>,
+    width_ms: i64,
+) -> WindowCheck {
+    use std::collections::{BTreeMap, BTreeSet};
+    let mut seen: BTreeMap<(String, String, i64), usize> = BTreeMap::new();
+    let mut starts: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
+    let mut check = WindowCheck::default();
+    for w in windows {
+        check.total += 1;
+        let agent = w["agent"].as_str().unwrap_or("?").to_string();
+        let series = series_name(w);
+        let start = w["start_ms"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("window without start_ms: {w}"));
+        *seen.entry((agent, series.clone(), start)).or_insert(0) += 1;
+        starts.entry(series).or_default().insert(start);
+    }
+    for ((agent, series, start), n) in seen {
+        if n > 1 {
+            check.duplicates.push((agent, series, start, n));
+        }
+    }
+    for (series, set) in starts {
+        let first = *set.iter().next().expect("non-empty");
+        let last = *set.iter().next_back().expect("non-empty");
+        let mut t = first;
+        while t <= last {
+            if !set.contains(&t) {
+                check.gaps.push((series.clone(), t));
+            }
+            t += width_ms;
+        }
+        check.series.insert(series, (first, last, set.len()));
+    }
+    check
+}
+
+/// Path of a script in the workspace's `scripts/`.
+pub fn script(name: &str) -> PathBuf {
+    workspace_root().join("scripts").join(name)
+}
+
+/// A tansu broker (Kafka-compatible) started by `scripts/kafka-peer.sh start DIR`,
+/// stopped by `scripts/kafka-peer.sh stop DIR` on drop, even when the test fails.
+#[derive(Debug)]
+pub struct KafkaPeer {
+    pub dir: PathBuf,
+    pub port: u16,
+}
+
+impl KafkaPeer {
+    /// Starts a broker with its store in `dir`, on `port` (or a free one).
+    pub fn start(dir: &Path, port: Option<u16>) -> Self {
+        let mut cmd = Command::new(script("kafka-peer.sh"));
+        cmd.arg("start").arg(dir);
+        if let Some(port) = port {
+            cmd.arg(port.to_string());
+        }
+        let out = cmd.output().expect("run scripts/kafka-peer.sh");
+        assert!(
+            out.status.success(),
+            "scripts/kafka-peer.sh start failed (needs tansu, built by `scripts/kafka-peer.sh install`): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .lines()
+            .last()
+            .and_then(|l| l.trim().parse().ok())
+            .expect("kafka-peer.sh start prints the port");
+        Self {
+            dir: dir.to_path_buf(),
+            port,
+        }
+    }
+
+    /// Stops the broker; its store stays in `dir` for a restart.
+    pub fn stop(&self) {
+        let status = Command::new(script("kafka-peer.sh"))
+            .arg("stop")
+            .arg(&self.dir)
+            .status()
+            .expect("run scripts/kafka-peer.sh stop");
+        assert!(status.success(), "kafka-peer.sh stop failed");
+    }
+}
+
+impl Drop for KafkaPeer {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.dir.join("tansu.log")).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!("--- tail of {}/tansu.log ---", self.dir.display());
+            for l in &lines[lines.len().saturating_sub(30)..] {
+                eprintln!("{l}");
+            }
+        }
+        let _ = Command::new(script("kafka-peer.sh"))
+            .arg("stop")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+/// Every record of `topic` read with the independent client
+/// `scripts/kafka-read.py` (confluent-kafka).
+pub fn kafka_read(port: u16, topic: &str, idle_timeout_s: f64) -> Vec<serde_json::Value> {
+    let out = Command::new("python3")
+        .arg(script("kafka-read.py"))
+        .args(["--brokers", &format!("127.0.0.1:{port}"), "--topic", topic])
+        .args(["--idle-timeout", &idle_timeout_s.to_string()])
+        .output()
+        .expect("run python3 scripts/kafka-read.py");
+    assert!(
+        out.status.success(),
+        "scripts/kafka-read.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("kafka-read line {l:?}: {e}")))
+        .collect()
+}
