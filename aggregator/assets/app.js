@@ -151,6 +151,13 @@
 
   function selectSeries(agent, series) {
     state.chart = { agent, series };
+    // A new series may have another unit: rebuild the chart and its axis.
+    if (state.plot) {
+      state.plot.destroy();
+      state.plot = null;
+    }
+    state.windows = [];
+    state.marks = [];
     history.replaceState(null, "", "#series=" + encodeURIComponent(agent + "/" + series));
     $("chart-title").textContent = agent + " · " + series;
     for (const li of $("series-list").children) {

@@ -135,23 +135,31 @@ struct AgentLive {
     dead_letters: u64,
     highest_seq: Option<u64>,
     outbox_floor: u64,
-    /// Window end (event time, ms) → readings in windows ending then.
-    readings_by_end: BTreeMap<UnixMs, u64>,
+    /// Window end (event time, ms) → (readings in windows ending then,
+    /// earliest start of those windows).
+    readings_by_end: BTreeMap<UnixMs, (u64, UnixMs)>,
     series: usize,
 }
 
 impl AgentLive {
+    /// Readings per second over the event time covered by the windows that
+    /// ended in the last [`RATE_SPAN_MS`] (less for a newly seen agent).
     fn readings_per_second(&self) -> f64 {
         let Some((&latest_end, _)) = self.readings_by_end.last_key_value() else {
             return 0.0;
         };
         let from = latest_end - RATE_SPAN_MS;
-        let readings: u64 = self
+        let (readings, earliest_start) = self
             .readings_by_end
             .range(from + 1..)
-            .map(|(_, n)| n)
-            .sum();
-        readings as f64 / (RATE_SPAN_MS as f64 / 1000.0)
+            .fold((0u64, latest_end), |(n, start), (_, (count, s))| {
+                (n + count, start.min(*s))
+            });
+        let covered_ms = latest_end - earliest_start.max(from);
+        if covered_ms <= 0 {
+            return 0.0;
+        }
+        readings as f64 / (covered_ms as f64 / 1000.0)
     }
 }
 
@@ -174,7 +182,8 @@ pub struct AgentView {
     /// Wall-clock time of the agent's last committed batch.
     pub last_seen_ms: Option<UnixMs>,
     pub since_last_seen_ms: Option<i64>,
-    /// Readings per second over the last 30 s of event time, from window counts.
+    /// Readings per second over the last 30 s of event time (less for a
+    /// newly seen agent), from window counts.
     pub readings_per_s: f64,
     pub series: usize,
     pub batches: u64,
@@ -317,7 +326,9 @@ impl LiveState {
         new_series: &mut usize,
     ) -> Option<(Arc<SeriesId>, WindowPoint)> {
         let a = self.agents.entry(agent.to_owned()).or_default();
-        *a.readings_by_end.entry(w.end_ms).or_default() += w.count;
+        let entry = a.readings_by_end.entry(w.end_ms).or_insert((0, w.start_ms));
+        entry.0 += w.count;
+        entry.1 = entry.1.min(w.start_ms);
         if let Some((&latest, _)) = a.readings_by_end.last_key_value() {
             let keep_from = latest - RATE_SPAN_MS;
             while a
@@ -712,6 +723,13 @@ mod tests {
         assert_eq!(gw1.outbox_floor, 106);
         assert_eq!(gw1.seq_span_records, 1);
         assert!(!state.fleet(1_000_000 + 31_000)[1].online);
+
+        // A newly seen agent: the rate is over the event time covered so far.
+        let mut fresh = LiveState::new(limits(), vec![]);
+        for i in 0..2 {
+            observe(&mut fresh, i, vec![window("t", i as i64 * 5000, 1.0)]);
+        }
+        assert_eq!(fresh.fleet(1_000_000)[0].readings_per_s, 100.0 / 10.0);
     }
 
     #[test]

@@ -1,4 +1,5 @@
 //! End-to-end tests: the real binaries (`millrace-sim`, `millrace-agent`,
 //! `millrace-aggregator`) and real peers, on free loopback ports.
 
+mod dashboard;
 mod pipeline;
