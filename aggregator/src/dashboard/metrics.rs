@@ -17,7 +17,7 @@
 //! | `millrace_aggregator_readings_total` | counter | `agent`: readings summarised by committed windows |
 //! | `millrace_aggregator_alerts_total` | counter | `agent`, `severity`, `kind` |
 //! | `millrace_aggregator_dead_letters_total` | counter | `agent`, `reason` |
-//! | `millrace_aggregator_log_write_seconds` | histogram | `log` (kafka, local): one batch's write until acknowledged |
+//! | `millrace_aggregator_log_write_seconds` | histogram | `log` (kafka, embedded): one batch's write until acknowledged |
 //! | `millrace_aggregator_event_to_commit_seconds` | histogram | `kind`: record event time (window end, alert time) to committed |
 //! | `millrace_aggregator_log_up` | gauge | `log`: 1 when the log writer is healthy |
 //! | `millrace_aggregator_live_series` | gauge | series in the live state |
