@@ -9,7 +9,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper::{Method, Request, StatusCode};
 use millrace_aggregator::log::local::TopicReader;
-use millrace_protocol::{Alert, AlertKind, AnomalyScore, Batch, Envelope, Record, SeriesKey, Severity};
+use millrace_protocol::{
+    Alert, AlertKind, AnomalyScore, Batch, Envelope, Record, SeriesKey, Severity,
+};
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -30,7 +32,9 @@ async fn get_text(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (St
             .await
             .unwrap();
     tokio::spawn(conn);
-    let mut builder = Request::builder().uri(path).header("host", addr.to_string());
+    let mut builder = Request::builder()
+        .uri(path)
+        .header("host", addr.to_string());
     for (k, v) in headers {
         builder = builder.header(*k, *v);
     }
@@ -116,15 +120,30 @@ async fn api_serves_what_the_log_holds_and_duplicates_count_once() {
     let first = batch_of(
         0,
         vec![
-            (1, scored_window("temp", T0 + 10_000, 80.2, Severity::Normal)),
-            (2, scored_window("temp", T0 + 15_000, 95.0, Severity::Critical)),
+            (
+                1,
+                scored_window("temp", T0 + 10_000, 80.2, Severity::Normal),
+            ),
+            (
+                2,
+                scored_window("temp", T0 + 15_000, 95.0, Severity::Critical),
+            ),
             (3, alert("temp", T0 + 16_200, 130.0)),
             (4, dead_letter("plant/x/y")),
         ],
     );
-    let backlog = batch_of(0, vec![(0, scored_window("temp", T0 + 5_000, 79.9, Severity::Normal))]);
-    assert_eq!(post_batch(server.addr, TOKEN_1, &first).await.status, StatusCode::OK);
-    assert_eq!(post_batch(server.addr, TOKEN_1, &backlog).await.status, StatusCode::OK);
+    let backlog = batch_of(
+        0,
+        vec![(0, scored_window("temp", T0 + 5_000, 79.9, Severity::Normal))],
+    );
+    assert_eq!(
+        post_batch(server.addr, TOKEN_1, &first).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        post_batch(server.addr, TOKEN_1, &backlog).await.status,
+        StatusCode::OK
+    );
     let again = post_batch(server.addr, TOKEN_1, &first).await;
     assert_eq!(again.json["duplicates"], 4);
 
@@ -142,7 +161,9 @@ async fn api_serves_what_the_log_holds_and_duplicates_count_once() {
     let windows = api.json["windows"].as_array().unwrap();
     assert_eq!(windows.len(), logged.len());
     for (served, log) in windows.iter().zip(&logged) {
-        for field in ["start_ms", "end_ms", "count", "mean", "min", "max", "stddev"] {
+        for field in [
+            "start_ms", "end_ms", "count", "mean", "min", "max", "stddev",
+        ] {
             assert_eq!(served[field], log[field], "{field}: {served} vs {log}");
         }
         for field in ["z", "baseline_mean", "baseline_stddev", "severity"] {
@@ -168,7 +189,16 @@ async fn api_serves_what_the_log_holds_and_duplicates_count_once() {
     let alerts = get(server.addr, "/api/v1/alerts").await;
     let served = alerts.json["alerts"].as_array().unwrap();
     assert_eq!(served.len(), 1, "{}", alerts.json);
-    for field in ["agent", "series", "kind", "time_ms", "window_start_ms", "value", "score", "unit"] {
+    for field in [
+        "agent",
+        "series",
+        "kind",
+        "time_ms",
+        "window_start_ms",
+        "value",
+        "score",
+        "unit",
+    ] {
         assert_eq!(served[0][field], logged_alerts[0][field], "{field}");
     }
     assert_eq!(served[0]["seq"], 3);
@@ -199,9 +229,16 @@ async fn api_serves_what_the_log_holds_and_duplicates_count_once() {
     assert_eq!(none.json["total"], 0);
 
     // Bad queries are 400 with a reason; unknown series 404.
-    let bad = get(server.addr, "/api/v1/series/windows?agent=gw-1&series=no-slash").await;
+    let bad = get(
+        server.addr,
+        "/api/v1/series/windows?agent=gw-1&series=no-slash",
+    )
+    .await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
-    assert!(bad.json["error"].as_str().unwrap().contains("device/sensor"));
+    assert!(bad.json["error"]
+        .as_str()
+        .unwrap()
+        .contains("device/sensor"));
     let bad = get(server.addr, "/api/v1/alerts?severity=apocalyptic").await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
     let missing = get(server.addr, "/api/v1/series/windows?agent=gw-2&series=a/b").await;
@@ -217,7 +254,10 @@ async fn metrics_are_prometheus_text_and_counters_grow() {
     let server = Server::start(&config).await;
     let (status, before) = get_text(server.addr, "/metrics", &[]).await;
     assert_eq!(status, StatusCode::OK);
-    assert!(before.contains("# TYPE millrace_aggregator_batches_total counter"), "{before}");
+    assert!(
+        before.contains("# TYPE millrace_aggregator_batches_total counter"),
+        "{before}"
+    );
 
     let b = batch_of(
         1,
@@ -232,10 +272,19 @@ async fn metrics_are_prometheus_text_and_counters_grow() {
     let (_, after) = get_text(server.addr, "/metrics", &[]).await;
 
     for (name, want) in [
-        ("millrace_aggregator_batches_total{result=\"accepted\"}", 2.0),
+        (
+            "millrace_aggregator_batches_total{result=\"accepted\"}",
+            2.0,
+        ),
         ("millrace_aggregator_duplicate_records_total", 3.0),
-        ("millrace_aggregator_records_total{agent=\"gw-1\",kind=\"window\"}", 1.0),
-        ("millrace_aggregator_records_total{agent=\"gw-1\",kind=\"alert\"}", 1.0),
+        (
+            "millrace_aggregator_records_total{agent=\"gw-1\",kind=\"window\"}",
+            1.0,
+        ),
+        (
+            "millrace_aggregator_records_total{agent=\"gw-1\",kind=\"alert\"}",
+            1.0,
+        ),
         ("millrace_aggregator_readings_total{agent=\"gw-1\"}", 10.0),
         (
             "millrace_aggregator_alerts_total{agent=\"gw-1\",severity=\"critical\",kind=\"spike\"}",
@@ -249,22 +298,36 @@ async fn metrics_are_prometheus_text_and_counters_grow() {
         ("millrace_aggregator_agent_up{agent=\"gw-1\"}", 1.0),
         ("millrace_aggregator_agent_up{agent=\"gw-2\"}", 0.0),
         ("millrace_aggregator_log_up{log=\"embedded\"}", 1.0),
-        ("millrace_aggregator_log_write_seconds_count{log=\"embedded\"}", 1.0),
-        ("millrace_aggregator_event_to_commit_seconds_count{kind=\"window\"}", 1.0),
+        (
+            "millrace_aggregator_log_write_seconds_count{log=\"embedded\"}",
+            1.0,
+        ),
+        (
+            "millrace_aggregator_event_to_commit_seconds_count{kind=\"window\"}",
+            1.0,
+        ),
     ] {
         assert_eq!(metric(&after, name), Some(want), "{name} in:\n{after}");
     }
     assert_eq!(
-        metric(&before, "millrace_aggregator_batches_total{result=\"accepted\"}"),
+        metric(
+            &before,
+            "millrace_aggregator_batches_total{result=\"accepted\"}"
+        ),
         Some(0.0)
     );
     // Every sample line is `name{labels} value`, names in snake case.
-    for line in after.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+    for line in after
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
         let (series, value) = line.rsplit_once(' ').unwrap();
         value.parse::<f64>().unwrap_or_else(|_| panic!("{line}"));
         let name = series.split('{').next().unwrap();
         assert!(name.starts_with("millrace_aggregator_"), "{line}");
-        assert!(name.chars().all(|c| c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit()));
+        assert!(name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit()));
     }
     server.stop().await;
 }
@@ -275,23 +338,56 @@ async fn token_or_basic_auth_guards_every_dashboard_route() {
     let tables = "[dashboard]\ntoken = \"dash-token-0123456789\"\nusername = \"ops\"\npassword = \"ops-password-0123\"\n";
     let config = parse_config(&config_text(tmp.path(), "", tables));
     let server = Server::start(&config).await;
-    for path in ["/", "/assets/app.js", "/api/v1/fleet", "/api/v1/series", "/api/v1/alerts", "/metrics"] {
+    for path in [
+        "/",
+        "/assets/app.js",
+        "/api/v1/fleet",
+        "/api/v1/series",
+        "/api/v1/alerts",
+        "/metrics",
+    ] {
         let (status, _) = get_text(server.addr, path, &[]).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
-        let (status, _) = get_text(server.addr, path, &[("authorization", "Bearer wrong-token-000000")]).await;
+        let (status, _) = get_text(
+            server.addr,
+            path,
+            &[("authorization", "Bearer wrong-token-000000")],
+        )
+        .await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
-        let (status, _) = get_text(server.addr, path, &[("authorization", "Bearer dash-token-0123456789")]).await;
+        let (status, _) = get_text(
+            server.addr,
+            path,
+            &[("authorization", "Bearer dash-token-0123456789")],
+        )
+        .await;
         assert_eq!(status, StatusCode::OK, "{path}");
         // base64("ops:ops-password-0123")
-        let (status, _) = get_text(server.addr, path, &[("authorization", "Basic b3BzOm9wcy1wYXNzd29yZC0wMTIz")]).await;
+        let (status, _) = get_text(
+            server.addr,
+            path,
+            &[("authorization", "Basic b3BzOm9wcy1wYXNzd29yZC0wMTIz")],
+        )
+        .await;
         assert_eq!(status, StatusCode::OK, "{path}");
     }
-    let (status, _) = get_text(server.addr, "/api/v1/fleet?access_token=dash-token-0123456789", &[]).await;
+    let (status, _) = get_text(
+        server.addr,
+        "/api/v1/fleet?access_token=dash-token-0123456789",
+        &[],
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     // Probes and the agents' ingest keep their own rules.
     assert_eq!(healthz(server.addr).await.status, StatusCode::OK);
-    let b = batch_of(1, vec![(1, scored_window("temp", T0, 80.0, Severity::Normal))]);
-    assert_eq!(post_batch(server.addr, TOKEN_1, &b).await.status, StatusCode::OK);
+    let b = batch_of(
+        1,
+        vec![(1, scored_window("temp", T0, 80.0, Severity::Normal))],
+    );
+    assert_eq!(
+        post_batch(server.addr, TOKEN_1, &b).await.status,
+        StatusCode::OK
+    );
     server.stop().await;
 }
 
@@ -367,7 +463,11 @@ async fn event_stream_pushes_alerts_and_the_chosen_series_windows() {
             Some((name, serde_json::from_str(data).unwrap()))
         })
         .collect();
-    let windows: Vec<&Value> = events.iter().filter(|(n, _)| *n == "window").map(|(_, v)| v).collect();
+    let windows: Vec<&Value> = events
+        .iter()
+        .filter(|(n, _)| *n == "window")
+        .map(|(_, v)| v)
+        .collect();
     assert_eq!(windows.len(), 1, "only the chosen series' windows: {text}");
     assert_eq!(windows[0]["sensor"], "temp");
     assert_eq!(windows[0]["mean"], 81.0);

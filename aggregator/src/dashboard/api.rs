@@ -290,12 +290,10 @@ async fn events(
     Query(query): Query<EventsQuery>,
 ) -> Result<Sse<impl futures::Stream<Item = Result<Event, Infallible>>>, BadQuery> {
     let chart = match (query.agent, query.series) {
-        (Some(agent), Some(series)) if !agent.is_empty() && !series.is_empty() => {
-            Some(SeriesId {
-                agent,
-                series: series_key(&series)?,
-            })
-        }
+        (Some(agent), Some(series)) if !agent.is_empty() && !series.is_empty() => Some(SeriesId {
+            agent,
+            series: series_key(&series)?,
+        }),
         _ => None,
     };
     app.dashboard.stream_opened();

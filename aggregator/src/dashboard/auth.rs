@@ -79,9 +79,10 @@ pub fn refuse(auth: &DashboardAuth, error: AuthError) -> Response {
         axum::Json(serde_json::json!({ "error": error.to_string() })),
     )
         .into_response();
-    response
-        .headers_mut()
-        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(challenge),
+    );
     response
 }
 
@@ -105,17 +106,28 @@ mod tests {
     #[test]
     fn token_basic_and_query_are_accepted() {
         let uri: Uri = "/api/v1/fleet".parse().unwrap();
-        assert_eq!(check(&auth(), &with_header("Bearer read-only-token-1"), &uri), Ok(()));
+        assert_eq!(
+            check(&auth(), &with_header("Bearer read-only-token-1"), &uri),
+            Ok(())
+        );
         let basic = base64::engine::general_purpose::STANDARD.encode("ops:secret-password");
-        assert_eq!(check(&auth(), &with_header(&format!("Basic {basic}")), &uri), Ok(()));
-        let uri: Uri = "/api/v1/events?x=1&access_token=read-only-token-1".parse().unwrap();
+        assert_eq!(
+            check(&auth(), &with_header(&format!("Basic {basic}")), &uri),
+            Ok(())
+        );
+        let uri: Uri = "/api/v1/events?x=1&access_token=read-only-token-1"
+            .parse()
+            .unwrap();
         assert_eq!(check(&auth(), &HeaderMap::new(), &uri), Ok(()));
     }
 
     #[test]
     fn wrong_or_missing_credentials_are_refused() {
         let uri: Uri = "/".parse().unwrap();
-        assert_eq!(check(&auth(), &HeaderMap::new(), &uri), Err(AuthError::Missing));
+        assert_eq!(
+            check(&auth(), &HeaderMap::new(), &uri),
+            Err(AuthError::Missing)
+        );
         assert_eq!(
             check(&auth(), &with_header("Bearer read-only-token-2"), &uri),
             Err(AuthError::Rejected)
@@ -125,7 +137,13 @@ mod tests {
             check(&auth(), &with_header(&format!("Basic {basic}")), &uri),
             Err(AuthError::Rejected)
         );
-        assert_eq!(check(&auth(), &with_header("Basic !!!"), &uri), Err(AuthError::Rejected));
-        assert_eq!(check(&DashboardAuth::default(), &HeaderMap::new(), &uri), Ok(()));
+        assert_eq!(
+            check(&auth(), &with_header("Basic !!!"), &uri),
+            Err(AuthError::Rejected)
+        );
+        assert_eq!(
+            check(&DashboardAuth::default(), &HeaderMap::new(), &uri),
+            Ok(())
+        );
     }
 }

@@ -190,7 +190,10 @@ mod tests {
     fn secrets_come_from_the_environment_and_are_not_printed() {
         let cfg = parse(
             "username = \"ops\"\ntoken = \"file-token-0123\"",
-            &[(PASSWORD_ENV, "env-password-0123"), (TOKEN_ENV, "env-token-0123456")],
+            &[
+                (PASSWORD_ENV, "env-password-0123"),
+                (TOKEN_ENV, "env-token-0123456"),
+            ],
         )
         .unwrap();
         assert_eq!(cfg.auth.token.as_deref(), Some("env-token-0123456"));
@@ -204,14 +207,25 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_key() {
-        assert_eq!(parse("token = \"short\"", &[]).unwrap_err().0, "dashboard.token");
-        assert_eq!(parse("username = \"ops\"", &[]).unwrap_err().0, "dashboard.password");
         assert_eq!(
-            parse("password = \"long-enough-password\"", &[]).unwrap_err().0,
+            parse("token = \"short\"", &[]).unwrap_err().0,
+            "dashboard.token"
+        );
+        assert_eq!(
+            parse("username = \"ops\"", &[]).unwrap_err().0,
+            "dashboard.password"
+        );
+        assert_eq!(
+            parse("password = \"long-enough-password\"", &[])
+                .unwrap_err()
+                .0,
             "dashboard.username"
         );
         // A password in the environment without a configured user is not used.
-        assert!(parse("", &[(PASSWORD_ENV, "env-password-0123")]).unwrap().auth.is_open());
+        assert!(parse("", &[(PASSWORD_ENV, "env-password-0123")])
+            .unwrap()
+            .auth
+            .is_open());
         assert_eq!(
             parse("retain-windows = 0", &[]).unwrap_err().0,
             "dashboard.retain-windows"

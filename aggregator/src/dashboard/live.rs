@@ -466,9 +466,9 @@ impl LiveState {
                 }
             })
             .filter(|(_, live)| {
-                filter.min_alert_severity.is_none_or(|min| {
-                    live.marks.iter().any(|m| m.severity >= min)
-                })
+                filter
+                    .min_alert_severity
+                    .is_none_or(|min| live.marks.iter().any(|m| m.severity >= min))
             })
             .collect();
         let total = matches.len();
@@ -523,11 +523,7 @@ impl LiveState {
 
     /// The newest alerts first, optionally of one agent/series and at least
     /// `min_severity`, with `id` below `before_id` (for paging).
-    pub fn alerts(
-        &self,
-        filter: &dyn Fn(&AlertEntry) -> bool,
-        limit: usize,
-    ) -> Vec<AlertEntry> {
+    pub fn alerts(&self, filter: &dyn Fn(&AlertEntry) -> bool, limit: usize) -> Vec<AlertEntry> {
         self.alerts
             .iter()
             .filter(|a| filter(a))
@@ -658,7 +654,11 @@ mod tests {
         let mut state = LiveState::new(limits(), vec!["gw-1".into()]);
         let starts = [10_000, 20_000, 5_000, 15_000, 25_000, 0, 20_000];
         for (i, start) in starts.iter().enumerate() {
-            observe(&mut state, i as u64, vec![window("t", *start, *start as f64)]);
+            observe(
+                &mut state,
+                i as u64,
+                vec![window("t", *start, *start as f64)],
+            );
         }
         let id = SeriesId {
             agent: "gw-1".into(),
@@ -678,7 +678,11 @@ mod tests {
         let observed = observe(
             &mut state,
             0,
-            vec![window("a", 0, 1.0), window("b", 0, 1.0), window("c", 0, 1.0)],
+            vec![
+                window("a", 0, 1.0),
+                window("b", 0, 1.0),
+                window("c", 0, 1.0),
+            ],
         );
         assert_eq!(observed.windows.len(), 2);
         assert_eq!(observed.series_over_limit, 1);
@@ -691,7 +695,11 @@ mod tests {
         let mut state = LiveState::new(limits(), vec![]);
         observe(&mut state, 0, vec![window("t", 0, 1.0)]);
         for i in 0..5 {
-            observe(&mut state, 10 + i, vec![alert("t", 1000 + i as i64, Severity::Critical)]);
+            observe(
+                &mut state,
+                10 + i,
+                vec![alert("t", 1000 + i as i64, Severity::Critical)],
+            );
         }
         let alerts = state.alerts(&|_| true, 10);
         let ids: Vec<u64> = alerts.iter().map(|a| a.id).collect();
@@ -737,7 +745,9 @@ mod tests {
         let mut limits = limits();
         limits.max_series = 100;
         let mut state = LiveState::new(limits, vec![]);
-        let records = (0..30).map(|i| window(&format!("Temp-{i:02}"), 0, 1.0)).collect();
+        let records = (0..30)
+            .map(|i| window(&format!("Temp-{i:02}"), 0, 1.0))
+            .collect();
         observe(&mut state, 0, records);
         let filter = SeriesFilter {
             query: Some("temp-1".into()),
@@ -748,6 +758,9 @@ mod tests {
         let (total, page) = state.series_list(&filter);
         assert_eq!(total, 10);
         let names: Vec<&str> = page.iter().map(|s| s.sensor.as_str()).collect();
-        assert_eq!(names, vec!["Temp-12", "Temp-13", "Temp-14", "Temp-15", "Temp-16"]);
+        assert_eq!(
+            names,
+            vec!["Temp-12", "Temp-13", "Temp-14", "Temp-15", "Temp-16"]
+        );
     }
 }

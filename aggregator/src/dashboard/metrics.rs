@@ -32,8 +32,12 @@
 
 use super::live::{AgentView, LiveTotals, Observed};
 use crate::ingest::IngestStats;
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 use millrace_protocol::{Envelope, Record, UnixMs};
 use std::fmt;
 use std::sync::atomic::Ordering;
@@ -198,7 +202,10 @@ impl Metrics {
 }
 
 fn describe_all() {
-    describe_counter!("millrace_aggregator_batches_total", "Ingest requests by result.");
+    describe_counter!(
+        "millrace_aggregator_batches_total",
+        "Ingest requests by result."
+    );
     describe_counter!(
         "millrace_aggregator_records_total",
         "Records written to the log, by agent and kind (duplicates excluded)."
@@ -211,7 +218,10 @@ fn describe_all() {
         "millrace_aggregator_readings_total",
         "Readings summarised by the committed windows, by agent."
     );
-    describe_counter!("millrace_aggregator_alerts_total", "Alerts committed, by agent, severity and kind.");
+    describe_counter!(
+        "millrace_aggregator_alerts_total",
+        "Alerts committed, by agent, severity and kind."
+    );
     describe_counter!(
         "millrace_aggregator_dead_letters_total",
         "Dead letters committed, by agent and reason."
@@ -226,14 +236,26 @@ fn describe_all() {
         Unit::Seconds,
         "Time from a record's event time (window end, alert time) until it is committed."
     );
-    describe_gauge!("millrace_aggregator_log_up", "1 when the log writer reports healthy.");
-    describe_gauge!("millrace_aggregator_live_series", "Series held in the dashboard's live state.");
+    describe_gauge!(
+        "millrace_aggregator_log_up",
+        "1 when the log writer reports healthy."
+    );
+    describe_gauge!(
+        "millrace_aggregator_live_series",
+        "Series held in the dashboard's live state."
+    );
     describe_counter!(
         "millrace_aggregator_live_series_over_limit_windows_total",
         "Windows of series beyond the dashboard's max-series, committed but not shown."
     );
-    describe_gauge!("millrace_aggregator_agents_online", "Agents with a batch within offline-after.");
-    describe_gauge!("millrace_aggregator_agent_up", "1 when the agent sent a batch within offline-after.");
+    describe_gauge!(
+        "millrace_aggregator_agents_online",
+        "Agents with a batch within offline-after."
+    );
+    describe_gauge!(
+        "millrace_aggregator_agent_up",
+        "1 when the agent sent a batch within offline-after."
+    );
     describe_gauge!(
         "millrace_aggregator_agent_last_seen_timestamp_seconds",
         Unit::Seconds,
@@ -247,7 +269,10 @@ fn describe_all() {
         "millrace_aggregator_agent_seq_span_records",
         "Seqs from the agent's outbox floor to the newest seq received: an upper bound of records the agent still holds."
     );
-    describe_gauge!("millrace_aggregator_sse_clients", "Open dashboard event streams.");
+    describe_gauge!(
+        "millrace_aggregator_sse_clients",
+        "Open dashboard event streams."
+    );
     describe_counter!(
         "millrace_aggregator_sse_lagged_events_total",
         "Live events a slow event stream missed (the page then reloads its view)."

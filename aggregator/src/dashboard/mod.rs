@@ -89,7 +89,9 @@ impl Dashboard {
     /// The live state. A panic while it was held cannot leave it torn (each
     /// update is a few inserts), so a poisoned lock is taken over.
     pub fn live(&self) -> MutexGuard<'_, LiveState> {
-        self.live.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.live
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<LiveEvent>> {
@@ -106,7 +108,10 @@ impl Dashboard {
     }
 
     fn stream_closed(&self) {
-        let open = self.sse_clients.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
+        let open = self
+            .sse_clients
+            .fetch_sub(1, Ordering::Relaxed)
+            .saturating_sub(1);
         self.metrics.sse_clients(open);
     }
 }
@@ -114,7 +119,9 @@ impl Dashboard {
 impl CommitObserver for Dashboard {
     fn committed(&self, batch: &Batch, new: &[&Envelope], log_write: Option<Duration>) {
         let now = now_ms();
-        let observed = self.live().observe(&batch.agent, batch.outbox_floor, new, now);
+        let observed = self
+            .live()
+            .observe(&batch.agent, batch.outbox_floor, new, now);
         self.metrics
             .record_batch(&batch.agent, new, &observed, self.log_kind, log_write, now);
         if self.events.receiver_count() == 0 {

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)] // a failed step fails the test
 //! Simulator → agent → aggregator → headless Chromium: the dashboard lists
 //! the agent online, draws a chart with points, and shows an injected spike
 //! in the alert feed within 2 s of the agent emitting it; `/metrics` and the
@@ -180,7 +181,11 @@ fn dashboard_shows_the_plant_live_in_chromium() {
     let agg_toml = dir.path().join("aggregator.toml");
     let agent_toml = dir.path().join("agent.toml");
     let sim_toml = dir.path().join("sim.toml");
-    std::fs::write(&agg_toml, aggregator_config(aggregator_port, &dir.path().join("agg"))).unwrap();
+    std::fs::write(
+        &agg_toml,
+        aggregator_config(aggregator_port, &dir.path().join("agg")),
+    )
+    .unwrap();
     std::fs::write(
         &agent_toml,
         agent_config(mqtt_port, aggregator_port, &dir.path().join("agent")),
@@ -353,20 +358,35 @@ fn dashboard_shows_the_plant_live_in_chromium() {
         "millrace_aggregator_agent_up",
         "millrace_aggregator_sse_clients",
     ] {
-        assert!(metrics.contains(name), "{name} missing from /metrics:\n{metrics}");
+        assert!(
+            metrics.contains(name),
+            "{name} missing from /metrics:\n{metrics}"
+        );
     }
     let accepted = |text: &str| {
-        metric_sum(text, "millrace_aggregator_batches_total", &["result=\"accepted\""])
-            .unwrap_or(0.0)
+        metric_sum(
+            text,
+            "millrace_aggregator_batches_total",
+            &["result=\"accepted\""],
+        )
+        .unwrap_or(0.0)
     };
     assert!(accepted(&metrics) > accepted(&metrics_before));
     assert!(
-        metric_sum(&metrics, "millrace_aggregator_alerts_total", &[&format!("agent=\"{AGENT}\"")])
-            .unwrap_or(0.0)
+        metric_sum(
+            &metrics,
+            "millrace_aggregator_alerts_total",
+            &[&format!("agent=\"{AGENT}\"")]
+        )
+        .unwrap_or(0.0)
             >= 3.0
     );
     assert_eq!(
-        metric_sum(&metrics, "millrace_aggregator_agent_up", &[&format!("agent=\"{AGENT}\"")]),
+        metric_sum(
+            &metrics,
+            "millrace_aggregator_agent_up",
+            &[&format!("agent=\"{AGENT}\"")]
+        ),
         Some(1.0)
     );
 
