@@ -316,6 +316,24 @@ async fn metrics_are_prometheus_text_and_counters_grow() {
         ),
         Some(0.0)
     );
+    // The shipped Grafana dashboard asks only for names that exist.
+    let grafana: Value =
+        serde_json::from_str(include_str!("../../config/grafana-dashboard.json")).unwrap();
+    let mut asked = 0;
+    for panel in grafana["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for (at, _) in expr.match_indices("millrace_aggregator_") {
+                let name: String = expr[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(after.contains(&name), "Grafana asks for {name}, not exported");
+                asked += 1;
+            }
+        }
+    }
+    assert!(asked >= 10, "{asked} aggregator metrics in the Grafana dashboard");
     // Every sample line is `name{labels} value`, names in snake case.
     for line in after
         .lines()
