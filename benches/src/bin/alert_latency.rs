@@ -4,7 +4,8 @@
 //!
 //! Starts `millrace-aggregator`, `millrace-agent` (with its embedded MQTT
 //! broker) and `millrace-sim` on free loopback ports, the simulator
-//! injecting a spike on `boiler-3/temp` every second. For each spike alert
+//! injecting one spike a second, round-robin over ten `boiler-3/temp-N`
+//! sensors (10 Hz each, 1 s windows). For each spike alert
 //! the stream delivers, latency = arrival time − the spike reading's event
 //! time (the simulator stamps it when it publishes). Prints p50, p99 and max.
 //!
@@ -25,7 +26,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const AGENT: &str = "gw-bench";
 const TOKEN: &str = "bench-token-0123456789abcdef";
-const SERIES: &str = "boiler-3/temp";
+const DEVICE: &str = "boiler-3";
+/// Sensors with injected spikes.
+const SENSORS: usize = 10;
 
 struct Proc(Child);
 
@@ -151,28 +154,31 @@ token = "{TOKEN}"
             dir.join("agent").display()
         ),
     )?;
-    let sim_toml = write(
-        "sim.toml",
-        format!(
-            r#"seed = 5
-[mqtt]
-broker = "127.0.0.1:{mqtt_port}"
-client-id = "sim-alert-latency"
-reconnect-delay = "200ms"
+    // Ten sensors, each spiking every 10 s, staggered by 1 s: one spike a
+    // second overall, and at most one spiked window in each baseline history.
+    let mut sim = format!(
+        "seed = 5\n[mqtt]\nbroker = \"127.0.0.1:{mqtt_port}\"\nclient-id = \"sim-alert-latency\"\nreconnect-delay = \"200ms\"\n"
+    );
+    for i in 0..SENSORS {
+        sim.push_str(&format!(
+            r#"
 [[mqtt-sensor]]
-topic = "plant/boiler-3/temp"
+topic = "plant/{DEVICE}/temp-{i}"
 interval = "100ms"
 unit = "degC"
 signal = {{ offset = 180.0, noise-stddev = 0.5 }}
+
 [[anomaly]]
-series = "{SERIES}"
+series = "{DEVICE}/temp-{i}"
 kind = "spike"
 magnitude = 60.0
-from = "10s"
-every = "1s"
-"#
-        ),
-    )?;
+from = "{from_s}s"
+every = "{SENSORS}s"
+"#,
+            from_s = 10 + i
+        ));
+    }
+    let sim_toml = write("sim.toml", sim)?;
 
     let _aggregator = spawn(&bin_dir, "millrace-aggregator", &["run"], &agg_toml)?;
     wait_for_port(agg_port, Duration::from_secs(20))?;
@@ -207,14 +213,16 @@ every = "1s"
             }
             let alert: Value =
                 serde_json::from_str(data).map_err(|e| format!("alert event: {e}"))?;
-            let series = format!(
-                "{}/{}",
-                alert["series"]["device"].as_str().unwrap_or(""),
-                alert["series"]["sensor"].as_str().unwrap_or("")
-            );
-            if alert["kind"] == "spike" && series == SERIES {
+            let spiked = alert["series"]["device"] == DEVICE
+                && alert["series"]["sensor"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("temp-"));
+            if alert["kind"] == "spike" && spiked {
                 let time_ms = alert["time_ms"].as_i64().ok_or("alert without time_ms")?;
                 latencies_ms.push(arrived_ms - time_ms);
+                if latencies_ms.len() % 10 == 0 {
+                    eprintln!("{} spike alerts", latencies_ms.len());
+                }
             }
         }
     }
