@@ -15,7 +15,7 @@ TOOLS="${MILLRACE_TOOLS:-$HOME/.cache/millrace-tools}"
 # Debian packages: peers for the tests (mosquitto, socat, mbpoll, chromium), and the
 # build dependencies of rdkafka's bundled librdkafka (cmake, libcurl).
 APT_PACKAGES=(mosquitto mosquitto-clients socat mbpoll cmake libcurl4-openssl-dev pkg-config
-              python3-venv openssl)
+              python3-venv openssl chromium chromium-driver)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -62,6 +62,9 @@ pub struct RawConfig {
     pub kafka: Option<RawKafka>,
     #[serde(default)]
     pub log: RawLog,
+    /// The live dashboard, its JSON API and `/metrics`.
+    #[serde(default)]
+    pub dashboard: crate::dashboard::config::RawDashboard,
 }
 
 #[derive(Debug, Deserialize)]
@@ -175,6 +178,7 @@ pub struct Config {
     pub agents: Vec<AgentCredential>,
     pub topics: Topics,
     pub sink: SinkConfig,
+    pub dashboard: crate::dashboard::config::DashboardConfig,
 }
 
 impl fmt::Debug for Config {
@@ -189,6 +193,7 @@ impl fmt::Debug for Config {
             .field("agents", &self.agents)
             .field("topics", &self.topics)
             .field("sink", &self.sink)
+            .field("dashboard", &self.dashboard)
             .finish()
     }
 }
@@ -493,6 +498,9 @@ impl Config {
             }
         };
 
+        let dashboard = crate::dashboard::config::DashboardConfig::from_raw(raw.dashboard, &env)
+            .map_err(|(key, message)| invalid(&key, message))?;
+
         Ok(Config {
             listen,
             data_dir,
@@ -503,6 +511,7 @@ impl Config {
             agents,
             topics,
             sink,
+            dashboard,
         })
     }
 }

@@ -35,7 +35,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use millrace_protocol::{Batch, WireError};
+use millrace_protocol::{Batch, Envelope, WireError};
 use serde::Serialize;
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -121,6 +121,15 @@ impl IngestStats {
     }
 }
 
+/// Told about every committed batch (the dashboard's live state and metrics).
+pub trait CommitObserver: Send + Sync + std::fmt::Debug {
+    /// Called after the log acknowledged the batch and the dedup state was
+    /// saved. `new` holds only the records this batch wrote — never those
+    /// recognised as already committed; `log_write` is how long the log
+    /// write took (`None` when there was nothing new to write).
+    fn committed(&self, batch: &Batch, new: &[&Envelope], log_write: Option<Duration>);
+}
+
 /// Everything the handlers share.
 #[derive(Debug)]
 pub struct Ingest {
@@ -132,6 +141,7 @@ pub struct Ingest {
     retry_after: Duration,
     admission: Semaphore,
     stats: IngestStats,
+    observer: Option<Arc<dyn CommitObserver>>,
 }
 
 /// Settings of [`Ingest::new`], taken from the checked config.
@@ -159,7 +169,14 @@ impl Ingest {
             retry_after: limits.retry_after,
             admission: Semaphore::new(limits.max_concurrent_batches),
             stats: IngestStats::default(),
+            observer: None,
         }
+    }
+
+    /// Tells `observer` about every committed batch.
+    pub fn with_observer(mut self, observer: Arc<dyn CommitObserver>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     pub fn stats(&self) -> &IngestStats {
@@ -270,13 +287,18 @@ impl Ingest {
             .map_err(|e| {
                 IngestError::BadRequest(format!("record not representable as JSON: {e}"))
             })?;
-        let receipt = if records.is_empty() {
-            Default::default()
+        let write_started = Instant::now();
+        let (receipt, log_write) = if records.is_empty() {
+            (Default::default(), None)
         } else {
-            self.log.write(records).await?
+            let receipt = self.log.write(records).await?;
+            (receipt, Some(write_started.elapsed()))
         };
         if state.commit(new.iter().map(|e| e.seq), batch.outbox_floor, &receipt) {
             state.persist().await?;
+        }
+        if let Some(observer) = &self.observer {
+            observer.committed(batch, &new, log_write);
         }
         Ok(IngestReply {
             committed: new.len() as u64,

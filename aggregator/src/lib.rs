@@ -9,9 +9,10 @@
 //! `200` only after the log acknowledged every new record and the dedup
 //! state is fsync'd.
 //!
-//! What it is not: the dashboard, `/metrics` exporter and live state are
-//! separate parts; they read [`ingest::IngestStats`] and the log. There is
-//! no TLS termination here.
+//! Next to the ingest API it serves the live fleet dashboard, its JSON API
+//! and `/metrics` ([`dashboard`]), fed by every committed batch.
+//!
+//! What it is not: there is no TLS termination here.
 //!
 //! # Layout
 //! - [`config`]: the TOML file, raw and checked.
@@ -21,11 +22,13 @@
 //! - [`seqset`]: the interval set itself.
 //! - [`log`]: the [`log::LogWriter`] trait, [`log::kafka`] and [`log::local`].
 //! - [`tail`]: the `tail` command over the embedded log.
+//! - [`dashboard`]: live state, the page, `/api/v1/*` reads, events, `/metrics`.
 
 // Tests may unwrap; library code may not (see [workspace.lints]).
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod config;
+pub mod dashboard;
 pub mod dedup;
 pub mod ingest;
 pub mod log;
@@ -33,6 +36,7 @@ pub mod seqset;
 pub mod tail;
 
 use config::{Config, SinkConfig};
+use dashboard::Dashboard;
 use dedup::{DedupError, DedupStore};
 use ingest::{Ingest, IngestLimits};
 use log::{kafka::KafkaWriter, local::LocalLogWriter, LogError, LogWriter};
@@ -58,6 +62,8 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct Aggregator {
     ingest: Arc<Ingest>,
+    /// `None` when `[dashboard] enabled = false`.
+    dashboard: Option<Arc<Dashboard>>,
     shutdown_grace: std::time::Duration,
 }
 
@@ -100,6 +106,13 @@ impl Aggregator {
             reconciled_records = recovery.reconciled_records,
             "dedup state loaded"
         );
+        let dashboard = config.dashboard.enabled.then(|| {
+            Arc::new(Dashboard::new(
+                config.dashboard.clone(),
+                config.agents.iter().map(|a| a.id.clone()).collect(),
+                log.kind(),
+            ))
+        });
         let ingest = Ingest::new(
             config.agents.clone(),
             dedup,
@@ -111,14 +124,23 @@ impl Aggregator {
                 retry_after: config.retry_after,
             },
         );
+        let ingest = match &dashboard {
+            Some(d) => ingest.with_observer(d.clone()),
+            None => ingest,
+        };
         Ok(Self {
             ingest: Arc::new(ingest),
+            dashboard,
             shutdown_grace: config.shutdown_grace,
         })
     }
 
     pub fn ingest(&self) -> &Arc<Ingest> {
         &self.ingest
+    }
+
+    pub fn dashboard(&self) -> Option<&Arc<Dashboard>> {
+        self.dashboard.as_ref()
     }
 
     /// Serves the API on `listener` until `shutdown` is cancelled, then lets
@@ -128,7 +150,21 @@ impl Aggregator {
         listener: tokio::net::TcpListener,
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
-        let router = self.ingest.clone().router();
+        let mut router = self.ingest.clone().router();
+        if let Some(dashboard) = &self.dashboard {
+            router = router.merge(dashboard::api::router(dashboard::api::App {
+                dashboard: dashboard.clone(),
+                ingest: self.ingest.clone(),
+                shutdown: shutdown.clone(),
+            }));
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(
+                    url = %format!("http://{addr}/"),
+                    auth = if dashboard.config().auth.is_open() { "open" } else { "required" },
+                    "dashboard"
+                );
+            }
+        }
         let server = axum::serve(listener, router)
             .with_graceful_shutdown(shutdown.clone().cancelled_owned())
             .into_future();

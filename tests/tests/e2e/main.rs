@@ -2,4 +2,5 @@
 //! `millrace-aggregator`) and real peers, on free loopback ports.
 
 mod chain;
+mod dashboard;
 mod pipeline;
