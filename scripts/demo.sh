@@ -3,7 +3,7 @@
 #   millrace-sim (PLCs on 127.0.0.1:15020/15021, MQTT sensors)
 #     → millrace-agent (embedded MQTT broker on 127.0.0.1:1883, windows, anomaly
 #       scores, outbox)
-#     → millrace-aggregator (127.0.0.1:8480, embedded durable log)
+#     → millrace-aggregator (127.0.0.1:8480, embedded durable log, live dashboard)
 # and prints windows and anomalies as they close. Ctrl-C stops everything cleanly.
 # State goes under $DEMO_DIR (default out/demo); read the log afterwards with
 #   millrace-aggregator tail millrace.windows --from-beginning --config out/demo/aggregator.toml
@@ -45,7 +45,9 @@ sleep 1
 pids+=($!)
 
 echo "demo: logs in $DEMO_DIR/{agent,aggregator,sim}.log"
-echo "demo: aggregator ingest on http://127.0.0.1:8480 (embedded log in $DEMO_DIR/aggregator-state/log)"
+echo "demo: dashboard on http://127.0.0.1:8480/  (open it in a browser)"
+echo "demo: agent metrics on http://127.0.0.1:9481/metrics, aggregator metrics on http://127.0.0.1:8480/metrics"
+echo "demo: embedded log in $DEMO_DIR/aggregator-state/log"
 echo "demo: every record as JSON lines in $DEMO_DIR/tap.jsonl; summary below (Ctrl-C to stop)"
 touch "$DEMO_DIR/tap.jsonl"
 tail -n 0 -F "$DEMO_DIR/tap.jsonl" 2>/dev/null | python3 -u scripts/tap-summary.py
