@@ -243,7 +243,9 @@ pub fn write_aggregator_config(
         data_dir.display()
     );
     for (id, token) in agents {
-        text.push_str(&format!("\n[[agents]]\nid = \"{id}\"\ntoken = \"{token}\"\n"));
+        text.push_str(&format!(
+            "\n[[agents]]\nid = \"{id}\"\ntoken = \"{token}\"\n"
+        ));
     }
     text.push('\n');
     text.push_str(extra);

@@ -235,6 +235,10 @@ fn short_windows(ws: &[Value]) -> Vec<(String, i64, u64)> {
     short
 }
 
+/// Also printed, not asserted: inner windows whose `count` is not 10. After
+/// a SIGKILL between the journal commit and the MQTT PUBACK, mosquitto
+/// redelivers readings the journal already holds, and the window counts them
+/// twice (seen: counts 11 to 14 in about one run in two).
 #[test]
 fn kill_9_the_agent_twenty_times_loses_and_duplicates_no_window() {
     const SEED: u64 = 0x5EED_0009;
@@ -269,11 +273,19 @@ fn kill_9_the_agent_twenty_times_loses_and_duplicates_no_window() {
     let mut agent = spawn_agent(&agent_toml, None, &agent_log, false);
     // Let the agent create its persistent session before anything is published.
     std::thread::sleep(Duration::from_secs(2));
-    assert!(agent.is_running(), "agent exited: {}", tail_of(&agent_log, 30));
+    assert!(
+        agent.is_running(),
+        "agent exited: {}",
+        tail_of(&agent_log, 30)
+    );
 
     let sensors = vec!["kiln-1/temp".to_string(), "kiln-1/pressure".to_string()];
     let sim_toml = dir.path().join("sim.toml");
-    std::fs::write(&sim_toml, sim_config(mosquitto.port, "sim-chain-kill", &sensors)).unwrap();
+    std::fs::write(
+        &sim_toml,
+        sim_config(mosquitto.port, "sim-chain-kill", &sensors),
+    )
+    .unwrap();
     let sim_log = dir.path().join("sim.log");
     let (mut sim, start_ms) = spawn_sim(&sim_toml, &sim_log);
 
@@ -293,7 +305,11 @@ fn kill_9_the_agent_twenty_times_loses_and_duplicates_no_window() {
     }
     // A clean run, then the plant stops.
     std::thread::sleep(Duration::from_secs(4));
-    assert!(agent.is_running(), "agent exited: {}", tail_of(&agent_log, 30));
+    assert!(
+        agent.is_running(),
+        "agent exited: {}",
+        tail_of(&agent_log, 30)
+    );
     sim.kill();
     let sim_stopped_ms = millrace_sim::unix_now_ms();
 
@@ -305,7 +321,11 @@ fn kill_9_the_agent_twenty_times_loses_and_duplicates_no_window() {
         Duration::from_secs(6),
         Duration::from_secs(120),
     );
-    assert!(n > 0, "no window reached the aggregator: {}", tail_of(&agent_log, 30));
+    assert!(
+        n > 0,
+        "no window reached the aggregator: {}",
+        tail_of(&agent_log, 30)
+    );
     assert_eq!(
         agent.terminate(Duration::from_secs(30)),
         Some(0),
@@ -316,7 +336,11 @@ fn kill_9_the_agent_twenty_times_loses_and_duplicates_no_window() {
     // aggregator a moment, then read the log for good.
     std::thread::sleep(Duration::from_millis(500));
     let windows = log_windows(&agg_toml);
-    assert!(aggregator.is_running(), "aggregator exited: {}", tail_of(&agg_log, 30));
+    assert!(
+        aggregator.is_running(),
+        "aggregator exited: {}",
+        tail_of(&agg_log, 30)
+    );
     aggregator.terminate(Duration::from_secs(10));
 
     let check = check_windows(&windows, WIDTH_MS);
@@ -355,9 +379,18 @@ fn kill_9_the_agent_twenty_times_loses_and_duplicates_no_window() {
         // Keep the agent's state and logs for a post-mortem.
         eprintln!("kept {}", dir.keep().display());
     }
-    assert!(check.duplicates.is_empty(), "duplicate windows: {:?}", check.duplicates);
+    assert!(
+        check.duplicates.is_empty(),
+        "duplicate windows: {:?}",
+        check.duplicates
+    );
     assert!(check.gaps.is_empty(), "missing windows: {:?}", check.gaps);
-    assert_eq!(check.series.len(), 2, "both series arrived: {:?}", check.series);
+    assert_eq!(
+        check.series.len(),
+        2,
+        "both series arrived: {:?}",
+        check.series
+    );
     for (series, (first, last, n)) in &check.series {
         // Covers the whole run: from the sim's first second to its last ones.
         assert!(
@@ -406,7 +439,11 @@ fn aggregator_outage_backlog_drains() {
 
     let sensors = vec!["line-2/speed".to_string(), "line-2/torque".to_string()];
     let sim_toml = dir.path().join("sim.toml");
-    std::fs::write(&sim_toml, sim_config(mqtt_port, "sim-chain-outage", &sensors)).unwrap();
+    std::fs::write(
+        &sim_toml,
+        sim_config(mqtt_port, "sim-chain-outage", &sensors),
+    )
+    .unwrap();
     let (mut sim, _start_ms) = spawn_sim(&sim_toml, &dir.path().join("sim.log"));
 
     // Windows flow before the outage.
@@ -417,7 +454,11 @@ fn aggregator_outage_backlog_drains() {
         Duration::ZERO,
         Duration::from_secs(60),
     );
-    assert!(before >= 8, "only {before} windows before the outage: {}", tail_of(&agent_log, 30));
+    assert!(
+        before >= 8,
+        "only {before} windows before the outage: {}",
+        tail_of(&agent_log, 30)
+    );
 
     // 30 s outage.
     assert_eq!(
@@ -428,7 +469,11 @@ fn aggregator_outage_backlog_drains() {
     );
     let outage_from = millrace_sim::unix_now_ms();
     std::thread::sleep(Duration::from_secs(30));
-    assert!(agent.is_running(), "agent died during the outage: {}", tail_of(&agent_log, 30));
+    assert!(
+        agent.is_running(),
+        "agent died during the outage: {}",
+        tail_of(&agent_log, 30)
+    );
     let produced_during = tap_windows(&tap).len();
     let mut aggregator = start_aggregator(&agg_toml, agg_port, &agg_log);
     let outage_to = millrace_sim::unix_now_ms();
@@ -481,9 +526,17 @@ fn aggregator_outage_backlog_drains() {
         outage_to - outage_from,
         started.elapsed()
     );
-    assert!(check.duplicates.is_empty(), "duplicates in the log: {:?}", check.duplicates);
+    assert!(
+        check.duplicates.is_empty(),
+        "duplicates in the log: {:?}",
+        check.duplicates
+    );
     assert!(check.gaps.is_empty(), "gaps in the log: {:?}", check.gaps);
-    assert!(tap_check.duplicates.is_empty(), "agent emitted twice: {:?}", tap_check.duplicates);
+    assert!(
+        tap_check.duplicates.is_empty(),
+        "agent emitted twice: {:?}",
+        tap_check.duplicates
+    );
     let (p, l) = (key_set(&produced), key_set(&landed));
     assert_eq!(
         p.difference(&l).collect::<Vec<_>>(),
@@ -517,7 +570,8 @@ fn kafka_keys(records: &[Value]) -> BTreeSet<WindowKey> {
 fn wait_kafka_has(port: u16, taps: &[&Path], timeout: Duration) -> Vec<Value> {
     let deadline = Instant::now() + timeout;
     loop {
-        let want: BTreeSet<WindowKey> = taps.iter().flat_map(|t| key_set(&tap_windows(t))).collect();
+        let want: BTreeSet<WindowKey> =
+            taps.iter().flat_map(|t| key_set(&tap_windows(t))).collect();
         let records = kafka_windows(port);
         let have = kafka_keys(&records);
         if !want.is_empty() && want.is_subset(&have) {
@@ -578,7 +632,11 @@ fn kafka_gets_exactly_the_expected_windows() {
     .unwrap();
     let sensors = vec!["mill-5/load".to_string(), "mill-5/temp".to_string()];
     let sim_toml = dir.path().join("sim.toml");
-    std::fs::write(&sim_toml, sim_config(mqtt_port, "sim-chain-kafka", &sensors)).unwrap();
+    std::fs::write(
+        &sim_toml,
+        sim_config(mqtt_port, "sim-chain-kafka", &sensors),
+    )
+    .unwrap();
     let agent_log = dir.path().join("agent.log");
     let sim_log = dir.path().join("sim.log");
 
@@ -600,10 +658,26 @@ fn kafka_gets_exactly_the_expected_windows() {
     let phase1 = kafka_windows(kafka.port);
     let tapped1 = tap_windows(&tap1);
     let c1 = check_windows(phase1.iter().map(|r| &r["value"]), WIDTH_MS);
-    assert!(tapped1.len() >= 16, "phase 1 produced only {} windows", tapped1.len());
-    assert_eq!(kafka_keys(&phase1), key_set(&tapped1), "phase 1: Kafka == tap");
-    assert!(c1.duplicates.is_empty(), "phase 1 duplicates: {:?}", c1.duplicates);
-    assert_eq!(phase1.len(), tapped1.len(), "phase 1: one Kafka record per window");
+    assert!(
+        tapped1.len() >= 16,
+        "phase 1 produced only {} windows",
+        tapped1.len()
+    );
+    assert_eq!(
+        kafka_keys(&phase1),
+        key_set(&tapped1),
+        "phase 1: Kafka == tap"
+    );
+    assert!(
+        c1.duplicates.is_empty(),
+        "phase 1 duplicates: {:?}",
+        c1.duplicates
+    );
+    assert_eq!(
+        phase1.len(),
+        tapped1.len(),
+        "phase 1: one Kafka record per window"
+    );
 
     // Phase 2: the agent runs again; Kafka goes away for a while.
     let tap2 = dir.path().join("tap2.jsonl");
@@ -612,7 +686,11 @@ fn kafka_gets_exactly_the_expected_windows() {
     let (mut sim, _) = spawn_sim(&sim_toml, &sim_log);
     let deadline = Instant::now() + Duration::from_secs(60);
     while tap_windows(&tap2).len() < 6 {
-        assert!(Instant::now() < deadline, "phase 2: no windows; {}", tail_of(&agent_log, 30));
+        assert!(
+            Instant::now() < deadline,
+            "phase 2: no windows; {}",
+            tail_of(&agent_log, 30)
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
     wait_kafka_has(kafka.port, &[&tap2], Duration::from_secs(60));
@@ -633,10 +711,21 @@ fn kafka_gets_exactly_the_expected_windows() {
     let time_to_503 = outage_start.elapsed();
     let tapped_at_503 = tap_windows(&tap2).len();
     std::thread::sleep(Duration::from_secs(12));
-    assert!(agent.is_running(), "agent died during the Kafka outage: {}", tail_of(&agent_log, 30));
-    assert!(aggregator.is_running(), "aggregator died during the Kafka outage: {}", tail_of(&agg_log, 30));
+    assert!(
+        agent.is_running(),
+        "agent died during the Kafka outage: {}",
+        tail_of(&agent_log, 30)
+    );
+    assert!(
+        aggregator.is_running(),
+        "aggregator died during the Kafka outage: {}",
+        tail_of(&agg_log, 30)
+    );
     let tapped_in_outage = tap_windows(&tap2).len() - tapped_at_503;
-    assert!(tapped_in_outage >= 10, "the agent kept producing: {tapped_in_outage}");
+    assert!(
+        tapped_in_outage >= 10,
+        "the agent kept producing: {tapped_in_outage}"
+    );
 
     let kafka = KafkaPeer::start(&tansu_dir, Some(kafka.port));
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -660,7 +749,11 @@ fn kafka_gets_exactly_the_expected_windows() {
     );
     std::thread::sleep(Duration::from_secs(1));
     let all = kafka_windows(kafka.port);
-    assert!(aggregator.is_running(), "aggregator exited: {}", tail_of(&agg_log, 30));
+    assert!(
+        aggregator.is_running(),
+        "aggregator exited: {}",
+        tail_of(&agg_log, 30)
+    );
     aggregator.terminate(Duration::from_secs(10));
 
     let mut tapped = tap_windows(&tap1);
@@ -675,7 +768,11 @@ fn kafka_gets_exactly_the_expected_windows() {
             .and_then(|s| s.parse().ok())
             .unwrap_or_else(|| panic!("seq header: {r}"));
         *seqs.entry(seq).or_insert(0usize) += 1;
-        assert_eq!(r["key"].as_str(), Some(series_name(&r["value"]).as_str()), "key = series: {r}");
+        assert_eq!(
+            r["key"].as_str(),
+            Some(series_name(&r["value"]).as_str()),
+            "key = series: {r}"
+        );
     }
     let dup_seqs: Vec<_> = seqs.iter().filter(|(_, n)| **n > 1).collect();
     eprintln!(
@@ -689,7 +786,11 @@ fn kafka_gets_exactly_the_expected_windows() {
         dup_seqs.len(),
         started.elapsed()
     );
-    assert!(check.duplicates.is_empty(), "duplicate windows in Kafka: {:?}", check.duplicates);
+    assert!(
+        check.duplicates.is_empty(),
+        "duplicate windows in Kafka: {:?}",
+        check.duplicates
+    );
     assert!(dup_seqs.is_empty(), "seq written twice: {dup_seqs:?}");
     let (want, have) = (key_set(&tapped), kafka_keys(&all));
     assert_eq!(
@@ -752,7 +853,9 @@ fn full_outbox_drops_oldest_and_counts() {
     wait_for_port(port_addr(mqtt_port), Duration::from_secs(20));
 
     // 20 series: 20 windows a second fill 64 KiB within seconds.
-    let sensors: Vec<String> = (0..20).map(|i| format!("rack-{}/cell-{i}", i / 5)).collect();
+    let sensors: Vec<String> = (0..20)
+        .map(|i| format!("rack-{}/cell-{i}", i / 5))
+        .collect();
     let sim_toml = dir.path().join("sim.toml");
     std::fs::write(&sim_toml, sim_config(mqtt_port, "sim-chain-full", &sensors)).unwrap();
     let (mut sim, _) = spawn_sim(&sim_toml, &dir.path().join("sim.log"));
@@ -760,7 +863,11 @@ fn full_outbox_drops_oldest_and_counts() {
     // Nothing listens on agg_port: the outbox fills and drops.
     let deadline = Instant::now() + Duration::from_secs(120);
     while dropped_in_log(&agent_log).1 == 0 {
-        assert!(agent.is_running(), "agent exited with a full outbox: {}", tail_of(&agent_log, 30));
+        assert!(
+            agent.is_running(),
+            "agent exited with a full outbox: {}",
+            tail_of(&agent_log, 30)
+        );
         assert!(
             Instant::now() < deadline,
             "no `outbox full: dropped oldest records` after 120 s ({} windows tapped); {}",
@@ -771,7 +878,11 @@ fn full_outbox_drops_oldest_and_counts() {
     }
     // Keep overflowing for a while.
     std::thread::sleep(Duration::from_secs(10));
-    assert!(agent.is_running(), "agent exited with a full outbox: {}", tail_of(&agent_log, 30));
+    assert!(
+        agent.is_running(),
+        "agent exited with a full outbox: {}",
+        tail_of(&agent_log, 30)
+    );
     sim.kill();
     std::thread::sleep(Duration::from_secs(4)); // idle close: the last windows join the outbox
 
@@ -797,7 +908,11 @@ fn full_outbox_drops_oldest_and_counts() {
         Duration::from_secs(90),
     );
     assert!(landed_n > 0, "nothing arrived: {}", tail_of(&agent_log, 20));
-    assert!(agent.is_running(), "agent exited: {}", tail_of(&agent_log, 30));
+    assert!(
+        agent.is_running(),
+        "agent exited: {}",
+        tail_of(&agent_log, 30)
+    );
     assert_eq!(
         agent.terminate(Duration::from_secs(30)),
         Some(0),
@@ -831,13 +946,20 @@ fn full_outbox_drops_oldest_and_counts() {
         landed.len(),
         dropped_total,
         drop_lines,
-        drop_records.first().map(ToString::to_string).unwrap_or_default(),
+        drop_records
+            .first()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
         check.duplicates.len(),
         suffix.difference(&landed_keys).count(),
         started.elapsed()
     );
     assert!(dropped > 0);
-    assert!(check.duplicates.is_empty(), "duplicates: {:?}", check.duplicates);
+    assert!(
+        check.duplicates.is_empty(),
+        "duplicates: {:?}",
+        check.duplicates
+    );
     assert!(
         landed.len() < produced.len(),
         "fewer windows landed ({}) than produced ({})",
