@@ -217,9 +217,9 @@ impl Uplink {
         })
     }
 
-    /// Runs until `shutdown`; on shutdown, one last attempt to send what is
-    /// pending (bounded by one request timeout) is made by the caller's drain
-    /// order, not here: whatever is not acknowledged stays in the outbox.
+    /// Runs until `shutdown`. Whatever is not acknowledged by then (including
+    /// the windows flushed at shutdown) stays in the outbox and is sent after
+    /// the next start.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut failures: u32 = 0;
         // Bulk records with seq ≥ live_from are live; older ones are backlog.

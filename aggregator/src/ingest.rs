@@ -396,7 +396,19 @@ struct ErrorBody {
 
 async fn ingest(State(app): State<Arc<Ingest>>, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
-    match app.handle(headers, body).await {
+    // The server drops this future when the client disconnects. The commit
+    // (log write, then dedup save) runs in its own task so a disconnect can
+    // never cut it between the two steps: that would leave written records
+    // unrecorded, and the agent's resend would write them a second time.
+    let worker = Arc::clone(&app);
+    let outcome = tokio::spawn(async move { worker.handle(headers, body).await })
+        .await
+        .unwrap_or_else(|e| {
+            // Not the batch's fault: answer 503 so the agent retries it.
+            tracing::error!(error = %e, "ingest task failed");
+            Err(IngestError::Busy)
+        });
+    match outcome {
         Ok((agent, reply)) => {
             app.stats.batches_accepted.fetch_add(1, Ordering::Relaxed);
             app.stats
