@@ -2,3 +2,4 @@
 //! `millrace-aggregator`) and real peers, on free loopback ports.
 
 mod pipeline;
+mod systemd;
