@@ -144,7 +144,10 @@ EOF
 agent check-config "$scratch/agent.toml" >/dev/null || fail "check-config of the smoke config"
 
 started=$(date +%s%N)
-agent run --config "$scratch/agent.toml" --tap "$scratch/tap.jsonl" 2>"$scratch/agent.log" &
+# Started directly (not through the agent() function, whose subshell would take
+# the signals): $! is the emulator, which passes signals on to the agent.
+"${QEMU[@]}" "$AGENT" run --config "$scratch/agent.toml" --tap "$scratch/tap.jsonl" \
+  2>"$scratch/agent.log" &
 agent_pid=$!
 pids+=("$agent_pid")
 
@@ -156,7 +159,8 @@ for _ in $(seq 1 200); do
 done
 echo "gateway-smoke: agent listening after $(( ($(date +%s%N) - started) / 1000000 )) ms"
 "$SIM" run --config "$scratch/sim.toml" >"$scratch/sim.log" 2>&1 &
-pids+=("$!")
+sim_pid=$!
+pids+=("$sim_pid")
 
 sleep "$RUN_SECONDS"
 kill -0 "$agent_pid" 2>/dev/null || { tail -20 "$scratch/agent.log" >&2; fail "the agent died while running"; }
@@ -174,6 +178,9 @@ if kill -0 "$agent_pid" 2>/dev/null; then
 fi
 wait "$agent_pid" || code=$?
 [ "$code" -eq 0 ] || { tail -20 "$scratch/agent.log" >&2; fail "the agent exited with $code after SIGTERM"; }
+
+kill -TERM "$sim_pid" 2>/dev/null || true
+wait "$sim_pid" 2>/dev/null || true
 
 python3 - "$scratch/tap.jsonl" <<'EOF' || { tail -20 "$scratch/agent.log" >&2; fail "too few windows on the tap"; }
 import json, sys
