@@ -18,8 +18,10 @@
 # Everything is installed by scripts/setup.sh.
 #
 # Environment:
-#   MILLRACE_CROSS_TARGET_DIR  cargo target dir (default ~/.cache/millrace-target-cross;
-#                              kept apart from the host build, which uses another rustc)
+#   MILLRACE_CROSS_TARGET_DIR  cargo target dirs, one per target below it (default
+#                              ~/.cache/millrace-target-cross): apart from the host build,
+#                              which uses another rustc, and from each other, since the
+#                              armv7 build's RUSTC_BOOTSTRAP=1 would rebuild shared host crates
 #   MILLRACE_CROSS_PROFILE     cargo profile (default release: fat LTO, stripped)
 #   MILLRACE_RUSTC / MILLRACE_CARGO  Debian's toolchain (default /usr/bin/rustc, /usr/bin/cargo)
 set -euo pipefail
@@ -55,7 +57,6 @@ need "$CARGO_BIN" cargo-web
 # The rustup proxies must not take over: Debian's cargo runs Debian's rustc.
 unset RUSTUP_TOOLCHAIN
 export RUSTC="$RUSTC_BIN"
-export CARGO_TARGET_DIR="$TARGET_DIR"
 
 for target in "${targets[@]}"; do
   build_std=()
@@ -83,6 +84,7 @@ for target in "${targets[@]}"; do
       ;;
   esac
 
+  export CARGO_TARGET_DIR="$TARGET_DIR/$target"
   echo "cross-build: millrace-agent for $target ($PROFILE) with $("$RUSTC_BIN" --version)" >&2
   start=$(date +%s)
   if [ ${#build_std[@]} -gt 0 ]; then
@@ -93,7 +95,7 @@ for target in "${targets[@]}"; do
       --profile "$PROFILE" --target "$target"
   fi
   out_dir="$PROFILE"; [ "$PROFILE" = dev ] && out_dir=debug
-  bin="$TARGET_DIR/$target/$out_dir/millrace-agent"
+  bin="$CARGO_TARGET_DIR/$target/$out_dir/millrace-agent"
   need "$bin" "(the build above should have produced it)"
   echo "cross-build: $target done in $(( $(date +%s) - start )) s, $(stat -c %s "$bin") bytes" >&2
   echo "$bin"

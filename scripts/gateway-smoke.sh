@@ -7,7 +7,7 @@
 #   3. SIGTERM: the agent must stop cleanly (exit 0) within its stop timeout.
 #
 #   scripts/gateway-smoke.sh AGENT_BINARY SIM_BINARY
-#   scripts/gateway-smoke.sh ~/.cache/millrace-target-cross/aarch64-unknown-linux-gnu/release/millrace-agent \
+#   scripts/gateway-smoke.sh "$(scripts/cross-build.sh | tail -n 1)" \
 #                            ~/.cache/millrace-target/debug/millrace-sim
 #
 # The emulator follows from the binary's ELF machine: qemu-aarch64-static for

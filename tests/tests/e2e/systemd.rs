@@ -168,7 +168,10 @@ fn verify_reports_what_a_broken_unit_gets_wrong() {
     let broken = good
         .replacen("Restart=always", "Restart=alwayz", 1)
         .replacen("[Service]\n", "[Service]\nWatchdogSecs=30s\n", 1);
-    assert_ne!(good, broken, "the agent unit lost Restart=always or [Service]");
+    assert_ne!(
+        good, broken,
+        "the agent unit lost Restart=always or [Service]"
+    );
     let dir = tempfile::tempdir().expect("tempdir");
     let unit = dir.path().join("millrace-agent.service");
     std::fs::write(&unit, broken).expect("write broken unit");
@@ -182,13 +185,19 @@ fn verify_reports_what_a_broken_unit_gets_wrong() {
 #[test]
 fn agent_unit_exposure_is_at_most_2() {
     let (level, report) = exposure("millrace-agent.service");
-    assert!(level <= MAX_EXPOSURE, "agent unit exposure {level} > {MAX_EXPOSURE}:\n{report}");
+    assert!(
+        level <= MAX_EXPOSURE,
+        "agent unit exposure {level} > {MAX_EXPOSURE}:\n{report}"
+    );
 }
 
 #[test]
 fn aggregator_unit_exposure_is_at_most_2() {
     let (level, report) = exposure("millrace-aggregator.service");
-    assert!(level <= MAX_EXPOSURE, "aggregator unit exposure {level} > {MAX_EXPOSURE}:\n{report}");
+    assert!(
+        level <= MAX_EXPOSURE,
+        "aggregator unit exposure {level} > {MAX_EXPOSURE}:\n{report}"
+    );
 }
 
 #[test]
@@ -196,7 +205,11 @@ fn agent_unit_is_a_watched_notify_service() {
     let s = service_settings("millrace-agent.service");
     let one = |key: &str| -> String {
         let values = setting(&s, key);
-        assert_eq!(values.len(), 1, "{key}= should be set once in the agent unit: {values:?}");
+        assert_eq!(
+            values.len(),
+            1,
+            "{key}= should be set once in the agent unit: {values:?}"
+        );
         values[0].to_string()
     };
     assert_eq!(one("Type"), "notify");
@@ -216,7 +229,10 @@ fn agent_unit_is_a_watched_notify_service() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("WatchdogSec={watchdog} is not whole seconds"));
     // The agent pings every WatchdogSec/2 while its pipeline (50 ms tick) beats.
-    assert!((2..=300).contains(&seconds), "WatchdogSec={watchdog} out of range");
+    assert!(
+        (2..=300).contains(&seconds),
+        "WatchdogSec={watchdog} out of range"
+    );
     let serial: Vec<&str> = setting(&s, "DeviceAllow");
     assert!(
         serial.iter().any(|d| d.starts_with("/dev/tty")),
