@@ -47,4 +47,32 @@ if ! cargo install --list --root "$TOOLS" 2>/dev/null | grep -q "^tansu v$TANSU_
     --root "$TOOLS" --quiet
 fi
 
+# --- gateway (aarch64 agent) ---
+# The agent's ARM builds without docker (scripts/cross-build.sh) and their smoke test under
+# qemu (scripts/gateway-smoke.sh): Debian's Rust toolchain (rustc-web/cargo-web from
+# bookworm-security) with its arm64 standard library, the standard library's source
+# (armv7 rebuilds std), the aarch64 and armhf cross compilers and C libraries, qemu user-mode
+# emulation, and systemd-analyze (package systemd) for the unit-file checks.
+GATEWAY_SUDO=""; [ "$(id -u)" -eq 0 ] || GATEWAY_SUDO="sudo"
+gateway_update=0
+if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+  echo "setup: adding the arm64 Debian architecture (for libstd-rust-web-dev:arm64)"
+  $GATEWAY_SUDO dpkg --add-architecture arm64
+  gateway_update=1
+fi
+GATEWAY_PACKAGES=(rustc-web cargo-web libstd-rust-web-dev:arm64 libc6:arm64 rust-web-src
+                  gcc-aarch64-linux-gnu libc6-dev-arm64-cross
+                  gcc-arm-linux-gnueabihf libc6-dev-armhf-cross qemu-user-static systemd)
+gateway_missing=()
+for p in "${GATEWAY_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || gateway_missing+=("$p")
+done
+if [ ${#gateway_missing[@]} -gt 0 ] || [ "$gateway_update" -eq 1 ]; then
+  echo "setup: installing Debian packages for the gateway builds: ${gateway_missing[*]}"
+  $GATEWAY_SUDO apt-get update -qq
+  [ ${#gateway_missing[@]} -eq 0 ] || DEBIAN_FRONTEND=noninteractive $GATEWAY_SUDO \
+    apt-get install -y -qq --no-install-recommends "${gateway_missing[@]}" >/dev/null
+fi
+# --- end gateway ---
+
 echo "setup: ok (venv $VENV, tools $TOOLS)"

@@ -4,3 +4,4 @@
 mod chain;
 mod dashboard;
 mod pipeline;
+mod systemd;
