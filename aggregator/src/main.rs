@@ -176,10 +176,39 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
         tracing::info!(listen = %local, "millrace-aggregator ready");
         let shutdown = CancellationToken::new();
         tokio::spawn(wait_for_signal(shutdown.clone()));
+        let status = format!("serving on {local}");
+        if let Err(error) = sd_notify::notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&status),
+        ]) {
+            tracing::warn!(%error, "sd_notify READY failed");
+        }
+        tokio::spawn(watchdog(shutdown.clone()));
         aggregator.serve(listener, shutdown).await?;
         tracing::info!("millrace-aggregator stopped");
         Ok(())
     })
+}
+
+/// Pings the systemd watchdog (`WatchdogSec=`) from the async runtime, so a
+/// wedged runtime stops pinging and is restarted; outside systemd it returns
+/// at once. A broker outage does not stop the pings: the aggregator answers
+/// 503 and keeps running.
+async fn watchdog(shutdown: CancellationToken) {
+    let Some(interval) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+                return;
+            }
+            () = tokio::time::sleep(interval / 2) => {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+        }
+    }
 }
 
 async fn wait_for_signal(shutdown: CancellationToken) {
