@@ -211,7 +211,7 @@ impl Durability {
         let journal = self.store.journal();
         if journal.commit_due() {
             self.commit();
-        } else if journal.stats().pending == 0 {
+        } else if !self.pending_acks.is_empty() && journal.stats().pending == 0 {
             // Nothing buffered: the inputs behind these markers are durable already.
             self.pending_acks.drain(..).for_each(DurableAck::complete);
         }
