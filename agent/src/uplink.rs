@@ -3,8 +3,8 @@
 //!
 //! What it does, in order of precedence on every round:
 //! 1. **alerts** (the priority lane), oldest first, as soon as they exist;
-//! 2. **live** records (bulk lane, appended since the uplink last recovered
-//!    from an outage), oldest first;
+//! 2. **live** records (bulk lane, appended since the agent started or the
+//!    uplink last recovered from an outage), oldest first;
 //! 3. **backlog** (bulk lane, older than that), oldest first, at most
 //!    `replay-rate` records per second, so a long outage drains without
 //!    starving live data or flooding the aggregator.
@@ -13,7 +13,9 @@
 //! to `{url}/api/v1/ingest` with the agent's bearer token. The aggregator
 //! answers 200 only after its log acknowledged every record; only then are
 //! the records deleted from the outbox. Batches carry the outbox floor, so the
-//! aggregator can forget the dedup state below it.
+//! aggregator can forget the dedup state below it, and the agent's status
+//! ([`AgentStatus`]: outbox depth and oldest age, records dropped, uplink
+//! retries), so the fleet view shows how far behind each gateway is.
 //!
 //! Answers and what the uplink does:
 //! - `200`: ack the batch's seqs.
@@ -30,11 +32,12 @@
 //! more than one batch in flight.
 
 use crate::store::{blocking, Lane, Store, StoreError};
-use millrace_protocol::{Batch, Envelope};
+use millrace_protocol::{AgentStatus, Batch, Envelope};
 use rand::{Rng, SeedableRng};
 use serde::Deserialize;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -185,6 +188,10 @@ pub struct Uplink {
     client: reqwest::Client,
     endpoint: String,
     wake: Arc<Notify>,
+    started: Instant,
+    /// Failed sends since start, and in a row: reported in each batch's status.
+    retries_total: AtomicU64,
+    failures: AtomicU32,
 }
 
 impl Uplink {
@@ -214,6 +221,9 @@ impl Uplink {
             store,
             endpoint,
             wake,
+            started: Instant::now(),
+            retries_total: AtomicU64::new(0),
+            failures: AtomicU32::new(0),
         })
     }
 
@@ -222,8 +232,11 @@ impl Uplink {
     /// the next start.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut failures: u32 = 0;
-        // Bulk records with seq ≥ live_from are live; older ones are backlog.
-        let mut live_from: u64 = 0;
+        // Bulk records with seq ≥ live_from are live; older ones are backlog,
+        // and 0 means there is no backlog. What the outbox held at start is
+        // backlog: after a long outage that spanned a restart it must not
+        // crowd out live data either.
+        let mut live_from: u64 = self.next_seq().await.unwrap_or(0);
         let mut bucket = TokenBucket::new(self.cfg.replay_rate);
         let batch_bytes = self.cfg.batch_bytes.as_u64();
         // Jitter only needs to differ between gateways, not to be secret.
@@ -234,6 +247,7 @@ impl Uplink {
             if shutdown.is_cancelled() {
                 return;
             }
+            self.failures.store(failures, Ordering::Relaxed);
             let round = self.round(&mut live_from, &mut bucket, batch_bytes).await;
             let pause = match round {
                 Ok(Progress::Sent) => {
@@ -252,6 +266,12 @@ impl Uplink {
                 Ok(Progress::Throttled(wait)) => wait,
                 Err(RoundError::Retry { reason, retry_after }) => {
                     failures = failures.saturating_add(1);
+                    if failures == 1 {
+                        // Nothing is live until the uplink recovers: what
+                        // piles up meanwhile drains at `replay-rate` after.
+                        live_from = u64::MAX;
+                    }
+                    self.retries_total.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("millrace_uplink_retries_total").increment(1);
                     let backoff = backoff_delay(
                         self.cfg.backoff_min,
@@ -336,16 +356,11 @@ impl Uplink {
     async fn deliver(&self, records: Vec<Envelope>) -> Result<(), RoundError> {
         let mut stack = vec![records];
         while let Some(part) = stack.pop() {
-            let floor = {
-                let store = self.store.clone();
-                blocking(move || store.outbox().floor())
-                    .await
-                    .map_err(RoundError::Store)?
-            };
+            let (floor, status) = self.floor_and_status().await?;
             let seqs: Vec<u64> = part.iter().map(|e| e.seq).collect();
             let n = part.len();
             let started = Instant::now();
-            match self.post(part.clone(), floor).await {
+            match self.post(part.clone(), floor, status).await {
                 SendOutcome::Committed => {
                     metrics::counter!("millrace_uplink_batches_total", "outcome" => "committed")
                         .increment(1);
@@ -392,8 +407,38 @@ impl Uplink {
             .map_err(RoundError::Store)
     }
 
-    async fn post(&self, records: Vec<Envelope>, floor: u64) -> SendOutcome {
-        let mut batch = Batch::new(self.agent.clone(), records);
+    /// The outbox floor for the next batch, and the status it reports.
+    async fn floor_and_status(&self) -> Result<(u64, AgentStatus), RoundError> {
+        let store = self.store.clone();
+        let (floor, stats) = blocking(move || {
+            let outbox = store.outbox();
+            Ok((outbox.floor()?, outbox.stats()?))
+        })
+        .await
+        .map_err(RoundError::Store)?;
+        let oldest = [stats.priority.oldest_age, stats.bulk.oldest_age]
+            .into_iter()
+            .flatten()
+            .max();
+        let status = AgentStatus {
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime_s: self.started.elapsed().as_secs(),
+            outbox_records: stats.records(),
+            outbox_bytes: stats.bytes(),
+            outbox_max_bytes: stats.max_bytes,
+            outbox_oldest_age_ms: oldest.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            outbox_dropped_total: [stats.priority, stats.bulk]
+                .iter()
+                .map(|l| l.dropped_full + l.expired)
+                .sum(),
+            uplink_retries_total: self.retries_total.load(Ordering::Relaxed),
+            uplink_failures: self.failures.load(Ordering::Relaxed),
+        };
+        Ok((floor, status))
+    }
+
+    async fn post(&self, records: Vec<Envelope>, floor: u64, status: AgentStatus) -> SendOutcome {
+        let mut batch = Batch::new(self.agent.clone(), records).with_status(status);
         batch.outbox_floor = floor.min(batch.outbox_floor);
         let body = match gzip(&batch.encode_binary()) {
             Ok(b) => b,

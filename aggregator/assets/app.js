@@ -72,6 +72,53 @@
     return Math.round(m / 60) + " h ago";
   }
 
+  function fmtAge(ms) {
+    if (ms === null || ms === undefined) return "–";
+    if (ms < 1000) return ms + " ms";
+    const s = ms / 1000;
+    if (s < 120) return s.toFixed(s < 10 ? 1 : 0) + " s";
+    const m = s / 60;
+    if (m < 120) return Math.round(m) + " min";
+    return (m / 60).toFixed(1) + " h";
+  }
+
+  function fmtBytes(b) {
+    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let i = 0;
+    while (b >= 1024 && i < units.length - 1) { b /= 1024; i++; }
+    return (i === 0 ? b : b.toFixed(1)) + " " + units[i];
+  }
+
+  // Outbox, oldest, retries and dropped cells of one fleet row.
+  function statusCells(a) {
+    const s = a.status;
+    if (!s) {
+      const span = a.last_seen_ms ? "≤ " + a.seq_span_records : "–";
+      const why = a.last_seen_ms
+        ? "This agent does not report its outbox; at most this many records (floor " + a.outbox_floor + " to newest seq " + (a.highest_seq ?? "–") + ") are still held by it."
+        : "No batch received yet.";
+      return [
+        el("td", { class: "num", title: why }, span),
+        el("td", { class: "num" }, "–"),
+        el("td", { class: "num" }, "–"),
+        el("td", { class: "num" }, "–"),
+      ];
+    }
+    const asOf = "as reported " + fmtAgo(s.reported_ms_ago) + " by " + a.id + " " + s.agent_version + " (up " + fmtAge(s.uptime_s * 1000) + ")";
+    const oldest = s.outbox_oldest_age_ms;
+    const behind = oldest !== null && oldest >= 30000 ? (oldest >= 300000 ? "crit" : "warn") : "";
+    return [
+      el("td", { class: "num", "data-field": "outbox-records",
+        title: fmtBytes(s.outbox_bytes) + " of " + fmtBytes(s.outbox_max_bytes) + " (" + (s.outbox_fill * 100).toFixed(1) + " % full), " + asOf },
+        String(s.outbox_records)),
+      el("td", { class: "num " + behind, "data-field": "outbox-oldest", title: "Age of the oldest record waiting in the outbox, " + asOf }, fmtAge(oldest)),
+      el("td", { class: "num" + (s.uplink_failures > 0 ? " warn" : ""), "data-field": "uplink-retries",
+        title: s.uplink_failures + " failed in a row before the last batch; " + asOf }, String(s.uplink_retries_total)),
+      el("td", { class: "num" + (s.outbox_dropped_total > 0 ? " crit" : ""), "data-field": "outbox-dropped",
+        title: "Records the outbox dropped (full or expired) since the agent started" }, String(s.outbox_dropped_total)),
+    ];
+  }
+
   function fmtTime(ms) {
     return new Date(ms).toLocaleTimeString([], { hour12: false }) + "." + String(ms % 1000).padStart(3, "0");
   }
@@ -90,9 +137,9 @@
         el("td", { class: "num" }, a.windows),
         el("td", { class: "num" }, a.alerts),
         el("td", { class: "num" }, a.dead_letters),
-        el("td", { class: "num", title: "floor " + a.outbox_floor + ", newest seq " + (a.highest_seq ?? "–") }, a.seq_span_records),
+        ...statusCells(a),
       ));
-    if (rows.length === 0) rows.push(el("tr", {}, el("td", { colSpan: 9, class: "empty" }, "No agents configured.")));
+    if (rows.length === 0) rows.push(el("tr", {}, el("td", { colSpan: 12, class: "empty" }, "No agents configured.")));
     $("fleet").tBodies[0].replaceChildren(...rows);
     const online = body.agents.filter((a) => a.online).length;
     $("fleet-summary").textContent = `${online} of ${body.agents.length} online · ${body.totals.series} series`;

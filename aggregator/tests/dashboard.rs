@@ -10,6 +10,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::{Method, Request, StatusCode};
 use millrace_aggregator::log::local::TopicReader;
 use millrace_protocol::{
+    AgentStatus,
     Alert, AlertKind, AnomalyScore, Batch, Envelope, Record, SeriesKey, Severity,
 };
 use serde_json::Value;
@@ -144,7 +145,20 @@ async fn api_serves_what_the_log_holds_and_duplicates_count_once() {
         post_batch(server.addr, TOKEN_1, &backlog).await.status,
         StatusCode::OK
     );
-    let again = post_batch(server.addr, TOKEN_1, &first).await;
+    // The resend carries the agent's status (a batch of duplicates still
+    // reports how the agent is doing).
+    let status = AgentStatus {
+        agent_version: "0.1.0".into(),
+        uptime_s: 120,
+        outbox_records: 1_500,
+        outbox_bytes: 150_000,
+        outbox_max_bytes: 600_000,
+        outbox_oldest_age_ms: Some(42_000),
+        outbox_dropped_total: 7,
+        uplink_retries_total: 9,
+        uplink_failures: 3,
+    };
+    let again = post_batch(server.addr, TOKEN_1, &first.clone().with_status(status)).await;
     assert_eq!(again.json["duplicates"], 4);
 
     // Windows: exactly the log's, in event-time order.
@@ -218,7 +232,30 @@ async fn api_serves_what_the_log_holds_and_duplicates_count_once() {
     assert_eq!(gw1["highest_seq"], 4);
     assert_eq!(gw1["outbox_floor"], 0);
     assert_eq!(gw1["seq_span_records"], 5);
+    let status = &gw1["status"];
+    assert_eq!(status["outbox_records"], 1_500, "{gw1}");
+    assert_eq!(status["outbox_oldest_age_ms"], 42_000);
+    assert_eq!(status["outbox_dropped_total"], 7);
+    assert_eq!(status["uplink_retries_total"], 9);
+    assert_eq!(status["uplink_failures"], 3);
+    assert_eq!(status["outbox_fill"], 0.25);
+    assert!(status["reported_ms_ago"].as_i64().unwrap() >= 0);
     assert_eq!(agents[1]["online"], false);
+    assert_eq!(agents[1]["status"], Value::Null);
+    let (_, text) = get_text(server.addr, "/metrics", &[]).await;
+    assert_eq!(
+        metric(&text, "millrace_aggregator_agent_outbox_records{agent=\"gw-1\"}"),
+        Some(1_500.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "millrace_aggregator_agent_outbox_oldest_age_seconds{agent=\"gw-1\"}"),
+        Some(42.0)
+    );
+    assert_eq!(
+        metric(&text, "millrace_aggregator_agent_uplink_retries_total{agent=\"gw-1\"}"),
+        Some(9.0)
+    );
 
     // Series search.
     let list = get(server.addr, "/api/v1/series?q=PRESS&alerting=critical").await;
@@ -268,6 +305,11 @@ async fn metrics_are_prometheus_text_and_counters_grow() {
         ],
     );
     post_batch(server.addr, TOKEN_1, &b).await;
+    let b = b.with_status(AgentStatus {
+        outbox_records: 12,
+        uplink_retries_total: 2,
+        ..AgentStatus::default()
+    });
     post_batch(server.addr, TOKEN_1, &b).await;
     let (_, after) = get_text(server.addr, "/metrics", &[]).await;
 

@@ -169,7 +169,7 @@ async fn records_land_in_kafka_once_and_outage_answers_503() {
     let w = &windows[0];
     assert_eq!(w["key"], "press-1/temp");
     assert_eq!(w["headers"]["kind"], "window");
-    assert_eq!(w["headers"]["wire-version"], "1");
+    assert_eq!(w["headers"]["wire-version"], millrace_protocol::WIRE_VERSION.to_string());
     assert_eq!(w["value"]["series"]["sensor"], "temp");
     assert_eq!(
         w["value"]["end_ms"].as_i64().unwrap() - w["value"]["start_ms"].as_i64().unwrap(),

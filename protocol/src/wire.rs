@@ -13,12 +13,26 @@
 //! serde form of [`Batch`]. Both decoders validate the same invariants: a
 //! known wire version, a non-empty agent id, and `seq` strictly increasing
 //! within the batch.
+//!
+//! # Versions
+//!
+//! | version | body |
+//! |---|---|
+//! | 1 | agent, outbox floor, records |
+//! | 2 | version 1 + an optional [`AgentStatus`] (outbox depth, retries) |
+//!
+//! Postcard is not self-describing, so a body is read by the layout of the
+//! version in its header. Decoders accept every version from
+//! [`MIN_WIRE_VERSION`] to [`WIRE_VERSION`]: upgrade the aggregator before
+//! the agents and nothing is refused.
 
 use crate::records::{Alert, DeadLetter, Window};
 use serde::{Deserialize, Serialize};
 
-/// The wire version this build writes and reads.
-pub const WIRE_VERSION: u8 = 1;
+/// The wire version this build writes.
+pub const WIRE_VERSION: u8 = 2;
+/// The oldest wire version this build still reads.
+pub const MIN_WIRE_VERSION: u8 = 1;
 const MAGIC: &[u8; 4] = b"MLRC";
 const HEADER_LEN: usize = 4 + 1 + 4;
 
@@ -83,13 +97,52 @@ pub struct Batch {
     /// Every `seq` below this will never be sent (again).
     pub outbox_floor: u64,
     pub records: Vec<Envelope>,
+    /// The sender's own health as it built the batch (wire version 2 on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<AgentStatus>,
 }
 
-#[derive(Serialize, Deserialize)]
-struct BatchBody {
+/// How the sending agent is doing, as of the moment it built the batch: what
+/// a fleet view shows besides the records themselves.
+///
+/// Figures are the agent's own and need no clock agreement with the
+/// receiver: ages are durations, not timestamps.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct AgentStatus {
+    /// The agent's build, e.g. `0.1.0`.
+    pub agent_version: String,
+    /// Seconds since the agent process started.
+    pub uptime_s: u64,
+    /// Records waiting in the outbox, both lanes, this batch included.
+    pub outbox_records: u64,
+    /// Their stored bytes.
+    pub outbox_bytes: u64,
+    /// The outbox's configured byte cap.
+    pub outbox_max_bytes: u64,
+    /// Age of the oldest waiting record, in milliseconds (`None`: empty).
+    pub outbox_oldest_age_ms: Option<u64>,
+    /// Records the outbox gave up since the agent started: dropped when full
+    /// (`drop-oldest`) or expired by `max-age`.
+    pub outbox_dropped_total: u64,
+    /// Failed sends since the agent started.
+    pub uplink_retries_total: u64,
+    /// Failed sends in a row before this batch (0 when the uplink is healthy).
+    pub uplink_failures: u32,
+}
+
+#[derive(Deserialize)]
+struct BatchBodyV1 {
     agent: String,
     outbox_floor: u64,
     records: Vec<Envelope>,
+}
+
+#[derive(Deserialize)]
+struct BatchBodyV2 {
+    agent: String,
+    outbox_floor: u64,
+    records: Vec<Envelope>,
+    status: Option<AgentStatus>,
 }
 
 /// Why bytes could not be decoded into a [`Batch`]. A sender that gets one of
@@ -101,7 +154,7 @@ pub enum WireError {
     Truncated(usize),
     #[error("not a Millrace batch (bad magic)")]
     BadMagic,
-    #[error("unsupported wire version {0} (this build speaks {WIRE_VERSION})")]
+    #[error("unsupported wire version {0} (this build reads {MIN_WIRE_VERSION} to {WIRE_VERSION})")]
     UnsupportedVersion(u8),
     #[error("checksum mismatch: header says {expected:#010x}, body is {actual:#010x}")]
     Checksum { expected: u32, actual: u32 },
@@ -122,7 +175,14 @@ impl Batch {
             agent: agent.into(),
             outbox_floor,
             records,
+            status: None,
         }
+    }
+
+    /// The same batch with the sender's status attached.
+    pub fn with_status(mut self, status: AgentStatus) -> Self {
+        self.status = Some(status);
+        self
     }
 
     /// The highest `seq` in the batch, if any.
@@ -132,8 +192,14 @@ impl Batch {
 
     /// Checks the invariants every decoder enforces.
     pub fn validate(&self) -> Result<(), WireError> {
-        if self.version != WIRE_VERSION {
+        if !(MIN_WIRE_VERSION..=WIRE_VERSION).contains(&self.version) {
             return Err(WireError::UnsupportedVersion(self.version));
+        }
+        if self.version < 2 && self.status.is_some() {
+            return Err(WireError::Body(format!(
+                "wire version {} has no agent status",
+                self.version
+            )));
         }
         if self.agent.is_empty() {
             return Err(WireError::EmptyAgent);
@@ -150,15 +216,25 @@ impl Batch {
         Ok(())
     }
 
-    /// Compact binary encoding (see the module docs).
+    /// Compact binary encoding (see the module docs), in the layout of
+    /// `self.version`: a version 1 batch is written without its status.
     pub fn encode_binary(&self) -> Vec<u8> {
-        let body = BatchBodyRef {
-            agent: &self.agent,
-            outbox_floor: self.outbox_floor,
-            records: &self.records,
-        };
         // Serialising plain data into a Vec cannot fail.
-        let payload = postcard::to_stdvec(&body).unwrap_or_default();
+        let payload = if self.version < 2 {
+            postcard::to_stdvec(&BatchBodyV1Ref {
+                agent: &self.agent,
+                outbox_floor: self.outbox_floor,
+                records: &self.records,
+            })
+        } else {
+            postcard::to_stdvec(&BatchBodyV2Ref {
+                agent: &self.agent,
+                outbox_floor: self.outbox_floor,
+                records: &self.records,
+                status: self.status.as_ref(),
+            })
+        }
+        .unwrap_or_default();
         let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
         out.extend_from_slice(MAGIC);
         out.push(self.version);
@@ -175,7 +251,7 @@ impl Batch {
             return Err(WireError::BadMagic);
         }
         let version = bytes[4];
-        if version != WIRE_VERSION {
+        if !(MIN_WIRE_VERSION..=WIRE_VERSION).contains(&version) {
             return Err(WireError::UnsupportedVersion(version));
         }
         let expected = u32::from_le_bytes([bytes[5], bytes[6], bytes[7], bytes[8]]);
@@ -184,13 +260,25 @@ impl Batch {
         if expected != actual {
             return Err(WireError::Checksum { expected, actual });
         }
-        let body: BatchBody =
-            postcard::from_bytes(payload).map_err(|e| WireError::Body(e.to_string()))?;
-        let batch = Batch {
-            version,
-            agent: body.agent,
-            outbox_floor: body.outbox_floor,
-            records: body.records,
+        let body_error = |e: postcard::Error| WireError::Body(e.to_string());
+        let batch = if version < 2 {
+            let body: BatchBodyV1 = postcard::from_bytes(payload).map_err(body_error)?;
+            Batch {
+                version,
+                agent: body.agent,
+                outbox_floor: body.outbox_floor,
+                records: body.records,
+                status: None,
+            }
+        } else {
+            let body: BatchBodyV2 = postcard::from_bytes(payload).map_err(body_error)?;
+            Batch {
+                version,
+                agent: body.agent,
+                outbox_floor: body.outbox_floor,
+                records: body.records,
+                status: body.status,
+            }
         };
         batch.validate()?;
         Ok(batch)
@@ -211,10 +299,18 @@ impl Batch {
 }
 
 #[derive(Serialize)]
-struct BatchBodyRef<'a> {
+struct BatchBodyV1Ref<'a> {
     agent: &'a str,
     outbox_floor: u64,
     records: &'a [Envelope],
+}
+
+#[derive(Serialize)]
+struct BatchBodyV2Ref<'a> {
+    agent: &'a str,
+    outbox_floor: u64,
+    records: &'a [Envelope],
+    status: Option<&'a AgentStatus>,
 }
 
 #[cfg(test)]

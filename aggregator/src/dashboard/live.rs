@@ -8,22 +8,24 @@
 //! event-time order (a late backlog window is inserted in place, the oldest
 //! is dropped when full); the last `retain-alerts` alerts, newest first;
 //! per agent the last batch's wall-clock time, its `outbox_floor`, the
-//! highest seq received and a readings-per-second rate derived from window
-//! counts.
+//! highest seq received, a readings-per-second rate derived from window
+//! counts, and the agent's own status from its last batch (outbox depth and
+//! oldest age, records dropped, uplink retries).
 //!
 //! What it is not: a store. It starts empty on restart; the log (Kafka or
 //! the embedded log) is the record. Memory is about 90 bytes per retained
 //! window: `max-series × retain-windows × 90 B` at most (10 000 × 720 ≈ 650 MB;
 //! lower `retain-windows` for very large fleets).
 //!
-//! The agent's own outbox depth and uplink retries are not in any batch, so
-//! they are not here: the agent's `/metrics` has them. What the aggregator
-//! can tell is [`AgentView::seq_span_records`]: seqs from the agent's
-//! outbox floor to the newest seq received, an upper bound of the records
-//! the agent still holds unacknowledged.
+//! An agent's status is as of its last batch: while its uplink is down the
+//! aggregator hears nothing, so the fleet row shows the last report and how
+//! old it is; the first batch after the outage reports the backlog, and the
+//! following ones show it draining. Agents that predate the status (wire
+//! version 1) have none; for them [`AgentView::seq_span_records`] (seqs from
+//! the outbox floor to the newest seq received) bounds what they still hold.
 
 use millrace_protocol::{
-    Alert, AlertKind, DeadLetterReason, Envelope, Record, SeriesKey, Severity, UnixMs, Window,
+    AgentStatus, Alert, AlertKind, DeadLetterReason, Envelope, Record, SeriesKey, Severity, UnixMs, Window,
 };
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -139,6 +141,8 @@ struct AgentLive {
     /// earliest start of those windows).
     readings_by_end: BTreeMap<UnixMs, (u64, UnixMs)>,
     series: usize,
+    /// The status of the agent's last batch, and when it arrived.
+    status: Option<(AgentStatus, UnixMs)>,
 }
 
 impl AgentLive {
@@ -196,6 +200,20 @@ pub struct AgentView {
     /// Seqs from the outbox floor to the newest seq received: at most this
     /// many records are still held by the agent.
     pub seq_span_records: u64,
+    /// What the agent reported about itself in its last batch (`None` until
+    /// it sent one with a status).
+    pub status: Option<StatusView>,
+}
+
+/// An agent's own report of its outbox and uplink, from its last batch.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StatusView {
+    #[serde(flatten)]
+    pub reported: AgentStatus,
+    /// How long ago the report arrived: the figures are that old.
+    pub reported_ms_ago: i64,
+    /// Outbox bytes as a share of its cap, 0–1.
+    pub outbox_fill: f64,
 }
 
 /// One row of the series list.
@@ -278,6 +296,7 @@ impl LiveState {
         &mut self,
         agent: &str,
         outbox_floor: u64,
+        status: Option<&AgentStatus>,
         records: &[&Envelope],
         now_ms: UnixMs,
     ) -> Observed {
@@ -285,6 +304,9 @@ impl LiveState {
         let mut new_series = 0;
         {
             let a = self.agents.entry(agent.to_owned()).or_default();
+            if let Some(status) = status {
+                a.status = Some((status.clone(), now_ms));
+            }
             a.first_seen_ms.get_or_insert(now_ms);
             a.last_batch_ms = Some(now_ms);
             a.batches += 1;
@@ -442,6 +464,15 @@ impl LiveState {
                     seq_span_records: a
                         .highest_seq
                         .map_or(0, |h| (h + 1).saturating_sub(a.outbox_floor)),
+                    status: a.status.as_ref().map(|(s, at)| StatusView {
+                        reported: s.clone(),
+                        reported_ms_ago: (now_ms - at).max(0),
+                        outbox_fill: if s.outbox_max_bytes == 0 {
+                            0.0
+                        } else {
+                            (s.outbox_bytes as f64 / s.outbox_max_bytes as f64).min(1.0)
+                        },
+                    }),
                 }
             })
             .collect()
@@ -646,7 +677,7 @@ mod tests {
             })
             .collect();
         let refs: Vec<&Envelope> = envelopes.iter().collect();
-        state.observe("gw-1", seq0, &refs, 1_000_000)
+        state.observe("gw-1", seq0, None, &refs, 1_000_000)
     }
 
     #[test]
@@ -738,6 +769,38 @@ mod tests {
             observe(&mut fresh, i, vec![window("t", i as i64 * 5000, 1.0)]);
         }
         assert_eq!(fresh.fleet(1_000_000)[0].readings_per_s, 100.0 / 10.0);
+    }
+
+    #[test]
+    fn fleet_shows_the_status_of_the_last_batch() {
+        let mut state = LiveState::new(limits(), vec!["gw-1".into()]);
+        observe(&mut state, 1, vec![window("t", 0, 1.0)]);
+        assert_eq!(state.fleet(1_000_000)[0].status, None);
+        let status = |records, oldest| AgentStatus {
+            agent_version: "0.1.0".into(),
+            uptime_s: 60,
+            outbox_records: records,
+            outbox_bytes: records * 100,
+            outbox_max_bytes: 1_000_000,
+            outbox_oldest_age_ms: oldest,
+            outbox_dropped_total: 0,
+            uplink_retries_total: 4,
+            uplink_failures: 4,
+        };
+        // The first batch after an outage reports the backlog…
+        let backlog = status(2_500, Some(40_000));
+        state.observe("gw-1", 2, Some(&backlog), &[], 1_000_000);
+        let view = state.fleet(1_003_000)[0].status.clone().unwrap();
+        assert_eq!(view.reported, backlog);
+        assert_eq!(view.reported_ms_ago, 3_000);
+        assert_eq!(view.outbox_fill, 0.25);
+        // …a batch without a status (an older agent) keeps the last report…
+        state.observe("gw-1", 3, None, &[], 1_004_000);
+        assert_eq!(state.fleet(1_004_000)[0].status.as_ref().unwrap().reported, backlog);
+        // …and the next ones show it draining.
+        let drained = status(3, Some(20));
+        state.observe("gw-1", 4, Some(&drained), &[], 1_005_000);
+        assert_eq!(state.fleet(1_005_000)[0].status.as_ref().unwrap().reported, drained);
     }
 
     #[test]

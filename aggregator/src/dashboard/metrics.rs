@@ -192,8 +192,23 @@ impl Metrics {
                 }
                 gauge!("millrace_aggregator_agent_readings_per_second", "agent" => id.clone())
                     .set(agent.readings_per_s);
-                gauge!("millrace_aggregator_agent_seq_span_records", "agent" => id)
+                gauge!("millrace_aggregator_agent_seq_span_records", "agent" => id.clone())
                     .set(agent.seq_span_records as f64);
+                if let Some(status) = &agent.status {
+                    let s = &status.reported;
+                    gauge!("millrace_aggregator_agent_outbox_records", "agent" => id.clone())
+                        .set(s.outbox_records as f64);
+                    gauge!("millrace_aggregator_agent_outbox_bytes", "agent" => id.clone())
+                        .set(s.outbox_bytes as f64);
+                    gauge!("millrace_aggregator_agent_outbox_oldest_age_seconds", "agent" => id.clone())
+                        .set(s.outbox_oldest_age_ms.unwrap_or(0) as f64 / 1000.0);
+                    counter!("millrace_aggregator_agent_outbox_dropped_records_total", "agent" => id.clone())
+                        .absolute(s.outbox_dropped_total);
+                    counter!("millrace_aggregator_agent_uplink_retries_total", "agent" => id.clone())
+                        .absolute(s.uplink_retries_total);
+                    gauge!("millrace_aggregator_agent_status_age_seconds", "agent" => id)
+                        .set(status.reported_ms_ago as f64 / 1000.0);
+                }
             }
         });
         self.handle.run_upkeep();
@@ -268,6 +283,30 @@ fn describe_all() {
     describe_gauge!(
         "millrace_aggregator_agent_seq_span_records",
         "Seqs from the agent's outbox floor to the newest seq received: an upper bound of records the agent still holds."
+    );
+    describe_gauge!(
+        "millrace_aggregator_agent_outbox_records",
+        "Records waiting in the agent's outbox, as it reported in its last batch."
+    );
+    describe_gauge!(
+        "millrace_aggregator_agent_outbox_bytes",
+        "Stored bytes waiting in the agent's outbox, as it reported in its last batch."
+    );
+    describe_gauge!(
+        "millrace_aggregator_agent_outbox_oldest_age_seconds",
+        "Age of the oldest record in the agent's outbox, as it reported in its last batch (0: empty)."
+    );
+    describe_counter!(
+        "millrace_aggregator_agent_outbox_dropped_records_total",
+        "Records the agent's outbox dropped (full or expired) since the agent started, as it reported."
+    );
+    describe_counter!(
+        "millrace_aggregator_agent_uplink_retries_total",
+        "Failed uplink sends since the agent started, as it reported."
+    );
+    describe_gauge!(
+        "millrace_aggregator_agent_status_age_seconds",
+        "How old the agent's last status report is."
     );
     describe_gauge!(
         "millrace_aggregator_sse_clients",

@@ -121,7 +121,7 @@ impl CommitObserver for Dashboard {
         let now = now_ms();
         let observed = self
             .live()
-            .observe(&batch.agent, batch.outbox_floor, new, now);
+            .observe(&batch.agent, batch.outbox_floor, batch.status.as_ref(), new, now);
         self.metrics
             .record_batch(&batch.agent, new, &observed, self.log_kind, log_write, now);
         if self.events.receiver_count() == 0 {

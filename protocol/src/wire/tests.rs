@@ -84,13 +84,39 @@ fn record() -> impl Strategy<Value = Record> {
     ]
 }
 
+fn status() -> impl Strategy<Value = AgentStatus> {
+    (
+        "[0-9.a-z-]{0,12}",
+        any::<u64>(),
+        (any::<u64>(), any::<u64>(), any::<u64>()),
+        proptest::option::of(any::<u64>()),
+        (any::<u64>(), any::<u64>(), any::<u32>()),
+    )
+        .prop_map(|(agent_version, uptime_s, (records, bytes, max), oldest, (dropped, retries, failures))| {
+            AgentStatus {
+                agent_version,
+                uptime_s,
+                outbox_records: records,
+                outbox_bytes: bytes,
+                outbox_max_bytes: max,
+                outbox_oldest_age_ms: oldest,
+                outbox_dropped_total: dropped,
+                uplink_retries_total: retries,
+                uplink_failures: failures,
+            }
+        })
+}
+
+/// A batch of either wire version; version 1 never has a status.
 fn batch() -> impl Strategy<Value = Batch> {
     (
         "[a-z0-9-]{1,12}",
         any::<u32>(),
         proptest::collection::vec((1u64..1000, record()), 0..20),
+        MIN_WIRE_VERSION..=WIRE_VERSION,
+        proptest::option::of(status()),
     )
-        .prop_map(|(agent, base, recs)| {
+        .prop_map(|(agent, base, recs, version, status)| {
             let mut seq = u64::from(base);
             let records = recs
                 .into_iter()
@@ -99,7 +125,12 @@ fn batch() -> impl Strategy<Value = Batch> {
                     Envelope { seq, record }
                 })
                 .collect();
-            Batch::new(agent, records)
+            let mut batch = Batch::new(agent, records);
+            batch.version = version;
+            if version >= 2 {
+                batch.status = status;
+            }
+            batch
         })
 }
 
@@ -185,6 +216,72 @@ fn wrong_version_and_magic_are_named() {
     bytes[0] = b'X';
     assert_eq!(Batch::decode_binary(&bytes), Err(WireError::BadMagic));
     assert_eq!(Batch::decode_binary(b"MLR"), Err(WireError::Truncated(3)));
+}
+
+/// Version 1 bytes as an agent before [`AgentStatus`] wrote them (header,
+/// CRC and postcard body built by hand): still read, without a status.
+#[test]
+fn version_1_batches_are_still_read() {
+    #[derive(serde::Serialize)]
+    struct V1<'a> {
+        agent: &'a str,
+        outbox_floor: u64,
+        records: &'a [Envelope],
+    }
+    let records = vec![Envelope {
+        seq: 42,
+        record: Record::DeadLetter(DeadLetter::new(
+            Source::Modbus,
+            "plc1",
+            vec![1, 2],
+            DeadLetterReason::DeviceException,
+            "0x02",
+            7,
+        )),
+    }];
+    let body = postcard::to_stdvec(&V1 { agent: "gw-old", outbox_floor: 40, records: &records }).unwrap();
+    let mut bytes = b"MLRC".to_vec();
+    bytes.push(1);
+    bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    bytes.extend_from_slice(&body);
+    let batch = Batch::decode_binary(&bytes).unwrap();
+    assert_eq!(batch.version, 1);
+    assert_eq!(batch.agent, "gw-old");
+    assert_eq!(batch.outbox_floor, 40);
+    assert_eq!(batch.records, records);
+    assert_eq!(batch.status, None);
+    // And written back in the same layout, byte for byte.
+    assert_eq!(batch.encode_binary(), bytes);
+
+    let json = r#"{"version":1,"agent":"gw-old","outbox_floor":0,"records":[]}"#;
+    assert_eq!(Batch::decode_json(json.as_bytes()).unwrap().status, None);
+}
+
+#[test]
+fn new_batches_carry_the_agent_status() {
+    let status = AgentStatus {
+        agent_version: "0.1.0".into(),
+        uptime_s: 3600,
+        outbox_records: 1200,
+        outbox_bytes: 96_000,
+        outbox_max_bytes: 1 << 30,
+        outbox_oldest_age_ms: Some(31_000),
+        outbox_dropped_total: 0,
+        uplink_retries_total: 17,
+        uplink_failures: 0,
+    };
+    let b = Batch::new("gw", vec![]).with_status(status.clone());
+    assert_eq!(b.version, WIRE_VERSION);
+    let bytes = b.encode_binary();
+    assert_eq!(bytes[4], 2);
+    assert_eq!(Batch::decode_binary(&bytes).unwrap().status, Some(status.clone()));
+    let json: serde_json::Value = serde_json::from_slice(&b.encode_json()).unwrap();
+    assert_eq!(json["status"]["outbox_oldest_age_ms"], 31_000);
+    assert_eq!(json["status"]["uplink_retries_total"], 17);
+    // A version 1 batch cannot claim a status.
+    let mut old = b;
+    old.version = 1;
+    assert!(matches!(Batch::decode_json(&old.encode_json()), Err(WireError::Body(_))));
 }
 
 #[test]

@@ -1,8 +1,10 @@
 #![allow(clippy::unwrap_used)] // a failed step fails the test
 //! Simulator → agent → aggregator → headless Chromium: the dashboard lists
-//! the agent online, draws a chart with points, and shows an injected spike
-//! in the alert feed within 2 s of the agent emitting it; `/metrics` and the
-//! JSON API agree with what was committed. A screenshot is saved to
+//! the agent online, shows the backlog its outbox built while the aggregator
+//! was not there yet (records, oldest age, retries) and watches it drain,
+//! draws a chart with points, and shows an injected spike in the alert feed
+//! within 2 s of the agent emitting it; `/metrics` and the JSON API agree
+//! with what was committed. A screenshot is saved to
 //! `$CARGO_TARGET_DIR/e2e-artifacts/dashboard.png`.
 //!
 //! Needs the Debian packages `chromium` and `chromium-driver`
@@ -21,6 +23,9 @@ const AGENT: &str = "gw-e2e";
 const TOKEN: &str = "e2e-dashboard-token-0123456789";
 /// The issue's promise: an alert is on the page within this long of its event.
 const ALERT_ON_PAGE_WITHIN_MS: i64 = 2000;
+/// The agent runs this long before the aggregator starts: its outbox holds
+/// about two windows per second of it.
+const OUTAGE: Duration = Duration::from_secs(8);
 
 fn sim_config(mqtt_port: u16) -> String {
     format!(
@@ -55,12 +60,15 @@ every = "3s"
     )
 }
 
-fn agent_config(mqtt_port: u16, aggregator_port: u16, data_dir: &Path) -> String {
+fn agent_config(mqtt_port: u16, aggregator_port: u16, http_port: u16, data_dir: &Path) -> String {
     format!(
         r#"
 [agent]
 id = "{AGENT}"
 data-dir = "{dir}"
+
+[http]
+listen = "127.0.0.1:{http_port}"
 
 [window]
 width = "1s"
@@ -82,6 +90,11 @@ format = "json"
 [uplink]
 url = "http://127.0.0.1:{aggregator_port}"
 token = "{TOKEN}"
+backoff-min = "100ms"
+backoff-max = "1s"
+# The backlog drains at one record a second, so the fleet view can be seen
+# showing it; live windows and alerts are not limited.
+replay-rate = 1
 "#,
         dir = data_dir.display()
     )
@@ -168,6 +181,26 @@ async fn wait_js(client: &Client, script: &str, timeout: Duration, what: &str) -
     }
 }
 
+/// Polls `/api/v1/fleet` until the agent's reported status satisfies `ok`.
+fn wait_for_status(port: u16, timeout: Duration, ok: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + timeout;
+    let mut last = Value::Null;
+    while Instant::now() < deadline {
+        let fleet = get_json(port, "/api/v1/fleet");
+        if let Some(row) = fleet["agents"]
+            .as_array()
+            .and_then(|agents| agents.iter().find(|a| a["id"] == AGENT))
+        {
+            last = row["status"].clone();
+            if !last.is_null() && ok(&last) {
+                return last;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("agent status never as expected within {timeout:?}; last: {last}");
+}
+
 fn now_ms() -> i64 {
     millrace_sim::unix_now_ms()
 }
@@ -177,7 +210,8 @@ fn dashboard_shows_the_plant_live_in_chromium() {
     let chromium = require_program("chromium", "chromium");
     let chromedriver = require_program("chromedriver", "chromium-driver");
     let dir = tempfile::tempdir().unwrap();
-    let (mqtt_port, aggregator_port, driver_port) = (free_port(), free_port(), free_port());
+    let (mqtt_port, aggregator_port, driver_port, agent_http_port) =
+        (free_port(), free_port(), free_port(), free_port());
     let agg_toml = dir.path().join("aggregator.toml");
     let agent_toml = dir.path().join("agent.toml");
     let sim_toml = dir.path().join("sim.toml");
@@ -188,23 +222,17 @@ fn dashboard_shows_the_plant_live_in_chromium() {
     .unwrap();
     std::fs::write(
         &agent_toml,
-        agent_config(mqtt_port, aggregator_port, &dir.path().join("agent")),
+        agent_config(
+            mqtt_port,
+            aggregator_port,
+            agent_http_port,
+            &dir.path().join("agent"),
+        ),
     )
     .unwrap();
     std::fs::write(&sim_toml, sim_config(mqtt_port)).unwrap();
 
-    let _aggregator = ChildGuard::spawn(
-        "millrace-aggregator",
-        Command::new(bin("millrace-aggregator"))
-            .args(["run", "--config"])
-            .arg(&agg_toml)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null()),
-    );
-    wait_for_port(
-        SocketAddr::from(([127, 0, 0, 1], aggregator_port)),
-        Duration::from_secs(20),
-    );
+    // The plant and the agent start first; the aggregator only after OUTAGE.
     let mut agent = ChildGuard::spawn(
         "millrace-agent",
         Command::new(bin("millrace-agent"))
@@ -226,6 +254,33 @@ fn dashboard_shows_the_plant_live_in_chromium() {
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null()),
     );
+    std::thread::sleep(OUTAGE);
+    let _aggregator = ChildGuard::spawn(
+        "millrace-aggregator",
+        Command::new(bin("millrace-aggregator"))
+            .args(["run", "--config"])
+            .arg(&agg_toml)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null()),
+    );
+    wait_for_port(
+        SocketAddr::from(([127, 0, 0, 1], aggregator_port)),
+        Duration::from_secs(20),
+    );
+
+    // 0. The first batches report the backlog the outage left and the
+    // retries it cost.
+    let first_status = wait_for_status(aggregator_port, Duration::from_secs(20), |s| {
+        s["outbox_records"].as_u64().is_some()
+    });
+    eprintln!("first status after the outage: {first_status}");
+    assert!(first_status["uplink_retries_total"].as_u64().unwrap() >= 1, "{first_status}");
+    assert!(first_status["outbox_records"].as_u64().unwrap() >= 8, "{first_status}");
+    assert!(
+        first_status["outbox_oldest_age_ms"].as_u64().unwrap() >= 4_000,
+        "{first_status}"
+    );
+    assert_eq!(first_status["outbox_dropped_total"], 0);
     let metrics_before = http_get(aggregator_port, "/metrics").1;
 
     let _driver = ChildGuard::spawn(
@@ -289,6 +344,23 @@ fn dashboard_shows_the_plant_live_in_chromium() {
         )
         .await;
         assert_eq!(offline, json!("false"));
+        // Its outbox and retries as the agent reported them.
+        let cells = wait_js(
+            &client,
+            &format!(
+                "const row = document.querySelector('#fleet tr[data-agent=\"{AGENT}\"]');
+                 const cell = f => row.querySelector('td[data-field=\"' + f + '\"]');
+                 if (!cell('outbox-records')) return null;
+                 return {{ records: Number(cell('outbox-records').textContent),
+                          retries: Number(cell('uplink-retries').textContent),
+                          oldest: cell('outbox-oldest').textContent }};"
+            ),
+            Duration::from_secs(10),
+            "the agent's outbox in the fleet view",
+        )
+        .await;
+        assert!(cells["retries"].as_u64().unwrap() >= 1, "{cells}");
+        assert!(cells["records"].as_u64().is_some(), "{cells}");
 
         // 2. A chart with points (the page opens the first series by itself).
         let points = wait_js(
@@ -400,6 +472,45 @@ fn dashboard_shows_the_plant_live_in_chromium() {
         .expect("the agent in /api/v1/fleet");
     assert_eq!(row["online"], true);
     assert!(row["readings_per_s"].as_f64().unwrap() > 10.0, "{row}");
+
+    // 6. The backlog drains, and the fleet view follows it down.
+    let drained = wait_for_status(aggregator_port, Duration::from_secs(60), |s| {
+        s["outbox_records"].as_u64().is_some_and(|n| n <= 4)
+            && s["outbox_oldest_age_ms"].as_u64().is_none_or(|ms| ms < 3_000)
+    });
+    eprintln!("status once drained: {drained}");
+    assert!(
+        drained["uplink_retries_total"].as_u64() >= first_status["uplink_retries_total"].as_u64()
+    );
+    assert_eq!(drained["uplink_failures"], 0);
+
+    // 7. The Grafana dashboard's agent-side queries ask for names the agent
+    // exports (its aggregator-side ones are checked in the aggregator's tests).
+    let (status, agent_metrics) = http_get(agent_http_port, "/metrics");
+    assert_eq!(status, 200);
+    let grafana: Value =
+        serde_json::from_str(include_str!("../../../config/grafana-dashboard.json")).unwrap();
+    let mut asked = 0;
+    for panel in grafana["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for (at, _) in expr.match_indices("millrace_") {
+                let name: String = expr[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                if name.starts_with("millrace_aggregator_") || expr[..at].ends_with('_') {
+                    continue;
+                }
+                assert!(
+                    agent_metrics.contains(&name),
+                    "Grafana asks for {name}, not exported by the agent:\n{agent_metrics}"
+                );
+                asked += 1;
+            }
+        }
+    }
+    assert!(asked >= 4, "{asked} agent metrics in the Grafana dashboard");
     let series = get_json(aggregator_port, "/api/v1/series?q=boiler-3");
     assert_eq!(series["total"], 2, "{series}");
 
