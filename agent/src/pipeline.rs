@@ -12,7 +12,7 @@
 
 use crate::anomaly::Scorer;
 use crate::ingest::{now_ms, IngestEvent};
-use crate::window::{Admission, EngineOutput, WindowEngine};
+use crate::window::{redelivery, Admission, EngineOutput, RedeliveryGuard, WindowEngine};
 use crate::ingest::DurableAck;
 use crate::store::{Store, StoreError};
 use millrace_protocol::{DeadLetterReason, Reading, Record, SeriesKey, UnixMs};
@@ -44,15 +44,21 @@ impl Output for crate::tap::Tap {
 pub struct Analytics {
     engine: WindowEngine,
     scorer: Scorer,
+    /// Keeps an MQTT reading that comes back (QoS 1 redelivery) from
+    /// counting twice.
+    redelivery: RedeliveryGuard,
     scratch: Vec<EngineOutput>,
     produced: Vec<Record>,
 }
 
 impl Analytics {
     pub fn new(engine: WindowEngine, scorer: Scorer) -> Self {
+        let redelivery =
+            RedeliveryGuard::new(engine.open_horizon_ms(), redelivery::DEFAULT_CAPACITY);
         Self {
             engine,
             scorer,
+            redelivery,
             scratch: Vec::new(),
             produced: Vec::new(),
         }
@@ -60,6 +66,10 @@ impl Analytics {
 
     pub fn engine(&self) -> &WindowEngine {
         &self.engine
+    }
+
+    pub fn redelivery_stats(&self) -> crate::window::RedeliveryStats {
+        self.redelivery.stats()
     }
 
     /// Feeds one reading to the window engine and, if it was accepted, to the
@@ -75,9 +85,28 @@ impl Analytics {
         self.collect();
     }
 
+    /// `true` when `reading` is an MQTT message the agent already counted,
+    /// delivered again by the broker: the caller drops it (it is counted
+    /// here) rather than journaling and pushing it a second time.
+    pub fn is_redelivery(&mut self, reading: &Reading, now_ms: UnixMs) -> bool {
+        let again = self.redelivery.is_redelivery(reading, now_ms);
+        if again {
+            let n = self.redelivery.stats().duplicates;
+            if n.is_power_of_two() {
+                tracing::info!(series = %reading.series, time_ms = reading.time_ms, redelivered = n, "reading delivered again by the broker; counted once");
+            }
+        }
+        again
+    }
+
     /// Feeds a reading recovered from the journal after a restart: into the
-    /// window engine only (its spike alert, if any, was raised before).
+    /// window engine only (its spike alert, if any, was raised before). It is
+    /// remembered, so the broker's redelivery of its message does not count
+    /// it again; a reading the journal holds twice counts once.
     pub fn replay(&mut self, reading: &Reading, now_ms: UnixMs) {
+        if self.redelivery.is_redelivery(reading, now_ms) {
+            return;
+        }
         self.engine.push(reading, now_ms, &mut self.scratch);
         self.collect();
     }
@@ -93,6 +122,7 @@ impl Analytics {
 
     /// Closes windows by the wall clock (idle series) and evicts silent series.
     pub fn tick(&mut self, now_ms: UnixMs) {
+        self.redelivery.expire(now_ms);
         self.engine.tick(now_ms, &mut self.scratch);
         self.collect();
     }
@@ -122,6 +152,9 @@ impl Analytics {
         metrics::counter!("millrace_windows_idle_closed_total").absolute(w.windows_idle_closed);
         metrics::counter!("millrace_series_evicted_total").absolute(w.series_evicted_ttl);
         metrics::gauge!("millrace_live_series").set(w.live_series as f64);
+        let r = self.redelivery.stats();
+        metrics::counter!("millrace_redelivered_readings_total").absolute(r.duplicates);
+        metrics::counter!("millrace_redelivery_guard_forgotten_total").absolute(r.forgotten_early);
         let s = self.scorer.stats();
         metrics::counter!("millrace_windows_scored_total").absolute(s.windows_scored);
         metrics::counter!("millrace_alerts_total", "kind" => "window", "severity" => "warning")
@@ -389,6 +422,11 @@ fn handle(
     for ev in events.drain(..) {
         match ev {
             IngestEvent::Reading(r) => {
+                if analytics.is_redelivery(&r, now_ms) {
+                    // Journaled and counted the first time; its message is
+                    // acknowledged with the next durable marker.
+                    continue;
+                }
                 if let Some(d) = durability.as_deref_mut() {
                     d.journal(&r);
                 }
@@ -422,5 +460,120 @@ async fn publish(
     }
     if let Some(d) = durability {
         d.maybe_commit();
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::anomaly::AnomalyConfig;
+    use crate::window::WindowConfig;
+    use millrace_protocol::{Quality, Source, Window};
+
+    fn analytics() -> Analytics {
+        let cfg = WindowConfig {
+            width: Duration::from_secs(1),
+            allowed_lateness: Duration::from_millis(500),
+            idle_timeout: Duration::from_secs(2),
+            ..WindowConfig::default()
+        };
+        Analytics::new(
+            WindowEngine::new("gw", cfg),
+            Scorer::new("gw", AnomalyConfig::default()),
+        )
+    }
+
+    fn reading(time_ms: UnixMs, source: Source) -> Reading {
+        Reading {
+            series: SeriesKey::new("kiln-1", "temp"),
+            time_ms,
+            value: 20.0 + (time_ms % 1_000) as f64 / 100.0,
+            unit: "degC".into(),
+            source,
+            quality: Quality::Good,
+        }
+    }
+
+    fn windows(a: &mut Analytics) -> Vec<Window> {
+        a.take()
+            .filter_map(|r| match r {
+                Record::Window(w) => Some(w),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// After `kill -9` between the journal commit and the PUBACK: the journal
+    /// replays readings 0–400 ms, then the broker redelivers 300–400 ms and
+    /// goes on with 500 ms onwards. Every reading counts once.
+    #[test]
+    fn readings_replayed_from_the_journal_and_redelivered_count_once() {
+        let mut a = analytics();
+        let now = 1_000_000;
+        for t in (0..500).step_by(100) {
+            a.replay(&reading(t, Source::Mqtt), now);
+        }
+        let mut delivered = 0;
+        for t in (300..1_000).step_by(100) {
+            let r = reading(t, Source::Mqtt);
+            if !a.is_redelivery(&r, now + 10) {
+                a.push(&r, now + 10);
+                delivered += 1;
+            }
+        }
+        assert_eq!(delivered, 5);
+        assert_eq!(a.redelivery_stats().duplicates, 2);
+        a.flush();
+        let ws = windows(&mut a);
+        assert_eq!(ws.len(), 1);
+        assert_eq!(ws[0].count, 10);
+        assert_eq!(ws[0].first_event_ms, 0);
+        assert_eq!(ws[0].last_event_ms, 900);
+    }
+
+    #[test]
+    fn the_journal_holding_a_reading_twice_rebuilds_it_once() {
+        let mut a = analytics();
+        for _ in 0..2 {
+            a.replay(&reading(100, Source::Mqtt), 0);
+        }
+        a.flush();
+        assert_eq!(windows(&mut a)[0].count, 1);
+    }
+
+    /// The same Modbus value at the same time is a second poll, not a
+    /// redelivery: both count.
+    #[test]
+    fn modbus_readings_are_never_taken_for_redeliveries() {
+        let mut a = analytics();
+        for _ in 0..2 {
+            let r = reading(100, Source::Modbus);
+            assert!(!a.is_redelivery(&r, 0));
+            a.push(&r, 0);
+        }
+        a.flush();
+        assert_eq!(windows(&mut a)[0].count, 2);
+    }
+
+    #[test]
+    fn a_redelivery_after_the_horizon_is_a_late_reading_not_a_second_count() {
+        let mut a = analytics();
+        let r = reading(100, Source::Mqtt);
+        assert!(!a.is_redelivery(&r, 0));
+        a.push(&r, 0);
+        assert!(a.is_redelivery(&r, 3_499));
+        // The window closes by the idle timeout; the guard forgets after
+        // width + lateness + idle-timeout = 3.5 s.
+        a.tick(2_100);
+        assert_eq!(windows(&mut a).len(), 1);
+        a.tick(3_500);
+        assert!(!a.is_redelivery(&r, 3_500));
+        a.push(&r, 3_500);
+        let late: Vec<_> = a.take().collect();
+        assert!(
+            matches!(&late[..], [Record::DeadLetter(dl)] if dl.reason == DeadLetterReason::Late),
+            "{late:?}"
+        );
     }
 }

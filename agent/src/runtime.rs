@@ -9,8 +9,10 @@
 //!
 //! Shutdown order: the token is cancelled → sources stop taking input → the
 //! pipeline drains the channel, flushes every open window into the outbox and
-//! commits the journal → outputs get the last records → `run` returns.
-//! Whatever the uplink had not sent stays in the outbox for the next start.
+//! commits the journal → outputs get the last records → the uplink sends what
+//! the outbox holds for at most `uplink.shutdown-drain` (5 s) → `run`
+//! returns. Whatever the uplink could not send by then stays in the outbox
+//! for the next start.
 
 use crate::anomaly::Scorer;
 use crate::config::AgentConfig;
@@ -105,10 +107,13 @@ pub async fn run(cfg: AgentConfig, tap: Option<PathBuf>) -> Result<(), RuntimeEr
     };
 
     let wake_uplink = Arc::new(Notify::new());
+    let uplink_stop = CancellationToken::new();
     let uplink_task = match cfg.uplink.clone() {
         Some(u) => {
             let uplink = Uplink::new(u, cfg.agent.id.clone(), Arc::clone(&store), Arc::clone(&wake_uplink))?;
-            let token = shutdown.clone();
+            // Stopped after the pipeline flushed, not with the sources: its
+            // last job is to send those windows.
+            let token = uplink_stop.clone();
             Some(tokio::spawn(uplink.run(token)))
         }
         None => None,
@@ -221,6 +226,7 @@ pub async fn run(cfg: AgentConfig, tap: Option<PathBuf>) -> Result<(), RuntimeEr
         Ok(_) => {}
         Err(e) => tracing::error!(error = %e, "pipeline task failed"),
     }
+    uplink_stop.cancel();
     if let Some(task) = uplink_task {
         let _ = task.await;
     }

@@ -79,6 +79,12 @@ pub struct UplinkConfig {
     /// How often an idle uplink looks at the outbox (it is also woken on append).
     #[serde(default = "defaults::idle_poll", with = "humantime_serde")]
     pub idle_poll: Duration,
+    /// At shutdown, after the open windows were flushed into the outbox, how
+    /// long the uplink may go on sending what is there (backlog unthrottled)
+    /// before the agent exits. It stops early when the outbox is empty or a
+    /// send fails; what is left goes out after the next start. `0s`: none.
+    #[serde(default = "defaults::shutdown_drain", with = "humantime_serde")]
+    pub shutdown_drain: Duration,
 }
 
 /// The defaults of `[uplink]`, in one place.
@@ -104,6 +110,10 @@ pub mod defaults {
     }
     pub fn idle_poll() -> Duration {
         Duration::from_millis(500)
+    }
+    /// Well inside systemd's `TimeoutStopSec=30s` of the unit.
+    pub fn shutdown_drain() -> Duration {
+        Duration::from_secs(5)
     }
 }
 
@@ -227,10 +237,18 @@ impl Uplink {
         })
     }
 
-    /// Runs until `shutdown`. Whatever is not acknowledged by then (including
-    /// the windows flushed at shutdown) stays in the outbox and is sent after
-    /// the next start.
+    /// Runs until `shutdown`, then drains the outbox for at most
+    /// `shutdown-drain` (see [`Uplink::drain`]); cancel `shutdown` once the
+    /// pipeline has flushed its windows into the outbox. Whatever is not
+    /// acknowledged by then stays in the outbox and is sent after the next
+    /// start.
     pub async fn run(self, shutdown: CancellationToken) {
+        self.send_until(&shutdown).await;
+        self.drain(self.cfg.shutdown_drain).await;
+    }
+
+    /// The uplink's life until `shutdown`.
+    async fn send_until(&self, shutdown: &CancellationToken) {
         let mut failures: u32 = 0;
         // Bulk records with seq ≥ live_from are live; older ones are backlog,
         // and 0 means there is no backlog. What the outbox held at start is
@@ -294,6 +312,49 @@ impl Uplink {
                 () = tokio::time::sleep(pause) => {}
             }
         }
+    }
+
+    /// Sends what the outbox holds, oldest first by lane precedence and
+    /// without the backlog throttle, until it is empty, a send fails, or
+    /// `budget` is spent (a POST in flight at the deadline is abandoned; its
+    /// records stay in the outbox). Returns the records acknowledged.
+    pub async fn drain(&self, budget: Duration) -> u64 {
+        if budget.is_zero() {
+            return 0;
+        }
+        let deadline = tokio::time::Instant::now() + budget;
+        let batch_bytes = self.cfg.batch_bytes.as_u64();
+        let mut sent = 0u64;
+        let outcome = loop {
+            let step = async {
+                let max = self.cfg.batch_records;
+                let mut records = self.peek(Lane::Priority, 0, max, batch_bytes).await?;
+                if records.is_empty() {
+                    records = self.peek(Lane::Bulk, 0, max, batch_bytes).await?;
+                }
+                if records.is_empty() {
+                    return Ok(0);
+                }
+                let n = records.len() as u64;
+                self.deliver(records).await?;
+                Ok::<u64, RoundError>(n)
+            };
+            match tokio::time::timeout_at(deadline, step).await {
+                Ok(Ok(0)) => break "outbox empty",
+                Ok(Ok(n)) => sent += n,
+                Ok(Err(RoundError::Retry { reason, .. })) => {
+                    tracing::warn!(%reason, "shutdown drain: send failed; the rest waits for the next start");
+                    break "send failed";
+                }
+                Ok(Err(RoundError::Store(error))) => {
+                    tracing::error!(%error, "shutdown drain: cannot read the outbox");
+                    break "store error";
+                }
+                Err(_) => break "deadline",
+            }
+        };
+        tracing::info!(records = sent, stopped = outcome, "uplink stopped");
+        sent
     }
 
     async fn next_seq(&self) -> Result<u64, StoreError> {

@@ -17,13 +17,17 @@
 //!   covers (`log-marks`). At start-up every record after those marks is read
 //!   back and its (`agent`, `seq`) added to the set before serving, so the
 //!   resent batch is recognised: exactly once.
-//! - Kafka: nothing is read back, so the resent batch writes those records a
-//!   second time: at least once. Consumers can drop them by `agent`/`seq`.
+//! - Kafka: the state file keeps, per partition, the writer's frontier as of
+//!   the save (`log-marks`, [`MarkScope::Global`]): below it every record of
+//!   every agent is in some saved state. At start-up each partition is read
+//!   from the newest saved frontier to its end, and what is found is added
+//!   the same way: exactly once, unless the brokers cannot be reached at
+//!   start-up (see [`crate::log::kafka`]).
 //!
 //! What it is not: it does not decide what a batch contains or check
 //! tokens; it only answers "was this seq committed?" and remembers answers.
 
-use crate::log::{CommittedRecord, LogError, LogWriter, WriteReceipt};
+use crate::log::{CommittedRecord, LogError, LogWriter, MarkScope, WriteReceipt};
 use crate::seqset::{SeqSet, SeqSetRepr};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -57,8 +61,8 @@ struct StateFile {
     version: u32,
     agent: String,
     committed: SeqSetRepr,
-    /// Per topic: every record of this agent below this offset is in `committed`
-    /// (embedded log only).
+    /// Per mark key, where reconciliation may start (see the module docs:
+    /// embedded log per topic and agent, Kafka per partition and global).
     #[serde(default)]
     log_marks: BTreeMap<String, u64>,
 }
@@ -214,24 +218,38 @@ impl DedupStore {
             states.insert(agent.to_owned(), state);
         }
 
-        // Read each topic from the lowest mark of all agents; a topic some
-        // agent has no mark for is read from the start.
+        let scope = log.mark_scope();
         let marked: BTreeSet<String> = states
             .values()
             .flat_map(|s| s.log_marks.keys().cloned())
             .collect();
-        let from: BTreeMap<String, u64> = marked
-            .into_iter()
-            .filter_map(|topic| {
-                let low = states
-                    .values()
-                    .map(|s| s.log_marks.get(&topic).copied())
-                    .collect::<Option<Vec<u64>>>()?
-                    .into_iter()
-                    .min()?;
-                Some((topic, low))
-            })
-            .collect();
+        let from: BTreeMap<String, u64> = match scope {
+            // Read each topic from the lowest mark of all agents; a topic
+            // some agent has no mark for is read from the start.
+            MarkScope::PerAgent => marked
+                .into_iter()
+                .filter_map(|topic| {
+                    let low = states
+                        .values()
+                        .map(|s| s.log_marks.get(&topic).copied())
+                        .collect::<Option<Vec<u64>>>()?
+                        .into_iter()
+                        .min()?;
+                    Some((topic, low))
+                })
+                .collect(),
+            // Every saved mark holds for all agents: the newest one wins.
+            MarkScope::Global => marked
+                .into_iter()
+                .filter_map(|key| {
+                    let high = states
+                        .values()
+                        .filter_map(|s| s.log_marks.get(&key).copied())
+                        .max()?;
+                    Some((key, high))
+                })
+                .collect(),
+        };
         let mut scanned_end: BTreeMap<String, u64> = BTreeMap::new();
         log.committed_since(&from, &mut |record: CommittedRecord| {
             let end = scanned_end.entry(record.topic.clone()).or_insert(0);
@@ -239,7 +257,10 @@ impl DedupStore {
             let Some(state) = states.get_mut(&record.agent) else {
                 return;
             };
-            let mark = state.log_marks.get(&record.topic).copied().unwrap_or(0);
+            let mark = match scope {
+                MarkScope::PerAgent => state.log_marks.get(&record.topic).copied().unwrap_or(0),
+                MarkScope::Global => 0,
+            };
             if record.offset >= mark && state.committed.insert(record.seq) {
                 recovery.reconciled_records += 1;
             }
@@ -262,7 +283,8 @@ impl DedupStore {
         if recovery.reconciled_records > 0 {
             tracing::warn!(
                 records = recovery.reconciled_records,
-                "dedup state was behind the embedded log (crash after a log write); reconciled"
+                log = log.kind(),
+                "dedup state was behind the log (crash after a log write); reconciled"
             );
         }
         let agents = states

@@ -75,7 +75,7 @@ impl Aggregator {
         let log: Arc<dyn LogWriter> = match &config.sink {
             SinkConfig::Kafka(kafka) => {
                 tracing::info!(brokers = %kafka.brokers, "writing to kafka");
-                Arc::new(KafkaWriter::new(kafka.clone())?)
+                Arc::new(KafkaWriter::new(kafka.clone(), config.topics.clone())?)
             }
             SinkConfig::Local(local) => {
                 let (writer, report) =

@@ -226,3 +226,83 @@ async fn records_land_in_kafka_once_and_outage_answers_503() {
     );
     server.stop().await;
 }
+
+/// A crash between Kafka's acknowledgement and the dedup save: the records
+/// are in Kafka, the saved state does not list them. The next start reads
+/// Kafka back from the saved frontier, so the agent's resend is recognised
+/// and nothing lands twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_the_kafka_ack_is_reconciled_at_start() {
+    use millrace_aggregator::config::SinkConfig;
+    use millrace_aggregator::log::kafka::KafkaWriter;
+    use millrace_aggregator::log::{LogRecord, LogWriter};
+
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("info")
+        .try_init();
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Broker::start(&tmp.path().join("tansu"), None);
+    let config = parse_config(&config_text(
+        &tmp.path().join("agg"),
+        "",
+        &format!(
+            "[kafka]\nbrokers = \"127.0.0.1:{}\"\nmessage-timeout = \"5s\"\n",
+            broker.port
+        ),
+    ));
+    let server = Server::start(&config).await;
+    wait_healthy(&server, StatusCode::OK).await;
+    let first = batch("gw-1", &[1, 2, 3], 1);
+    assert_eq!(post_batch(server.addr, TOKEN_1, &first).await.status, StatusCode::OK);
+    server.stop().await;
+
+    // The crashed run: batch 4–6 written to Kafka and acknowledged, then
+    // the process died before its dedup state was saved.
+    let crashed = batch("gw-1", &[4, 5, 6], 4);
+    let SinkConfig::Kafka(kafka) = &config.sink else {
+        panic!("a kafka config")
+    };
+    let writer = KafkaWriter::new(kafka.clone(), config.topics.clone()).unwrap();
+    let records = crashed
+        .records
+        .iter()
+        .map(|e| LogRecord::from_envelope(&config.topics, "gw-1", crashed.version, e).unwrap())
+        .collect();
+    writer.write(records).await.unwrap();
+    writer.close().await;
+    drop(writer);
+
+    // The restart reads Kafka back; the agent resends 4–6 with a new 7.
+    let server = Server::start(&config).await;
+    let resend = batch("gw-1", &[4, 5, 6, 7], 4);
+    let reply = post_batch(server.addr, TOKEN_1, &resend).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json);
+    assert_eq!(
+        reply.json,
+        serde_json::json!({"committed": 1, "duplicates": 3})
+    );
+    server.stop().await;
+
+    // And the next start reads only from the new frontier, finding nothing new.
+    let server = Server::start(&config).await;
+    let again = post_batch(server.addr, TOKEN_1, &batch("gw-1", &[7, 8], 7)).await;
+    assert_eq!(
+        again.json,
+        serde_json::json!({"committed": 1, "duplicates": 1})
+    );
+    server.stop().await;
+
+    let windows = read_topic(broker.port, "millrace.windows");
+    assert_eq!(
+        seq_counts(&windows),
+        (1..=8).map(|s| (s, 1)).collect::<BTreeMap<u64, usize>>(),
+        "every seq once in Kafka"
+    );
+    // The saved frontier is the end of the windows partition (offsets 0–7).
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(tmp.path().join("agg/dedup/gw-1.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["log-marks"]["millrace.windows/0"], 8, "{state}");
+}

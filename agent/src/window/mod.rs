@@ -58,12 +58,14 @@
 //! ```
 
 mod config;
+pub mod redelivery;
 pub(crate) mod table;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests;
 
 pub use config::{ConfigError, WindowConfig};
+pub use redelivery::{RedeliveryGuard, RedeliveryStats};
 
 use config::duration_ms;
 use millrace_protocol::{DeadLetter, DeadLetterReason, Reading, SeriesKey, UnixMs, Window};
@@ -312,6 +314,16 @@ impl WindowEngine {
     /// Window width in milliseconds.
     pub fn width_ms(&self) -> i64 {
         self.width_ms
+    }
+
+    /// The longest a window stays open after one of its readings arrived,
+    /// while readings keep flowing or the series goes quiet:
+    /// `width + allowed-lateness + idle-timeout`. A reading redelivered later
+    /// than this finds its window closed.
+    pub fn open_horizon_ms(&self) -> i64 {
+        self.width_ms
+            .saturating_add(self.lateness_ms)
+            .saturating_add(self.idle_timeout_ms)
     }
 
     /// Counters since start.

@@ -11,22 +11,46 @@
 //! retry starts a new idempotent session instead of one whose sequence
 //! state is in doubt.
 //!
+//! # Exactly once across a crash
+//!
+//! The ingest API writes a batch to Kafka first and saves the dedup state
+//! second; a crash between the two leaves records in Kafka that the saved
+//! state does not list. So the writer keeps a *frontier* per partition:
+//! every record below it, of any agent, is listed in a saved dedup state.
+//! A write pins the frontier where it stood when the write began until its
+//! receipt is dropped (after the dedup save), so the frontier never passes
+//! a record whose dedup entry is not saved yet. Each receipt carries the
+//! frontier, each dedup save stores it ([`MarkScope::Global`]), and at
+//! start-up [`LogWriter::committed_since`] reads every partition from the
+//! newest saved frontier to its end and lists what it finds: the resent
+//! batch is then recognised and not written again. That read covers the
+//! last moments before the crash, not the topic's history (a partition with
+//! no saved frontier, e.g. on the very first start, is read from its
+//! beginning). If the brokers cannot be reached at start-up the read is
+//! skipped with an error in the log, and that one crash window is
+//! at-least-once.
+//!
 //! What it is not: it does not create topics (create them with the
-//! partitions and replication your cluster needs), and it is at-least-once
-//! end to end: a batch whose delivery failed part-way, or an aggregator
-//! crash between the Kafka acknowledgement and the dedup state fsync, can
-//! leave a record in Kafka twice. Consumers that must not double count use
-//! the `agent` and `seq` headers.
+//! partitions and replication your cluster needs). A batch whose delivery
+//! failed part-way (a broker outage mid-batch) can still leave some of its
+//! records in Kafka twice when the agent resends it; consumers that must
+//! never double count use the `agent` and `seq` headers.
 
-use super::{Health, LogError, LogRecord, LogWriter, WriteReceipt};
-use crate::config::KafkaConfig;
+use super::{
+    CommittedRecord, Health, LogError, LogRecord, LogWriter, MarkScope, ReceiptHold, WriteReceipt,
+    HEADER_AGENT, HEADER_SEQ,
+};
+use crate::config::{KafkaConfig, Topics};
 use futures::future::BoxFuture;
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use std::sync::{Arc, RwLock};
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
@@ -54,7 +78,17 @@ impl ClientContext for TracingContext {
     }
 }
 
+/// The read-back consumer only assigns partitions: nothing to rebalance.
+impl rdkafka::consumer::ConsumerContext for TracingContext {}
+
 type Inner = FutureProducer<TracingContext>;
+
+/// What one read back found.
+#[derive(Debug, Default)]
+struct ReadBack {
+    partitions: usize,
+    scanned: u64,
+}
 
 /// Time a `/healthz` metadata request may take.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -65,7 +99,89 @@ pub struct KafkaWriter {
     /// The producer and its generation (bumped on each replacement).
     producer: RwLock<(u64, Inner)>,
     config: KafkaConfig,
+    topics: Topics,
     in_flight: Arc<Semaphore>,
+    frontier: Arc<Mutex<Frontier>>,
+}
+
+/// The mark key of a partition: `topic/partition` (`/` is not allowed in
+/// Kafka topic names, so keys never collide).
+fn partition_key(topic: &str, partition: i32) -> String {
+    format!("{topic}/{partition}")
+}
+
+/// Per partition, how far the log is covered by saved dedup state. Plain
+/// data; see the [module docs](self).
+#[derive(Debug, Default)]
+pub struct Frontier {
+    /// One past the highest offset delivered by this writer or found at
+    /// start-up, per partition key.
+    known_end: HashMap<String, u64>,
+    /// `known_end` as it stood when each unfinished write began.
+    pins: BTreeMap<u64, HashMap<String, u64>>,
+    next_pin: u64,
+}
+
+impl Frontier {
+    /// Pins the frontier for a write that is about to begin.
+    pub fn pin(&mut self) -> u64 {
+        let id = self.next_pin;
+        self.next_pin += 1;
+        self.pins.insert(id, self.known_end.clone());
+        id
+    }
+
+    /// The write of pin `id` is saved in a dedup state (or failed).
+    pub fn unpin(&mut self, id: u64) {
+        self.pins.remove(&id);
+    }
+
+    /// A record was delivered (or found) at `offset` of partition `key`.
+    pub fn delivered(&mut self, key: &str, offset: u64) {
+        let end = offset.saturating_add(1);
+        match self.known_end.get_mut(key) {
+            Some(known) => *known = (*known).max(end),
+            None => {
+                self.known_end.insert(key.to_owned(), end);
+            }
+        }
+    }
+
+    /// Per partition: every record below the mark is listed in a saved dedup
+    /// state, or belongs to write `own` (whose receipt these marks go into,
+    /// saved with the state that lists it). A pin taken before a partition
+    /// was known holds that partition at 0.
+    pub fn marks(&self, own: u64) -> BTreeMap<String, u64> {
+        self.known_end
+            .iter()
+            .map(|(key, &end)| {
+                let pinned = self
+                    .pins
+                    .iter()
+                    .filter(|(&id, _)| id != own)
+                    .map(|(_, snapshot)| snapshot.get(key).copied().unwrap_or(0))
+                    .min()
+                    .unwrap_or(end);
+                (key.clone(), pinned.min(end))
+            })
+            .collect()
+    }
+}
+
+/// Unpins its write when the receipt carrying it is dropped.
+struct PinGuard {
+    frontier: Arc<Mutex<Frontier>>,
+    id: u64,
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        lock(&self.frontier).unpin(self.id);
+    }
+}
+
+fn lock(frontier: &Mutex<Frontier>) -> MutexGuard<'_, Frontier> {
+    frontier.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl std::fmt::Debug for KafkaWriter {
@@ -101,13 +217,123 @@ fn build_producer(config: &KafkaConfig) -> Result<Inner, KafkaError> {
 impl KafkaWriter {
     /// Creates the producer. This does not contact the brokers yet; use
     /// [`LogWriter::health`] to check that they are reachable.
-    pub fn new(config: KafkaConfig) -> Result<Self, LogError> {
+    pub fn new(config: KafkaConfig, topics: Topics) -> Result<Self, LogError> {
         let producer = build_producer(&config)?;
         Ok(Self {
             producer: RwLock::new((0, producer)),
             in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
             config,
+            topics,
+            frontier: Arc::default(),
         })
+    }
+
+    /// Reads `topics` back from `from` to their current end (see the
+    /// [module docs](self)), seeding the frontier with each partition's end.
+    fn read_back(
+        &self,
+        from: &BTreeMap<String, u64>,
+        visit: &mut dyn FnMut(CommittedRecord),
+    ) -> Result<ReadBack, KafkaError> {
+        let timeout = self.config.message_timeout.max(Duration::from_secs(5));
+        let consumer: BaseConsumer<TracingContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.config.brokers)
+            .set("client.id", format!("{}-reconcile", self.config.client_id))
+            .set("group.id", format!("{}-reconcile", self.config.client_id))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest")
+            .create_with_context(TracingContext)?;
+        let mut assignment = TopicPartitionList::new();
+        // Partitions still to read to their end: key -> (topic, partition, end).
+        let mut pending: HashMap<String, u64> = HashMap::new();
+        let mut report = ReadBack::default();
+        let mut ends = Vec::new();
+        for topic in [
+            &self.topics.windows,
+            &self.topics.alerts,
+            &self.topics.dead_letters,
+        ] {
+            let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+            for t in metadata.topics() {
+                if let Some(error) = t.error() {
+                    tracing::warn!(topic = t.name(), ?error, "topic not readable; not reconciled");
+                    continue;
+                }
+                for p in t.partitions() {
+                    let (low, high) = consumer.fetch_watermarks(topic, p.id(), timeout)?;
+                    let (low, high) = (low.max(0) as u64, high.max(0) as u64);
+                    let key = partition_key(topic, p.id());
+                    let start = from.get(&key).copied().unwrap_or(0).max(low);
+                    ends.push((key.clone(), high));
+                    if start < high {
+                        assignment.add_partition_offset(
+                            topic,
+                            p.id(),
+                            Offset::Offset(start as i64),
+                        )?;
+                        pending.insert(key, high);
+                    }
+                }
+            }
+        }
+        if !pending.is_empty() {
+            consumer.assign(&assignment)?;
+        }
+        let deadline = Instant::now() + timeout.saturating_mul(6);
+        while !pending.is_empty() {
+            if Instant::now() > deadline {
+                return Err(KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut));
+            }
+            let Some(polled) = consumer.poll(Duration::from_millis(500)) else {
+                continue;
+            };
+            let message = match polled {
+                Ok(message) => message,
+                Err(KafkaError::PartitionEOF(_)) => {
+                    // Reached some end; the offsets below tell which.
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
+            let key = partition_key(message.topic(), message.partition());
+            let offset = message.offset().max(0) as u64;
+            report.scanned += 1;
+            if let Some(headers) = message.headers() {
+                let text = |name: &str| {
+                    headers
+                        .iter()
+                        .find(|h| h.key == name)
+                        .and_then(|h| h.value)
+                        .and_then(|v| std::str::from_utf8(v).ok())
+                        .map(str::to_owned)
+                };
+                if let (Some(agent), Some(seq)) = (
+                    text(HEADER_AGENT),
+                    text(HEADER_SEQ).and_then(|s| s.parse::<u64>().ok()),
+                ) {
+                    visit(CommittedRecord {
+                        topic: key.clone(),
+                        offset,
+                        agent,
+                        seq,
+                    });
+                }
+            }
+            if pending.get(&key).is_some_and(|&end| offset + 1 >= end) {
+                pending.remove(&key);
+            }
+        }
+        let mut frontier = lock(&self.frontier);
+        for (key, end) in ends {
+            if end > 0 {
+                frontier.delivered(&key, end - 1);
+            } else {
+                frontier.known_end.entry(key).or_insert(0);
+            }
+            report.partitions += 1;
+        }
+        Ok(report)
     }
 
     fn current(&self) -> (u64, Inner) {
@@ -185,9 +411,15 @@ impl KafkaWriter {
         // Await what was handed over even after a failure, so the in-flight
         // count stays true to what librdkafka holds.
         let mut first_error = handover_error.map(LogError::from);
-        for delivery in futures::future::join_all(deliveries).await {
+        for (delivery, topic) in futures::future::join_all(deliveries).await.into_iter().zip(records) {
             let error = match delivery {
-                Ok(Ok(_)) => continue,
+                Ok(Ok(d)) => {
+                    lock(&self.frontier).delivered(
+                        &partition_key(&topic.topic, d.partition),
+                        d.offset.max(0) as u64,
+                    );
+                    continue;
+                }
                 Ok(Err((error, _message))) => LogError::Kafka(error),
                 Err(_canceled) => LogError::Task("kafka producer dropped a delivery".into()),
             };
@@ -205,10 +437,48 @@ impl LogWriter for KafkaWriter {
         "kafka"
     }
 
+    fn mark_scope(&self) -> MarkScope {
+        MarkScope::Global
+    }
+
+    fn committed_since(
+        &self,
+        from: &BTreeMap<String, u64>,
+        visit: &mut dyn FnMut(CommittedRecord),
+    ) -> Result<(), LogError> {
+        let started = Instant::now();
+        match self.read_back(from, visit) {
+            Ok(report) => {
+                tracing::info!(
+                    partitions = report.partitions,
+                    records_scanned = report.scanned,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "kafka read back from the saved frontier"
+                );
+            }
+            Err(error) => {
+                // Not fatal: the aggregator must come up (and answer 503)
+                // while Kafka is down. Only this one crash window is at risk.
+                metrics::counter!("millrace_aggregator_kafka_reconcile_failures_total")
+                    .increment(1);
+                tracing::error!(
+                    %error,
+                    "cannot read kafka back from the saved frontier: a batch written just \
+                     before a crash of the previous run may be written a second time"
+                );
+            }
+        }
+        Ok(())
+    }
+
     fn write(&self, records: Vec<LogRecord>) -> BoxFuture<'_, Result<WriteReceipt, LogError>> {
         Box::pin(async move {
             let (generation, producer) = self.current();
             let started = Instant::now();
+            let pin = PinGuard {
+                frontier: Arc::clone(&self.frontier),
+                id: lock(&self.frontier).pin(),
+            };
             for chunk in records.chunks(self.config.max_in_flight) {
                 if let Err(error) = self.write_chunk(&producer, chunk).await {
                     if let Some((code, reason)) = producer.client().fatal_error() {
@@ -231,7 +501,10 @@ impl LogWriter for KafkaWriter {
                 latency_ms = started.elapsed().as_millis() as u64,
                 "kafka batch acknowledged"
             );
-            Ok(WriteReceipt::default())
+            Ok(WriteReceipt {
+                next_offsets: lock(&self.frontier).marks(pin.id),
+                hold: ReceiptHold::new(pin),
+            })
         })
     }
 
@@ -265,5 +538,53 @@ impl LogWriter for KafkaWriter {
                 tracing::warn!(%error, "kafka producer flush at shutdown failed");
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Frontier;
+    use std::collections::BTreeMap;
+
+    fn marks(pairs: &[(&str, u64)]) -> BTreeMap<String, u64> {
+        pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    }
+
+    #[test]
+    fn the_frontier_stops_where_an_unsaved_write_began() {
+        let mut f = Frontier::default();
+        f.delivered("w/0", 9); // found at start-up: offsets 0..=9
+        let a = f.pin();
+        f.delivered("w/0", 10); // a's records
+        f.delivered("w/0", 11);
+        let b = f.pin();
+        f.delivered("w/0", 12); // b's
+        // b's receipt may claim everything but a's write (still unsaved).
+        assert_eq!(f.marks(b), marks(&[("w/0", 10)]));
+        // a's receipt: all below b's start, where b's write may have landed.
+        assert_eq!(f.marks(a), marks(&[("w/0", 12)]));
+        f.unpin(a);
+        assert_eq!(f.marks(b), marks(&[("w/0", 13)]));
+        f.unpin(b);
+        assert_eq!(f.marks(u64::MAX), marks(&[("w/0", 13)]));
+    }
+
+    #[test]
+    fn a_partition_unknown_when_a_write_began_is_held_at_zero() {
+        let mut f = Frontier::default();
+        let a = f.pin();
+        f.delivered("w/1", 4);
+        let b = f.pin();
+        assert_eq!(f.marks(b), marks(&[("w/1", 0)]));
+        f.unpin(a);
+        assert_eq!(f.marks(b), marks(&[("w/1", 5)]));
+    }
+
+    #[test]
+    fn marks_never_move_back() {
+        let mut f = Frontier::default();
+        f.delivered("w/0", 20);
+        f.delivered("w/0", 3);
+        assert_eq!(f.marks(u64::MAX), marks(&[("w/0", 21)]));
     }
 }

@@ -94,11 +94,53 @@ pub(crate) fn header<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option
         .map(|(_, v)| v.as_slice())
 }
 
-/// Where a write ended, per topic: the next offset after the last record
-/// written. Only the embedded log reports offsets; Kafka's are not needed.
+/// What a write leaves for the dedup state to remember: per log position key
+/// (see [`MarkScope`]), an offset to resume reconciliation from.
+///
+/// A receipt may also hold the writer's promise that reconciliation will
+/// start no later than this write ([`ReceiptHold`]) until it is dropped:
+/// keep it until the dedup state that lists the write is saved.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WriteReceipt {
     pub next_offsets: BTreeMap<String, u64>,
+    pub hold: ReceiptHold,
+}
+
+/// Released when the last clone of its [`WriteReceipt`] is dropped.
+#[derive(Clone, Default)]
+pub struct ReceiptHold(Option<std::sync::Arc<dyn Send + Sync>>);
+
+impl ReceiptHold {
+    pub fn new(guard: impl Send + Sync + 'static) -> Self {
+        Self(Some(std::sync::Arc::new(guard)))
+    }
+}
+
+impl fmt::Debug for ReceiptHold {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() { "held" } else { "none" })
+    }
+}
+
+/// Holds compare equal: they carry no data, only a lifetime.
+impl PartialEq for ReceiptHold {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+impl Eq for ReceiptHold {}
+
+/// What the offsets of a [`WriteReceipt`] promise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MarkScope {
+    /// Per topic: every record *of the writing agent* below the offset is
+    /// listed in that agent's dedup state (embedded log). Reconciliation
+    /// starts at the lowest mark of all agents.
+    PerAgent,
+    /// Per partition (`topic/partition`): every record *of any agent* below
+    /// the offset is listed in a saved dedup state (Kafka). Reconciliation
+    /// starts at the highest mark any agent saved.
+    Global,
 }
 
 /// A record found in the log when reconciling the dedup state at start-up.
@@ -143,15 +185,21 @@ pub trait LogWriter: Send + Sync + fmt::Debug {
     /// A short name for logs and `/healthz`: `kafka` or `embedded`.
     fn kind(&self) -> &'static str;
 
+    /// What the offsets in this writer's receipts mean.
+    fn mark_scope(&self) -> MarkScope {
+        MarkScope::PerAgent
+    }
+
     fn write(&self, records: Vec<LogRecord>) -> BoxFuture<'_, Result<WriteReceipt, LogError>>;
 
     fn health(&self) -> BoxFuture<'_, Health>;
 
-    /// Visits every record at or after `from` (per topic; topics not named
-    /// start at 0) that carries `agent` and `seq` headers. Used once at
-    /// start-up, before serving, to find records written after the dedup
-    /// state was last saved; it blocks on disk I/O. Writers that cannot read
-    /// back (Kafka) visit nothing.
+    /// Visits every record at or after `from` (per mark key; keys not named
+    /// start at the beginning) that carries `agent` and `seq` headers. Used
+    /// once at start-up, before serving, to find records written after the
+    /// dedup state was last saved; it blocks on disk or network I/O.
+    /// [`CommittedRecord::topic`] is the mark key (embedded log: the topic;
+    /// Kafka: `topic/partition`).
     fn committed_since(
         &self,
         from: &BTreeMap<String, u64>,
