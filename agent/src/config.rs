@@ -148,7 +148,8 @@ impl AgentConfig {
         }
         self.store().validate().map_err(|e| e.to_string())?;
         if let Some(u) = &self.uplink {
-            u.validate().map_err(|(key, reason)| format!("{key}: {reason}"))?;
+            u.validate()
+                .map_err(|(key, reason)| format!("{key}: {reason}"))?;
         }
         if self.mqtt.is_none()
             && self.broker.as_ref().is_none_or(|b| !b.enabled)
@@ -182,7 +183,9 @@ impl AgentConfig {
                 "no"
             },
             self.modbus.as_ref().map_or(0, |m| m.devices.len()),
-            self.uplink.as_ref().map_or("none (tap only)", |u| u.url.as_str()),
+            self.uplink
+                .as_ref()
+                .map_or("none (tap only)", |u| u.url.as_str()),
         )
     }
 }

@@ -11,10 +11,10 @@
 //! records to the outputs and returns.
 
 use crate::anomaly::Scorer;
-use crate::ingest::{now_ms, IngestEvent};
-use crate::window::{redelivery, Admission, EngineOutput, RedeliveryGuard, WindowEngine};
 use crate::ingest::DurableAck;
+use crate::ingest::{now_ms, IngestEvent};
 use crate::store::{Store, StoreError};
+use crate::window::{redelivery, Admission, EngineOutput, RedeliveryGuard, WindowEngine};
 use millrace_protocol::{DeadLetterReason, Reading, Record, SeriesKey, UnixMs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,8 +53,11 @@ pub struct Analytics {
 
 impl Analytics {
     pub fn new(engine: WindowEngine, scorer: Scorer) -> Self {
-        let redelivery =
-            RedeliveryGuard::new(engine.open_horizon_ms(), redelivery::DEFAULT_CAPACITY);
+        let redelivery = RedeliveryGuard::new(
+            engine.open_horizon_ms(),
+            redelivery::LIVE_HORIZON_MS,
+            redelivery::DEFAULT_CAPACITY,
+        );
         Self {
             engine,
             scorer,
@@ -104,7 +107,7 @@ impl Analytics {
     /// remembered, so the broker's redelivery of its message does not count
     /// it again; a reading the journal holds twice counts once.
     pub fn replay(&mut self, reading: &Reading, now_ms: UnixMs) {
-        if self.redelivery.is_redelivery(reading, now_ms) {
+        if self.redelivery.is_replayed_twice(reading, now_ms) {
             return;
         }
         self.engine.push(reading, now_ms, &mut self.scratch);
@@ -278,8 +281,7 @@ impl Durability {
             self.heartbeat.beat();
             let store = Arc::clone(&self.store);
             let result = if self.outbox {
-                tokio::task::block_in_place(|| store.outbox().append(records.to_vec()))
-                    .map(|_| ())
+                tokio::task::block_in_place(|| store.outbox().append(records.to_vec())).map(|_| ())
             } else {
                 let marks: Vec<(SeriesKey, UnixMs)> = records
                     .iter()
@@ -297,7 +299,10 @@ impl Durability {
             match result {
                 Ok(()) => {
                     if self.store_failures > 0 {
-                        tracing::info!(after_failures = self.store_failures, "outbox writable again");
+                        tracing::info!(
+                            after_failures = self.store_failures,
+                            "outbox writable again"
+                        );
                         self.store_failures = 0;
                     }
                     if self.outbox {
@@ -562,14 +567,14 @@ mod tests {
         let r = reading(100, Source::Mqtt);
         assert!(!a.is_redelivery(&r, 0));
         a.push(&r, 0);
-        assert!(a.is_redelivery(&r, 3_499));
-        // The window closes by the idle timeout; the guard forgets after
-        // width + lateness + idle-timeout = 3.5 s.
+        assert!(a.is_redelivery(&r, 2_999));
+        // The window closes by the idle timeout; the guard forgets a live
+        // reading after 3 s.
         a.tick(2_100);
         assert_eq!(windows(&mut a).len(), 1);
-        a.tick(3_500);
-        assert!(!a.is_redelivery(&r, 3_500));
-        a.push(&r, 3_500);
+        a.tick(3_000);
+        assert!(!a.is_redelivery(&r, 3_000));
+        a.push(&r, 3_000);
         let late: Vec<_> = a.take().collect();
         assert!(
             matches!(&late[..], [Record::DeadLetter(dl)] if dl.reason == DeadLetterReason::Late),

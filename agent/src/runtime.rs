@@ -21,15 +21,15 @@ use crate::ingest::modbus::ModbusSource;
 use crate::ingest::mqtt::{MqttError, MqttSource};
 use crate::pipeline::{self, Analytics, Durability, Output};
 use crate::service;
-use crate::telemetry;
 use crate::store::Store;
-use crate::uplink::Uplink;
-use std::sync::Arc;
-use tokio::sync::Notify;
 use crate::tap::Tap;
+use crate::telemetry;
+use crate::uplink::Uplink;
 use crate::window::WindowEngine;
 use std::path::PathBuf;
+use std::sync::Arc;
 use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -110,7 +110,12 @@ pub async fn run(cfg: AgentConfig, tap: Option<PathBuf>) -> Result<(), RuntimeEr
     let uplink_stop = CancellationToken::new();
     let uplink_task = match cfg.uplink.clone() {
         Some(u) => {
-            let uplink = Uplink::new(u, cfg.agent.id.clone(), Arc::clone(&store), Arc::clone(&wake_uplink))?;
+            let uplink = Uplink::new(
+                u,
+                cfg.agent.id.clone(),
+                Arc::clone(&store),
+                Arc::clone(&wake_uplink),
+            )?;
             // Stopped after the pipeline flushed, not with the sources: its
             // last job is to send those windows.
             let token = uplink_stop.clone();
@@ -161,7 +166,11 @@ pub async fn run(cfg: AgentConfig, tap: Option<PathBuf>) -> Result<(), RuntimeEr
         analytics.replay(r, now);
     }
     if replayed > 0 {
-        tracing::info!(readings = replayed, skipped_closed = journaled.skipped_closed, "open windows rebuilt from the journal");
+        tracing::info!(
+            readings = replayed,
+            skipped_closed = journaled.skipped_closed,
+            "open windows rebuilt from the journal"
+        );
     }
     let durability = Durability::new(Arc::clone(&store), cfg.uplink.is_some(), wake_uplink);
     let pipeline_token = shutdown.clone();
@@ -170,7 +179,15 @@ pub async fn run(cfg: AgentConfig, tap: Option<PathBuf>) -> Result<(), RuntimeEr
     let beat = heartbeat.clone();
     let pipeline = tokio::spawn(async move {
         let mut outputs = outputs;
-        pipeline::run(analytics, rx, &mut outputs, Some(durability), beat, pipeline_token).await
+        pipeline::run(
+            analytics,
+            rx,
+            &mut outputs,
+            Some(durability),
+            beat,
+            pipeline_token,
+        )
+        .await
     });
     let http = match (cfg.http.as_ref(), telemetry::install_recorder()) {
         (Some(http), Some(handle)) => {
@@ -181,7 +198,13 @@ pub async fn run(cfg: AgentConfig, tap: Option<PathBuf>) -> Result<(), RuntimeEr
                     source,
                 })?;
             tracing::info!(listen = %http.listen, "metrics on /metrics, health on /healthz");
-            let serve = telemetry::serve(listener, handle, counters, heartbeat.clone(), shutdown.clone());
+            let serve = telemetry::serve(
+                listener,
+                handle,
+                counters,
+                heartbeat.clone(),
+                shutdown.clone(),
+            );
             Some(tokio::spawn(serve))
         }
         _ => None,

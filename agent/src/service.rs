@@ -52,7 +52,10 @@ pub async fn watchdog(heartbeat: Heartbeat, shutdown: CancellationToken) {
         return;
     };
     let period = interval / 2;
-    tracing::info!(watchdog_ms = interval.as_millis() as u64, "systemd watchdog enabled");
+    tracing::info!(
+        watchdog_ms = interval.as_millis() as u64,
+        "systemd watchdog enabled"
+    );
     let mut warned = false;
     loop {
         tokio::select! {
@@ -66,7 +69,10 @@ pub async fn watchdog(heartbeat: Heartbeat, shutdown: CancellationToken) {
             }
         } else if !warned {
             warned = true;
-            tracing::error!(stalled_ms = heartbeat.age().as_millis() as u64, "pipeline stalled; withholding watchdog pings");
+            tracing::error!(
+                stalled_ms = heartbeat.age().as_millis() as u64,
+                "pipeline stalled; withholding watchdog pings"
+            );
         }
     }
 }

@@ -39,7 +39,9 @@ pub struct Tap {
 
 impl std::fmt::Debug for Tap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tap").field("open", &self.out.is_some()).finish()
+        f.debug_struct("Tap")
+            .field("open", &self.out.is_some())
+            .finish()
     }
 }
 

@@ -177,7 +177,10 @@ async fn metrics_handler(State(state): State<AppState>) -> impl IntoResponse {
     // Store stats read fjall: off the async threads.
     let _ = tokio::task::spawn_blocking(move || export(&sources)).await;
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         state.handle.render(),
     )
 }

@@ -175,7 +175,10 @@ pub enum UplinkError {
 enum SendOutcome {
     Committed,
     /// The aggregator will never accept this batch as it is (400, 413).
-    Refused { status: u16, reason: String },
+    Refused {
+        status: u16,
+        reason: String,
+    },
     /// Try again later.
     Retry {
         reason: String,
@@ -282,7 +285,10 @@ impl Uplink {
                     self.cfg.idle_poll
                 }
                 Ok(Progress::Throttled(wait)) => wait,
-                Err(RoundError::Retry { reason, retry_after }) => {
+                Err(RoundError::Retry {
+                    reason,
+                    retry_after,
+                }) => {
                     failures = failures.saturating_add(1);
                     if failures == 1 {
                         // Nothing is live until the uplink recovers: what
@@ -513,7 +519,10 @@ impl Uplink {
         let mut req = self
             .client
             .post(&self.endpoint)
-            .header(reqwest::header::CONTENT_TYPE, "application/x-millrace-batch")
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-millrace-batch",
+            )
             .header(reqwest::header::CONTENT_ENCODING, "gzip")
             .body(body);
         if let Some(token) = &self.cfg.token {
@@ -613,8 +622,8 @@ impl TokenBucket {
     /// Takes up to `want` tokens; returns how many were taken.
     fn take(&mut self, want: usize) -> usize {
         let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate)
-            .min(self.rate);
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.rate);
         self.last = now;
         let n = (self.tokens.floor() as usize).min(want);
         self.tokens -= n as f64;
@@ -639,9 +648,13 @@ mod tests {
             assert!(d >= min / 2, "{d:?}");
             assert!(d <= max, "{d:?}");
         }
-        let first: Vec<_> = (0..50).map(|_| backoff_delay(min, max, 1, &mut rng)).collect();
+        let first: Vec<_> = (0..50)
+            .map(|_| backoff_delay(min, max, 1, &mut rng))
+            .collect();
         assert!(first.iter().all(|d| *d <= min));
-        let tenth: Vec<_> = (0..50).map(|_| backoff_delay(min, max, 10, &mut rng)).collect();
+        let tenth: Vec<_> = (0..50)
+            .map(|_| backoff_delay(min, max, 10, &mut rng))
+            .collect();
         assert!(tenth.iter().any(|d| *d > Duration::from_secs(5)), "grows");
         assert!(tenth.windows(2).any(|w| w[0] != w[1]), "jittered");
     }

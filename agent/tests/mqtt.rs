@@ -371,7 +371,11 @@ async fn qos1_is_not_acked_while_the_channel_is_full_and_is_redelivered() {
         assert_eq!(slow.next_raw().await.reading_value(), Some(1.0));
         // Not acked while its marker is not complete.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(slow.stats.acks.load(Ordering::Relaxed), 0, "acked before durable");
+        assert_eq!(
+            slow.stats.acks.load(Ordering::Relaxed),
+            0,
+            "acked before durable"
+        );
         match slow.next_raw().await {
             IngestEvent::Durable(ack) => ack.complete(),
             other => panic!("expected the durability marker, got {other:?}"),

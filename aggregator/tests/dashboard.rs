@@ -10,8 +10,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::{Method, Request, StatusCode};
 use millrace_aggregator::log::local::TopicReader;
 use millrace_protocol::{
-    AgentStatus,
-    Alert, AlertKind, AnomalyScore, Batch, Envelope, Record, SeriesKey, Severity,
+    AgentStatus, Alert, AlertKind, AnomalyScore, Batch, Envelope, Record, SeriesKey, Severity,
 };
 use serde_json::Value;
 use std::net::SocketAddr;
@@ -244,16 +243,25 @@ async fn api_serves_what_the_log_holds_and_duplicates_count_once() {
     assert_eq!(agents[1]["status"], Value::Null);
     let (_, text) = get_text(server.addr, "/metrics", &[]).await;
     assert_eq!(
-        metric(&text, "millrace_aggregator_agent_outbox_records{agent=\"gw-1\"}"),
+        metric(
+            &text,
+            "millrace_aggregator_agent_outbox_records{agent=\"gw-1\"}"
+        ),
         Some(1_500.0),
         "{text}"
     );
     assert_eq!(
-        metric(&text, "millrace_aggregator_agent_outbox_oldest_age_seconds{agent=\"gw-1\"}"),
+        metric(
+            &text,
+            "millrace_aggregator_agent_outbox_oldest_age_seconds{agent=\"gw-1\"}"
+        ),
         Some(42.0)
     );
     assert_eq!(
-        metric(&text, "millrace_aggregator_agent_uplink_retries_total{agent=\"gw-1\"}"),
+        metric(
+            &text,
+            "millrace_aggregator_agent_uplink_retries_total{agent=\"gw-1\"}"
+        ),
         Some(9.0)
     );
 
@@ -370,12 +378,18 @@ async fn metrics_are_prometheus_text_and_counters_grow() {
                     .chars()
                     .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                     .collect();
-                assert!(after.contains(&name), "Grafana asks for {name}, not exported");
+                assert!(
+                    after.contains(&name),
+                    "Grafana asks for {name}, not exported"
+                );
                 asked += 1;
             }
         }
     }
-    assert!(asked >= 10, "{asked} aggregator metrics in the Grafana dashboard");
+    assert!(
+        asked >= 10,
+        "{asked} aggregator metrics in the Grafana dashboard"
+    );
     // Every sample line is `name{labels} value`, names in snake case.
     for line in after
         .lines()

@@ -169,7 +169,10 @@ async fn records_land_in_kafka_once_and_outage_answers_503() {
     let w = &windows[0];
     assert_eq!(w["key"], "press-1/temp");
     assert_eq!(w["headers"]["kind"], "window");
-    assert_eq!(w["headers"]["wire-version"], millrace_protocol::WIRE_VERSION.to_string());
+    assert_eq!(
+        w["headers"]["wire-version"],
+        millrace_protocol::WIRE_VERSION.to_string()
+    );
     assert_eq!(w["value"]["series"]["sensor"], "temp");
     assert_eq!(
         w["value"]["end_ms"].as_i64().unwrap() - w["value"]["start_ms"].as_i64().unwrap(),
@@ -254,7 +257,10 @@ async fn a_crash_after_the_kafka_ack_is_reconciled_at_start() {
     let server = Server::start(&config).await;
     wait_healthy(&server, StatusCode::OK).await;
     let first = batch("gw-1", &[1, 2, 3], 1);
-    assert_eq!(post_batch(server.addr, TOKEN_1, &first).await.status, StatusCode::OK);
+    assert_eq!(
+        post_batch(server.addr, TOKEN_1, &first).await.status,
+        StatusCode::OK
+    );
     server.stop().await;
 
     // The crashed run: batch 4–6 written to Kafka and acknowledged, then
@@ -300,9 +306,39 @@ async fn a_crash_after_the_kafka_ack_is_reconciled_at_start() {
         "every seq once in Kafka"
     );
     // The saved frontier is the end of the windows partition (offsets 0–7).
-    let state: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(tmp.path().join("agg/dedup/gw-1.json")).unwrap(),
-    )
-    .unwrap();
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("agg/dedup/gw-1.json")).unwrap())
+            .unwrap();
     assert_eq!(state["log-marks"]["millrace.windows/0"], 8, "{state}");
+}
+
+/// With the brokers unreachable at start-up the read back gives up (logged
+/// and counted) and the aggregator still comes up, answering 503 until
+/// Kafka is there: it must not crash-loop under systemd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_down_at_start_still_serves_and_answers_503() {
+    let tmp = tempfile::tempdir().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let config = parse_config(&config_text(
+        &tmp.path().join("agg"),
+        "",
+        &format!("[kafka]\nbrokers = \"127.0.0.1:{port}\"\nmessage-timeout = \"2s\"\n"),
+    ));
+    let server = tokio::time::timeout(Duration::from_secs(120), Server::start(&config))
+        .await
+        .expect("the aggregator starts while Kafka is down");
+    assert_eq!(
+        healthz(server.addr).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let reply = post_batch(server.addr, TOKEN_1, &batch("gw-1", &[1], 1)).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.json
+    );
+    server.stop().await;
 }

@@ -154,7 +154,9 @@ pub enum WireError {
     Truncated(usize),
     #[error("not a Millrace batch (bad magic)")]
     BadMagic,
-    #[error("unsupported wire version {0} (this build reads {MIN_WIRE_VERSION} to {WIRE_VERSION})")]
+    #[error(
+        "unsupported wire version {0} (this build reads {MIN_WIRE_VERSION} to {WIRE_VERSION})"
+    )]
     UnsupportedVersion(u8),
     #[error("checksum mismatch: header says {expected:#010x}, body is {actual:#010x}")]
     Checksum { expected: u32, actual: u32 },

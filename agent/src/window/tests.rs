@@ -598,7 +598,10 @@ fn restored_marks_make_emitted_windows_late() {
         e.push(&r(9_999), 0, &mut out),
         Admission::Rejected(DeadLetterReason::Late)
     );
-    assert!(matches!(e.push(&r(10_000), 0, &mut out), Admission::Accepted { .. }));
+    assert!(matches!(
+        e.push(&r(10_000), 0, &mut out),
+        Admission::Accepted { .. }
+    ));
 }
 
 #[test]
@@ -621,7 +624,10 @@ fn a_series_evicted_by_ttl_resumes_from_its_watermark() {
     e.push(&r(1_000), 0, &mut out);
     e.tick(61_001, &mut out);
     assert_eq!(e.live_series(), 0);
-    let windows = out.iter().filter(|o| matches!(o, EngineOutput::Window(_))).count();
+    let windows = out
+        .iter()
+        .filter(|o| matches!(o, EngineOutput::Window(_)))
+        .count();
     assert_eq!(windows, 1);
     // A straggler for the emitted window comes back after eviction: late, not a second window.
     assert_eq!(

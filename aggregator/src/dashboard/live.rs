@@ -25,7 +25,8 @@
 //! the outbox floor to the newest seq received) bounds what they still hold.
 
 use millrace_protocol::{
-    AgentStatus, Alert, AlertKind, DeadLetterReason, Envelope, Record, SeriesKey, Severity, UnixMs, Window,
+    AgentStatus, Alert, AlertKind, DeadLetterReason, Envelope, Record, SeriesKey, Severity, UnixMs,
+    Window,
 };
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -143,6 +144,35 @@ struct AgentLive {
     series: usize,
     /// The status of the agent's last batch, and when it arrived.
     status: Option<(AgentStatus, UnixMs)>,
+    /// The agent's retry and drop counters summed across its restarts.
+    counted: ReportedCounts,
+}
+
+/// Counters an agent reports since *its* start, summed across its restarts
+/// (a counter that went down, or a smaller uptime, is a restart), so they
+/// can be exported as counters that only grow.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ReportedCounts {
+    pub uplink_retries: u64,
+    pub outbox_dropped: u64,
+}
+
+impl ReportedCounts {
+    fn add(&mut self, last: Option<&AgentStatus>, now: &AgentStatus) {
+        let restarted = last.is_some_and(|l| now.uptime_s < l.uptime_s);
+        let delta = |last: Option<u64>, now: u64| match last {
+            Some(last) if !restarted && now >= last => now - last,
+            _ => now,
+        };
+        self.uplink_retries += delta(
+            last.map(|l| l.uplink_retries_total),
+            now.uplink_retries_total,
+        );
+        self.outbox_dropped += delta(
+            last.map(|l| l.outbox_dropped_total),
+            now.outbox_dropped_total,
+        );
+    }
 }
 
 impl AgentLive {
@@ -214,6 +244,9 @@ pub struct StatusView {
     pub reported_ms_ago: i64,
     /// Outbox bytes as a share of its cap, 0–1.
     pub outbox_fill: f64,
+    /// Retries and drops summed across the agent's restarts since the
+    /// aggregator started (what `/metrics` exports as `_total`).
+    pub counted: ReportedCounts,
 }
 
 /// One row of the series list.
@@ -305,6 +338,7 @@ impl LiveState {
         {
             let a = self.agents.entry(agent.to_owned()).or_default();
             if let Some(status) = status {
+                a.counted.add(a.status.as_ref().map(|(s, _)| s), status);
                 a.status = Some((status.clone(), now_ms));
             }
             a.first_seen_ms.get_or_insert(now_ms);
@@ -472,6 +506,7 @@ impl LiveState {
                         } else {
                             (s.outbox_bytes as f64 / s.outbox_max_bytes as f64).min(1.0)
                         },
+                        counted: a.counted,
                     }),
                 }
             })
@@ -796,11 +831,36 @@ mod tests {
         assert_eq!(view.outbox_fill, 0.25);
         // …a batch without a status (an older agent) keeps the last report…
         state.observe("gw-1", 3, None, &[], 1_004_000);
-        assert_eq!(state.fleet(1_004_000)[0].status.as_ref().unwrap().reported, backlog);
+        assert_eq!(
+            state.fleet(1_004_000)[0].status.as_ref().unwrap().reported,
+            backlog
+        );
         // …and the next ones show it draining.
-        let drained = status(3, Some(20));
+        let drained = AgentStatus {
+            uplink_retries_total: 6,
+            ..status(3, Some(20))
+        };
         state.observe("gw-1", 4, Some(&drained), &[], 1_005_000);
-        assert_eq!(state.fleet(1_005_000)[0].status.as_ref().unwrap().reported, drained);
+        let view = state.fleet(1_005_000)[0].status.clone().unwrap();
+        assert_eq!(view.reported, drained);
+        assert_eq!(view.counted.uplink_retries, 6);
+        // The agent restarts (uptime and counters start again): the counts
+        // exported as `_total` keep growing.
+        let restarted = AgentStatus {
+            uptime_s: 2,
+            uplink_retries_total: 1,
+            outbox_dropped_total: 5,
+            ..status(10, Some(1_000))
+        };
+        state.observe("gw-1", 5, Some(&restarted), &[], 1_006_000);
+        let counted = state.fleet(1_006_000)[0].status.clone().unwrap().counted;
+        assert_eq!(
+            counted,
+            ReportedCounts {
+                uplink_retries: 7,
+                outbox_dropped: 5
+            }
+        );
     }
 
     #[test]

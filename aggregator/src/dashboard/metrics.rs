@@ -203,9 +203,9 @@ impl Metrics {
                     gauge!("millrace_aggregator_agent_outbox_oldest_age_seconds", "agent" => id.clone())
                         .set(s.outbox_oldest_age_ms.unwrap_or(0) as f64 / 1000.0);
                     counter!("millrace_aggregator_agent_outbox_dropped_records_total", "agent" => id.clone())
-                        .absolute(s.outbox_dropped_total);
+                        .absolute(status.counted.outbox_dropped);
                     counter!("millrace_aggregator_agent_uplink_retries_total", "agent" => id.clone())
-                        .absolute(s.uplink_retries_total);
+                        .absolute(status.counted.uplink_retries);
                     gauge!("millrace_aggregator_agent_status_age_seconds", "agent" => id)
                         .set(status.reported_ms_ago as f64 / 1000.0);
                 }
@@ -298,11 +298,11 @@ fn describe_all() {
     );
     describe_counter!(
         "millrace_aggregator_agent_outbox_dropped_records_total",
-        "Records the agent's outbox dropped (full or expired) since the agent started, as it reported."
+        "Records the agent's outbox dropped (full or expired), as it reported, summed across its restarts."
     );
     describe_counter!(
         "millrace_aggregator_agent_uplink_retries_total",
-        "Failed uplink sends since the agent started, as it reported."
+        "Failed uplink sends, as the agent reported, summed across its restarts."
     );
     describe_gauge!(
         "millrace_aggregator_agent_status_age_seconds",

@@ -119,9 +119,13 @@ impl Dashboard {
 impl CommitObserver for Dashboard {
     fn committed(&self, batch: &Batch, new: &[&Envelope], log_write: Option<Duration>) {
         let now = now_ms();
-        let observed = self
-            .live()
-            .observe(&batch.agent, batch.outbox_floor, batch.status.as_ref(), new, now);
+        let observed = self.live().observe(
+            &batch.agent,
+            batch.outbox_floor,
+            batch.status.as_ref(),
+            new,
+            now,
+        );
         self.metrics
             .record_batch(&batch.agent, new, &observed, self.log_kind, log_write, now);
         if self.events.receiver_count() == 0 {

@@ -44,8 +44,8 @@ use crate::config::{KafkaConfig, Topics};
 use futures::future::BoxFuture;
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
@@ -82,6 +82,10 @@ impl ClientContext for TracingContext {
 impl rdkafka::consumer::ConsumerContext for TracingContext {}
 
 type Inner = FutureProducer<TracingContext>;
+
+/// How long the read back at start-up waits for the cluster's metadata, a
+/// partition's offsets, or the next record, before it gives up.
+const READ_BACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What one read back found.
 #[derive(Debug, Default)]
@@ -181,7 +185,9 @@ impl Drop for PinGuard {
 }
 
 fn lock(frontier: &Mutex<Frontier>) -> MutexGuard<'_, Frontier> {
-    frontier.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    frontier
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl std::fmt::Debug for KafkaWriter {
@@ -235,7 +241,7 @@ impl KafkaWriter {
         from: &BTreeMap<String, u64>,
         visit: &mut dyn FnMut(CommittedRecord),
     ) -> Result<ReadBack, KafkaError> {
-        let timeout = self.config.message_timeout.max(Duration::from_secs(5));
+        let timeout = READ_BACK_TIMEOUT;
         let consumer: BaseConsumer<TracingContext> = ClientConfig::new()
             .set("bootstrap.servers", &self.config.brokers)
             .set("client.id", format!("{}-reconcile", self.config.client_id))
@@ -249,15 +255,29 @@ impl KafkaWriter {
         let mut pending: HashMap<String, u64> = HashMap::new();
         let mut report = ReadBack::default();
         let mut ends = Vec::new();
-        for topic in [
+        let wanted = [
             &self.topics.windows,
             &self.topics.alerts,
             &self.topics.dead_letters,
-        ] {
-            let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
-            for t in metadata.topics() {
+        ];
+        // One metadata request: an unreachable cluster costs one timeout.
+        let metadata = consumer.fetch_metadata(None, timeout)?;
+        for topic in wanted {
+            let Some(t) = metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic.as_str())
+            else {
+                tracing::warn!(topic = %topic, "topic does not exist yet; nothing to read back");
+                continue;
+            };
+            {
                 if let Some(error) = t.error() {
-                    tracing::warn!(topic = t.name(), ?error, "topic not readable; not reconciled");
+                    tracing::warn!(
+                        topic = t.name(),
+                        ?error,
+                        "topic not readable; not reconciled"
+                    );
                     continue;
                 }
                 for p in t.partitions() {
@@ -280,14 +300,18 @@ impl KafkaWriter {
         if !pending.is_empty() {
             consumer.assign(&assignment)?;
         }
-        let deadline = Instant::now() + timeout.saturating_mul(6);
+        // However much there is to read, it must keep coming.
+        let mut last_progress = Instant::now();
         while !pending.is_empty() {
-            if Instant::now() > deadline {
-                return Err(KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut));
+            if last_progress.elapsed() > timeout {
+                return Err(KafkaError::MessageConsumption(
+                    RDKafkaErrorCode::OperationTimedOut,
+                ));
             }
             let Some(polled) = consumer.poll(Duration::from_millis(500)) else {
                 continue;
             };
+            last_progress = Instant::now();
             let message = match polled {
                 Ok(message) => message,
                 Err(KafkaError::PartitionEOF(_)) => {
@@ -411,7 +435,11 @@ impl KafkaWriter {
         // Await what was handed over even after a failure, so the in-flight
         // count stays true to what librdkafka holds.
         let mut first_error = handover_error.map(LogError::from);
-        for (delivery, topic) in futures::future::join_all(deliveries).await.into_iter().zip(records) {
+        for (delivery, topic) in futures::future::join_all(deliveries)
+            .await
+            .into_iter()
+            .zip(records)
+        {
             let error = match delivery {
                 Ok(Ok(d)) => {
                     lock(&self.frontier).delivered(
@@ -559,7 +587,7 @@ mod tests {
         f.delivered("w/0", 11);
         let b = f.pin();
         f.delivered("w/0", 12); // b's
-        // b's receipt may claim everything but a's write (still unsaved).
+                                // b's receipt may claim everything but a's write (still unsaved).
         assert_eq!(f.marks(b), marks(&[("w/0", 10)]));
         // a's receipt: all below b's start, where b's write may have landed.
         assert_eq!(f.marks(a), marks(&[("w/0", 12)]));

@@ -32,36 +32,48 @@ fn window() -> impl Strategy<Value = Window> {
         proptest::option::of(score()),
         "[a-zA-Z%]{0,5}",
     )
-        .prop_map(|(agent, series, start, count, (mean, min, max, sd), score, unit)| Window {
-            agent,
-            series,
-            start_ms: start,
-            end_ms: start + 5000,
-            count,
-            mean,
-            min,
-            max,
-            stddev: sd,
-            first_event_ms: start,
-            last_event_ms: start + 4999,
-            unit,
-            score,
-        })
+        .prop_map(
+            |(agent, series, start, count, (mean, min, max, sd), score, unit)| Window {
+                agent,
+                series,
+                start_ms: start,
+                end_ms: start + 5000,
+                count,
+                mean,
+                min,
+                max,
+                stddev: sd,
+                first_event_ms: start,
+                last_event_ms: start + 4999,
+                unit,
+                score,
+            },
+        )
 }
 
 fn alert() -> impl Strategy<Value = Alert> {
-    ("[a-z0-9-]{1,8}", series(), any::<bool>(), any::<i64>(), finite(), score()).prop_map(
-        |(agent, series, spike, t, value, score)| Alert {
+    (
+        "[a-z0-9-]{1,8}",
+        series(),
+        any::<bool>(),
+        any::<i64>(),
+        finite(),
+        score(),
+    )
+        .prop_map(|(agent, series, spike, t, value, score)| Alert {
             agent,
             series,
-            kind: if spike { AlertKind::Spike } else { AlertKind::Window },
+            kind: if spike {
+                AlertKind::Spike
+            } else {
+                AlertKind::Window
+            },
             time_ms: t,
             window_start_ms: t - t.rem_euclid(5000),
             value,
             score,
             unit: "bar".into(),
-        },
-    )
+        })
 }
 
 fn dead_letter() -> impl Strategy<Value = DeadLetter> {
@@ -72,7 +84,14 @@ fn dead_letter() -> impl Strategy<Value = DeadLetter> {
         any::<i64>(),
     )
         .prop_map(|(input, r, detail, t)| {
-            DeadLetter::new(Source::Mqtt, "a/b", input, DeadLetterReason::ALL[r], detail, t)
+            DeadLetter::new(
+                Source::Mqtt,
+                "a/b",
+                input,
+                DeadLetterReason::ALL[r],
+                detail,
+                t,
+            )
         })
 }
 
@@ -92,19 +111,27 @@ fn status() -> impl Strategy<Value = AgentStatus> {
         proptest::option::of(any::<u64>()),
         (any::<u64>(), any::<u64>(), any::<u32>()),
     )
-        .prop_map(|(agent_version, uptime_s, (records, bytes, max), oldest, (dropped, retries, failures))| {
-            AgentStatus {
+        .prop_map(
+            |(
                 agent_version,
                 uptime_s,
-                outbox_records: records,
-                outbox_bytes: bytes,
-                outbox_max_bytes: max,
-                outbox_oldest_age_ms: oldest,
-                outbox_dropped_total: dropped,
-                uplink_retries_total: retries,
-                uplink_failures: failures,
-            }
-        })
+                (records, bytes, max),
+                oldest,
+                (dropped, retries, failures),
+            )| {
+                AgentStatus {
+                    agent_version,
+                    uptime_s,
+                    outbox_records: records,
+                    outbox_bytes: bytes,
+                    outbox_max_bytes: max,
+                    outbox_oldest_age_ms: oldest,
+                    outbox_dropped_total: dropped,
+                    uplink_retries_total: retries,
+                    uplink_failures: failures,
+                }
+            },
+        )
 }
 
 /// A batch of either wire version; version 1 never has a status.
@@ -193,13 +220,23 @@ fn out_of_order_seq_is_rejected() {
     let b = Batch::new(
         "gw",
         vec![
-            Envelope { seq: 5, record: dl() },
-            Envelope { seq: 5, record: dl() },
+            Envelope {
+                seq: 5,
+                record: dl(),
+            },
+            Envelope {
+                seq: 5,
+                record: dl(),
+            },
         ],
     );
     assert_eq!(
         Batch::decode_binary(&b.encode_binary()),
-        Err(WireError::SeqOrder { index: 1, prev: 5, seq: 5 })
+        Err(WireError::SeqOrder {
+            index: 1,
+            prev: 5,
+            seq: 5
+        })
     );
     assert!(matches!(
         Batch::decode_json(&b.encode_json()),
@@ -212,7 +249,10 @@ fn wrong_version_and_magic_are_named() {
     let b = Batch::new("gw", vec![]);
     let mut bytes = b.encode_binary();
     bytes[4] = 9;
-    assert_eq!(Batch::decode_binary(&bytes), Err(WireError::UnsupportedVersion(9)));
+    assert_eq!(
+        Batch::decode_binary(&bytes),
+        Err(WireError::UnsupportedVersion(9))
+    );
     bytes[0] = b'X';
     assert_eq!(Batch::decode_binary(&bytes), Err(WireError::BadMagic));
     assert_eq!(Batch::decode_binary(b"MLR"), Err(WireError::Truncated(3)));
@@ -239,7 +279,12 @@ fn version_1_batches_are_still_read() {
             7,
         )),
     }];
-    let body = postcard::to_stdvec(&V1 { agent: "gw-old", outbox_floor: 40, records: &records }).unwrap();
+    let body = postcard::to_stdvec(&V1 {
+        agent: "gw-old",
+        outbox_floor: 40,
+        records: &records,
+    })
+    .unwrap();
     let mut bytes = b"MLRC".to_vec();
     bytes.push(1);
     bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
@@ -274,14 +319,20 @@ fn new_batches_carry_the_agent_status() {
     assert_eq!(b.version, WIRE_VERSION);
     let bytes = b.encode_binary();
     assert_eq!(bytes[4], 2);
-    assert_eq!(Batch::decode_binary(&bytes).unwrap().status, Some(status.clone()));
+    assert_eq!(
+        Batch::decode_binary(&bytes).unwrap().status,
+        Some(status.clone())
+    );
     let json: serde_json::Value = serde_json::from_slice(&b.encode_json()).unwrap();
     assert_eq!(json["status"]["outbox_oldest_age_ms"], 31_000);
     assert_eq!(json["status"]["uplink_retries_total"], 17);
     // A version 1 batch cannot claim a status.
     let mut old = b;
     old.version = 1;
-    assert!(matches!(Batch::decode_json(&old.encode_json()), Err(WireError::Body(_))));
+    assert!(matches!(
+        Batch::decode_json(&old.encode_json()),
+        Err(WireError::Body(_))
+    ));
 }
 
 #[test]
@@ -296,7 +347,14 @@ fn dead_letter_json_keeps_text_readable() {
     );
     let json = serde_json::to_string(&dl).unwrap();
     assert!(json.contains(r#""input":"{\"v\":oops}""#), "{json}");
-    let bin = DeadLetter::new(Source::Mqtt, "t", vec![0xff, 0], DeadLetterReason::Malformed, "x", 1);
+    let bin = DeadLetter::new(
+        Source::Mqtt,
+        "t",
+        vec![0xff, 0],
+        DeadLetterReason::Malformed,
+        "x",
+        1,
+    );
     let back: DeadLetter = serde_json::from_str(&serde_json::to_string(&bin).unwrap()).unwrap();
     assert_eq!(back, bin);
 }

@@ -604,7 +604,11 @@ fn sigterm_sends_the_flushed_windows_before_exit() {
         Duration::ZERO,
         Duration::from_secs(60),
     );
-    assert!(flowing >= 6, "windows not flowing: {}", tail_of(&agent_log, 30));
+    assert!(
+        flowing >= 6,
+        "windows not flowing: {}",
+        tail_of(&agent_log, 30)
+    );
     // Mid-window: both series have an open window with readings in it.
     let now = millrace_sim::unix_now_ms();
     std::thread::sleep(Duration::from_millis(
@@ -633,7 +637,10 @@ fn sigterm_sends_the_flushed_windows_before_exit() {
         missing,
         stopped
     );
-    assert!(missing.is_empty(), "flushed but not sent before exit: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "flushed but not sent before exit: {missing:?}"
+    );
     assert_eq!(stopped.len(), 1, "{}", tail_of(&agent_log, 30));
     assert_eq!(stopped[0]["stopped"], "outbox empty", "{stopped:?}");
     // The windows flushed at the stop are partial (cut mid-window), and sent.
@@ -646,7 +653,11 @@ fn sigterm_sends_the_flushed_windows_before_exit() {
         .iter()
         .filter(|w| w["start_ms"].as_i64() == Some(last_start))
         .collect();
-    assert_eq!(partial.len(), 2, "both series' flushed windows landed: {partial:?}");
+    assert_eq!(
+        partial.len(),
+        2,
+        "both series' flushed windows landed: {partial:?}"
+    );
     assert!(
         partial.iter().all(|w| w["count"].as_u64().unwrap() < 10),
         "{partial:?}"

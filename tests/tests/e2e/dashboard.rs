@@ -274,8 +274,14 @@ fn dashboard_shows_the_plant_live_in_chromium() {
         s["outbox_records"].as_u64().is_some()
     });
     eprintln!("first status after the outage: {first_status}");
-    assert!(first_status["uplink_retries_total"].as_u64().unwrap() >= 1, "{first_status}");
-    assert!(first_status["outbox_records"].as_u64().unwrap() >= 8, "{first_status}");
+    assert!(
+        first_status["uplink_retries_total"].as_u64().unwrap() >= 1,
+        "{first_status}"
+    );
+    assert!(
+        first_status["outbox_records"].as_u64().unwrap() >= 8,
+        "{first_status}"
+    );
     assert!(
         first_status["outbox_oldest_age_ms"].as_u64().unwrap() >= 4_000,
         "{first_status}"
@@ -476,7 +482,9 @@ fn dashboard_shows_the_plant_live_in_chromium() {
     // 6. The backlog drains, and the fleet view follows it down.
     let drained = wait_for_status(aggregator_port, Duration::from_secs(60), |s| {
         s["outbox_records"].as_u64().is_some_and(|n| n <= 4)
-            && s["outbox_oldest_age_ms"].as_u64().is_none_or(|ms| ms < 3_000)
+            && s["outbox_oldest_age_ms"]
+                .as_u64()
+                .is_none_or(|ms| ms < 3_000)
     });
     eprintln!("status once drained: {drained}");
     assert!(

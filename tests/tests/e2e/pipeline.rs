@@ -212,7 +212,10 @@ fn simulated_plant_through_the_agent_matches_the_signal() {
             && windows_of(seen, "boiler-3/temp").len()
                 > windows_of(&records, "boiler-3/temp").len() + 1
     });
-    assert!(more.len() > before_bad, "the agent kept producing after bad input");
+    assert!(
+        more.len() > before_bad,
+        "the agent kept producing after bad input"
+    );
 
     // /metrics: Prometheus text with the expected names, counters increasing.
     let second_scrape = scrape(http_port);
@@ -266,7 +269,10 @@ fn simulated_plant_through_the_agent_matches_the_signal() {
         let mean = expected.iter().sum::<f64>() / n;
         assert_eq!(w["count"].as_u64(), Some(expected.len() as u64), "{w}");
         let got = w["mean"].as_f64().unwrap();
-        assert!((got - mean).abs() <= 1e-9 * mean.abs(), "mean {got} vs {mean}: {w}");
+        assert!(
+            (got - mean).abs() <= 1e-9 * mean.abs(),
+            "mean {got} vs {mean}: {w}"
+        );
         let min = expected.iter().copied().fold(f64::INFINITY, f64::min);
         assert_eq!(w["min"].as_f64(), Some(min), "{w}");
         checked += 1;
@@ -292,8 +298,10 @@ fn simulated_plant_through_the_agent_matches_the_signal() {
     );
     // No critical alert before the step: noise alone is not an anomaly.
     assert!(
-        alerts.iter().all(|a| a["window_start_ms"].as_i64() >= Some(step_window)
-            || a["score"]["severity"] != "critical"),
+        alerts
+            .iter()
+            .all(|a| a["window_start_ms"].as_i64() >= Some(step_window)
+                || a["score"]["severity"] != "critical"),
         "critical alerts before the step: {alerts:?}"
     );
 
@@ -305,7 +313,11 @@ fn simulated_plant_through_the_agent_matches_the_signal() {
         s
     };
     let plc_windows = windows_of(&all, "press-1/temperature");
-    assert!(plc_windows.len() >= 10, "modbus windows: {}", plc_windows.len());
+    assert!(
+        plc_windows.len() >= 10,
+        "modbus windows: {}",
+        plc_windows.len()
+    );
     for w in &plc_windows {
         let t = w["first_event_ms"].as_i64().unwrap();
         let grid = t - t.rem_euclid(1000);
@@ -329,7 +341,10 @@ fn simulated_plant_through_the_agent_matches_the_signal() {
         .filter_map(|r| r["reason"].as_str())
         .collect();
     for reason in ["malformed", "wrong-type", "late"] {
-        assert!(reasons.contains(&reason), "{reason} missing from {reasons:?}");
+        assert!(
+            reasons.contains(&reason),
+            "{reason} missing from {reasons:?}"
+        );
     }
     assert!(
         reasons.contains(&"not-a-number") || reasons.contains(&"malformed"),
@@ -341,7 +356,11 @@ fn http_get(port: u16, path: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("agent http");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
