@@ -5,8 +5,9 @@ offset, key, value (parsed JSON when it is JSON) and headers.
 
     scripts/kafka-read.py --brokers 127.0.0.1:9092 --topic millrace.windows [--idle-timeout 5]
 
-It stops once the topic's end has been reached and nothing new arrived for
---idle-timeout seconds. The confluent-kafka package comes from the venv at
+It reads every partition up to its end as of the start (its high watermark),
+then goes on for at most --idle-timeout seconds more, stopping earlier once
+nothing new arrived for that long: so it ends even while producers keep writing. The confluent-kafka package comes from the venv at
 $MILLRACE_VENV (default $HOME/.cache/millrace-venv), created with
 `python3 -m venv` + `pip install confluent-kafka` on first use.
 """
@@ -64,27 +65,36 @@ def main():
               file=sys.stderr)
         return 2
     partitions = sorted(topic_md.partitions)
+    # The end of each partition as of now: reading stops once all are reached.
+    ends = {}
+    for p in partitions:
+        _low, high = consumer.get_watermark_offsets(TopicPartition(args.topic, p), timeout=10)
+        ends[p] = high
     consumer.assign([TopicPartition(args.topic, p, 0) for p in partitions])
-    at_end = set()
+    pending = {p for p in partitions if ends[p] > 0}
     last_activity = time.monotonic()
+    reached_ends = time.monotonic() if not pending else None
     while True:
-        msg = consumer.poll(0.5)
         now = time.monotonic()
+        if reached_ends is not None and (now - last_activity > args.idle_timeout
+                                         or now - reached_ends > args.idle_timeout):
+            break
+        if reached_ends is None and now - last_activity > args.idle_timeout + 30:
+            print("kafka-read: never reached the end of the topic", file=sys.stderr)
+            return 3
+        msg = consumer.poll(0.2)
         if msg is None:
-            if len(at_end) == len(partitions) and now - last_activity > args.idle_timeout:
-                break
-            if now - last_activity > args.idle_timeout + 30:
-                print("kafka-read: never reached the end of the topic", file=sys.stderr)
-                return 3
             continue
         if msg.error():
             if msg.error().code() == KafkaError._PARTITION_EOF:
-                at_end.add(msg.partition())
                 continue
             print(f"kafka-read: {msg.error()}", file=sys.stderr)
             return 4
         last_activity = now
-        at_end.discard(msg.partition())
+        if msg.partition() in pending and msg.offset() + 1 >= ends[msg.partition()]:
+            pending.discard(msg.partition())
+            if not pending:
+                reached_ends = time.monotonic()
         raw = msg.value()
         try:
             value = json.loads(raw) if raw is not None else None

@@ -15,6 +15,10 @@
 //! - `kafka_gets_exactly_the_expected_windows`: the aggregator writes to
 //!   tansu; Kafka holds exactly the tap's windows once, with agent and seq
 //!   headers, across a Kafka outage (healthz 503, the agent buffers).
+//! - `kafka_survives_kill_9_of_the_aggregator`: the aggregator, writing to
+//!   tansu, is SIGKILLed at random moments while the agent sends; after each
+//!   restart it reads Kafka back from its saved frontier, so every tapped
+//!   window is in Kafka exactly once.
 //! - `full_outbox_drops_oldest_and_counts`: a 64 KiB outbox with no
 //!   aggregator drops the oldest windows, counted in the log; what arrives
 //!   later is the newest windows, once each.
@@ -1088,4 +1092,122 @@ fn full_outbox_drops_oldest_and_counts() {
         landed.len() as u64 + dropped_total,
         "produced = landed + dropped (bulk lane)"
     );
+}
+
+#[test]
+fn kafka_survives_kill_9_of_the_aggregator() {
+    const SEED: u64 = 0x5EED_0A66;
+    const KILLS: usize = 8;
+    let started = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let kafka = KafkaPeer::start(&dir.path().join("tansu"), None);
+    let (agg_port, mqtt_port) = (free_port(), free_port());
+    let agg_toml = dir.path().join("aggregator.toml");
+    write_aggregator_config(
+        &agg_toml,
+        agg_port,
+        &dir.path().join("agg-state"),
+        &[(AGENT, TOKEN)],
+        &format!(
+            "[kafka]\nbrokers = \"127.0.0.1:{}\"\nmessage-timeout = \"5s\"\n",
+            kafka.port
+        ),
+    );
+    let agg_log = dir.path().join("aggregator.log");
+    let mut aggregator = start_aggregator(&agg_toml, agg_port, &agg_log);
+    let agent_toml = dir.path().join("agent.toml");
+    std::fs::write(
+        &agent_toml,
+        agent_config(
+            &Source::Embedded(mqtt_port),
+            &dir.path().join("agent-state"),
+            agg_port,
+            "",
+        ),
+    )
+    .unwrap();
+    // Four series at 10 Hz and 1 s windows: a batch every few hundred ms.
+    let sensors: Vec<String> = (1..=4).map(|i| format!("press-7/s{i}")).collect();
+    let sim_toml = dir.path().join("sim.toml");
+    std::fs::write(
+        &sim_toml,
+        sim_config(mqtt_port, "sim-chain-agg-kill", &sensors),
+    )
+    .unwrap();
+    let (agent_log, tap) = (dir.path().join("agent.log"), dir.path().join("tap.jsonl"));
+    let mut agent = spawn_agent(&agent_toml, Some(&tap), &agent_log, false);
+    wait_for_port(port_addr(mqtt_port), Duration::from_secs(20));
+    let (mut sim, _) = spawn_sim(&sim_toml, &dir.path().join("sim.log"));
+
+    let mut rng = SeededRng::new(SEED);
+    for kill in 0..KILLS {
+        std::thread::sleep(Duration::from_millis(rng.range(1000, 3000)));
+        assert!(
+            aggregator.is_running(),
+            "aggregator exited by itself before kill {kill}: {}",
+            tail_of(&agg_log, 30)
+        );
+        aggregator.kill(); // SIGKILL, reaped
+        std::thread::sleep(Duration::from_millis(rng.range(0, 800)));
+        aggregator = start_aggregator(&agg_toml, agg_port, &agg_log);
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    sim.kill();
+    std::thread::sleep(Duration::from_secs(3)); // idle close
+    wait_kafka_has(kafka.port, &[&tap], Duration::from_secs(90));
+    assert_eq!(
+        agent.terminate(Duration::from_secs(30)),
+        Some(0),
+        "agent SIGTERM: exit 0; {}",
+        tail_of(&agent_log, 30)
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let all = kafka_windows(kafka.port);
+    aggregator.terminate(Duration::from_secs(10));
+
+    let tapped = tap_windows(&tap);
+    let mut seqs = BTreeMap::new();
+    for r in &all {
+        let seq: u64 = r["headers"]["seq"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("seq header: {r}"));
+        *seqs.entry(seq).or_insert(0usize) += 1;
+    }
+    let dup_seqs: Vec<_> = seqs.iter().filter(|(_, n)| **n > 1).collect();
+    let check = check_windows(all.iter().map(|r| &r["value"]), WIDTH_MS);
+    let log_text = std::fs::read_to_string(&agg_log).unwrap_or_default();
+    let reconciled_starts = log_text
+        .lines()
+        .filter(|l| l.contains("dedup state was behind the log"))
+        .count();
+    let read_backs = log_text
+        .lines()
+        .filter(|l| l.contains("kafka read back from the saved frontier"))
+        .count();
+    eprintln!(
+        "kafka aggregator kill -9: seed {SEED:#x}, kills {KILLS}, {} windows tapped, {} in \
+         Kafka, duplicate windows {}, duplicate seqs {}, starts that reconciled records \
+         {reconciled_starts} of {read_backs}, run {:?}",
+        tapped.len(),
+        all.len(),
+        check.duplicates.len(),
+        dup_seqs.len(),
+        started.elapsed()
+    );
+    assert_eq!(read_backs, KILLS + 1, "every start read Kafka back");
+    assert!(tapped.len() >= 60, "only {} windows tapped", tapped.len());
+    assert!(dup_seqs.is_empty(), "seq written twice: {dup_seqs:?}");
+    assert!(
+        check.duplicates.is_empty(),
+        "duplicate windows in Kafka: {:?}",
+        check.duplicates
+    );
+    let (want, have) = (key_set(&tapped), kafka_keys(&all));
+    assert_eq!(
+        want.difference(&have).collect::<Vec<_>>(),
+        Vec::<&WindowKey>::new(),
+        "tapped but not in Kafka"
+    );
+    assert_eq!(all.len(), tapped.len(), "one Kafka record per window");
 }
