@@ -206,6 +206,15 @@ fn simulated_plant_through_the_agent_matches_the_signal() {
         "plant/boiler-3/temp",
         &format!("{{\"value\": 1.0, \"ts\": {start_ms}}}"),
     );
+    // The same reading twice (what a QoS 1 redelivery looks like), then
+    // another one in the same window: the window counts two readings.
+    let base = millrace_sim::unix_now_ms() / 1000 * 1000 + 1000;
+    for (value, ts) in [(5.0, base + 100), (5.0, base + 100), (7.0, base + 200)] {
+        publish(
+            "plant/dup-1/level",
+            &format!("{{\"value\": {value:.1}, \"ts\": {ts}}}"),
+        );
+    }
     let before_bad = records.len();
     let more = follow_json_lines(&tap, Duration::from_secs(20), |seen| {
         seen.iter().filter(|r| r["type"] == "dead-letter").count() >= 3
@@ -237,6 +246,14 @@ fn simulated_plant_through_the_agent_matches_the_signal() {
         assert!(second_scrape.contains(name), "{name} missing from /metrics");
     }
     assert!(metric(&second_scrape, "millrace_late_readings_total") >= 1.0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while metric(&scrape(http_port), "millrace_redelivered_readings_total") < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "millrace_redelivered_readings_total stayed 0"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert!(http_get(http_port, "/healthz").starts_with("HTTP/1.1 200"));
 
     assert_eq!(
@@ -334,7 +351,13 @@ fn simulated_plant_through_the_agent_matches_the_signal() {
     }
     assert!(!windows_of(&all, "press-1/pressure").is_empty());
 
-    // 4. Bad input: counted dead letters with their reasons.
+    // 4. A reading delivered twice counts once.
+    let dup = windows_of(&all, "dup-1/level");
+    assert_eq!(dup.len(), 1, "{dup:?}");
+    assert_eq!(dup[0]["count"], 2, "{}", dup[0]);
+    assert_eq!(dup[0]["mean"], 6.0, "{}", dup[0]);
+
+    // 5. Bad input: counted dead letters with their reasons.
     let reasons: Vec<&str> = all
         .iter()
         .filter(|r| r["type"] == "dead-letter")
