@@ -34,7 +34,7 @@ use millrace_tests::{
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -185,6 +185,75 @@ fn spawn_sim(config: &Path, log: &Path) -> (ChildGuard, i64) {
 
 fn port_addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// One chain test's set-up in `dir`: an aggregator (embedded log, or what
+/// `aggregator_tables` configures) and an agent with a tap, reading its
+/// embedded broker, which the simulator publishes to.
+struct Rig {
+    dir: PathBuf,
+    agg_port: u16,
+    mqtt_port: u16,
+    agg_toml: PathBuf,
+    agg_log: PathBuf,
+    agent_toml: PathBuf,
+    agent_log: PathBuf,
+    tap: PathBuf,
+}
+
+impl Rig {
+    /// Writes the aggregator's and the agent's configs.
+    fn new(dir: &Path, aggregator_tables: &str) -> Self {
+        let (agg_port, mqtt_port) = (free_port(), free_port());
+        let agg_toml = dir.join("aggregator.toml");
+        write_aggregator_config(
+            &agg_toml,
+            agg_port,
+            &dir.join("agg-state"),
+            &[(AGENT, TOKEN)],
+            aggregator_tables,
+        );
+        let agent_toml = dir.join("agent.toml");
+        std::fs::write(
+            &agent_toml,
+            agent_config(
+                &Source::Embedded(mqtt_port),
+                &dir.join("agent-state"),
+                agg_port,
+                "",
+            ),
+        )
+        .unwrap();
+        Self {
+            dir: dir.to_owned(),
+            agg_port,
+            mqtt_port,
+            agg_toml,
+            agg_log: dir.join("aggregator.log"),
+            agent_toml,
+            agent_log: dir.join("agent.log"),
+            tap: dir.join("tap.jsonl"),
+        }
+    }
+
+    fn start_aggregator(&self) -> ChildGuard {
+        start_aggregator(&self.agg_toml, self.agg_port, &self.agg_log)
+    }
+
+    /// Starts the agent (its log as JSON lines if `json_log`) and waits for
+    /// its embedded broker.
+    fn start_agent(&self, json_log: bool) -> ChildGuard {
+        let agent = spawn_agent(&self.agent_toml, Some(&self.tap), &self.agent_log, json_log);
+        wait_for_port(port_addr(self.mqtt_port), Duration::from_secs(20));
+        agent
+    }
+
+    /// Starts the simulator publishing `sensors` to the agent's broker.
+    fn start_sim(&self, client_id: &str, sensors: &[String]) -> ChildGuard {
+        let sim_toml = self.dir.join("sim.toml");
+        std::fs::write(&sim_toml, sim_config(self.mqtt_port, client_id, sensors)).unwrap();
+        spawn_sim(&sim_toml, &self.dir.join("sim.log")).0
+    }
 }
 
 /// The window values in the aggregator's embedded log.
@@ -423,45 +492,17 @@ fn kill_9_the_agent_twenty_times_loses_and_duplicates_no_window() {
 fn aggregator_outage_backlog_drains() {
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
-    let (agg_port, mqtt_port) = (free_port(), free_port());
-    let agg_toml = dir.path().join("aggregator.toml");
-    write_aggregator_config(
-        &agg_toml,
-        agg_port,
-        &dir.path().join("agg-state"),
-        &[(AGENT, TOKEN)],
-        "",
-    );
-    let agg_log = dir.path().join("aggregator.log");
-    let mut aggregator = start_aggregator(&agg_toml, agg_port, &agg_log);
-
-    let agent_toml = dir.path().join("agent.toml");
-    std::fs::write(
-        &agent_toml,
-        agent_config(
-            &Source::Embedded(mqtt_port),
-            &dir.path().join("agent-state"),
-            agg_port,
-            "",
-        ),
-    )
-    .unwrap();
-    let (agent_log, tap) = (dir.path().join("agent.log"), dir.path().join("tap.jsonl"));
-    let mut agent = spawn_agent(&agent_toml, Some(&tap), &agent_log, false);
-    wait_for_port(port_addr(mqtt_port), Duration::from_secs(20));
-
+    let rig = Rig::new(dir.path(), "");
+    let (agg_toml, agg_log) = (&rig.agg_toml, &rig.agg_log);
+    let (agent_log, tap) = (&rig.agent_log, &rig.tap);
+    let mut aggregator = rig.start_aggregator();
+    let mut agent = rig.start_agent(false);
     let sensors = vec!["line-2/speed".to_string(), "line-2/torque".to_string()];
-    let sim_toml = dir.path().join("sim.toml");
-    std::fs::write(
-        &sim_toml,
-        sim_config(mqtt_port, "sim-chain-outage", &sensors),
-    )
-    .unwrap();
-    let (mut sim, _start_ms) = spawn_sim(&sim_toml, &dir.path().join("sim.log"));
+    let mut sim = rig.start_sim("sim-chain-outage", &sensors);
 
     // Windows flow before the outage.
     let before = wait_until_stable(
-        || log_windows(&agg_toml).len(),
+        || log_windows(agg_toml).len(),
         |n| *n >= 8,
         Duration::from_millis(500),
         Duration::ZERO,
@@ -470,7 +511,7 @@ fn aggregator_outage_backlog_drains() {
     assert!(
         before >= 8,
         "only {before} windows before the outage: {}",
-        tail_of(&agent_log, 30)
+        tail_of(agent_log, 30)
     );
 
     // 30 s outage.
@@ -478,17 +519,17 @@ fn aggregator_outage_backlog_drains() {
         aggregator.terminate(Duration::from_secs(15)),
         Some(0),
         "aggregator SIGTERM: exit 0; {}",
-        tail_of(&agg_log, 30)
+        tail_of(agg_log, 30)
     );
     let outage_from = millrace_sim::unix_now_ms();
     std::thread::sleep(Duration::from_secs(30));
     assert!(
         agent.is_running(),
         "agent died during the outage: {}",
-        tail_of(&agent_log, 30)
+        tail_of(agent_log, 30)
     );
-    let produced_during = tap_windows(&tap).len();
-    let mut aggregator = start_aggregator(&agg_toml, agg_port, &agg_log);
+    let produced_during = tap_windows(tap).len();
+    let mut aggregator = rig.start_aggregator();
     let outage_to = millrace_sim::unix_now_ms();
 
     std::thread::sleep(Duration::from_secs(5));
@@ -496,11 +537,11 @@ fn aggregator_outage_backlog_drains() {
     // Idle close (2 s): every window is closed and in the outbox.
     std::thread::sleep(Duration::from_secs(3));
     // Replay of the backlog.
-    let tap_now = || key_set(&tap_windows(&tap));
+    let tap_now = || key_set(&tap_windows(tap));
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let produced = tap_now();
-        let landed = key_set(&log_windows(&agg_toml));
+        let landed = key_set(&log_windows(agg_toml));
         if produced.len() > produced_during && produced.is_subset(&landed) {
             break;
         }
@@ -517,11 +558,11 @@ fn aggregator_outage_backlog_drains() {
         agent.terminate(Duration::from_secs(30)),
         Some(0),
         "agent SIGTERM: exit 0; {}",
-        tail_of(&agent_log, 30)
+        tail_of(agent_log, 30)
     );
     std::thread::sleep(Duration::from_millis(500));
-    let produced = tap_windows(&tap);
-    let landed = log_windows(&agg_toml);
+    let produced = tap_windows(tap);
+    let landed = log_windows(agg_toml);
     aggregator.terminate(Duration::from_secs(10));
 
     let check = check_windows(&landed, WIDTH_MS);
@@ -568,41 +609,17 @@ fn aggregator_outage_backlog_drains() {
     }
 }
 
-/// Kafka windows: the value plus the agent and seq headers, checked.
 #[test]
 fn sigterm_sends_the_flushed_windows_before_exit() {
     let dir = tempfile::tempdir().unwrap();
-    let (agg_port, mqtt_port) = (free_port(), free_port());
-    let agg_toml = dir.path().join("aggregator.toml");
-    write_aggregator_config(
-        &agg_toml,
-        agg_port,
-        &dir.path().join("agg-state"),
-        &[(AGENT, TOKEN)],
-        "",
-    );
-    let agg_log = dir.path().join("aggregator.log");
-    let mut aggregator = start_aggregator(&agg_toml, agg_port, &agg_log);
-    let agent_toml = dir.path().join("agent.toml");
-    std::fs::write(
-        &agent_toml,
-        agent_config(
-            &Source::Embedded(mqtt_port),
-            &dir.path().join("agent-state"),
-            agg_port,
-            "",
-        ),
-    )
-    .unwrap();
-    let (agent_log, tap) = (dir.path().join("agent.log"), dir.path().join("tap.jsonl"));
-    let mut agent = spawn_agent(&agent_toml, Some(&tap), &agent_log, true);
-    wait_for_port(port_addr(mqtt_port), Duration::from_secs(20));
+    let rig = Rig::new(dir.path(), "");
+    let (agg_toml, agent_log, tap) = (&rig.agg_toml, &rig.agent_log, &rig.tap);
+    let mut aggregator = rig.start_aggregator();
+    let mut agent = rig.start_agent(true);
     let sensors = vec!["oven-4/temp".to_string(), "oven-4/humidity".to_string()];
-    let sim_toml = dir.path().join("sim.toml");
-    std::fs::write(&sim_toml, sim_config(mqtt_port, "sim-chain-stop", &sensors)).unwrap();
-    let (_sim, _start_ms) = spawn_sim(&sim_toml, &dir.path().join("sim.log"));
+    let _sim = rig.start_sim("sim-chain-stop", &sensors);
     let flowing = wait_until_stable(
-        || log_windows(&agg_toml).len(),
+        || log_windows(agg_toml).len(),
         |n| *n >= 6,
         Duration::from_millis(500),
         Duration::ZERO,
@@ -611,7 +628,7 @@ fn sigterm_sends_the_flushed_windows_before_exit() {
     assert!(
         flowing >= 6,
         "windows not flowing: {}",
-        tail_of(&agent_log, 30)
+        tail_of(agent_log, 30)
     );
     // Mid-window: both series have an open window with readings in it.
     let now = millrace_sim::unix_now_ms();
@@ -622,15 +639,15 @@ fn sigterm_sends_the_flushed_windows_before_exit() {
         agent.terminate(Duration::from_secs(30)),
         Some(0),
         "agent SIGTERM: exit 0; {}",
-        tail_of(&agent_log, 30)
+        tail_of(agent_log, 30)
     );
     // The agent is gone: what is in the log now is all it sent.
-    let produced = tap_windows(&tap);
-    let landed = log_windows(&agg_toml);
+    let produced = tap_windows(tap);
+    let landed = log_windows(agg_toml);
     aggregator.terminate(Duration::from_secs(10));
     let (p, l) = (key_set(&produced), key_set(&landed));
     let missing: Vec<_> = p.difference(&l).collect();
-    let stopped: Vec<Value> = follow_json_lines(&agent_log, Duration::from_millis(1), |_| true)
+    let stopped: Vec<Value> = follow_json_lines(agent_log, Duration::from_millis(1), |_| true)
         .into_iter()
         .filter(|r| r["message"] == "uplink stopped")
         .collect();
@@ -645,7 +662,7 @@ fn sigterm_sends_the_flushed_windows_before_exit() {
         missing.is_empty(),
         "flushed but not sent before exit: {missing:?}"
     );
-    assert_eq!(stopped.len(), 1, "{}", tail_of(&agent_log, 30));
+    assert_eq!(stopped.len(), 1, "{}", tail_of(agent_log, 30));
     assert_eq!(stopped[0]["stopped"], "outbox empty", "{stopped:?}");
     // The windows flushed at the stop are partial (cut mid-window), and sent.
     let last_start = produced
@@ -668,6 +685,7 @@ fn sigterm_sends_the_flushed_windows_before_exit() {
     );
 }
 
+/// Kafka windows: the value plus the agent and seq headers, checked.
 fn kafka_windows(port: u16) -> Vec<Value> {
     kafka_read(port, WINDOWS_TOPIC, 1.5)
 }
@@ -1101,43 +1119,19 @@ fn kafka_survives_kill_9_of_the_aggregator() {
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let kafka = KafkaPeer::start(&dir.path().join("tansu"), None);
-    let (agg_port, mqtt_port) = (free_port(), free_port());
-    let agg_toml = dir.path().join("aggregator.toml");
-    write_aggregator_config(
-        &agg_toml,
-        agg_port,
-        &dir.path().join("agg-state"),
-        &[(AGENT, TOKEN)],
+    let rig = Rig::new(
+        dir.path(),
         &format!(
             "[kafka]\nbrokers = \"127.0.0.1:{}\"\nmessage-timeout = \"5s\"\n",
             kafka.port
         ),
     );
-    let agg_log = dir.path().join("aggregator.log");
-    let mut aggregator = start_aggregator(&agg_toml, agg_port, &agg_log);
-    let agent_toml = dir.path().join("agent.toml");
-    std::fs::write(
-        &agent_toml,
-        agent_config(
-            &Source::Embedded(mqtt_port),
-            &dir.path().join("agent-state"),
-            agg_port,
-            "",
-        ),
-    )
-    .unwrap();
+    let (agg_log, agent_log, tap) = (&rig.agg_log, &rig.agent_log, &rig.tap);
+    let mut aggregator = rig.start_aggregator();
+    let mut agent = rig.start_agent(false);
     // Four series at 10 Hz and 1 s windows: a batch every few hundred ms.
     let sensors: Vec<String> = (1..=4).map(|i| format!("press-7/s{i}")).collect();
-    let sim_toml = dir.path().join("sim.toml");
-    std::fs::write(
-        &sim_toml,
-        sim_config(mqtt_port, "sim-chain-agg-kill", &sensors),
-    )
-    .unwrap();
-    let (agent_log, tap) = (dir.path().join("agent.log"), dir.path().join("tap.jsonl"));
-    let mut agent = spawn_agent(&agent_toml, Some(&tap), &agent_log, false);
-    wait_for_port(port_addr(mqtt_port), Duration::from_secs(20));
-    let (mut sim, _) = spawn_sim(&sim_toml, &dir.path().join("sim.log"));
+    let mut sim = rig.start_sim("sim-chain-agg-kill", &sensors);
 
     let mut rng = SeededRng::new(SEED);
     for kill in 0..KILLS {
@@ -1145,27 +1139,27 @@ fn kafka_survives_kill_9_of_the_aggregator() {
         assert!(
             aggregator.is_running(),
             "aggregator exited by itself before kill {kill}: {}",
-            tail_of(&agg_log, 30)
+            tail_of(agg_log, 30)
         );
         aggregator.kill(); // SIGKILL, reaped
         std::thread::sleep(Duration::from_millis(rng.range(0, 800)));
-        aggregator = start_aggregator(&agg_toml, agg_port, &agg_log);
+        aggregator = rig.start_aggregator();
     }
     std::thread::sleep(Duration::from_secs(3));
     sim.kill();
     std::thread::sleep(Duration::from_secs(3)); // idle close
-    wait_kafka_has(kafka.port, &[&tap], Duration::from_secs(90));
+    wait_kafka_has(kafka.port, &[tap.as_path()], Duration::from_secs(90));
     assert_eq!(
         agent.terminate(Duration::from_secs(30)),
         Some(0),
         "agent SIGTERM: exit 0; {}",
-        tail_of(&agent_log, 30)
+        tail_of(agent_log, 30)
     );
     std::thread::sleep(Duration::from_secs(1));
     let all = kafka_windows(kafka.port);
     aggregator.terminate(Duration::from_secs(10));
 
-    let tapped = tap_windows(&tap);
+    let tapped = tap_windows(tap);
     let mut seqs = BTreeMap::new();
     for r in &all {
         let seq: u64 = r["headers"]["seq"]
@@ -1176,7 +1170,7 @@ fn kafka_survives_kill_9_of_the_aggregator() {
     }
     let dup_seqs: Vec<_> = seqs.iter().filter(|(_, n)| **n > 1).collect();
     let check = check_windows(all.iter().map(|r| &r["value"]), WIDTH_MS);
-    let log_text = std::fs::read_to_string(&agg_log).unwrap_or_default();
+    let log_text = std::fs::read_to_string(agg_log).unwrap_or_default();
     let reconciled_starts = log_text
         .lines()
         .filter(|l| l.contains("dedup state was behind the log"))
