@@ -198,7 +198,7 @@ impl Outbox {
         let mut lanes = Vec::with_capacity(2);
         for lane in Lane::ALL {
             let ks = db
-                .keyspace(lane.keyspace_name(), fjall::KeyspaceCreateOptions::default)
+                .keyspace(lane.keyspace_name(), super::recovery::keyspace_options)
                 .map_err(|e| StoreError::fjall("opening an outbox lane", e))?;
             let st = &mut lanes_state[lane.index()];
             let mut broken: Vec<Vec<u8>> = Vec::new();

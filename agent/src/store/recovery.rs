@@ -27,6 +27,19 @@ const QUARANTINES_KEPT: usize = 3;
 const FJALL_JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
 /// Block cache: the store is written far more than read.
 const FJALL_CACHE_BYTES: u64 = 8 * 1024 * 1024;
+/// Memtable of each keyspace (fjall's default is 64 MiB): written records
+/// sit in memory until their keyspace's memtable reaches this size and is
+/// flushed to a disk segment. On a gateway with little memory, a few MiB per
+/// keyspace keeps the agent's RSS flat whatever the ingest rate; the journal
+/// at 10 000 readings/s flushes about every 7 s. Applies to keyspaces created
+/// with it (a new state directory); fjall keeps the size an existing
+/// keyspace was created with.
+const FJALL_MEMTABLE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The options every keyspace of the store is created with.
+pub(crate) fn keyspace_options() -> KeyspaceCreateOptions {
+    KeyspaceCreateOptions::default().max_memtable_size(FJALL_MEMTABLE_BYTES)
+}
 
 /// A database moved aside.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -248,7 +261,7 @@ fn open_and_scan(dir: &Path, config: &StoreConfig, report: &mut RecoveryReport) 
             e => StoreError::fjall("opening the database", e),
         })?;
     let keyspace = |name: &'static str| {
-        db.keyspace(name, KeyspaceCreateOptions::default)
+        db.keyspace(name, keyspace_options)
             .map_err(|e| StoreError::fjall("opening a keyspace", e))
     };
     let meta = keyspace("meta")?;
