@@ -125,8 +125,16 @@ async fn wait_healthy(server: &Server, want: StatusCode) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn records_land_in_kafka_once_and_outage_answers_503() {
+/// A tansu broker, an aggregator config writing to it (with this
+/// `message-timeout`) and an aggregator serving it, healthy.
+async fn start_with_kafka(
+    message_timeout: &str,
+) -> (
+    tempfile::TempDir,
+    Broker,
+    millrace_aggregator::config::Config,
+    Server,
+) {
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
         .with_env_filter("info")
@@ -137,12 +145,18 @@ async fn records_land_in_kafka_once_and_outage_answers_503() {
         &tmp.path().join("agg"),
         "",
         &format!(
-            "[kafka]\nbrokers = \"127.0.0.1:{}\"\nmessage-timeout = \"3s\"\n",
+            "[kafka]\nbrokers = \"127.0.0.1:{}\"\nmessage-timeout = \"{message_timeout}\"\n",
             broker.port
         ),
     ));
     let server = Server::start(&config).await;
     wait_healthy(&server, StatusCode::OK).await;
+    (tmp, broker, config, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_land_in_kafka_once_and_outage_answers_503() {
+    let (tmp, broker, _config, server) = start_with_kafka("3s").await;
 
     let mut first = batch("gw-1", &[1, 2, 3], 1);
     first.records.push(Envelope {
@@ -240,22 +254,7 @@ async fn a_crash_after_the_kafka_ack_is_reconciled_at_start() {
     use millrace_aggregator::log::kafka::KafkaWriter;
     use millrace_aggregator::log::{LogRecord, LogWriter};
 
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter("info")
-        .try_init();
-    let tmp = tempfile::tempdir().unwrap();
-    let broker = Broker::start(&tmp.path().join("tansu"), None);
-    let config = parse_config(&config_text(
-        &tmp.path().join("agg"),
-        "",
-        &format!(
-            "[kafka]\nbrokers = \"127.0.0.1:{}\"\nmessage-timeout = \"5s\"\n",
-            broker.port
-        ),
-    ));
-    let server = Server::start(&config).await;
-    wait_healthy(&server, StatusCode::OK).await;
+    let (tmp, broker, config, server) = start_with_kafka("5s").await;
     let first = batch("gw-1", &[1, 2, 3], 1);
     assert_eq!(
         post_batch(server.addr, TOKEN_1, &first).await.status,
