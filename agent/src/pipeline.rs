@@ -114,6 +114,26 @@ impl Analytics {
         self.collect();
     }
 
+    /// Resumes the scorer's baselines saved by a previous run; those saved
+    /// more than [`BASELINE_MAX_AGE`] before `now_ms` are not used (the plant
+    /// may have changed since). Returns how many series were restored.
+    pub fn restore_baselines(
+        &mut self,
+        saved: crate::store::LoadedBaselines,
+        now_ms: UnixMs,
+    ) -> usize {
+        let max_age_ms = BASELINE_MAX_AGE.as_millis() as i64;
+        let mut restored = 0;
+        for (series, saved_ms, history) in saved.series {
+            if now_ms.saturating_sub(saved_ms) <= max_age_ms
+                && self.scorer.restore(series, &history)
+            {
+                restored += 1;
+            }
+        }
+        restored
+    }
+
     /// Seeds the engine with the closed-up-to marks of a previous run.
     pub fn restore_closed(&mut self, marks: impl IntoIterator<Item = (SeriesKey, UnixMs)>) {
         self.engine.restore_closed(marks);
@@ -205,6 +225,7 @@ pub struct Durability {
     wake_uplink: Arc<Notify>,
     pending_acks: Vec<DurableAck>,
     last_reclaim: Instant,
+    last_baseline_save: Instant,
     store_failures: u32,
     /// Beaten while a blocked append waits: waiting by policy is not a stall.
     heartbeat: crate::service::Heartbeat,
@@ -218,6 +239,7 @@ impl Durability {
             wake_uplink,
             pending_acks: Vec::new(),
             last_reclaim: Instant::now(),
+            last_baseline_save: Instant::now(),
             store_failures: 0,
             heartbeat: crate::service::Heartbeat::default(),
         }
@@ -331,6 +353,28 @@ impl Durability {
         }
     }
 
+    /// Saves the scorer's baselines if due (`force`: now, at shutdown). A
+    /// failure is logged and counted; the scorer then warms up after a
+    /// restart, nothing else is lost.
+    fn save_baselines(&mut self, analytics: &mut Analytics, force: bool) {
+        if !force && self.last_baseline_save.elapsed() < BASELINE_SAVE_INTERVAL {
+            return;
+        }
+        self.last_baseline_save = Instant::now();
+        let snapshot = analytics.scorer.snapshot();
+        let store = Arc::clone(&self.store);
+        let now = now_ms();
+        match tokio::task::block_in_place(|| store.baselines().save(&snapshot, now)) {
+            Ok(()) => {
+                metrics::gauge!("millrace_saved_baselines").set(snapshot.len() as f64);
+            }
+            Err(error) => {
+                metrics::counter!("millrace_baseline_save_errors_total").increment(1);
+                tracing::warn!(%error, series = snapshot.len(), "saving anomaly baselines failed");
+            }
+        }
+    }
+
     fn reclaim(&mut self) {
         if self.last_reclaim.elapsed() < RECLAIM_INTERVAL {
             return;
@@ -349,6 +393,10 @@ impl Durability {
 
 /// How often journal space is reclaimed and expired outbox records dropped.
 const RECLAIM_INTERVAL: Duration = Duration::from_secs(2);
+/// How often the scorer's baselines are saved (and at shutdown).
+const BASELINE_SAVE_INTERVAL: Duration = Duration::from_secs(60);
+/// Saved baselines older than this are not restored at start.
+pub const BASELINE_MAX_AGE: Duration = Duration::from_secs(3600);
 
 /// Runs the pipeline until `shutdown` is cancelled and the channel is drained.
 pub async fn run(
@@ -385,6 +433,7 @@ pub async fn run(
                 }
                 if let Some(d) = durability.as_mut() {
                     d.reclaim();
+                    d.save_baselines(&mut analytics, false);
                 }
             }
         }
@@ -402,6 +451,7 @@ pub async fn run(
     analytics.flush();
     publish(&mut analytics, outputs, durability.as_mut(), &shutdown).await;
     if let Some(d) = durability.as_mut() {
+        d.save_baselines(&mut analytics, true);
         d.commit();
         let store = Arc::clone(&d.store);
         if let Err(error) = tokio::task::block_in_place(|| store.sync()) {
@@ -580,5 +630,27 @@ mod tests {
             matches!(&late[..], [Record::DeadLetter(dl)] if dl.reason == DeadLetterReason::Late),
             "{late:?}"
         );
+    }
+
+    #[test]
+    fn baselines_older_than_the_max_age_are_not_restored() {
+        let mut a = analytics();
+        let hour = BASELINE_MAX_AGE.as_millis() as i64;
+        let saved = crate::store::LoadedBaselines {
+            series: vec![
+                (
+                    SeriesKey::new("kiln-1", "fresh"),
+                    10_000_000,
+                    vec![(1.0, 0.1); 12],
+                ),
+                (
+                    SeriesKey::new("kiln-1", "stale"),
+                    10_000_000 - hour - 1,
+                    vec![(1.0, 0.1); 12],
+                ),
+            ],
+            corrupt: 0,
+        };
+        assert_eq!(a.restore_baselines(saved, 10_000_000), 1);
     }
 }

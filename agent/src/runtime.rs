@@ -3,9 +3,10 @@
 //! pipeline order on SIGINT/SIGTERM or when any task fails.
 //!
 //! Start-up order: the store opens (quarantining what is unreadable) → the
-//! journal is replayed into the window engine, which resumes every series
-//! from its closed-up-to mark (no window emitted twice) → the uplink, the
-//! sources and the pipeline start.
+//! scorer resumes the baselines saved by the last run (at most an hour old)
+//! → the journal is replayed into the window engine, which resumes every
+//! series from its closed-up-to mark (no window emitted twice) → the uplink,
+//! the sources and the pipeline start.
 //!
 //! Shutdown order: the token is cancelled → sources stop taking input → the
 //! pipeline drains the channel, flushes every open window into the outbox and
@@ -93,6 +94,7 @@ pub async fn run(cfg: AgentConfig, tap: Option<PathBuf>) -> Result<(), RuntimeEr
             Ok::<_, crate::store::StoreError>((
                 store.journal().replay()?,
                 store.journal().closed_marks(),
+                store.baselines().load()?,
             ))
         })
         .await
@@ -158,10 +160,20 @@ pub async fn run(cfg: AgentConfig, tap: Option<PathBuf>) -> Result<(), RuntimeEr
     let scorer = Scorer::new(cfg.agent.id.clone(), cfg.anomaly.clone())
         .with_max_series(cfg.window.max_series);
     let mut analytics = Analytics::new(engine, scorer);
-    let (journaled, marks) = replay;
+    let (journaled, marks, baselines) = replay;
     analytics.restore_closed(marks);
-    let replayed = journaled.readings.len();
     let now = crate::ingest::now_ms();
+    let (saved, corrupt) = (baselines.series.len(), baselines.corrupt);
+    let restored = analytics.restore_baselines(baselines, now);
+    if saved > 0 || corrupt > 0 {
+        tracing::info!(
+            restored,
+            saved,
+            corrupt,
+            "anomaly baselines resumed from the last run"
+        );
+    }
+    let replayed = journaled.readings.len();
     for r in &journaled.readings {
         analytics.replay(r, now);
     }

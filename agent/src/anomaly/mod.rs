@@ -139,6 +139,52 @@ impl Scorer {
         self.series.len()
     }
 
+    /// Every series' window history, `(mean, variance)` oldest first: what
+    /// [`restore`](Self::restore) takes after a restart.
+    pub fn snapshot(&mut self) -> Vec<(SeriesKey, Vec<(f64, f64)>)> {
+        self.series
+            .iter_mut()
+            .map(|(key, h)| (key.clone(), h.windows.iter().copied().collect()))
+            .collect()
+    }
+
+    /// Resumes a series from a saved history (the newest `history` windows
+    /// of it), so it is scored from its first window after a restart when
+    /// the saved history covers the warm-up. Non-finite entries are dropped;
+    /// a series already held, or one beyond the series cap, is left alone.
+    /// Returns whether the series was restored.
+    pub fn restore(&mut self, series: SeriesKey, windows: &[(f64, f64)]) -> bool {
+        let hash = self.series.hash(&series);
+        if self.series.get_mut(hash, &series).is_some() || self.series.len() >= self.max_series {
+            return false;
+        }
+        let kept: VecDeque<(f64, f64)> = windows
+            .iter()
+            .copied()
+            .filter(|(m, v)| m.is_finite() && v.is_finite() && *v >= 0.0)
+            .rev()
+            .take(self.cfg.history)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        if kept.is_empty() {
+            return false;
+        }
+        let baseline = baseline(&self.cfg, self.spike_z, &kept);
+        self.series.insert_new(
+            hash,
+            series,
+            SeriesHistory {
+                windows: kept,
+                baseline,
+                last_spike_window_ms: None,
+            },
+        );
+        self.stats.live_series = self.series.len() as u64;
+        true
+    }
+
     /// Drops the history of a series (call it when the window engine evicts it).
     pub fn forget(&mut self, series: &SeriesKey) {
         self.series.remove(series);

@@ -404,3 +404,47 @@ fn config_parses_and_validate_names_the_key() {
         "spike-min-severity"
     );
 }
+
+/// A scorer resumed from a snapshot scores the next window exactly as the
+/// scorer that never stopped, with no second warm-up.
+#[test]
+fn a_restored_scorer_scores_like_the_one_that_never_stopped() {
+    let cfg = AnomalyConfig::default();
+    let mut running = Scorer::new(AGENT, cfg.clone());
+    let mut rng = StdRng::seed_from_u64(11);
+    for i in 0..20 {
+        let mut w = window(i * 5_000, 100.0 + gaussian(&mut rng), 0.5);
+        running.score_window(&mut w);
+    }
+    let snapshot = running.snapshot();
+    assert_eq!(snapshot.len(), 1);
+    assert_eq!(snapshot[0].1.len(), cfg.history);
+
+    let mut resumed = Scorer::new(AGENT, cfg.clone());
+    assert!(resumed.restore(snapshot[0].0.clone(), &snapshot[0].1));
+    // Already held: left alone.
+    assert!(!resumed.restore(snapshot[0].0.clone(), &snapshot[0].1));
+    let (mut a, mut b) = (window(100_000, 104.0, 0.5), window(100_000, 104.0, 0.5));
+    let alert_a = running.score_window(&mut a);
+    let alert_b = resumed.score_window(&mut b);
+    assert!(b.score.is_some(), "scored at once, no warm-up");
+    assert_eq!(a.score, b.score);
+    assert_eq!(alert_a.is_some(), alert_b.is_some());
+}
+
+#[test]
+fn restore_keeps_the_newest_history_and_drops_bad_entries() {
+    let cfg = AnomalyConfig::default();
+    let mut s = Scorer::new(AGENT, cfg.clone());
+    let mut saved: Vec<(f64, f64)> = (0..30).map(|i| (f64::from(i), 0.25)).collect();
+    saved.push((f64::NAN, 0.25));
+    saved.push((1.0, f64::INFINITY));
+    assert!(s.restore(key(), &saved));
+    let back = s.snapshot();
+    assert_eq!(back[0].1.len(), cfg.history);
+    assert_eq!(back[0].1.last(), Some(&(29.0, 0.25)));
+    // Nothing usable: not restored.
+    let mut empty = Scorer::new(AGENT, cfg);
+    assert!(!empty.restore(key(), &[(f64::NAN, 0.0)]));
+    assert_eq!(empty.live_series(), 0);
+}

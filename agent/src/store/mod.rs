@@ -54,6 +54,7 @@
 //! | `journal`         | position u64 big-endian      | stored value of a `Reading`             |
 //! | `journal_closed`  | postcard(`SeriesKey`)        | `window_end_ms` i64 BE + crc32 LE       |
 //! | `meta`            | `next_seq`                   | u64 BE + crc32 LE                       |
+//! | `baselines`       | postcard(`SeriesKey`)        | stored value of the scorer's history (see [`Baselines`]) |
 //!
 //! Big-endian keys make fjall's byte order the numeric order, so every lane
 //! and the journal iterate oldest first. A *stored value* is
@@ -113,12 +114,14 @@
 //! files (the tests write too little to flush one; the scan at open reads
 //! every entry, so a bad block fails the scan and quarantines the database).
 
+mod baselines;
 mod codec;
 mod config;
 mod journal;
 mod outbox;
 mod recovery;
 
+pub use baselines::{Baselines, History, LoadedBaselines};
 pub use config::{
     parse_byte_size, ConfigError, JournalConfig, OutboxConfig, StoreConfig, WhenFull,
 };
@@ -247,6 +250,7 @@ pub struct Store {
     db: fjall::Database,
     outbox: Outbox,
     journal: Journal,
+    baselines: Baselines,
     dir: PathBuf,
 }
 
@@ -270,6 +274,7 @@ impl Store {
             db: opened.db,
             outbox: opened.outbox,
             journal: opened.journal,
+            baselines: opened.baselines,
             dir,
         };
         Ok((store, opened.report))
@@ -281,6 +286,11 @@ impl Store {
 
     pub fn journal(&self) -> &Journal {
         &self.journal
+    }
+
+    /// The scorer's saved baselines.
+    pub fn baselines(&self) -> &Baselines {
+        &self.baselines
     }
 
     pub fn dir(&self) -> &Path {

@@ -150,6 +150,7 @@ pub(crate) struct Opened {
     pub db: Database,
     pub outbox: Outbox,
     pub journal: Journal,
+    pub baselines: super::Baselines,
     pub report: RecoveryReport,
 }
 
@@ -265,6 +266,7 @@ fn open_and_scan(dir: &Path, config: &StoreConfig, report: &mut RecoveryReport) 
             .map_err(|e| StoreError::fjall("opening a keyspace", e))
     };
     let meta = keyspace("meta")?;
+    let baselines = super::Baselines::new(db.clone(), keyspace("baselines")?);
     let (marks, corrupt_marks) = Marks::load(&db, keyspace("journal_closed")?)?;
     let marks = std::sync::Arc::new(marks);
     let (lease, lease_ok) = SeqLease::read(dir);
@@ -326,6 +328,7 @@ fn open_and_scan(dir: &Path, config: &StoreConfig, report: &mut RecoveryReport) 
         db,
         outbox,
         journal,
+        baselines,
         report: report.clone(),
     })
 }

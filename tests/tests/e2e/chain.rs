@@ -11,7 +11,8 @@
 //!   window the agent produced (its tap) lands in the log once, without gaps.
 //! - `sigterm_sends_the_flushed_windows_before_exit`: the agent stopped
 //!   while the plant is live flushes its open windows and the uplink sends
-//!   them before the process exits: the log holds every tapped window.
+//!   them before the process exits: the log holds every tapped window;
+//!   restarted, it scores its first windows with the saved baselines.
 //! - `kafka_gets_exactly_the_expected_windows`: the aggregator writes to
 //!   tansu; Kafka holds exactly the tap's windows once, with agent and seq
 //!   headers, across a Kafka outage (healthz 503, the agent buffers).
@@ -683,6 +684,29 @@ fn sigterm_sends_the_flushed_windows_before_exit() {
         partial.iter().all(|w| w["count"].as_u64().unwrap() < 10),
         "{partial:?}"
     );
+
+    // Restarted, the agent scores at once: the baselines saved at the stop
+    // are resumed, no second warm-up (5 windows here).
+    let tap2 = dir.path().join("tap2.jsonl");
+    let mut agent = spawn_agent(&rig.agent_toml, Some(&tap2), agent_log, true);
+    let after: Vec<Value> = follow_json_lines(&tap2, Duration::from_secs(30), |seen| {
+        seen.iter().filter(|r| r["type"] == "window").count() >= 4
+    })
+    .into_iter()
+    .filter(|r| r["type"] == "window")
+    .collect();
+    assert!(after.len() >= 4, "{}", tail_of(agent_log, 30));
+    assert!(
+        after.iter().all(|w| !w["score"].is_null()),
+        "windows right after the restart are scored: {after:?}"
+    );
+    let resumed: Vec<Value> = follow_json_lines(agent_log, Duration::from_millis(1), |_| true)
+        .into_iter()
+        .filter(|r| r["message"] == "anomaly baselines resumed from the last run")
+        .collect();
+    assert_eq!(resumed.len(), 1, "{resumed:?}");
+    assert_eq!(resumed[0]["restored"], 2, "{resumed:?}");
+    assert_eq!(agent.terminate(Duration::from_secs(30)), Some(0));
 }
 
 /// Kafka windows: the value plus the agent and seq headers, checked.
