@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! +---------+---------+-----------+----------------------------+
-//! | "MLRC"  | version | crc32 LE  | postcard(BatchBody)        |
+//! | "MLRC"  | version | crc32 LE  | postcard body (below)      |
 //! | 4 bytes | 1 byte  | 4 bytes   | rest                       |
 //! +---------+---------+-----------+----------------------------+
 //! ```
@@ -21,6 +21,8 @@
 //! | 1 | agent, outbox floor, records |
 //! | 2 | version 1 + an optional [`AgentStatus`] (outbox depth, retries) |
 //!
+//! The version 1 body is postcard of `(agent, outbox_floor, records)`; a
+//! version 2 body is that, followed by postcard of `Option<AgentStatus>`.
 //! Postcard is not self-describing, so a body is read by the layout of the
 //! version in its header. Decoders accept every version from
 //! [`MIN_WIRE_VERSION`] to [`WIRE_VERSION`]: upgrade the aggregator before
@@ -130,21 +132,6 @@ pub struct AgentStatus {
     pub uplink_failures: u32,
 }
 
-#[derive(Deserialize)]
-struct BatchBodyV1 {
-    agent: String,
-    outbox_floor: u64,
-    records: Vec<Envelope>,
-}
-
-#[derive(Deserialize)]
-struct BatchBodyV2 {
-    agent: String,
-    outbox_floor: u64,
-    records: Vec<Envelope>,
-    status: Option<AgentStatus>,
-}
-
 /// Why bytes could not be decoded into a [`Batch`]. A sender that gets one of
 /// these for a batch must not retry it unchanged.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -222,21 +209,12 @@ impl Batch {
     /// `self.version`: a version 1 batch is written without its status.
     pub fn encode_binary(&self) -> Vec<u8> {
         // Serialising plain data into a Vec cannot fail.
-        let payload = if self.version < 2 {
-            postcard::to_stdvec(&BatchBodyV1Ref {
-                agent: &self.agent,
-                outbox_floor: self.outbox_floor,
-                records: &self.records,
-            })
-        } else {
-            postcard::to_stdvec(&BatchBodyV2Ref {
-                agent: &self.agent,
-                outbox_floor: self.outbox_floor,
-                records: &self.records,
-                status: self.status.as_ref(),
-            })
+        let mut payload =
+            postcard::to_stdvec(&(&self.agent, self.outbox_floor, &self.records))
+                .unwrap_or_default();
+        if self.version >= 2 {
+            payload = postcard::to_extend(&self.status, payload).unwrap_or_default();
         }
-        .unwrap_or_default();
         let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
         out.extend_from_slice(MAGIC);
         out.push(self.version);
@@ -263,24 +241,19 @@ impl Batch {
             return Err(WireError::Checksum { expected, actual });
         }
         let body_error = |e: postcard::Error| WireError::Body(e.to_string());
-        let batch = if version < 2 {
-            let body: BatchBodyV1 = postcard::from_bytes(payload).map_err(body_error)?;
-            Batch {
-                version,
-                agent: body.agent,
-                outbox_floor: body.outbox_floor,
-                records: body.records,
-                status: None,
-            }
+        let ((agent, outbox_floor, records), rest): ((String, u64, Vec<Envelope>), _) =
+            postcard::take_from_bytes(payload).map_err(body_error)?;
+        let status = if version >= 2 {
+            postcard::from_bytes(rest).map_err(body_error)?
         } else {
-            let body: BatchBodyV2 = postcard::from_bytes(payload).map_err(body_error)?;
-            Batch {
-                version,
-                agent: body.agent,
-                outbox_floor: body.outbox_floor,
-                records: body.records,
-                status: body.status,
-            }
+            None
+        };
+        let batch = Batch {
+            version,
+            agent,
+            outbox_floor,
+            records,
+            status,
         };
         batch.validate()?;
         Ok(batch)
@@ -298,21 +271,6 @@ impl Batch {
         batch.validate()?;
         Ok(batch)
     }
-}
-
-#[derive(Serialize)]
-struct BatchBodyV1Ref<'a> {
-    agent: &'a str,
-    outbox_floor: u64,
-    records: &'a [Envelope],
-}
-
-#[derive(Serialize)]
-struct BatchBodyV2Ref<'a> {
-    agent: &'a str,
-    outbox_floor: u64,
-    records: &'a [Envelope],
-    status: Option<&'a AgentStatus>,
 }
 
 #[cfg(test)]
