@@ -223,33 +223,20 @@ impl DedupStore {
             .values()
             .flat_map(|s| s.log_marks.keys().cloned())
             .collect();
-        let from: BTreeMap<String, u64> = match scope {
-            // Read each topic from the lowest mark of all agents; a topic
-            // some agent has no mark for is read from the start.
-            MarkScope::PerAgent => marked
-                .into_iter()
-                .filter_map(|topic| {
-                    let low = states
-                        .values()
-                        .map(|s| s.log_marks.get(&topic).copied())
-                        .collect::<Option<Vec<u64>>>()?
-                        .into_iter()
-                        .min()?;
-                    Some((topic, low))
-                })
-                .collect(),
-            // Every saved mark holds for all agents: the newest one wins.
-            MarkScope::Global => marked
-                .into_iter()
-                .filter_map(|key| {
-                    let high = states
-                        .values()
-                        .filter_map(|s| s.log_marks.get(&key).copied())
-                        .max()?;
-                    Some((key, high))
-                })
-                .collect(),
-        };
+        // Per agent: read each topic from the lowest mark of all agents (a
+        // topic some agent has no mark for is read from the start). Global:
+        // every saved mark holds for all agents, so the newest one wins.
+        let from: BTreeMap<String, u64> = marked
+            .into_iter()
+            .filter_map(|key| {
+                let marks = states.values().map(|s| s.log_marks.get(&key).copied());
+                let start = match scope {
+                    MarkScope::PerAgent => marks.collect::<Option<Vec<u64>>>()?.into_iter().min(),
+                    MarkScope::Global => marks.flatten().max(),
+                }?;
+                Some((key, start))
+            })
+            .collect();
         let mut scanned_end: BTreeMap<String, u64> = BTreeMap::new();
         log.committed_since(&from, &mut |record: CommittedRecord| {
             let end = scanned_end.entry(record.topic.clone()).or_insert(0);

@@ -209,9 +209,8 @@ impl Batch {
     /// `self.version`: a version 1 batch is written without its status.
     pub fn encode_binary(&self) -> Vec<u8> {
         // Serialising plain data into a Vec cannot fail.
-        let mut payload =
-            postcard::to_stdvec(&(&self.agent, self.outbox_floor, &self.records))
-                .unwrap_or_default();
+        let mut payload = postcard::to_stdvec(&(&self.agent, self.outbox_floor, &self.records))
+            .unwrap_or_default();
         if self.version >= 2 {
             payload = postcard::to_extend(&self.status, payload).unwrap_or_default();
         }

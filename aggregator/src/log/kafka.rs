@@ -140,9 +140,13 @@ impl Frontier {
         self.pins.remove(&id);
     }
 
-    /// A record was delivered (or found) at `offset` of partition `key`.
+    /// A record was delivered at `offset` of partition `key`.
     pub fn delivered(&mut self, key: &str, offset: u64) {
-        let end = offset.saturating_add(1);
+        self.reached(key, offset.saturating_add(1));
+    }
+
+    /// Partition `key` is known to hold records up to `end` (exclusive).
+    pub fn reached(&mut self, key: &str, end: u64) {
         match self.known_end.get_mut(key) {
             Some(known) => *known = (*known).max(end),
             None => {
@@ -251,7 +255,7 @@ impl KafkaWriter {
             .set("auto.offset.reset", "earliest")
             .create_with_context(TracingContext)?;
         let mut assignment = TopicPartitionList::new();
-        // Partitions still to read to their end: key -> (topic, partition, end).
+        // Partitions still to read, by mark key: the end to read them to.
         let mut pending: HashMap<String, u64> = HashMap::new();
         let mut report = ReadBack::default();
         let mut ends = Vec::new();
@@ -271,29 +275,23 @@ impl KafkaWriter {
                 tracing::warn!(topic = %topic, "topic does not exist yet; nothing to read back");
                 continue;
             };
-            {
-                if let Some(error) = t.error() {
-                    tracing::warn!(
-                        topic = t.name(),
-                        ?error,
-                        "topic not readable; not reconciled"
-                    );
-                    continue;
-                }
-                for p in t.partitions() {
-                    let (low, high) = consumer.fetch_watermarks(topic, p.id(), timeout)?;
-                    let (low, high) = (low.max(0) as u64, high.max(0) as u64);
-                    let key = partition_key(topic, p.id());
-                    let start = from.get(&key).copied().unwrap_or(0).max(low);
-                    ends.push((key.clone(), high));
-                    if start < high {
-                        assignment.add_partition_offset(
-                            topic,
-                            p.id(),
-                            Offset::Offset(start as i64),
-                        )?;
-                        pending.insert(key, high);
-                    }
+            if let Some(error) = t.error() {
+                tracing::warn!(
+                    topic = t.name(),
+                    ?error,
+                    "topic not readable; not reconciled"
+                );
+                continue;
+            }
+            for p in t.partitions() {
+                let (low, high) = consumer.fetch_watermarks(topic, p.id(), timeout)?;
+                let (low, high) = (low.max(0) as u64, high.max(0) as u64);
+                let key = partition_key(topic, p.id());
+                let start = from.get(&key).copied().unwrap_or(0).max(low);
+                ends.push((key.clone(), high));
+                if start < high {
+                    assignment.add_partition_offset(topic, p.id(), Offset::Offset(start as i64))?;
+                    pending.insert(key, high);
                 }
             }
         }
@@ -350,11 +348,7 @@ impl KafkaWriter {
         }
         let mut frontier = lock(&self.frontier);
         for (key, end) in ends {
-            if end > 0 {
-                frontier.delivered(&key, end - 1);
-            } else {
-                frontier.known_end.entry(key).or_insert(0);
-            }
+            frontier.reached(&key, end);
             report.partitions += 1;
         }
         Ok(report)
