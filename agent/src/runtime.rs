@@ -94,7 +94,12 @@ pub async fn run(cfg: AgentConfig, tap: Option<PathBuf>) -> Result<(), RuntimeEr
             Ok::<_, crate::store::StoreError>((
                 store.journal().replay()?,
                 store.journal().closed_marks(),
-                store.baselines().load()?,
+                // Only the scorer's warm-up depends on these: a store that
+                // cannot read them must not keep the agent from starting.
+                store.baselines().load().unwrap_or_else(|error| {
+                    tracing::warn!(%error, "anomaly baselines unreadable; every series warms up again");
+                    crate::store::LoadedBaselines::default()
+                }),
             ))
         })
         .await

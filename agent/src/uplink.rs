@@ -320,34 +320,24 @@ impl Uplink {
         }
     }
 
-    /// Sends what the outbox holds, oldest first by lane precedence and
-    /// without the backlog throttle, until it is empty, a send fails, or
-    /// `budget` is spent (a POST in flight at the deadline is abandoned; its
-    /// records stay in the outbox). Returns the records acknowledged.
+    /// Sends what the outbox holds, alerts first, everything else as live
+    /// (no backlog throttle), until it is empty, a send fails, or `budget`
+    /// is spent (a POST in flight at the deadline is abandoned; its records
+    /// stay in the outbox). Returns the batches acknowledged.
     pub async fn drain(&self, budget: Duration) -> u64 {
         if budget.is_zero() {
             return 0;
         }
         let deadline = tokio::time::Instant::now() + budget;
         let batch_bytes = self.cfg.batch_bytes.as_u64();
+        // `live_from` 0: every bulk record is live, so the bucket is unused.
+        let (mut live_from, mut bucket) = (0, TokenBucket::new(self.cfg.replay_rate));
         let mut sent = 0u64;
         let outcome = loop {
-            let step = async {
-                let max = self.cfg.batch_records;
-                let mut records = self.peek(Lane::Priority, 0, max, batch_bytes).await?;
-                if records.is_empty() {
-                    records = self.peek(Lane::Bulk, 0, max, batch_bytes).await?;
-                }
-                if records.is_empty() {
-                    return Ok(0);
-                }
-                let n = records.len() as u64;
-                self.deliver(records).await?;
-                Ok::<u64, RoundError>(n)
-            };
+            let step = self.round(&mut live_from, &mut bucket, batch_bytes);
             match tokio::time::timeout_at(deadline, step).await {
-                Ok(Ok(0)) => break "outbox empty",
-                Ok(Ok(n)) => sent += n,
+                Ok(Ok(Progress::Idle | Progress::Throttled(_))) => break "outbox empty",
+                Ok(Ok(Progress::Sent)) => sent += 1,
                 Ok(Err(RoundError::Retry { reason, .. })) => {
                     tracing::warn!(%reason, "shutdown drain: send failed; the rest waits for the next start");
                     break "send failed";
@@ -359,7 +349,7 @@ impl Uplink {
                 Err(_) => break "deadline",
             }
         };
-        tracing::info!(records = sent, stopped = outcome, "uplink stopped");
+        tracing::info!(batches = sent, stopped = outcome, "uplink stopped");
         sent
     }
 
@@ -685,5 +675,41 @@ mod tests {
         std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&z[..]), &mut out).unwrap();
         assert_eq!(out, data);
         assert!(z.len() < data.len());
+    }
+
+    /// At shutdown with the aggregator gone, the drain gives up at the first
+    /// failed send instead of waiting out its budget, and nothing is lost:
+    /// the record stays in the outbox for the next start.
+    #[tokio::test]
+    async fn a_drain_that_cannot_send_stops_and_keeps_the_outbox() {
+        use millrace_protocol::{DeadLetter, DeadLetterReason, Record, Source};
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), crate::store::StoreConfig::default()).unwrap();
+        let store = Arc::new(store);
+        store
+            .outbox()
+            .append(vec![Record::DeadLetter(DeadLetter::new(
+                Source::Mqtt,
+                "plant/x",
+                b"x".to_vec(),
+                DeadLetterReason::Malformed,
+                "",
+                0,
+            ))])
+            .unwrap();
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let cfg: UplinkConfig = toml::from_str(&format!("url = \"{url}\"")).unwrap();
+        let uplink = Uplink::new(cfg, "gw".into(), Arc::clone(&store), Arc::default()).unwrap();
+        assert_eq!(uplink.drain(Duration::ZERO).await, 0);
+        let drained = tokio::time::timeout(
+            Duration::from_secs(4),
+            uplink.drain(Duration::from_secs(60)),
+        )
+        .await
+        .expect("a refused connection ends the drain at once");
+        assert_eq!(drained, 0);
+        assert_eq!(store.outbox().stats().unwrap().records(), 1);
     }
 }

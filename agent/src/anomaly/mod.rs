@@ -158,15 +158,14 @@ impl Scorer {
         if self.series.get_mut(hash, &series).is_some() || self.series.len() >= self.max_series {
             return false;
         }
-        let kept: VecDeque<(f64, f64)> = windows
+        let valid: Vec<(f64, f64)> = windows
             .iter()
             .copied()
             .filter(|(m, v)| m.is_finite() && v.is_finite() && *v >= 0.0)
-            .rev()
-            .take(self.cfg.history)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
+            .collect();
+        let kept: VecDeque<(f64, f64)> = valid[valid.len().saturating_sub(self.cfg.history)..]
+            .iter()
+            .copied()
             .collect();
         if kept.is_empty() {
             return false;

@@ -121,12 +121,13 @@ impl RedeliveryGuard {
         if !Self::tracks(reading) {
             return false;
         }
+        // Expire first: a fingerprint past its horizon must not match.
+        self.expire(now_ms);
         let fp = self.fingerprint(reading);
         if self.seen.contains(&fp) {
             self.stats.duplicates += 1;
             return true;
         }
-        self.expire(now_ms);
         while self.live.len() + self.replayed.len() >= self.capacity {
             // The oldest live reading goes first: replayed ones are the
             // likelier to come back.

@@ -249,6 +249,24 @@ impl Rig {
         agent
     }
 
+    /// Waits (up to 60 s) until the embedded log holds at least `n` windows;
+    /// returns how many it holds.
+    fn wait_for_log_windows(&self, n: usize) -> usize {
+        let have = wait_until_stable(
+            || log_windows(&self.agg_toml).len(),
+            |have| *have >= n,
+            Duration::from_millis(500),
+            Duration::ZERO,
+            Duration::from_secs(60),
+        );
+        assert!(
+            have >= n,
+            "only {have} windows in the log, wanted {n}: {}",
+            tail_of(&self.agent_log, 30)
+        );
+        have
+    }
+
     /// Starts the simulator publishing `sensors` to the agent's broker.
     fn start_sim(&self, client_id: &str, sensors: &[String]) -> ChildGuard {
         let sim_toml = self.dir.join("sim.toml");
@@ -502,18 +520,7 @@ fn aggregator_outage_backlog_drains() {
     let mut sim = rig.start_sim("sim-chain-outage", &sensors);
 
     // Windows flow before the outage.
-    let before = wait_until_stable(
-        || log_windows(agg_toml).len(),
-        |n| *n >= 8,
-        Duration::from_millis(500),
-        Duration::ZERO,
-        Duration::from_secs(60),
-    );
-    assert!(
-        before >= 8,
-        "only {before} windows before the outage: {}",
-        tail_of(agent_log, 30)
-    );
+    rig.wait_for_log_windows(8);
 
     // 30 s outage.
     assert_eq!(
@@ -619,18 +626,7 @@ fn sigterm_sends_the_flushed_windows_before_exit() {
     let mut agent = rig.start_agent(true);
     let sensors = vec!["oven-4/temp".to_string(), "oven-4/humidity".to_string()];
     let _sim = rig.start_sim("sim-chain-stop", &sensors);
-    let flowing = wait_until_stable(
-        || log_windows(agg_toml).len(),
-        |n| *n >= 6,
-        Duration::from_millis(500),
-        Duration::ZERO,
-        Duration::from_secs(60),
-    );
-    assert!(
-        flowing >= 6,
-        "windows not flowing: {}",
-        tail_of(agent_log, 30)
-    );
+    rig.wait_for_log_windows(6);
     // Mid-window: both series have an open window with readings in it.
     let now = millrace_sim::unix_now_ms();
     std::thread::sleep(Duration::from_millis(
