@@ -139,7 +139,7 @@ pub async fn run(cfg: AgentConfig, tap: Option<PathBuf>) -> Result<(), RuntimeEr
     };
     if let Some(b) = cfg.broker.as_ref().filter(|b| b.enabled) {
         let broker = EmbeddedBroker::start(b)?;
-        tracing::info!(listen = %broker.local_addr(), "embedded MQTT broker up");
+        tracing::info!(listen = %broker.local_addr(), pubsub = ?broker.pubsub_addr(), "embedded MQTT broker up: devices publish to listen");
         counters.mqtt.push(("embedded-broker", broker.stats()));
         let (tx, token) = (tx.clone(), shutdown.clone());
         sources.spawn(async move { Ok(broker.run(tx, token).await?) });

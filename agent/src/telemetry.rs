@@ -90,6 +90,16 @@ pub fn export(sources: &Sources) {
             .absolute(stats.acks.load(Ordering::Relaxed));
         metrics::gauge!("millrace_mqtt_connected", "source" => source)
             .set(if stats.is_connected() { 1.0 } else { 0.0 });
+        metrics::counter!("millrace_mqtt_acks_withheld_total", "source" => source)
+            .absolute(stats.acks_withheld.load(Ordering::Relaxed));
+        metrics::counter!("millrace_mqtt_connection_errors_total", "source" => source)
+            .absolute(stats.connection_errors.load(Ordering::Relaxed));
+        if source == "embedded-broker" {
+            metrics::gauge!("millrace_mqtt_clients", "source" => source)
+                .set(stats.clients.load(Ordering::Relaxed) as f64);
+            metrics::counter!("millrace_mqtt_protocol_errors_total", "source" => source)
+                .absolute(stats.protocol_errors.load(Ordering::Relaxed));
+        }
         for reason in DeadLetterReason::ALL {
             let n = stats.dead_letters(reason);
             if n > 0 {

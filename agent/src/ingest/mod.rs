@@ -10,7 +10,9 @@ use millrace_protocol::{DeadLetter, Reading, UnixMs};
 
 pub mod broker;
 pub mod decode;
+pub mod listener;
 pub mod mqtt;
+pub mod pubsub;
 
 /// What a source hands to the pipeline.
 #[derive(Debug)]

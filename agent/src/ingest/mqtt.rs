@@ -316,6 +316,10 @@ pub struct MqttStats {
     /// QoS 1 messages left unacknowledged because their connection was lost
     /// before the pipeline accepted them (the broker redelivers them).
     pub acks_withheld: AtomicU64,
+    /// Devices connected now (ingest listener only).
+    pub clients: AtomicU64,
+    /// Connections closed for breaking the MQTT protocol (ingest listener only).
+    pub protocol_errors: AtomicU64,
     /// Whether the source is connected to its broker now.
     pub connected: AtomicBool,
     /// Whether the broker has acknowledged every subscription on the current
@@ -344,16 +348,23 @@ impl MqttStats {
     /// Counts one decoded message and what came out of it.
     pub(crate) fn record_decoded(&self, events: &[IngestEvent]) {
         self.messages.fetch_add(1, Ordering::Relaxed);
+        self.record_events(events);
+    }
+
+    /// Counts the readings and dead letters among `events`.
+    pub(crate) fn record_events(&self, events: &[IngestEvent]) {
+        let mut readings = 0;
         for event in events {
             match event {
-                IngestEvent::Reading(_) => {
-                    self.readings.fetch_add(1, Ordering::Relaxed);
-                }
+                IngestEvent::Reading(_) => readings += 1,
                 IngestEvent::DeadLetter(dl) => {
                     self.dead_letters[reason_index(dl.reason)].fetch_add(1, Ordering::Relaxed);
                 }
                 IngestEvent::Durable(_) => {}
             }
+        }
+        if readings > 0 {
+            self.readings.fetch_add(readings, Ordering::Relaxed);
         }
     }
 }
