@@ -69,11 +69,139 @@ pub(crate) fn encode_record(
     encode_value(appended_ms, record)
 }
 
+#[cfg(test)]
 pub(crate) fn encode_reading(
     appended_ms: UnixMs,
     reading: &Reading,
 ) -> Result<Vec<u8>, postcard::Error> {
     encode_value(appended_ms, reading)
+}
+
+/// Version byte of a journal block: many readings in one stored value.
+pub(crate) const BLOCK_VERSION: u8 = 2;
+/// `version (1) | crc32 LE (4) | appended_ms BE (8) | count u32 LE (4)`.
+pub(crate) const BLOCK_HEADER_LEN: usize = VALUE_HEADER_LEN + 4;
+
+/// Appends one reading to a block body (postcard, readings back to back).
+pub(crate) fn push_block_reading(
+    body: Vec<u8>,
+    reading: &Reading,
+) -> Result<Vec<u8>, postcard::Error> {
+    postcard::to_extend(reading, body)
+}
+
+/// `version 2 | crc32(rest) | appended_ms | count | body`.
+pub(crate) fn encode_block(appended_ms: UnixMs, count: u32, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(BLOCK_HEADER_LEN + body.len());
+    out.push(BLOCK_VERSION);
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&appended_ms.to_be_bytes());
+    out.extend_from_slice(&count.to_le_bytes());
+    out.extend_from_slice(body);
+    let crc = crc32fast::hash(&out[5..]);
+    out[1..5].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// A journal entry as stored: one reading (version 1, written by earlier
+/// releases) or a block of readings (version 2).
+#[derive(Debug)]
+pub(crate) enum JournalEntry<'a> {
+    Single(Reading),
+    Block { count: u32, body: &'a [u8] },
+}
+
+/// Checks a journal value and returns its append time and readings.
+pub(crate) fn decode_journal_entry(value: &[u8]) -> Result<(UnixMs, JournalEntry<'_>), Corrupt> {
+    match value.first() {
+        Some(&VALUE_VERSION) => {
+            let (ms, reading) = decode_value::<Reading>(value)?;
+            Ok((ms, JournalEntry::Single(reading)))
+        }
+        Some(&BLOCK_VERSION) if value.len() >= BLOCK_HEADER_LEN => {
+            let expected = u32::from_le_bytes([value[1], value[2], value[3], value[4]]);
+            if crc32fast::hash(&value[5..]) != expected {
+                return Err(Corrupt);
+            }
+            let mut ms = [0u8; 8];
+            ms.copy_from_slice(&value[5..VALUE_HEADER_LEN]);
+            let mut count = [0u8; 4];
+            count.copy_from_slice(&value[VALUE_HEADER_LEN..BLOCK_HEADER_LEN]);
+            Ok((
+                UnixMs::from_be_bytes(ms),
+                JournalEntry::Block {
+                    count: u32::from_le_bytes(count),
+                    body: &value[BLOCK_HEADER_LEN..],
+                },
+            ))
+        }
+        _ => Err(Corrupt),
+    }
+}
+
+/// A reading of a block, borrowed from it (no allocation): the fields of
+/// [`Reading`] in its postcard order.
+#[derive(Debug, serde::Deserialize)]
+pub(crate) struct ReadingView<'a> {
+    #[serde(borrow)]
+    pub series: SeriesView<'a>,
+    pub time_ms: UnixMs,
+    #[allow(dead_code)]
+    pub value: f64,
+    #[allow(dead_code)]
+    pub unit: &'a str,
+    #[allow(dead_code)]
+    pub source: millrace_protocol::Source,
+    #[allow(dead_code)]
+    pub quality: millrace_protocol::Quality,
+}
+
+/// A series key borrowed from a block; hashes like [`SeriesKey`], so maps
+/// keyed by `SeriesKey` can be probed with it.
+#[derive(Debug, Hash, serde::Deserialize)]
+pub(crate) struct SeriesView<'a> {
+    pub device: &'a str,
+    pub sensor: &'a str,
+}
+
+impl hashbrown::Equivalent<SeriesKey> for SeriesView<'_> {
+    fn equivalent(&self, key: &SeriesKey) -> bool {
+        *key.device == *self.device && *key.sensor == *self.sensor
+    }
+}
+
+/// Walks the `count` readings of a block body; `Err` if it does not decode.
+pub(crate) fn block_views(
+    count: u32,
+    mut body: &[u8],
+    mut each: impl FnMut(ReadingView<'_>),
+) -> Result<(), Corrupt> {
+    for _ in 0..count {
+        let (view, rest) =
+            postcard::take_from_bytes::<ReadingView<'_>>(body).map_err(|_| Corrupt)?;
+        each(view);
+        body = rest;
+    }
+    if body.is_empty() {
+        Ok(())
+    } else {
+        Err(Corrupt)
+    }
+}
+
+/// The readings of a block, owned (replay).
+pub(crate) fn block_readings(count: u32, mut body: &[u8]) -> Result<Vec<Reading>, Corrupt> {
+    let mut out = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let (reading, rest) = postcard::take_from_bytes::<Reading>(body).map_err(|_| Corrupt)?;
+        out.push(reading);
+        body = rest;
+    }
+    if body.is_empty() {
+        Ok(out)
+    } else {
+        Err(Corrupt)
+    }
 }
 
 /// Key of a closed-up-to mark: the postcard form of the series key

@@ -2,7 +2,7 @@
 //! replayed after a crash, reclaimed once their windows are in the outbox.
 //! Format and invariants are in the [module docs of `store`](super).
 
-use super::codec::{self, Corrupt};
+use super::codec::{self, Corrupt, JournalEntry};
 use super::config::JournalConfig;
 use super::{Result, StoreError};
 use crate::ingest::now_ms;
@@ -171,9 +171,12 @@ impl Marks {
     }
 }
 
+/// Readings appended since the last commit: one block in the making.
 #[derive(Debug, Default)]
 struct Pending {
-    entries: Vec<(u64, Vec<u8>)>,
+    /// The readings, postcard-encoded back to back.
+    body: Vec<u8>,
+    count: u32,
     next_position: u64,
     oldest: Option<Instant>,
 }
@@ -230,14 +233,22 @@ impl Journal {
         let mut first: Option<u64> = None;
         let mut last: Option<u64> = None;
         for guard in ks.iter() {
-            let key = guard
-                .key()
+            let (key, value) = guard
+                .into_inner()
                 .map_err(|e| StoreError::fjall("scanning the journal", e))?;
-            if let Ok(pos) = codec::decode_u64_key(&key) {
-                first.get_or_insert(pos);
-                last = Some(pos);
-            }
-            entries += 1;
+            let Ok(pos) = codec::decode_u64_key(&key) else {
+                entries += 1;
+                continue;
+            };
+            // A block covers `count` positions from its key; an undecodable
+            // entry counts as one (replay deletes it).
+            let count = match codec::decode_journal_entry(&value) {
+                Ok((_, JournalEntry::Block { count, .. })) => u64::from(count).max(1),
+                _ => 1,
+            };
+            first.get_or_insert(pos);
+            last = Some(pos.saturating_add(count - 1));
+            entries += count;
         }
         let next_position = last.map_or(0, |p| p.saturating_add(1));
         let journal = Journal {
@@ -273,20 +284,30 @@ impl Journal {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Buffers a reading for the next [`Journal::commit`] (no I/O). Refuses
-    /// with [`StoreError::JournalBacklog`] when the buffer is at its cap.
+    /// Buffers a reading for the next [`Journal::commit`] (no I/O, no
+    /// allocation once the block buffer has grown). Refuses with
+    /// [`StoreError::JournalBacklog`] when the buffer is at its cap.
     pub fn append(&self, reading: &Reading) -> Result<JournalPosition> {
-        let value = codec::encode_reading(now_ms(), reading)?;
         let mut p = self.pending();
-        if p.entries.len() >= self.inner.buffer_cap {
+        if p.count as usize >= self.inner.buffer_cap {
             return Err(StoreError::JournalBacklog {
-                pending: p.entries.len(),
+                pending: p.count as usize,
                 cap: self.inner.buffer_cap,
             });
         }
+        let body = std::mem::take(&mut p.body);
+        let mark = body.len();
+        p.body = match codec::push_block_reading(body, reading) {
+            Ok(body) => body,
+            Err(e) => {
+                // postcard cannot fail on a `Reading`; keep the buffer whole anyway.
+                p.body.truncate(mark);
+                return Err(e.into());
+            }
+        };
         let position = p.next_position;
         p.next_position += 1;
-        p.entries.push((position, value));
+        p.count += 1;
         p.oldest.get_or_insert_with(Instant::now);
         Ok(JournalPosition(position))
     }
@@ -295,36 +316,45 @@ impl Journal {
     /// or the oldest pending reading waited `commit-interval`.
     pub fn commit_due(&self) -> bool {
         let p = self.pending();
-        p.entries.len() >= self.inner.config.commit_readings
+        p.count as usize >= self.inner.config.commit_readings
             || p.oldest
                 .is_some_and(|t| t.elapsed() >= self.inner.config.commit_interval)
     }
 
-    /// Makes every buffered reading durable with one fsync. On error the
-    /// buffered readings are lost and the previous ticket still holds: do not
-    /// acknowledge their MQTT messages (the broker redelivers them).
+    /// Makes every buffered reading durable: one block, one write, one
+    /// fsync. On error the buffered readings are lost and the previous
+    /// ticket still holds: do not acknowledge their MQTT messages (they are
+    /// sent again).
     pub fn commit(&self) -> Result<JournalTicket> {
         let mut c = self.committed();
-        let entries = {
+        let (body, count, next_position) = {
             let mut p = self.pending();
             p.oldest = None;
-            std::mem::take(&mut p.entries)
+            let count = std::mem::take(&mut p.count);
+            (std::mem::take(&mut p.body), count, p.next_position)
         };
-        let Some(&(last, _)) = entries.last() else {
+        if count == 0 {
             return Ok(JournalTicket {
                 durable_before: JournalPosition(c.durable_before),
             });
-        };
-        let count = entries.len() as u64;
-        let mut batch = self.inner.db.batch().durability(Some(PersistMode::SyncAll));
-        for (position, value) in entries {
-            batch.insert(&self.inner.ks, codec::u64_key(position), value);
         }
-        batch
-            .commit()
-            .map_err(|e| StoreError::fjall("committing the journal", e))?;
-        c.durable_before = last + 1;
-        c.entries += count;
+        let first = next_position - u64::from(count);
+        let value = codec::encode_block(now_ms(), count, &body);
+        let mut batch = self.inner.db.batch().durability(Some(PersistMode::SyncAll));
+        batch.insert(&self.inner.ks, codec::u64_key(first), value);
+        let committed = batch.commit();
+        // Give the buffer back for the next block (its capacity is reused).
+        {
+            let mut p = self.pending();
+            if p.body.is_empty() {
+                let mut body = body;
+                body.clear();
+                p.body = body;
+            }
+        }
+        committed.map_err(|e| StoreError::fjall("committing the journal", e))?;
+        c.durable_before = next_position;
+        c.entries += u64::from(count);
         c.commits += 1;
         Ok(JournalTicket {
             durable_before: JournalPosition(c.durable_before),
@@ -343,15 +373,22 @@ impl Journal {
             let (key, value) = guard
                 .into_inner()
                 .map_err(|e| StoreError::fjall("replaying the journal", e))?;
-            match codec::decode_value::<Reading>(&value) {
-                Ok((_, reading)) => {
-                    if marks
-                        .get(&reading.series)
-                        .is_some_and(|&mark| reading.time_ms < mark)
-                    {
-                        out.skipped_closed += 1;
-                    } else {
-                        out.readings.push(reading);
+            let readings = match codec::decode_journal_entry(&value) {
+                Ok((_, JournalEntry::Single(reading))) => Ok(vec![reading]),
+                Ok((_, JournalEntry::Block { count, body })) => codec::block_readings(count, body),
+                Err(e) => Err(e),
+            };
+            match readings {
+                Ok(readings) => {
+                    for reading in readings {
+                        if marks
+                            .get(&reading.series)
+                            .is_some_and(|&mark| reading.time_ms < mark)
+                        {
+                            out.skipped_closed += 1;
+                        } else {
+                            out.readings.push(reading);
+                        }
                     }
                 }
                 Err(Corrupt) => broken.push(key.to_vec()),
@@ -412,26 +449,45 @@ impl Journal {
         let mut report = ReclaimReport::default();
         let mut doomed: Vec<Vec<u8>> = Vec::new();
         let mut first_kept: Option<u64> = None;
+        let marks: hashbrown::HashMap<SeriesKey, UnixMs, foldhash::fast::RandomState> =
+            marks.into_iter().collect();
         for guard in self.inner.ks.range(codec::u64_key(c.scan_from)..) {
             let (key, value) = guard
                 .into_inner()
                 .map_err(|e| StoreError::fjall("reclaiming the journal", e))?;
-            match codec::decode_value::<Reading>(&value) {
-                Ok((appended_ms, reading)) => {
-                    if marks
-                        .get(&reading.series)
-                        .is_some_and(|&mark| reading.time_ms < mark)
-                    {
-                        report.closed += 1;
-                    } else if appended_ms <= cutoff {
-                        report.expired += 1;
-                    } else {
-                        report.remaining += 1;
-                        if first_kept.is_none() {
-                            first_kept = codec::decode_u64_key(&key).ok();
-                        }
-                        continue;
+            // Readings of the entry whose window is closed, and all of them.
+            let counted = codec::decode_journal_entry(&value).and_then(|(appended_ms, entry)| {
+                let (closed, all) = match entry {
+                    JournalEntry::Single(r) => {
+                        let closed = marks.get(&r.series).is_some_and(|&m| r.time_ms < m);
+                        (u64::from(closed), 1)
                     }
+                    JournalEntry::Block { count, body } => {
+                        let mut closed = 0u64;
+                        codec::block_views(count, body, |r| {
+                            if marks.get(&r.series).is_some_and(|&m| r.time_ms < m) {
+                                closed += 1;
+                            }
+                        })?;
+                        (closed, u64::from(count))
+                    }
+                };
+                Ok((appended_ms, closed, all))
+            });
+            match counted {
+                Ok((_, closed, all)) if closed == all => report.closed += all,
+                Ok((appended_ms, closed, all)) if appended_ms <= cutoff => {
+                    report.closed += closed;
+                    report.expired += all - closed;
+                }
+                Ok((_, _, all)) => {
+                    // A block is deleted whole, once none of its readings
+                    // feeds an open window.
+                    report.remaining += all;
+                    if first_kept.is_none() {
+                        first_kept = codec::decode_u64_key(&key).ok();
+                    }
+                    continue;
                 }
                 Err(Corrupt) => report.corrupt += 1,
             }
@@ -465,7 +521,7 @@ impl Journal {
     }
 
     pub fn stats(&self) -> JournalStats {
-        let pending = self.pending().entries.len();
+        let pending = self.pending().count as usize;
         let c = self.committed();
         JournalStats {
             entries: c.entries,

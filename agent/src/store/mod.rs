@@ -51,7 +51,7 @@
 //! |-------------------|------------------------------|-----------------------------------------|
 //! | `outbox_priority` | `seq` u64 big-endian         | stored value of a `Record` (alerts)     |
 //! | `outbox_bulk`     | `seq` u64 big-endian         | stored value of a `Record` (the rest)   |
-//! | `journal`         | position u64 big-endian      | stored value of a `Reading`             |
+//! | `journal`         | first position u64 big-endian | journal block: the readings of one commit |
 //! | `journal_closed`  | postcard(`SeriesKey`)        | `window_end_ms` i64 BE + crc32 LE       |
 //! | `meta`            | `next_seq`                   | u64 BE + crc32 LE                       |
 //! | `baselines`       | postcard(`SeriesKey`)        | stored value of the scorer's history (see [`Baselines`]) |
@@ -62,6 +62,15 @@
 //! the checksum lets a flipped bit that fjall's own block checksums did not
 //! catch (a bad memtable recovery, a bug) surface as a counted, skipped entry
 //! instead of a wrong record.
+//!
+//! A *journal block* holds every reading of one [`Journal::commit`], so a
+//! group commit is one key, one write and one fsync whatever its size:
+//! `version (= 2) | crc32 LE of the rest | appended_ms i64 BE | count u32 LE |
+//! postcard(Reading)…` (the readings back to back). Its key is the position of
+//! its first reading; it covers `count` positions. A block is deleted whole,
+//! once every reading in it belongs to a closed window (or it is older than
+//! `journal.max-age`). Entries of version 1 (one reading each, written by
+//! earlier releases) are still replayed and reclaimed.
 //!
 //! # Invariants
 //!

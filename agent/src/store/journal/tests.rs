@@ -90,7 +90,12 @@ fn explicit_marks_and_reclaim() {
     let a = SeriesKey::new("plc1", "temp");
     let store = open(dir.path());
     let j = store.journal();
-    for t in [100, 200, 5100, 5200] {
+    // Two commits, two blocks: one of the closed window, one of the open one.
+    for t in [100, 200] {
+        j.append(&reading(&a, t, 0.0)).unwrap();
+    }
+    j.commit().unwrap();
+    for t in [5100, 5200] {
         j.append(&reading(&a, t, 0.0)).unwrap();
     }
     j.commit().unwrap();
@@ -156,4 +161,65 @@ fn commit_due_by_count_and_by_time_and_the_buffer_is_bounded() {
     assert_eq!(ticket.durable_before.0, 81);
     // An empty commit returns the same ticket.
     assert_eq!(j.commit().unwrap(), ticket);
+}
+
+/// A block is deleted whole: while one of its readings feeds an open window
+/// it stays, and a replay skips the readings of closed windows in it.
+#[test]
+fn a_block_stays_until_every_reading_in_it_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (SeriesKey::new("plc1", "a"), SeriesKey::new("plc1", "b"));
+    let store = open(dir.path());
+    let j = store.journal();
+    j.append(&reading(&a, 100, 1.0)).unwrap();
+    j.append(&reading(&b, 100, 2.0)).unwrap();
+    j.commit().unwrap();
+    j.mark_closed(&a, 5000).unwrap();
+    let r = j.reclaim(now_ms()).unwrap();
+    assert_eq!((r.closed, r.remaining), (0, 2));
+    let replay = j.replay().unwrap();
+    assert_eq!(replay.skipped_closed, 1);
+    assert_eq!(replay.readings.len(), 1);
+    assert_eq!(replay.readings[0].series, b);
+    j.mark_closed(&b, 5000).unwrap();
+    let r = j.reclaim(now_ms()).unwrap();
+    assert_eq!((r.closed, r.remaining), (2, 0));
+    assert_eq!(j.stats().entries, 0);
+}
+
+/// Entries written one reading per value by earlier releases still replay
+/// and reclaim beside the blocks written now.
+#[test]
+fn single_reading_entries_of_earlier_releases_replay_beside_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = SeriesKey::new("plc1", "temp");
+    {
+        let store = open(dir.path());
+        let j = store.journal();
+        let old = codec::encode_reading(now_ms(), &reading(&s, 100, 7.0)).unwrap();
+        j.inner.ks.insert(codec::u64_key(0), old).unwrap();
+    }
+    let store = open(dir.path());
+    let j = store.journal();
+    let next = j.append(&reading(&s, 200, 8.0)).unwrap();
+    assert_eq!(
+        next,
+        JournalPosition(1),
+        "positions continue after the old entry"
+    );
+    j.commit().unwrap();
+    drop(store);
+    let store = open(dir.path());
+    let values: Vec<f64> = store
+        .journal()
+        .replay()
+        .unwrap()
+        .readings
+        .iter()
+        .map(|r| r.value)
+        .collect();
+    assert_eq!(values, vec![7.0, 8.0]);
+    store.journal().mark_closed(&s, 5000).unwrap();
+    let r = store.journal().reclaim(now_ms()).unwrap();
+    assert_eq!((r.closed, r.remaining, r.corrupt), (2, 0, 0));
 }
