@@ -12,7 +12,7 @@
 
 use crate::anomaly::Scorer;
 use crate::ingest::DurableAck;
-use crate::ingest::{now_ms, IngestEvent};
+use crate::ingest::{now_ms, Delivery, IngestEvent};
 use crate::store::{Store, StoreError};
 use crate::window::{redelivery, Admission, EngineOutput, RedeliveryGuard, WindowEngine};
 use millrace_protocol::{DeadLetterReason, Reading, Record, SeriesKey, UnixMs};
@@ -88,18 +88,28 @@ impl Analytics {
         self.collect();
     }
 
-    /// `true` when `reading` is an MQTT message the agent already counted,
-    /// delivered again by the broker: the caller drops it (it is counted
-    /// here) rather than journaling and pushing it a second time.
-    pub fn is_redelivery(&mut self, reading: &Reading, now_ms: UnixMs) -> bool {
-        let again = self.redelivery.is_redelivery(reading, now_ms);
-        if again {
-            let n = self.redelivery.stats().duplicates;
-            if n.is_power_of_two() {
-                tracing::info!(series = %reading.series, time_ms = reading.time_ms, redelivered = n, "reading delivered again by the broker; counted once");
+    /// `true` when `reading` is one the agent already counted, delivered
+    /// again by its sender: the caller drops it (it is counted here) rather
+    /// than journaling and pushing it a second time. A reading whose message
+    /// can come back is remembered for that; one that cannot costs nothing.
+    pub fn is_redelivery(&mut self, reading: &Reading, delivery: Delivery, now_ms: UnixMs) -> bool {
+        match delivery {
+            Delivery::Once => false,
+            Delivery::AtLeastOnce { redelivered: false } => {
+                self.redelivery.remember(reading, now_ms);
+                false
+            }
+            Delivery::AtLeastOnce { redelivered: true } => {
+                let again = self.redelivery.is_redelivery(reading, now_ms);
+                if again {
+                    let n = self.redelivery.stats().duplicates;
+                    if n.is_power_of_two() {
+                        tracing::info!(series = %reading.series, time_ms = reading.time_ms, redelivered = n, "reading delivered again by its sender; counted once");
+                    }
+                }
+                again
             }
         }
-        again
     }
 
     /// Feeds a reading recovered from the journal after a restart: into the
@@ -476,8 +486,8 @@ fn handle(
 ) {
     for ev in events.drain(..) {
         match ev {
-            IngestEvent::Reading(r) => {
-                if analytics.is_redelivery(&r, now_ms) {
+            IngestEvent::Reading(r, delivery) => {
+                if analytics.is_redelivery(&r, delivery, now_ms) {
                     // Journaled and counted the first time; its message is
                     // acknowledged with the next durable marker.
                     continue;
@@ -526,6 +536,9 @@ mod tests {
     use crate::window::WindowConfig;
     use millrace_protocol::{Quality, Source, Window};
 
+    const FIRST: Delivery = Delivery::AtLeastOnce { redelivered: false };
+    const REDELIVERED: Delivery = Delivery::AtLeastOnce { redelivered: true };
+
     fn analytics() -> Analytics {
         let cfg = WindowConfig {
             width: Duration::from_secs(1),
@@ -572,7 +585,7 @@ mod tests {
         let mut delivered = 0;
         for t in (300..1_000).step_by(100) {
             let r = reading(t, Source::Mqtt);
-            if !a.is_redelivery(&r, now + 10) {
+            if !a.is_redelivery(&r, REDELIVERED, now + 10) {
                 a.push(&r, now + 10);
                 delivered += 1;
             }
@@ -604,7 +617,7 @@ mod tests {
         let mut a = analytics();
         for _ in 0..2 {
             let r = reading(100, Source::Modbus);
-            assert!(!a.is_redelivery(&r, 0));
+            assert!(!a.is_redelivery(&r, Delivery::Once, 0));
             a.push(&r, 0);
         }
         a.flush();
@@ -615,15 +628,15 @@ mod tests {
     fn a_redelivery_after_the_horizon_is_a_late_reading_not_a_second_count() {
         let mut a = analytics();
         let r = reading(100, Source::Mqtt);
-        assert!(!a.is_redelivery(&r, 0));
+        assert!(!a.is_redelivery(&r, FIRST, 0));
         a.push(&r, 0);
-        assert!(a.is_redelivery(&r, 2_999));
+        assert!(a.is_redelivery(&r, REDELIVERED, 2_999));
         // The window closes by the idle timeout; the guard forgets a live
         // reading after 3 s.
         a.tick(2_100);
         assert_eq!(windows(&mut a).len(), 1);
         a.tick(3_000);
-        assert!(!a.is_redelivery(&r, 3_000));
+        assert!(!a.is_redelivery(&r, REDELIVERED, 3_000));
         a.push(&r, 3_000);
         let late: Vec<_> = a.take().collect();
         assert!(

@@ -132,7 +132,7 @@ async fn a_qos1_publish_is_acknowledged_only_once_its_readings_are_durable() {
             br#"{"ts":1700000000000,"value":21.5}"#,
         )
         .await;
-    let IngestEvent::Reading(r) = next_event(&mut gw.events).await else {
+    let IngestEvent::Reading(r, _) = next_event(&mut gw.events).await else {
         panic!("expected the reading first");
     };
     assert_eq!(
@@ -167,7 +167,7 @@ async fn a_dropped_marker_withholds_the_ack_and_closes_the_connection() {
         .await;
     assert!(matches!(
         next_event(&mut gw.events).await,
-        IngestEvent::Reading(_)
+        IngestEvent::Reading(..)
     ));
     // A failed journal commit drops the marker.
     drop(next_event(&mut gw.events).await);
@@ -203,7 +203,7 @@ async fn a_slow_pipeline_pushes_back_on_the_socket_and_loses_nothing() {
     let mut readings = 0u64;
     while readings < N {
         match next_event(&mut gw.events).await {
-            IngestEvent::Reading(r) => {
+            IngestEvent::Reading(r, _) => {
                 readings += 1;
                 sum += r.value as u64;
                 if readings % 1000 == 0 {
@@ -228,7 +228,7 @@ async fn qos2_is_taken_once_and_released_with_pubcomp() {
         .await;
     assert!(matches!(
         next_event(&mut gw.events).await,
-        IngestEvent::Reading(_)
+        IngestEvent::Reading(..)
     ));
     let IngestEvent::Durable(marker) = next_event(&mut gw.events).await else {
         panic!("expected a marker");
@@ -300,13 +300,13 @@ async fn an_oversize_publish_is_one_dead_letter_and_is_acknowledged() {
                     other => panic!("expected PUBACK, got {other:?}"),
                 }
             }
-            IngestEvent::Reading(_) => readings += 1,
+            IngestEvent::Reading(..) => readings += 1,
             IngestEvent::DeadLetter(dl) => panic!("second dead letter {dl:?}"),
         }
     }
     // Both acks may have come on one marker.
     while let Ok(e) = gw.events.try_recv() {
-        if matches!(e, IngestEvent::Reading(_)) {
+        if matches!(e, IngestEvent::Reading(..)) {
             readings += 1;
         }
     }

@@ -186,7 +186,7 @@ fn readings(events: &[IngestEvent]) -> Vec<&Reading> {
     events
         .iter()
         .filter_map(|e| match e {
-            IngestEvent::Reading(r) => Some(r),
+            IngestEvent::Reading(r, _) => Some(r),
             _ => None,
         })
         .collect()
@@ -220,7 +220,7 @@ fn longest_gap(
     let mut last = start;
     let mut gap = Duration::ZERO;
     for (at, e) in events {
-        if let IngestEvent::Reading(r) = e {
+        if let IngestEvent::Reading(r, _) = e {
             if r.series.device == device && r.series.sensor == sensor {
                 gap = gap.max(at.duration_since(last));
                 last = *at;
@@ -396,7 +396,7 @@ async fn silent_server_times_out_and_reconnects_while_another_device_keeps_produ
         .iter()
         .filter(|(at, e)| {
             *at > start + Duration::from_secs(1)
-                && matches!(e, IngestEvent::Reading(r) if r.series.device == "press-1")
+                && matches!(e, IngestEvent::Reading(r, _) if r.series.device == "press-1")
         })
         .count();
     assert_eq!(late_press, 0, "a silent device produced readings");
@@ -523,11 +523,11 @@ async fn rtu_bus_keeps_polling_a_slave_while_another_is_absent() {
     let end = Instant::now();
     assert!(!events.iter().any(|(_, e)| matches!(
         e,
-        IngestEvent::Reading(r) if r.series.device == "tank-9" && r.series.sensor == "level"
+        IngestEvent::Reading(r, _) if r.series.device == "tank-9" && r.series.sensor == "level"
     )));
     let tank_count = events
         .iter()
-        .filter(|(_, e)| matches!(e, IngestEvent::Reading(r) if r.series.device == "tank-4"))
+        .filter(|(_, e)| matches!(e, IngestEvent::Reading(r, _) if r.series.device == "tank-4"))
         .count();
     assert!(tank_count >= 5, "tank-4 readings in 5 s: {tank_count}");
     let gap = longest_gap(&events, start, end, "tank-4", "level");

@@ -123,7 +123,7 @@ impl Running {
 
     async fn reading(&mut self) -> Reading {
         match self.next().await {
-            IngestEvent::Reading(r) => r,
+            IngestEvent::Reading(r, _) => r,
             other => panic!("expected a reading, got {other:?}"),
         }
     }
@@ -497,7 +497,7 @@ async fn embedded_broker_feeds_readings_from_a_rumqttc_publisher() {
         }
     }
     let reading = |i: usize| match &got[i] {
-        IngestEvent::Reading(r) => r.clone(),
+        IngestEvent::Reading(r, _) => r.clone(),
         other => panic!("expected a reading, got {other:?}"),
     };
     assert_eq!(reading(0).series, SeriesKey::new("boiler-3", "temp"));
@@ -542,7 +542,7 @@ trait ReadingValue {
 impl ReadingValue for IngestEvent {
     fn reading_value(&self) -> Option<f64> {
         match self {
-            IngestEvent::Reading(r) => Some(r.value),
+            IngestEvent::Reading(r, _) => Some(r.value),
             _ => None,
         }
     }

@@ -63,7 +63,7 @@ use millrace_protocol::{
 use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
-use super::IngestEvent;
+use super::{Delivery, IngestEvent};
 
 /// How many bytes of an oversize input (or a batch with a bad element) are
 /// kept in its dead letter.
@@ -499,7 +499,16 @@ impl Decoder {
 
     /// Decodes one message, appending its readings and dead letters to `out`.
     /// `now_ms` stamps readings without an event time and every dead letter.
-    pub fn decode(&self, topic: &str, payload: &[u8], now_ms: UnixMs, out: &mut Vec<IngestEvent>) {
+    /// `delivery` is how the message came (its QoS and DUP flag); every
+    /// reading made from it carries it.
+    pub fn decode(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        now_ms: UnixMs,
+        delivery: Delivery,
+        out: &mut Vec<IngestEvent>,
+    ) {
         let dead = |reason, input: &[u8], detail: String| {
             IngestEvent::DeadLetter(DeadLetter::new(
                 Source::Mqtt,
@@ -537,14 +546,17 @@ impl Decoder {
             now_ms,
         };
         let reading = |series, time_ms, value, unit: &str| {
-            IngestEvent::Reading(Reading {
-                series,
-                time_ms,
-                value,
-                unit: unit.to_owned(),
-                source: Source::Mqtt,
-                quality: Quality::Good,
-            })
+            IngestEvent::Reading(
+                Reading {
+                    series,
+                    time_ms,
+                    value,
+                    unit: unit.to_owned(),
+                    source: Source::Mqtt,
+                    quality: Quality::Good,
+                },
+                delivery,
+            )
         };
 
         if route.format == PayloadFormat::Number {
@@ -1032,13 +1044,13 @@ mod tests {
 
     fn run(d: &Decoder, topic: &str, payload: &[u8]) -> Vec<IngestEvent> {
         let mut out = Vec::new();
-        d.decode(topic, payload, NOW, &mut out);
+        d.decode(topic, payload, NOW, Delivery::Once, &mut out);
         out
     }
 
     fn reading(e: &IngestEvent) -> &Reading {
         match e {
-            IngestEvent::Reading(r) => r,
+            IngestEvent::Reading(r, _) => r,
             other => panic!("expected a reading, got {other:?}"),
         }
     }

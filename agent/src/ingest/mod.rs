@@ -17,13 +17,36 @@ pub mod pubsub;
 /// What a source hands to the pipeline.
 #[derive(Debug)]
 pub enum IngestEvent {
-    Reading(Reading),
+    Reading(Reading, Delivery),
     DeadLetter(DeadLetter),
     /// Completed once every event sent before it on the same channel is
     /// durable (journaled): the source may then acknowledge its input (MQTT
     /// QoS 1 `PUBACK`). Dropped without completion if the agent stops first,
     /// in which case the input is not acknowledged and the broker redelivers it.
     Durable(DurableAck),
+}
+
+/// How a reading's message was delivered: whether it can come back, and
+/// whether this is it coming back. Decides what the pipeline's redelivery
+/// guard does with the reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Never delivered twice: a Modbus poll, an MQTT QoS 0 message.
+    Once,
+    /// MQTT QoS 1 or 2: sent again if its acknowledgement is lost.
+    /// `redelivered` is the message's DUP flag (set on every resend).
+    AtLeastOnce { redelivered: bool },
+}
+
+impl Delivery {
+    /// The delivery of an MQTT message of `qos` with DUP flag `dup`.
+    pub fn mqtt(qos: u8, dup: bool) -> Self {
+        if qos == 0 {
+            Delivery::Once
+        } else {
+            Delivery::AtLeastOnce { redelivered: dup }
+        }
+    }
 }
 
 /// The completion half of [`IngestEvent::Durable`].

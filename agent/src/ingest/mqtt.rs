@@ -356,7 +356,7 @@ impl MqttStats {
         let mut readings = 0;
         for event in events {
             match event {
-                IngestEvent::Reading(_) => readings += 1,
+                IngestEvent::Reading(..) => readings += 1,
                 IngestEvent::DeadLetter(dl) => {
                     self.dead_letters[reason_index(dl.reason)].fetch_add(1, Ordering::Relaxed);
                 }
@@ -505,7 +505,13 @@ impl MqttSource {
                     },
                 };
                 let topic = delivery.message.topic();
-                decoder.decode(&topic, delivery.message.payload(), now_ms(), &mut events);
+                decoder.decode(
+                    &topic,
+                    delivery.message.payload(),
+                    now_ms(),
+                    delivery.message.delivery(),
+                    &mut events,
+                );
                 stats.record_decoded(&events);
                 if delivery.message.needs_ack() {
                     let (marker, durable) = DurableAck::new();
@@ -697,6 +703,14 @@ impl Message {
         match self {
             Message::V4(p) => &p.payload,
             Message::V5(p) => &p.payload,
+        }
+    }
+
+    /// Its QoS and DUP flag, for the redelivery guard.
+    fn delivery(&self) -> super::Delivery {
+        match self {
+            Message::V4(p) => super::Delivery::mqtt(p.qos as u8, p.dup),
+            Message::V5(p) => super::Delivery::mqtt(p.qos as u8, p.dup),
         }
     }
 

@@ -8,11 +8,9 @@
 //! the journal. Without this guard the reading would count twice in its
 //! window (`count` 11 instead of 10, a shifted mean).
 //!
-//! What it is: a bounded set of fingerprints — a 64-bit hash of series, event
-//! time and the value's bits — of recent MQTT readings. A reading whose
-//! fingerprint is in the set is a redelivery: it is counted
-//! ([`RedeliveryStats::duplicates`]), not journaled again and not fed to the
-//! window engine; its message is still acknowledged. Two horizons:
+//! What it is: a bounded log of fingerprints — a 64-bit hash of series, event
+//! time and the value's bits — of recent readings whose messages can come
+//! back (MQTT QoS 1/2). Two horizons:
 //!
 //! - readings **replayed from the journal** after a restart are remembered
 //!   as long as their windows can be open (`width + allowed-lateness +
@@ -20,31 +18,50 @@
 //!   reconnects, and a redelivery after that finds its window closed (a
 //!   `late` dead letter) anyway;
 //! - **live** readings are remembered for [`LIVE_HORIZON_MS`]: a message is
-//!   redelivered only if the broker never got its `PUBACK`, i.e. it arrived
-//!   shortly before a crash or a broken connection.
+//!   redelivered only if its sender never got the acknowledgement, i.e. it
+//!   arrived shortly before a crash or a broken connection.
 //!
-//! What it is not: a general dedup of the plant's data. Modbus polls are never
-//! redelivered and are not tracked. Two MQTT readings of one series with the
-//! same event time and the same value *are* taken as one; a reading whose
-//! payload has no timestamp is stamped at ingest, so its redelivery gets a new
-//! event time and cannot be recognised (publish timestamps to get exactly-once
-//! windows). At most `capacity` fingerprints are kept; beyond that the oldest
-//! are forgotten early and counted ([`RedeliveryStats::forgotten_early`]).
+//! Only a message marked as a redelivery (MQTT's DUP flag, which a sender
+//! must set when it sends a message again) is looked up
+//! ([`RedeliveryGuard::is_redelivery`]); a first delivery is only
+//! remembered ([`RedeliveryGuard::remember`]). Remembering appends to a log
+//! in arrival order (8 bytes, no hashing into a table), and the hash index
+//! that lookups need is built when a redelivery first asks and kept while
+//! redeliveries keep coming: a connection that breaks brings a burst of
+//! them, a healthy one none. So the steady-state cost is a few nanoseconds
+//! per reading, whatever the rate. A redelivery found in the log is counted
+//! ([`RedeliveryStats::duplicates`]), not journaled again and not fed to the
+//! window engine; its message is still acknowledged.
+//!
+//! What it is not: a general dedup of the plant's data. Modbus polls and QoS 0
+//! messages are never redelivered and are not tracked. Two readings of one
+//! series with the same event time and the same value *are* taken as one
+//! when the second is marked as a redelivery; a reading whose payload has no
+//! timestamp is stamped at ingest, so its redelivery gets a new event time and
+//! cannot be recognised (publish timestamps to get exactly-once windows), and
+//! a sender that resends without the DUP flag breaks the MQTT rules and gets
+//! its reading counted twice. At most `capacity` fingerprints are kept;
+//! beyond that the oldest are forgotten early and counted
+//! ([`RedeliveryStats::forgotten_early`]).
 
-use millrace_protocol::{Reading, Source, UnixMs};
+use millrace_protocol::{Reading, UnixMs};
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
 
-/// Fingerprints kept at most: 16 B each in a queue plus about 10 B in the
-/// set, so about 6.5 MiB at the cap. 10 000 MQTT readings per second need
-/// 30 000 for the live horizon, plus one journal's worth after a restart.
+/// Fingerprints kept at most: 8 B each in the log (plus about 10 B each in
+/// the index while it exists), so about 2 MiB at the cap. 100 000 QoS 1
+/// readings per second fill the live horizon's 300 000 past it; the oldest
+/// then go early (counted).
 pub const DEFAULT_CAPACITY: usize = 262_144;
 
 /// How long a live reading is remembered: the journal commits within
-/// `journal.commit-interval` (100 ms by default) and the `PUBACK` follows at
-/// once, so only a connection that broke within this long of the delivery
-/// can bring the message back.
+/// `journal.commit-interval` (100 ms by default) and the acknowledgement
+/// follows at once, so only a connection that broke within this long of the
+/// delivery can bring the message back.
 pub const LIVE_HORIZON_MS: i64 = 3_000;
+
+/// An index not asked for this long is dropped (it is rebuilt on demand).
+const INDEX_IDLE_MS: i64 = 10_000;
 
 /// Counters for `/metrics` and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -57,15 +74,64 @@ pub struct RedeliveryStats {
     pub tracked: usize,
 }
 
+/// Fingerprints in arrival order, grouped by the time they are forgotten.
+#[derive(Debug, Default)]
+struct Log {
+    fingerprints: VecDeque<u64>,
+    /// `(forget at, how many)` runs over `fingerprints`, oldest first.
+    runs: VecDeque<(UnixMs, usize)>,
+}
+
+impl Log {
+    fn push(&mut self, until: UnixMs, fp: u64) {
+        self.fingerprints.push_back(fp);
+        match self.runs.back_mut() {
+            Some((u, n)) if *u == until => *n += 1,
+            _ => self.runs.push_back((until, 1)),
+        }
+    }
+
+    /// Removes the oldest fingerprint.
+    fn pop(&mut self) -> Option<u64> {
+        let fp = self.fingerprints.pop_front()?;
+        if let Some((_, n)) = self.runs.front_mut() {
+            *n -= 1;
+            if *n == 0 {
+                self.runs.pop_front();
+            }
+        }
+        Some(fp)
+    }
+
+    /// Removes the fingerprints due by `now_ms`, handing each to `gone`.
+    fn expire(&mut self, now_ms: UnixMs, mut gone: impl FnMut(u64)) {
+        while let Some(&(until, n)) = self.runs.front() {
+            if until > now_ms {
+                break;
+            }
+            self.runs.pop_front();
+            for fp in self.fingerprints.drain(..n) {
+                gone(fp);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.fingerprints.len()
+    }
+}
+
 /// See the [module docs](self).
 #[derive(Debug)]
 pub struct RedeliveryGuard {
     hasher: foldhash::fast::RandomState,
-    seen: hashbrown::HashSet<u64, foldhash::fast::RandomState>,
-    /// `(forget at, fingerprint)` of live readings, by `forget at`.
-    live: VecDeque<(UnixMs, u64)>,
-    /// The same for readings replayed from the journal.
-    replayed: VecDeque<(UnixMs, u64)>,
+    live: Log,
+    /// Readings replayed from the journal.
+    replayed: Log,
+    /// Every fingerprint of both logs (with its multiplicity), while
+    /// redeliveries are being looked up; `None` otherwise.
+    index: Option<hashbrown::HashMap<u64, u32, foldhash::fast::RandomState>>,
+    index_asked_ms: UnixMs,
     replay_horizon_ms: i64,
     live_horizon_ms: i64,
     capacity: usize,
@@ -79,9 +145,10 @@ impl RedeliveryGuard {
     pub fn new(replay_horizon_ms: i64, live_horizon_ms: i64, capacity: usize) -> Self {
         Self {
             hasher: foldhash::fast::RandomState::default(),
-            seen: hashbrown::HashSet::default(),
-            live: VecDeque::new(),
-            replayed: VecDeque::new(),
+            live: Log::default(),
+            replayed: Log::default(),
+            index: None,
+            index_asked_ms: 0,
             replay_horizon_ms: replay_horizon_ms.max(0),
             live_horizon_ms: live_horizon_ms.max(0),
             capacity: capacity.max(1),
@@ -89,23 +156,26 @@ impl RedeliveryGuard {
         }
     }
 
-    /// Only MQTT readings can come back; everything else passes untracked.
-    fn tracks(reading: &Reading) -> bool {
-        reading.source == Source::Mqtt
-    }
-
     fn fingerprint(&self, reading: &Reading) -> u64 {
         self.hasher.hash_one((
-            reading.series.device.as_str(),
-            reading.series.sensor.as_str(),
+            &*reading.series.device,
+            &*reading.series.sensor,
             reading.time_ms,
             reading.value.to_bits(),
         ))
     }
 
-    /// `true` when the live `reading` was seen before (a redelivery,
-    /// counted); otherwise remembers it for the live horizon and returns
-    /// `false`.
+    /// Remembers a first delivery of a reading whose message can come back,
+    /// for the live horizon. No lookup: a first delivery is never a duplicate.
+    pub fn remember(&mut self, reading: &Reading, now_ms: UnixMs) {
+        self.expire(now_ms);
+        let fp = self.fingerprint(reading);
+        self.insert(fp, now_ms, false);
+    }
+
+    /// `true` when `reading`, from a message marked as sent again, was seen
+    /// before (a redelivery, counted); otherwise remembers it for the live
+    /// horizon and returns `false`.
     pub fn is_redelivery(&mut self, reading: &Reading, now_ms: UnixMs) -> bool {
         self.check(reading, now_ms, false)
     }
@@ -118,49 +188,67 @@ impl RedeliveryGuard {
     }
 
     fn check(&mut self, reading: &Reading, now_ms: UnixMs, replayed: bool) -> bool {
-        if !Self::tracks(reading) {
-            return false;
-        }
         // Expire first: a fingerprint past its horizon must not match.
         self.expire(now_ms);
+        self.index_asked_ms = now_ms;
         let fp = self.fingerprint(reading);
-        if self.seen.contains(&fp) {
+        if self.index().contains_key(&fp) {
             self.stats.duplicates += 1;
             return true;
         }
-        while self.live.len() + self.replayed.len() >= self.capacity {
-            // The oldest live reading goes first: replayed ones are the
-            // likelier to come back.
-            let oldest = match self.live.pop_front() {
-                Some(entry) => Some(entry),
-                None => self.replayed.pop_front(),
-            };
-            if let Some((_, old)) = oldest {
-                self.seen.remove(&old);
-                self.stats.forgotten_early += 1;
-            }
-        }
-        self.seen.insert(fp);
-        let (queue, horizon) = if replayed {
-            (&mut self.replayed, self.replay_horizon_ms)
-        } else {
-            (&mut self.live, self.live_horizon_ms)
-        };
-        queue.push_back((now_ms.saturating_add(horizon), fp));
+        self.insert(fp, now_ms, replayed);
         false
     }
 
-    /// Forgets fingerprints past their horizon.
-    pub fn expire(&mut self, now_ms: UnixMs) {
-        for queue in [&mut self.live, &mut self.replayed] {
-            while let Some(&(until, fp)) = queue.front() {
-                if until > now_ms {
-                    break;
+    /// The index over both logs, built if absent.
+    fn index(&mut self) -> &mut hashbrown::HashMap<u64, u32, foldhash::fast::RandomState> {
+        let (live, replayed) = (&self.live, &self.replayed);
+        self.index.get_or_insert_with(|| {
+            let mut index = hashbrown::HashMap::with_capacity_and_hasher(
+                live.len() + replayed.len(),
+                foldhash::fast::RandomState::default(),
+            );
+            for &fp in live.fingerprints.iter().chain(&replayed.fingerprints) {
+                *index.entry(fp).or_insert(0) += 1;
+            }
+            index
+        })
+    }
+
+    fn insert(&mut self, fp: u64, now_ms: UnixMs, replayed: bool) {
+        while self.live.len() + self.replayed.len() >= self.capacity {
+            // The oldest live reading goes first: replayed ones are the
+            // likelier to come back.
+            let oldest = self.live.pop().or_else(|| self.replayed.pop());
+            match oldest {
+                Some(old) => {
+                    unindex(&mut self.index, old);
+                    self.stats.forgotten_early += 1;
                 }
-                queue.pop_front();
-                self.seen.remove(&fp);
+                None => break,
             }
         }
+        if let Some(index) = self.index.as_mut() {
+            *index.entry(fp).or_insert(0) += 1;
+        }
+        if replayed {
+            self.replayed
+                .push(now_ms.saturating_add(self.replay_horizon_ms), fp);
+        } else {
+            self.live
+                .push(now_ms.saturating_add(self.live_horizon_ms), fp);
+        }
+    }
+
+    /// Forgets fingerprints past their horizon, and the index once
+    /// redeliveries stopped asking.
+    pub fn expire(&mut self, now_ms: UnixMs) {
+        if self.index.is_some() && now_ms.saturating_sub(self.index_asked_ms) >= INDEX_IDLE_MS {
+            self.index = None;
+        }
+        let index = &mut self.index;
+        self.live.expire(now_ms, |fp| unindex(index, fp));
+        self.replayed.expire(now_ms, |fp| unindex(index, fp));
     }
 
     pub fn stats(&self) -> RedeliveryStats {
@@ -171,11 +259,22 @@ impl RedeliveryGuard {
     }
 }
 
+fn unindex(index: &mut Option<hashbrown::HashMap<u64, u32, foldhash::fast::RandomState>>, fp: u64) {
+    if let Some(index) = index.as_mut() {
+        if let hashbrown::hash_map::Entry::Occupied(mut e) = index.entry(fp) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use millrace_protocol::{Quality, SeriesKey};
+    use millrace_protocol::{Quality, SeriesKey, Source};
 
     fn reading(sensor: &str, time_ms: UnixMs, value: f64, source: Source) -> Reading {
         Reading {
@@ -215,13 +314,24 @@ mod tests {
         assert_eq!(g.stats().duplicates, 0);
     }
 
+    /// A first delivery is remembered without a lookup, and its redelivery
+    /// is recognised; the index is dropped once redeliveries stop asking.
     #[test]
-    fn modbus_readings_are_not_tracked() {
-        let mut g = RedeliveryGuard::new(10_000, 10_000, 100);
-        let r = reading("temp", 1_000, 20.5, Source::Modbus);
-        assert!(!g.is_redelivery(&r, 0));
-        assert!(!g.is_redelivery(&r, 0));
-        assert_eq!(g.stats(), RedeliveryStats::default());
+    fn remembered_first_deliveries_are_found_by_a_redelivery() {
+        let mut g = RedeliveryGuard::new(10_000, 3_000, 100);
+        let r = reading("temp", 1_000, 20.5, Source::Mqtt);
+        g.remember(&r, 0);
+        g.remember(&r, 1_000); // the same reading again, first delivery both times
+        assert!(g.index.is_none(), "no index without a redelivery");
+        assert!(g.is_redelivery(&r, 10));
+        assert!(g.index.is_some());
+        assert_eq!(g.stats().duplicates, 1);
+        // Expiring one of the two copies keeps the other findable.
+        g.expire(3_000);
+        assert!(g.is_redelivery(&r, 3_000));
+        g.expire(3_000 + INDEX_IDLE_MS);
+        assert!(g.index.is_none(), "index dropped when idle");
+        assert_eq!(g.stats().tracked, 0);
     }
 
     #[test]

@@ -77,7 +77,7 @@ use super::broker::BrokerConfig;
 use super::decode::Decoder;
 use super::mqtt::{hand_off, Handoff, MqttStats};
 use super::pubsub::PubSub;
-use super::{now_ms, DurableAck, IngestEvent, IngestTx};
+use super::{now_ms, Delivery, DurableAck, IngestEvent, IngestTx};
 
 /// Bytes read from a socket at a time (more when a larger packet is pending).
 const READ_CHUNK: usize = 64 * 1024;
@@ -680,9 +680,13 @@ impl Session<'_> {
                     }
                 }
                 let before = self.events.len();
-                self.shared
-                    .decoder
-                    .decode(p.topic, p.payload, now, &mut self.events);
+                self.shared.decoder.decode(
+                    p.topic,
+                    p.payload,
+                    now,
+                    Delivery::mqtt(p.qos, p.dup),
+                    &mut self.events,
+                );
                 self.shared.stats.record_events(&self.events[before..]);
                 if let Some(pubsub) = &self.shared.pubsub {
                     pubsub.forward(p.topic, p.payload);

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use super::config::{DeviceConfig, RegisterConfig, SerialLine};
 use super::plan::{decode, plan_reads, split_read, Function, PlannedRead};
 use super::stats::{DeviceStats, ModbusStats};
-use crate::ingest::{now_ms, IngestEvent, IngestTx};
+use crate::ingest::{now_ms, Delivery, IngestEvent, IngestTx};
 
 /// Why a link to a device failed; the link is rebuilt after any of these.
 #[derive(Debug, thiserror::Error)]
@@ -378,7 +378,7 @@ impl DevicePoller {
             };
             if reading.value.is_finite() {
                 self.stats().add_reading();
-                events.push(IngestEvent::Reading(reading));
+                events.push(IngestEvent::Reading(reading, Delivery::Once));
             } else {
                 let reason = if reading.value.is_nan() {
                     DeadLetterReason::NotANumber
