@@ -205,7 +205,7 @@ fn dead_letters(events: &[IngestEvent]) -> Vec<&DeadLetter> {
 fn has_reading(events: &[IngestEvent], device: &str, sensor: &str) -> bool {
     readings(events)
         .iter()
-        .any(|r| r.series.device == device && r.series.sensor == sensor)
+        .any(|r| &*r.series.device == device && &*r.series.sensor == sensor)
 }
 
 /// Longest silence between consecutive readings of a series (and from the
@@ -221,7 +221,7 @@ fn longest_gap(
     let mut gap = Duration::ZERO;
     for (at, e) in events {
         if let IngestEvent::Reading(r, _) = e {
-            if r.series.device == device && r.series.sensor == sensor {
+            if &*r.series.device == device && &*r.series.sensor == sensor {
                 gap = gap.max(at.duration_since(last));
                 last = *at;
             }
@@ -261,7 +261,10 @@ async fn tcp_values_are_decoded_exactly() {
 
     let mut seen: BTreeMap<(String, String), &Reading> = BTreeMap::new();
     for r in readings(&events) {
-        seen.insert((r.series.device.clone(), r.series.sensor.clone()), r);
+        seen.insert(
+            (r.series.device.to_string(), r.series.sensor.to_string()),
+            r,
+        );
     }
     // Fixture values of scripts/modbus-peer.py; value = raw × scale + offset.
     let expected: [(&str, &str, f64, &str); 8] = [
@@ -277,7 +280,7 @@ async fn tcp_values_are_decoded_exactly() {
     for (device, sensor, value, unit) in expected {
         let r = seen[&(device.to_string(), sensor.to_string())];
         assert_eq!(r.value, value, "{device}/{sensor}");
-        assert_eq!(r.unit, unit, "{device}/{sensor}");
+        assert_eq!(&*r.unit, unit, "{device}/{sensor}");
         assert_eq!(r.source, Source::Modbus);
         assert!(
             (before_ms..=after_ms).contains(&r.time_ms),
@@ -362,7 +365,7 @@ async fn exception_reply_is_a_counted_dead_letter_and_polling_goes_on() {
         .await;
     let pressure = readings(&events)
         .into_iter()
-        .find(|r| r.series.sensor == "pressure")
+        .find(|r| &*r.series.sensor == "pressure")
         .expect("pressure reading");
     assert_eq!(pressure.value, 6.25);
     source.stop().await;
@@ -396,7 +399,7 @@ async fn silent_server_times_out_and_reconnects_while_another_device_keeps_produ
         .iter()
         .filter(|(at, e)| {
             *at > start + Duration::from_secs(1)
-                && matches!(e, IngestEvent::Reading(r, _) if r.series.device == "press-1")
+                && matches!(e, IngestEvent::Reading(r, _) if &*r.series.device == "press-1")
         })
         .count();
     assert_eq!(late_press, 0, "a silent device produced readings");
@@ -421,7 +424,7 @@ async fn silent_server_times_out_and_reconnects_while_another_device_keeps_produ
         .await;
     let temp = readings(&events)
         .into_iter()
-        .find(|r| r.series.device == "press-1" && r.series.sensor == "temperature")
+        .find(|r| &*r.series.device == "press-1" && &*r.series.sensor == "temperature")
         .expect("temperature");
     assert_eq!(temp.value, 80.5);
     assert!(
@@ -455,7 +458,7 @@ async fn a_late_answer_is_never_taken_for_a_later_request() {
         .collect_until(Duration::from_secs(10), |ev| {
             readings(ev)
                 .iter()
-                .filter(|r| r.series.sensor == "temperature")
+                .filter(|r| &*r.series.sensor == "temperature")
                 .count()
                 >= 3
         })
@@ -466,7 +469,7 @@ async fn a_late_answer_is_never_taken_for_a_later_request() {
     assert_eq!(stats.transport_errors(), errors_before);
     assert!(stats.reconnects() >= 1);
     for r in readings(&events) {
-        if r.series.sensor == "temperature" {
+        if &*r.series.sensor == "temperature" {
             assert_eq!(r.value, 80.5);
         }
     }
@@ -513,7 +516,7 @@ async fn rtu_bus_keeps_polling_a_slave_while_another_is_absent() {
         .await;
     let level = readings(&events)[0];
     assert_eq!(level.value, 553.0 * 0.1 + 0.0);
-    assert_eq!(level.unit, "%");
+    assert_eq!(&*level.unit, "%");
 
     let all_stats = Arc::clone(&source.stats);
     let present = all_stats.device("tank-4").expect("tank-4 stats");
@@ -523,11 +526,11 @@ async fn rtu_bus_keeps_polling_a_slave_while_another_is_absent() {
     let end = Instant::now();
     assert!(!events.iter().any(|(_, e)| matches!(
         e,
-        IngestEvent::Reading(r, _) if r.series.device == "tank-9" && r.series.sensor == "level"
+        IngestEvent::Reading(r, _) if &*r.series.device == "tank-9" && &*r.series.sensor == "level"
     )));
     let tank_count = events
         .iter()
-        .filter(|(_, e)| matches!(e, IngestEvent::Reading(r, _) if r.series.device == "tank-4"))
+        .filter(|(_, e)| matches!(e, IngestEvent::Reading(r, _) if &*r.series.device == "tank-4"))
         .count();
     assert!(tank_count >= 5, "tank-4 readings in 5 s: {tank_count}");
     let gap = longest_gap(&events, start, end, "tank-4", "level");

@@ -170,7 +170,7 @@ async fn v4_qos0_and_qos1_readings_through_wildcards() {
     let r = src.reading().await;
     assert_eq!(r.series, SeriesKey::new("boiler-3", "temp"));
     assert_eq!(
-        (r.time_ms, r.value, r.unit.as_str()),
+        (r.time_ms, r.value, &*r.unit),
         (1_700_000_000_100, 181.5, "degC")
     );
 

@@ -34,7 +34,7 @@ fn record(id: u64, payload_bytes: usize) -> Record {
                 p_value: 1e-8,
                 severity: Severity::Critical,
             },
-            unit: String::new(),
+            unit: "".into(),
         })
     } else {
         Record::DeadLetter(DeadLetter::new(
@@ -50,8 +50,8 @@ fn record(id: u64, payload_bytes: usize) -> Record {
 
 fn id_of(record: &Record) -> u64 {
     let text = match record {
-        Record::DeadLetter(d) => &d.origin,
-        Record::Alert(a) => &a.series.device,
+        Record::DeadLetter(d) => d.origin.as_str(),
+        Record::Alert(a) => &*a.series.device,
         Record::Window(w) => &w.series.device,
     };
     text.trim_start_matches("id-")
@@ -64,7 +64,7 @@ fn reading(id: u64) -> Reading {
         series: SeriesKey::new("plc", "temp"),
         time_ms: id as i64,
         value: id as f64,
-        unit: String::new(),
+        unit: "".into(),
         source: Source::Modbus,
         quality: Quality::Good,
     }

@@ -38,7 +38,7 @@ pub fn jittered_readings(
                 series: keys[s].clone(),
                 time_ms,
                 value: 100.0 + 10.0 * phase.sin() + rng.random_range(-1.0..1.0),
-                unit: "bar".to_owned(),
+                unit: "bar".into(),
                 source: Source::Modbus,
                 quality: Quality::Good,
             });

@@ -2,19 +2,24 @@
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::sync::Arc;
 
 /// Unix time in milliseconds (event time or wall-clock time, as named).
 pub type UnixMs = i64;
 
 /// Identifies one time series: a device (PLC, sensor node) and one of its sensors.
+///
+/// The names are shared (`Arc<str>`): sources intern them once per series, so
+/// a reading, its window and its alert carry the same names without copying
+/// them. On the wire and on disk they are plain strings.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct SeriesKey {
-    pub device: String,
-    pub sensor: String,
+    pub device: Arc<str>,
+    pub sensor: Arc<str>,
 }
 
 impl SeriesKey {
-    pub fn new(device: impl Into<String>, sensor: impl Into<String>) -> Self {
+    pub fn new(device: impl Into<Arc<str>>, sensor: impl Into<Arc<str>>) -> Self {
         Self {
             device: device.into(),
             sensor: sensor.into(),
@@ -27,6 +32,11 @@ impl fmt::Display for SeriesKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.device, self.sensor)
     }
+}
+
+/// The unit of a record that names none.
+fn no_unit() -> Arc<str> {
+    Arc::from("")
 }
 
 /// Where a reading (or a dead letter) came from.
@@ -67,8 +77,8 @@ pub struct Reading {
     pub time_ms: UnixMs,
     pub value: f64,
     /// Engineering unit, e.g. `degC`, `bar`; empty when unknown.
-    #[serde(default)]
-    pub unit: String,
+    #[serde(default = "no_unit")]
+    pub unit: Arc<str>,
     pub source: Source,
     #[serde(default)]
     pub quality: Quality,
@@ -78,7 +88,7 @@ pub struct Reading {
 /// multiples of the width from the Unix epoch, so every gateway agrees.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Window {
-    pub agent: String,
+    pub agent: Arc<str>,
     pub series: SeriesKey,
     pub start_ms: UnixMs,
     pub end_ms: UnixMs,
@@ -90,8 +100,8 @@ pub struct Window {
     pub stddev: f64,
     pub first_event_ms: UnixMs,
     pub last_event_ms: UnixMs,
-    #[serde(default)]
-    pub unit: String,
+    #[serde(default = "no_unit")]
+    pub unit: Arc<str>,
     /// The anomaly score of this window's mean against the series baseline;
     /// `None` while the baseline is warming up.
     #[serde(default)]
@@ -144,7 +154,7 @@ pub enum AlertKind {
 /// A score that crossed the warning or critical threshold.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Alert {
-    pub agent: String,
+    pub agent: Arc<str>,
     pub series: SeriesKey,
     pub kind: AlertKind,
     /// Event time of the spike reading, or the window start for a window alert.
@@ -154,8 +164,8 @@ pub struct Alert {
     /// The value scored: the reading (spike) or the window mean.
     pub value: f64,
     pub score: AnomalyScore,
-    #[serde(default)]
-    pub unit: String,
+    #[serde(default = "no_unit")]
+    pub unit: Arc<str>,
 }
 
 /// Why an input did not become a reading or a window.

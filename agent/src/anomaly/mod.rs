@@ -41,6 +41,7 @@ use millrace_protocol::{
 };
 use statrs::distribution::{ContinuousCDF, Normal};
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 /// Scorer counters, for `/metrics` and tests.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -88,7 +89,7 @@ struct SeriesHistory {
 /// Moving-stddev anomaly scorer. See the [module docs](self).
 #[derive(Debug)]
 pub struct Scorer {
-    agent: String,
+    agent: Arc<str>,
     cfg: AnomalyConfig,
     max_series: usize,
     /// |z| threshold for spike alerts.
@@ -106,7 +107,7 @@ impl Scorer {
     /// use [`with_max_series`](Self::with_max_series) to match the window
     /// engine's `max-series`. The config should have passed
     /// [`AnomalyConfig::validate`]; out-of-range values are clamped, not panicked on.
-    pub fn new(agent: impl Into<String>, cfg: AnomalyConfig) -> Self {
+    pub fn new(agent: impl Into<Arc<str>>, cfg: AnomalyConfig) -> Self {
         let mut cfg = cfg;
         cfg.history = cfg.history.max(2);
         cfg.warm_up = cfg.warm_up.clamp(2, cfg.history);

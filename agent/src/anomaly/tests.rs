@@ -152,7 +152,7 @@ fn warning_and_critical_thresholds() {
         (AlertKind::Window, Severity::Warning)
     );
     assert_eq!((alert.time_ms, alert.window_start_ms), (100_000, 100_000));
-    assert_eq!(alert.unit, "bar");
+    assert_eq!(&*alert.unit, "bar");
     assert!((alert.score.z + 4.0).abs() < 1e-9);
 
     let (s, alert) = probe(6.0);

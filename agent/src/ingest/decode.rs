@@ -56,6 +56,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 
 use millrace_protocol::{
     DeadLetter, DeadLetterReason, Quality, Reading, SeriesKey, Source, UnixMs,
@@ -191,7 +192,7 @@ impl SubscriptionConfig {
             time_field: defaults::time_field(),
             time_unit: TimeUnit::default(),
             unit_field: defaults::unit_field(),
-            unit: String::new(),
+            unit: "".into(),
             series_field: None,
             device_field: None,
             sensor_field: None,
@@ -346,9 +347,13 @@ impl Template {
         self.parts.contains(&Part::Field)
     }
 
-    /// Renders the template; `Err` names what could not be filled.
-    fn render(&self, segments: &[&str], field: Option<&str>) -> Result<String, String> {
-        let mut out = String::new();
+    /// Renders the template into `out`; `Err` names what could not be filled.
+    fn render_into(
+        &self,
+        out: &mut String,
+        segments: &[&str],
+        field: Option<&str>,
+    ) -> Result<(), String> {
         for part in &self.parts {
             match part {
                 Part::Literal(l) => out.push_str(l),
@@ -359,7 +364,18 @@ impl Template {
                 Part::Field => out.push_str(field.ok_or("no field name for `{field}`")?),
             }
         }
-        Ok(out)
+        Ok(())
+    }
+
+    /// The highest topic level the template refers to.
+    fn max_segment(&self) -> Option<usize> {
+        self.parts
+            .iter()
+            .filter_map(|p| match p {
+                Part::Segment(i) => Some(*i),
+                _ => None,
+            })
+            .max()
     }
 }
 
@@ -408,6 +424,14 @@ impl Route {
             .map_err(|r| ConfigError::new(format!("{key}.device"), r))?;
         let sensor = Template::parse(sensor_text)
             .map_err(|r| ConfigError::new(format!("{key}.sensor"), r))?;
+        for (template, name) in [(&device, "device"), (&sensor, "sensor")] {
+            if template.max_segment().is_some_and(|i| i >= MAX_SEGMENTS) {
+                return Err(ConfigError::new(
+                    format!("{key}.{name}"),
+                    format!("topic levels go up to {{{}}}", MAX_SEGMENTS - 1),
+                ));
+            }
+        }
         if device.uses_field() {
             return Err(ConfigError::new(
                 format!("{key}.device"),
@@ -468,11 +492,61 @@ type Rejection = (DeadLetterReason, String);
 
 /// Decodes MQTT messages into [`IngestEvent`]s according to a list of
 /// subscription rules (first matching filter wins).
+///
+/// Device, sensor and unit names are interned: a name the decoder has seen
+/// before is shared (`Arc<str>`), not copied, so decoding a reading of a
+/// known series allocates nothing for its names. Each source (each ingest
+/// connection) owns its decoder; a clone starts with the same rules.
 #[derive(Debug, Clone)]
 pub struct Decoder {
     routes: Vec<Route>,
     max_payload_bytes: usize,
+    names: Names,
 }
+
+/// Names kept at most by one decoder; past that the set starts again (a
+/// plant with more distinct names only pays an allocation per name again).
+const NAMES_CAP: usize = 65_536;
+
+/// The interned names of a decoder.
+#[derive(Debug, Clone, Default)]
+struct Names {
+    set: hashbrown::HashSet<Arc<str>, foldhash::fast::RandomState>,
+    /// Where a name made from a template is rendered before its lookup.
+    scratch: String,
+}
+
+impl Names {
+    fn get(&mut self, name: &str) -> Arc<str> {
+        if let Some(known) = self.set.get(name) {
+            return Arc::clone(known);
+        }
+        if self.set.len() >= NAMES_CAP {
+            self.set.clear();
+        }
+        let new: Arc<str> = Arc::from(name);
+        self.set.insert(Arc::clone(&new));
+        new
+    }
+
+    /// Renders `template` and interns the result.
+    fn render(
+        &mut self,
+        template: &Template,
+        segments: &[&str],
+        field: Option<&str>,
+    ) -> Result<Arc<str>, String> {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        let rendered = template.render_into(&mut scratch, segments, field);
+        let name = rendered.map(|()| self.get(&scratch));
+        self.scratch = scratch;
+        name
+    }
+}
+
+/// Topic levels a template can refer to (`{0}` to `{63}`).
+const MAX_SEGMENTS: usize = 64;
 
 impl Decoder {
     /// Compiles the rules; `key_prefix` names them in errors (e.g. `mqtt.subscriptions`).
@@ -489,6 +563,7 @@ impl Decoder {
         Ok(Self {
             routes,
             max_payload_bytes,
+            names: Names::default(),
         })
     }
 
@@ -502,7 +577,7 @@ impl Decoder {
     /// `delivery` is how the message came (its QoS and DUP flag); every
     /// reading made from it carries it.
     pub fn decode(
-        &self,
+        &mut self,
         topic: &str,
         payload: &[u8],
         now_ms: UnixMs,
@@ -531,7 +606,8 @@ impl Decoder {
             ));
             return;
         }
-        let Some(route) = self.routes.iter().find(|r| topic_matches(&r.filter, topic)) else {
+        let Self { routes, names, .. } = self;
+        let Some(route) = routes.iter().find(|r| topic_matches(&r.filter, topic)) else {
             out.push(dead(
                 DeadLetterReason::Unmapped,
                 payload,
@@ -539,19 +615,24 @@ impl Decoder {
             ));
             return;
         };
-        let segments: Vec<&str> = topic.split('/').collect();
+        let mut levels = [""; MAX_SEGMENTS];
+        let mut n = 0;
+        for level in topic.split('/').take(MAX_SEGMENTS) {
+            levels[n] = level;
+            n += 1;
+        }
         let ctx = Ctx {
             route,
-            segments: &segments,
+            segments: &levels[..n],
             now_ms,
         };
-        let reading = |series, time_ms, value, unit: &str| {
+        let reading = |series, time_ms, value, unit: Arc<str>| {
             IngestEvent::Reading(
                 Reading {
                     series,
                     time_ms,
                     value,
-                    unit: unit.to_owned(),
+                    unit,
                     source: Source::Mqtt,
                     quality: Quality::Good,
                 },
@@ -560,8 +641,10 @@ impl Decoder {
         };
 
         if route.format == PayloadFormat::Number {
-            match parse_number(payload).and_then(|v| Ok((ctx.series(None, None)?, v))) {
-                Ok((series, value)) => out.push(reading(series, now_ms, value, &route.unit)),
+            match parse_number(payload).and_then(|v| Ok((ctx.series(names, None, None)?, v))) {
+                Ok((series, value)) => {
+                    out.push(reading(series, now_ms, value, names.get(&route.unit)))
+                }
                 Err((reason, detail)) => out.push(dead(reason, payload, detail)),
             }
             return;
@@ -579,8 +662,8 @@ impl Decoder {
             }
         };
         match (route.format, top) {
-            (PayloadFormat::Json, Top::Object(obj)) => match ctx.single(&obj) {
-                Ok((series, time, value, unit)) => out.push(reading(series, time, value, &unit)),
+            (PayloadFormat::Json, Top::Object(obj)) => match ctx.single(names, &obj) {
+                Ok((series, time, value, unit)) => out.push(reading(series, time, value, unit)),
                 Err((reason, detail)) => out.push(dead(reason, payload, detail)),
             },
             (PayloadFormat::JsonMulti, Top::Object(obj)) => {
@@ -604,9 +687,11 @@ impl Decoder {
                                 format!("field `{name}` is {}, not a number", value.kind()),
                             )
                         })
-                        .and_then(|v| Ok((ctx.series(Some(&obj), Some(name))?, v)));
+                        .and_then(|v| Ok((ctx.series(names, Some(&obj), Some(name))?, v)));
                     match made {
-                        Ok((series, v)) => out.push(reading(series, time, v, &route.unit)),
+                        Ok((series, v)) => {
+                            out.push(reading(series, time, v, names.get(&route.unit)))
+                        }
                         Err((reason, detail)) => out.push(dead(reason, payload, detail)),
                     }
                 }
@@ -621,7 +706,7 @@ impl Decoder {
             (PayloadFormat::JsonBatch, Top::Array(elements)) => {
                 for (i, element) in elements.iter().enumerate() {
                     let made = match element {
-                        Element::Object(obj) => ctx.single(obj),
+                        Element::Object(obj) => ctx.single(names, obj),
                         Element::Other(kind) => Err((
                             DeadLetterReason::WrongType,
                             format!("is {kind}, not an object"),
@@ -629,7 +714,7 @@ impl Decoder {
                     };
                     match made {
                         Ok((series, time, value, unit)) => {
-                            out.push(reading(series, time, value, &unit))
+                            out.push(reading(series, time, value, unit))
                         }
                         Err((reason, detail)) => out.push(dead(
                             reason,
@@ -686,7 +771,11 @@ struct Ctx<'r, 's> {
 
 impl Ctx<'_, '_> {
     /// A `json` object (or a `json-batch` element): series, time, value, unit.
-    fn single(&self, obj: &FlatObject<'_>) -> Result<(SeriesKey, UnixMs, f64, String), Rejection> {
+    fn single(
+        &self,
+        names: &mut Names,
+        obj: &FlatObject<'_>,
+    ) -> Result<(SeriesKey, UnixMs, f64, Arc<str>), Rejection> {
         let field = &self.route.value_field;
         let value = match obj.get(field) {
             None => {
@@ -703,8 +792,8 @@ impl Ctx<'_, '_> {
             })?,
         };
         let time = self.event_time(obj)?;
-        let unit = self.unit(obj)?;
-        let series = self.series(Some(obj), None)?;
+        let unit = names.get(self.unit(obj)?);
+        let series = self.series(names, Some(obj), None)?;
         Ok((series, time, value, unit))
     }
 
@@ -737,14 +826,14 @@ impl Ctx<'_, '_> {
         }
     }
 
-    fn unit(&self, obj: &FlatObject<'_>) -> Result<String, Rejection> {
+    fn unit<'o>(&'o self, obj: &'o FlatObject<'_>) -> Result<&'o str, Rejection> {
         let field = &self.route.unit_field;
         if field.is_empty() {
-            return Ok(self.route.unit.clone());
+            return Ok(&self.route.unit);
         }
         match obj.get(field) {
-            None | Some(Scalar::Null) => Ok(self.route.unit.clone()),
-            Some(Scalar::Str(s)) => Ok(s.clone().into_owned()),
+            None | Some(Scalar::Null) => Ok(&self.route.unit),
+            Some(Scalar::Str(s)) => Ok(s),
             Some(other) => Err((
                 DeadLetterReason::WrongType,
                 format!("field `{field}` is {}, not a string", other.kind()),
@@ -754,19 +843,20 @@ impl Ctx<'_, '_> {
 
     /// Resolves the series: `series-field`, then `device-field` / `sensor-field`,
     /// then the topic templates.
-    fn series(
+    fn series<'o>(
         &self,
-        obj: Option<&FlatObject<'_>>,
+        names: &mut Names,
+        obj: Option<&'o FlatObject<'_>>,
         field: Option<&str>,
     ) -> Result<SeriesKey, Rejection> {
         let route = self.route;
-        let lookup = |name: &Option<String>| -> Result<Option<String>, Rejection> {
+        let lookup = |name: &Option<String>| -> Result<Option<&'o str>, Rejection> {
             let (Some(name), Some(obj)) = (name, obj) else {
                 return Ok(None);
             };
             match obj.get(name) {
                 None | Some(Scalar::Null) => Ok(None),
-                Some(Scalar::Str(s)) if !s.is_empty() => Ok(Some(s.clone().into_owned())),
+                Some(Scalar::Str(s)) if !s.is_empty() => Ok(Some(&**s)),
                 Some(other) => Err((
                     DeadLetterReason::WrongType,
                     format!("field `{name}` is {}, not a non-empty string", other.kind()),
@@ -775,7 +865,9 @@ impl Ctx<'_, '_> {
         };
         if let Some(series) = lookup(&route.series_field)? {
             return match series.split_once('/') {
-                Some((d, s)) if !d.is_empty() && !s.is_empty() => Ok(SeriesKey::new(d, s)),
+                Some((d, s)) if !d.is_empty() && !s.is_empty() => {
+                    Ok(SeriesKey::new(names.get(d), names.get(s)))
+                }
                 _ => Err((
                     DeadLetterReason::WrongType,
                     format!("series {series:?} is not of the form \"device/sensor\""),
@@ -784,17 +876,15 @@ impl Ctx<'_, '_> {
         }
         let unmapped = |detail| (DeadLetterReason::Unmapped, detail);
         let device = match lookup(&route.device_field)? {
-            Some(d) => d,
-            None => route
-                .device
-                .render(self.segments, field)
+            Some(d) => names.get(d),
+            None => names
+                .render(&route.device, self.segments, field)
                 .map_err(unmapped)?,
         };
         let sensor = match lookup(&route.sensor_field)? {
-            Some(s) if field.is_none() => s,
-            _ => route
-                .sensor
-                .render(self.segments, field)
+            Some(s) if field.is_none() => names.get(s),
+            _ => names
+                .render(&route.sensor, self.segments, field)
                 .map_err(unmapped)?,
         };
         Ok(SeriesKey::new(device, sensor))
@@ -1043,6 +1133,7 @@ mod tests {
     }
 
     fn run(d: &Decoder, topic: &str, payload: &[u8]) -> Vec<IngestEvent> {
+        let mut d = d.clone();
         let mut out = Vec::new();
         d.decode(topic, payload, NOW, Delivery::Once, &mut out);
         out
@@ -1082,7 +1173,7 @@ mod tests {
         assert_eq!(r.series, SeriesKey::new("boiler-3", "temp"));
         assert_eq!(r.time_ms, 1_700_000_000_123);
         assert_eq!(r.value, 181.25);
-        assert_eq!(r.unit, "degC");
+        assert_eq!(&*r.unit, "degC");
         assert_eq!(r.source, Source::Mqtt);
     }
 
@@ -1094,7 +1185,7 @@ mod tests {
         let r = run(&d, "plant/boiler-3/steam-flow", br#"{"value": 12}"#);
         let r = reading(&r[0]);
         assert_eq!(r.time_ms, NOW);
-        assert_eq!(r.unit, "t/h");
+        assert_eq!(&*r.unit, "t/h");
         assert_eq!(r.value, 12.0);
     }
 
@@ -1117,7 +1208,7 @@ mod tests {
         assert_eq!(r.series, SeriesKey::new("a-b", "x.c"));
         assert_eq!(r.time_ms, 1_700_000_000_500);
         assert_eq!(r.value, -0.035);
-        assert_eq!(r.unit, "bar");
+        assert_eq!(&*r.unit, "bar");
     }
 
     #[test]
@@ -1224,7 +1315,7 @@ mod tests {
         let d = decoder(vec![sub]);
         let r = run(&d, "plant/pump-2/suction", b" -0.30\n");
         let r = reading(&r[0]);
-        assert_eq!((r.value, r.time_ms, r.unit.as_str()), (-0.3, NOW, "bar"));
+        assert_eq!((r.value, r.time_ms, &*r.unit), (-0.3, NOW, "bar"));
         assert!(reading(&run(&d, "plant/a/b", b"NaN")[0]).value.is_nan());
         assert_eq!(
             reading(&run(&d, "plant/a/b", b"inf")[0]).value,
@@ -1341,7 +1432,7 @@ mod tests {
             SubscriptionConfig::new("plant/#", PayloadFormat::Json),
         ]);
         assert_eq!(
-            reading(&run(&d, "plant/press-1/temperature", b"80")[0]).unit,
+            &*reading(&run(&d, "plant/press-1/temperature", b"80")[0]).unit,
             "degC"
         );
         assert_eq!(
@@ -1501,5 +1592,38 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A known series' names are shared, not copied, from one message to the
+    /// next (and the topic levels need no allocation either).
+    #[test]
+    fn names_of_a_known_series_are_interned() {
+        let mut d = plant_json();
+        let mut out = Vec::new();
+        for payload in [
+            &br#"{"value": 1, "unit": "degC"}"#[..],
+            br#"{"value": 2, "unit": "degC"}"#,
+        ] {
+            d.decode(
+                "plant/boiler-3/temp",
+                payload,
+                NOW,
+                Delivery::Once,
+                &mut out,
+            );
+        }
+        let (a, b) = (reading(&out[0]), reading(&out[1]));
+        assert_eq!(a.series, SeriesKey::new("boiler-3", "temp"));
+        assert!(Arc::ptr_eq(&a.series.device, &b.series.device));
+        assert!(Arc::ptr_eq(&a.series.sensor, &b.series.sensor));
+        assert!(Arc::ptr_eq(&a.unit, &b.unit));
+    }
+
+    #[test]
+    fn a_template_past_the_last_topic_level_index_is_refused() {
+        let mut sub = SubscriptionConfig::new("a/#", PayloadFormat::Json);
+        sub.device = Some("{64}".into());
+        let err = Decoder::new(&[sub], 1024, "broker.subscriptions").unwrap_err();
+        assert_eq!(err.key, "broker.subscriptions[0].device");
     }
 }

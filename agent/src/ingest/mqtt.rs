@@ -451,7 +451,7 @@ impl MqttSource {
     pub async fn run(self, tx: IngestTx, shutdown: CancellationToken) -> Result<(), MqttError> {
         let Self {
             config,
-            decoder,
+            mut decoder,
             transport,
             stats,
         } = self;

@@ -70,6 +70,7 @@ pub use redelivery::{RedeliveryGuard, RedeliveryStats};
 use config::duration_ms;
 use millrace_protocol::{DeadLetter, DeadLetterReason, Reading, SeriesKey, UnixMs, Window};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use table::SeriesTable;
 
 /// What the engine hands back to the pipeline.
@@ -182,7 +183,7 @@ struct SeriesState {
     /// Open windows older than `latest`, by start.
     older: BTreeMap<UnixMs, Acc>,
     /// Unit of the reading that opened the latest window, carried by the windows.
-    unit: String,
+    unit: Arc<str>,
 }
 
 impl SeriesState {
@@ -208,7 +209,7 @@ impl SeriesState {
     }
 
     #[inline]
-    fn add(&mut self, start: UnixMs, time_ms: UnixMs, value: f64, unit: &str) {
+    fn add(&mut self, start: UnixMs, time_ms: UnixMs, value: f64, unit: &Arc<str>) {
         match &mut self.latest {
             Some((latest, acc)) if *latest == start => acc.add(time_ms, value),
             Some((latest, _)) if *latest > start => match self.older.get_mut(&start) {
@@ -223,9 +224,8 @@ impl SeriesState {
                     self.older.insert(prev, acc);
                 }
                 // Compared once per window rather than once per reading.
-                if self.unit != unit {
-                    self.unit.clear();
-                    self.unit.push_str(unit);
+                if !Arc::ptr_eq(&self.unit, unit) && self.unit != *unit {
+                    self.unit = Arc::clone(unit);
                 }
             }
         }
@@ -241,7 +241,7 @@ impl SeriesState {
             max_event_ms: UnixMs::MIN,
             last_accepted_wall_ms: now_ms,
             last_seen_wall_ms: now_ms,
-            unit: String::new(),
+            unit: Arc::from(""),
         }
     }
 }
@@ -249,7 +249,7 @@ impl SeriesState {
 /// Per-series tumbling windows over event time. See the [module docs](self).
 #[derive(Debug)]
 pub struct WindowEngine {
-    agent: String,
+    agent: Arc<str>,
     width_ms: i64,
     lateness_ms: i64,
     idle_timeout_ms: i64,
@@ -281,7 +281,7 @@ impl WindowEngine {
     /// A new engine for `agent`. The config should have passed
     /// [`WindowConfig::validate`]; a zero width is raised to 1 ms and a zero
     /// cap to one series rather than panicking.
-    pub fn new(agent: impl Into<String>, cfg: WindowConfig) -> Self {
+    pub fn new(agent: impl Into<Arc<str>>, cfg: WindowConfig) -> Self {
         Self {
             agent: agent.into(),
             width_ms: duration_ms(cfg.width).max(1),
@@ -476,7 +476,7 @@ impl WindowEngine {
 #[allow(clippy::too_many_arguments)]
 #[inline]
 fn admit(
-    agent: &str,
+    agent: &Arc<str>,
     width_ms: i64,
     lateness_ms: i64,
     stats: &mut WindowStats,
@@ -525,7 +525,7 @@ fn reject(
 
 /// Emits, in start order, the open windows with `end <= watermark_ms`.
 fn close_through(
-    agent: &str,
+    agent: &Arc<str>,
     key: &SeriesKey,
     state: &mut SeriesState,
     width_ms: i64,
@@ -555,7 +555,7 @@ fn close_through(
 
 /// Emits all open windows and advances the watermark to the end of the last one.
 fn close_all(
-    agent: &str,
+    agent: &Arc<str>,
     key: &SeriesKey,
     state: &mut SeriesState,
     width_ms: i64,
@@ -570,15 +570,15 @@ fn close_all(
 }
 
 fn to_window(
-    agent: &str,
+    agent: &Arc<str>,
     key: &SeriesKey,
-    unit: &str,
+    unit: &Arc<str>,
     start_ms: UnixMs,
     width_ms: i64,
     acc: &Acc,
 ) -> Window {
     Window {
-        agent: agent.to_owned(),
+        agent: Arc::clone(agent),
         series: key.clone(),
         start_ms,
         end_ms: start_ms + width_ms,
@@ -589,7 +589,7 @@ fn to_window(
         stddev: acc.population_stddev(),
         first_event_ms: acc.first_event_ms,
         last_event_ms: acc.last_event_ms,
-        unit: unit.to_owned(),
+        unit: Arc::clone(unit),
         score: None,
     }
 }

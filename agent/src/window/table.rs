@@ -168,7 +168,7 @@ mod tests {
         assert_eq!(t.remove(&keys[0]), Some(0));
         assert_eq!(t.remove(&keys[0]), None);
         assert_eq!(t.get_mut(t.hash(&keys[1]), &keys[1]).copied(), Some(1));
-        t.retain(|k, _| k.device != long);
+        t.retain(|k, _| *k.device != *long);
         assert_eq!(t.len(), 3);
     }
 }

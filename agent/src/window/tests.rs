@@ -245,14 +245,14 @@ fn series_cap_dead_letters_new_series_and_frees_up_after_ttl() {
     let evicted: Vec<_> = out
         .iter()
         .filter_map(|o| match o {
-            EngineOutput::SeriesEvicted(k) => Some(k.device.as_str()),
+            EngineOutput::SeriesEvicted(k) => Some(&*k.device),
             _ => None,
         })
         .collect();
     assert_eq!(evicted, vec!["b"]);
     let pos_window = out
         .iter()
-        .position(|o| matches!(o, EngineOutput::Window(w) if w.series.device == "b"))
+        .position(|o| matches!(o, EngineOutput::Window(w) if &*w.series.device == "b"))
         .unwrap();
     let pos_evict = out
         .iter()
@@ -316,8 +316,8 @@ fn welford_window_matches_known_values() {
     }
     engine.flush(&mut out);
     let w = windows(&out)[0].clone();
-    assert_eq!(w.agent, AGENT);
-    assert_eq!(w.unit, "degC");
+    assert_eq!(&*w.agent, AGENT);
+    assert_eq!(&*w.unit, "degC");
     assert_eq!(w.score, None);
     assert_eq!((w.start_ms, w.end_ms), (1_000_000, 1_005_000));
     assert_eq!((w.count, w.min, w.max), (8, 2.0, 9.0));
@@ -494,7 +494,7 @@ proptest! {
                     if let Some(prev) = last_start.insert(&win.series, win.start_ms) {
                         prop_assert!(prev < win.start_ms, "series {} out of start order", win.series);
                     }
-                    let s = DEVICES.iter().position(|d| *d == win.series.device).unwrap();
+                    let s = DEVICES.iter().position(|d| *d == &*win.series.device).unwrap();
                     prop_assert!(got.insert((s, win.start_ms), win).is_none(), "emitted twice");
                     prop_assert_eq!(win.end_ms - win.start_ms, w);
                 }
@@ -565,7 +565,7 @@ proptest! {
             if let Some(prev) = last_start.insert(&win.series, win.start_ms) {
                 prop_assert!(prev < win.start_ms, "series {} out of start order", win.series);
             }
-            prop_assert!(got.insert((win.series.device.clone(), win.start_ms), win).is_none(), "emitted twice");
+            prop_assert!(got.insert((win.series.device.to_string(), win.start_ms), win).is_none(), "emitted twice");
         }
         prop_assert_eq!(got.len(), accepted.len());
         for (key, naive) in &accepted {
@@ -590,7 +590,7 @@ fn restored_marks_make_emitted_windows_late() {
         series: series.clone(),
         time_ms: t,
         value: 1.0,
-        unit: String::new(),
+        unit: "".into(),
         source: millrace_protocol::Source::Mqtt,
         quality: millrace_protocol::Quality::Good,
     };
@@ -616,7 +616,7 @@ fn a_series_evicted_by_ttl_resumes_from_its_watermark() {
         series: series.clone(),
         time_ms: t,
         value: 1.0,
-        unit: String::new(),
+        unit: "".into(),
         source: millrace_protocol::Source::Mqtt,
         quality: millrace_protocol::Quality::Good,
     };

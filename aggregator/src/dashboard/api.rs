@@ -243,7 +243,7 @@ async fn alerts(
     let series = query.series.as_deref().map(series_key).transpose()?;
     let agent = query.agent.filter(|a| !a.is_empty());
     let filter = |a: &AlertEntry| {
-        agent.as_ref().is_none_or(|x| &a.alert.agent == x)
+        agent.as_ref().is_none_or(|x| *a.alert.agent == **x)
             && series.as_ref().is_none_or(|s| &a.alert.series == s)
             && min.is_none_or(|m| a.alert.score.severity >= m)
             && query.before_id.is_none_or(|b| a.id < b)

@@ -413,7 +413,7 @@ impl LiveState {
                 *new_series += 1;
                 let id = Arc::new(lookup);
                 let live = self.series.entry(id.clone()).or_insert_with(|| SeriesLive {
-                    unit: w.unit.clone(),
+                    unit: w.unit.to_string(),
                     windows: VecDeque::new(),
                     marks: VecDeque::new(),
                     windows_total: 0,
@@ -423,8 +423,8 @@ impl LiveState {
         };
         let point = WindowPoint::from(w);
         live.windows_total += 1;
-        if !w.unit.is_empty() && live.unit != w.unit {
-            live.unit.clone_from(&w.unit);
+        if !w.unit.is_empty() && *live.unit != *w.unit {
+            live.unit = w.unit.to_string();
         }
         let before = live.windows.len();
         insert_in_order(&mut live.windows, point, self.limits.retain_windows);
@@ -443,7 +443,7 @@ impl LiveState {
         self.alerts.push_front(entry.clone());
         self.alerts.truncate(self.limits.retain_alerts);
         let id = SeriesId {
-            agent: alert.agent.clone(),
+            agent: alert.agent.to_string(),
             series: alert.series.clone(),
         };
         if let Some(live) = self.series.get_mut(&id) {
@@ -549,8 +549,8 @@ impl LiveState {
             .take(filter.limit)
             .map(|(id, live)| SeriesSummary {
                 agent: id.agent.clone(),
-                device: id.series.device.clone(),
-                sensor: id.series.sensor.clone(),
+                device: id.series.device.to_string(),
+                sensor: id.series.sensor.to_string(),
                 id: format!("{}/{}", id.agent, id.series),
                 unit: live.unit.clone(),
                 windows_retained: live.windows.len(),
@@ -574,8 +574,8 @@ impl LiveState {
         let to = live.windows.partition_point(|w| w.start_ms < to_ms);
         Some(SeriesWindows {
             agent: id.agent.clone(),
-            device: id.series.device.clone(),
-            sensor: id.series.sensor.clone(),
+            device: id.series.device.to_string(),
+            sensor: id.series.sensor.to_string(),
             unit: live.unit.clone(),
             windows: live.windows.range(from..to.max(from)).copied().collect(),
             alerts: live
@@ -880,7 +880,7 @@ mod tests {
         };
         let (total, page) = state.series_list(&filter);
         assert_eq!(total, 10);
-        let names: Vec<&str> = page.iter().map(|s| s.sensor.as_str()).collect();
+        let names: Vec<&str> = page.iter().map(|s| &*s.sensor).collect();
         assert_eq!(
             names,
             vec!["Temp-12", "Temp-13", "Temp-14", "Temp-15", "Temp-16"]

@@ -34,7 +34,7 @@ fn window() -> impl Strategy<Value = Window> {
     )
         .prop_map(
             |(agent, series, start, count, (mean, min, max, sd), score, unit)| Window {
-                agent,
+                agent: agent.into(),
                 series,
                 start_ms: start,
                 end_ms: start + 5000,
@@ -45,7 +45,7 @@ fn window() -> impl Strategy<Value = Window> {
                 stddev: sd,
                 first_event_ms: start,
                 last_event_ms: start + 4999,
-                unit,
+                unit: unit.into(),
                 score,
             },
         )
@@ -61,7 +61,7 @@ fn alert() -> impl Strategy<Value = Alert> {
         score(),
     )
         .prop_map(|(agent, series, spike, t, value, score)| Alert {
-            agent,
+            agent: agent.into(),
             series,
             kind: if spike {
                 AlertKind::Spike
@@ -365,7 +365,7 @@ fn dead_letter_for_nan_reading_is_json() {
         series: SeriesKey::new("d", "s"),
         time_ms: 10,
         value: f64::NAN,
-        unit: String::new(),
+        unit: "".into(),
         source: Source::Mqtt,
         quality: Quality::Good,
     };

@@ -293,6 +293,8 @@ struct Inflight {
 /// Per-connection protocol state (the socket and read buffer live beside it).
 struct Session<'a> {
     shared: &'a Shared,
+    /// This connection's decoder (its own interned names).
+    decoder: Decoder,
     version: Version,
     peer: SocketAddr,
     /// Events decoded from the current read, handed over together.
@@ -352,6 +354,7 @@ async fn serve(
     };
     let mut session = Session {
         shared,
+        decoder: shared.decoder.clone(),
         version,
         peer,
         events: Vec::with_capacity(1024),
@@ -680,7 +683,7 @@ impl Session<'_> {
                     }
                 }
                 let before = self.events.len();
-                self.shared.decoder.decode(
+                self.decoder.decode(
                     p.topic,
                     p.payload,
                     now,

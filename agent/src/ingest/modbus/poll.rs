@@ -372,7 +372,7 @@ impl DevicePoller {
                 series: SeriesKey::new(self.name.as_ref(), reg.sensor.as_str()),
                 time_ms,
                 value: raw * reg.scale + reg.offset,
-                unit: reg.unit.clone(),
+                unit: reg.unit.as_str().into(),
                 source: Source::Modbus,
                 quality: Quality::Good,
             };

@@ -34,7 +34,7 @@ pub(crate) fn alert(id: u64) -> Record {
             p_value: 1e-9,
             severity: Severity::Critical,
         },
-        unit: String::new(),
+        unit: "".into(),
     })
 }
 
@@ -51,7 +51,7 @@ pub(crate) fn window(series: &SeriesKey, start_ms: UnixMs, end_ms: UnixMs) -> Re
         stddev: 0.0,
         first_event_ms: start_ms,
         last_event_ms: start_ms,
-        unit: String::new(),
+        unit: "".into(),
         score: None,
     })
 }
@@ -60,8 +60,8 @@ pub(crate) fn window(series: &SeriesKey, start_ms: UnixMs, end_ms: UnixMs) -> Re
 pub(crate) fn id_of(record: &Record) -> u64 {
     let text = match record {
         Record::DeadLetter(d) => d.origin.clone(),
-        Record::Alert(a) => a.series.device.clone(),
-        Record::Window(w) => w.series.device.clone(),
+        Record::Alert(a) => a.series.device.to_string(),
+        Record::Window(w) => w.series.device.to_string(),
     };
     text.trim_start_matches("id-")
         .parse()
