@@ -26,7 +26,7 @@ const QUARANTINES_KEPT: usize = 3;
 /// fjall journal budget (its minimum): bounds the disk used beyond `max-bytes`.
 const FJALL_JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
 /// Block cache: the store is written far more than read.
-const FJALL_CACHE_BYTES: u64 = 8 * 1024 * 1024;
+const FJALL_CACHE_BYTES: u64 = 2 * 1024 * 1024;
 /// Memtable of each keyspace (fjall's default is 64 MiB): written records
 /// sit in memory until their keyspace's memtable reaches this size and is
 /// flushed to a disk segment. On a gateway with little memory, a few MiB per
@@ -47,8 +47,14 @@ pub(crate) fn keyspace_options() -> KeyspaceCreateOptions {
     KeyspaceCreateOptions::default().max_memtable_size(FJALL_MEMTABLE_BYTES)
 }
 
+/// The journal keyspace: a small memtable, and no compression at any level
+/// (its blocks are deleted long before compression would pay off).
 fn journal_keyspace_options() -> KeyspaceCreateOptions {
-    KeyspaceCreateOptions::default().max_memtable_size(FJALL_JOURNAL_MEMTABLE_BYTES)
+    KeyspaceCreateOptions::default()
+        .max_memtable_size(FJALL_JOURNAL_MEMTABLE_BYTES)
+        .data_block_compression_policy(fjall::config::CompressionPolicy::all(
+            fjall::CompressionType::None,
+        ))
 }
 
 /// A database moved aside.
