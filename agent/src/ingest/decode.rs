@@ -476,6 +476,14 @@ impl Route {
         })
     }
 
+    /// Whether the topic alone names the series (no payload field does).
+    fn topic_only(&self) -> bool {
+        self.series_field.is_none()
+            && self.device_field.is_none()
+            && self.sensor_field.is_none()
+            && !self.sensor.uses_field()
+    }
+
     /// Whether `name` is a field the route reads for something other than a value.
     fn is_meta_field(&self, name: &str) -> bool {
         (!self.time_field.is_empty() && name == self.time_field)
@@ -502,6 +510,8 @@ pub struct Decoder {
     routes: Vec<Route>,
     max_payload_bytes: usize,
     names: Names,
+    /// Topics seen: their route, and the series they name.
+    topics: hashbrown::HashMap<Box<str>, (usize, SeriesKey), foldhash::fast::RandomState>,
 }
 
 /// Names kept at most by one decoder; past that the set starts again (a
@@ -564,6 +574,7 @@ impl Decoder {
             routes,
             max_payload_bytes,
             names: Names::default(),
+            topics: hashbrown::HashMap::default(),
         })
     }
 
@@ -606,26 +617,54 @@ impl Decoder {
             ));
             return;
         }
-        let Self { routes, names, .. } = self;
-        let Some(route) = routes.iter().find(|r| topic_matches(&r.filter, topic)) else {
-            out.push(dead(
-                DeadLetterReason::Unmapped,
-                payload,
-                "no subscription filter matches the topic".into(),
-            ));
-            return;
+        let Self {
+            routes,
+            names,
+            topics,
+            ..
+        } = self;
+        // A topic seen before: its route, and its series when the topic alone
+        // names it.
+        let known = topics.get(topic).cloned();
+        let (route_index, known_series) = match known {
+            Some((i, series)) => (i, Some(series)),
+            None => match routes.iter().position(|r| topic_matches(&r.filter, topic)) {
+                Some(i) => (i, None),
+                None => {
+                    out.push(dead(
+                        DeadLetterReason::Unmapped,
+                        payload,
+                        "no subscription filter matches the topic".into(),
+                    ));
+                    return;
+                }
+            },
         };
+        let route = &routes[route_index];
         let mut levels = [""; MAX_SEGMENTS];
         let mut n = 0;
-        for level in topic.split('/').take(MAX_SEGMENTS) {
-            levels[n] = level;
-            n += 1;
+        if known_series.is_none() {
+            for level in topic.split('/').take(MAX_SEGMENTS) {
+                levels[n] = level;
+                n += 1;
+            }
         }
-        let ctx = Ctx {
+        let mut ctx = Ctx {
             route,
             segments: &levels[..n],
             now_ms,
+            topic_series: known_series,
         };
+        if ctx.topic_series.is_none() && route.topic_only() {
+            if let Ok(series) = ctx.series(names, None, None) {
+                if topics.len() >= NAMES_CAP {
+                    topics.clear();
+                }
+                topics.insert(topic.into(), (route_index, series.clone()));
+                ctx.topic_series = Some(series);
+            }
+        }
+        let ctx = ctx;
         let reading = |series, time_ms, value, unit: Arc<str>| {
             IngestEvent::Reading(
                 Reading {
@@ -767,6 +806,9 @@ struct Ctx<'r, 's> {
     route: &'r Route,
     segments: &'s [&'s str],
     now_ms: UnixMs,
+    /// The series, when the route names it from the topic alone and the
+    /// topic was seen before (then `segments` is not filled).
+    topic_series: Option<SeriesKey>,
 }
 
 impl Ctx<'_, '_> {
@@ -849,6 +891,9 @@ impl Ctx<'_, '_> {
         obj: Option<&'o FlatObject<'_>>,
         field: Option<&str>,
     ) -> Result<SeriesKey, Rejection> {
+        if let (Some(series), None) = (&self.topic_series, field) {
+            return Ok(series.clone());
+        }
         let route = self.route;
         let lookup = |name: &Option<String>| -> Result<Option<&'o str>, Rejection> {
             let (Some(name), Some(obj)) = (name, obj) else {
