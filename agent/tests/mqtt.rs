@@ -360,15 +360,24 @@ async fn qos1_is_not_acked_while_the_channel_is_full_and_is_redelivered() {
         // waits for the durability marker behind it.
         let mut slow = Running::start_raw(config(&broker, &client_id, protocol), 1);
         slow.subscribed().await;
-        for value in 1..=3 {
+        let publish = |value: u32| {
             broker.publish(
                 "plant/a/b",
                 format!("{{\"value\": {value}}}").as_bytes(),
                 1,
                 v,
-            );
-        }
+            )
+        };
+        publish(1);
         assert_eq!(slow.next_raw().await.reading_value(), Some(1.0));
+        // 2 and 3 arrive while message 1 waits for its marker: a later batch.
+        publish(2);
+        publish(3);
+        let marker = match slow.next_raw().await {
+            IngestEvent::Durable(ack) => ack,
+            other => panic!("expected the durability marker, got {other:?}"),
+        };
+        let acked = 1;
         // Not acked while its marker is not complete.
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(
@@ -376,31 +385,32 @@ async fn qos1_is_not_acked_while_the_channel_is_full_and_is_redelivered() {
             0,
             "acked before durable"
         );
-        match slow.next_raw().await {
-            IngestEvent::Durable(ack) => ack.complete(),
-            other => panic!("expected the durability marker, got {other:?}"),
-        }
+        marker.complete();
         wait_for("the first ack", || {
-            slow.stats.acks.load(Ordering::Relaxed) == 1
+            slow.stats.acks.load(Ordering::Relaxed) == acked
         })
         .await;
-        // Message 2 now waits in the channel, its marker never completed.
+        // Messages 2 and 3 now wait in the channel, their marker never completed.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let stats = Arc::clone(&slow.stats);
         slow.stop().await;
         assert_eq!(
             stats.acks.load(Ordering::Relaxed),
-            1,
+            acked,
             "only the durable message is acked"
         );
 
-        // Same client id, persistent session: the broker redelivers 2 and 3.
+        // Same client id, persistent session: the broker redelivers the rest.
         let mut again = Running::start(config(&broker, &client_id, protocol), 16);
-        let mut values = vec![again.reading().await.value, again.reading().await.value];
+        let mut values = Vec::new();
+        for _ in acked..3 {
+            values.push(again.reading().await.value);
+        }
         values.sort_by(f64::total_cmp);
-        assert_eq!(values, [2.0, 3.0], "{protocol:?}");
+        let rest: Vec<f64> = (acked + 1..=3).map(|v| v as f64).collect();
+        assert_eq!(values, rest, "{protocol:?}");
         wait_for("acks after redelivery", || {
-            again.stats.acks.load(Ordering::Relaxed) == 2
+            again.stats.acks.load(Ordering::Relaxed) == 3 - acked
         })
         .await;
         again.stop().await;

@@ -404,6 +404,9 @@ pub(crate) async fn hand_off(
     Handoff::Accepted
 }
 
+/// Messages handed to the pipeline behind one durability marker at most.
+const HANDOVER_BATCH: usize = 256;
+
 /// A source of readings from an external MQTT broker.
 pub struct MqttSource {
     config: MqttConfig,
@@ -474,21 +477,25 @@ impl MqttSource {
             eventloop, &client, &filters, &epoch, &stats, backoff, queue_tx, &stop,
         );
         // Acks wait for the pipeline's journal commit; they are sent in the
-        // order the messages were received, as MQTT requires.
-        let (ack_tx, mut ack_rx) =
-            mpsc::channel::<(oneshot::Receiver<()>, Delivery)>(config.queue_capacity.max(1) * 4);
+        // order the messages were received, as MQTT requires. Messages that
+        // queued up meanwhile are handed over together, behind one marker.
+        let (ack_tx, mut ack_rx) = mpsc::channel::<(oneshot::Receiver<()>, Vec<Delivery>)>(
+            config.queue_capacity.max(1) * 4,
+        );
         let acker = async {
-            while let Some((durable, delivery)) = ack_rx.recv().await {
+            while let Some((durable, deliveries)) = ack_rx.recv().await {
                 let done = tokio::select! {
                     done = durable => done.is_ok(),
                     // Stopping: what is not durable by now is left to the
                     // broker's redelivery (the session is persistent).
                     () = stop.cancelled() => false,
                 };
-                if done {
-                    acknowledge_accepted(&client, &delivery, &epoch, &stats);
-                } else {
-                    stats.acks_withheld.fetch_add(1, Ordering::Relaxed);
+                for delivery in &deliveries {
+                    if done {
+                        acknowledge_accepted(&client, delivery, &epoch, &stats);
+                    } else if delivery.message.needs_ack() {
+                        stats.acks_withheld.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
         };
@@ -497,40 +504,40 @@ impl MqttSource {
             let ack_tx = ack_tx;
             let mut events = Vec::new();
             loop {
-                let delivery = tokio::select! {
+                let first = tokio::select! {
                     _ = stop.cancelled() => return Ok(()),
                     d = queue_rx.recv() => match d {
                         Some(d) => d,
                         None => return Ok(()),
                     },
                 };
-                let topic = delivery.message.topic();
-                decoder.decode(
-                    &topic,
-                    delivery.message.payload(),
-                    now_ms(),
-                    delivery.message.delivery(),
-                    &mut events,
-                );
-                stats.record_decoded(&events);
-                if delivery.message.needs_ack() {
-                    let (marker, durable) = DurableAck::new();
-                    events.push(IngestEvent::Durable(marker));
-                    match hand_off(&mut events, &tx, &stop).await {
-                        Handoff::Accepted => {
-                            if ack_tx.send((durable, delivery)).await.is_err() {
-                                return Ok(());
-                            }
-                            continue;
-                        }
-                        Handoff::Stopped => return Ok(()),
-                        Handoff::Closed => {
-                            error!("ingest channel closed; mqtt source stopping");
-                            stop.cancel();
-                            return Err(MqttError::PipelineClosed);
-                        }
+                let mut batch = Vec::with_capacity(1);
+                batch.push(first);
+                while batch.len() < HANDOVER_BATCH.min(config.queue_capacity) {
+                    match queue_rx.try_recv() {
+                        Ok(d) => batch.push(d),
+                        Err(_) => break,
                     }
                 }
+                let now = now_ms();
+                for delivery in &batch {
+                    let before = events.len();
+                    decoder.decode(
+                        &delivery.message.topic(),
+                        delivery.message.payload(),
+                        now,
+                        delivery.message.delivery(),
+                        &mut events,
+                    );
+                    stats.record_decoded(&events[before..]);
+                }
+                let durable = if batch.iter().any(|d| d.message.needs_ack()) {
+                    let (marker, durable) = DurableAck::new();
+                    events.push(IngestEvent::Durable(marker));
+                    Some(durable)
+                } else {
+                    None
+                };
                 match hand_off(&mut events, &tx, &stop).await {
                     Handoff::Accepted => {}
                     Handoff::Stopped => return Ok(()),
@@ -538,6 +545,11 @@ impl MqttSource {
                         error!("ingest channel closed; mqtt source stopping");
                         stop.cancel();
                         return Err(MqttError::PipelineClosed);
+                    }
+                }
+                if let Some(durable) = durable {
+                    if ack_tx.send((durable, batch)).await.is_err() {
+                        return Ok(());
                     }
                 }
             }
