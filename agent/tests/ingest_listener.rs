@@ -408,3 +408,34 @@ async fn the_local_pubsub_broker_gets_a_copy_of_every_accepted_publish() {
     );
     stop.cancel();
 }
+
+/// A device that writes CONNECT and its first PUBLISH in one segment: the
+/// publish is taken at once, not when more bytes arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_in_the_same_segment_as_the_connect_is_taken() {
+    let mut gw = start(config(), 64);
+    let mut stream = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
+    let mut out = BytesMut::new();
+    Packet::Connect(v4::Connect::new("eager"))
+        .write(&mut out, 1 << 20)
+        .unwrap();
+    let mut p = v4::Publish::new("sensors/a/b", QoS::AtLeastOnce, br#"{"value":9}"#.to_vec());
+    p.pkid = 4;
+    Packet::Publish(p).write(&mut out, 1 << 20).unwrap();
+    stream.write_all(&out).await.unwrap();
+    let mut client = Client {
+        stream,
+        buf: BytesMut::new(),
+    };
+    assert!(matches!(client.next().await, Packet::ConnAck(_)));
+    assert!(matches!(
+        next_event(&mut gw.events).await,
+        IngestEvent::Reading(..)
+    ));
+    let IngestEvent::Durable(marker) = next_event(&mut gw.events).await else {
+        panic!("expected a marker");
+    };
+    marker.complete();
+    assert_eq!(client.next().await, Packet::PubAck(v4::PubAck::new(4)));
+    gw.stop.cancel();
+}

@@ -206,15 +206,17 @@ fn simulated_plant_through_the_agent_matches_the_signal() {
         "plant/boiler-3/temp",
         &format!("{{\"value\": 1.0, \"ts\": {start_ms}}}"),
     );
-    // The same reading twice (what a QoS 1 redelivery looks like), then
-    // another one in the same window: the window counts two readings.
+    // A reading, the same message sent again by its device (QoS 1, DUP set:
+    // what a device does when it never saw the PUBACK), then another one in
+    // the same window: the window counts two readings.
     let base = millrace_sim::unix_now_ms() / 1000 * 1000 + 1000;
-    for (value, ts) in [(5.0, base + 100), (5.0, base + 100), (7.0, base + 200)] {
-        publish(
-            "plant/dup-1/level",
-            &format!("{{\"value\": {value:.1}, \"ts\": {ts}}}"),
-        );
-    }
+    let first = format!("{{\"value\": 5.0, \"ts\": {}}}", base + 100);
+    publish("plant/dup-1/level", &first);
+    resend_with_dup(mqtt_port, "plant/dup-1/level", &first);
+    publish(
+        "plant/dup-1/level",
+        &format!("{{\"value\": 7.0, \"ts\": {}}}", base + 200),
+    );
     let before_bad = records.len();
     let more = follow_json_lines(&tap, Duration::from_secs(20), |seen| {
         seen.iter().filter(|r| r["type"] == "dead-letter").count() >= 3
@@ -373,6 +375,41 @@ fn simulated_plant_through_the_agent_matches_the_signal() {
         reasons.contains(&"not-a-number") || reasons.contains(&"malformed"),
         "NaN payload dead-lettered: {reasons:?}"
     );
+}
+
+/// Sends `payload` to `topic` as a QoS 1 PUBLISH with the DUP flag set (a
+/// device resending a message whose PUBACK it never saw), on a connection
+/// of its own, and waits for the PUBACK.
+fn resend_with_dup(port: u16, topic: &str, payload: &str) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("agent mqtt");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let client_id = b"dup-resender";
+    let mut connect = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x3C];
+    connect.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    connect.extend_from_slice(client_id);
+    let mut publish = (topic.len() as u16).to_be_bytes().to_vec();
+    publish.extend_from_slice(topic.as_bytes());
+    publish.extend_from_slice(&1u16.to_be_bytes());
+    publish.extend_from_slice(payload.as_bytes());
+    assert!(
+        connect.len() < 128 && publish.len() < 128,
+        "short packets only"
+    );
+    let mut out = vec![0x10, connect.len() as u8];
+    out.extend_from_slice(&connect);
+    out.extend_from_slice(&[0x3A, publish.len() as u8]); // PUBLISH, DUP, QoS 1
+    out.extend_from_slice(&publish);
+    s.write_all(&out).unwrap();
+    let mut reply = [0u8; 8];
+    s.read_exact(&mut reply).expect("CONNACK and PUBACK");
+    assert_eq!(&reply[..4], &[0x20, 0x02, 0x00, 0x00], "CONNACK accepted");
+    assert_eq!(
+        &reply[4..],
+        &[0x40, 0x02, 0x00, 0x01],
+        "PUBACK of the resend"
+    );
+    s.write_all(&[0xE0, 0x00]).unwrap();
 }
 
 fn http_get(port: u16, path: &str) -> String {

@@ -519,6 +519,15 @@ impl Session<'_> {
         let idle_limit = (keep_alive > Duration::ZERO).then(|| keep_alive.mul_f32(1.5));
         let mut last_packet = Instant::now();
         let mut eof = false;
+        // Packets that came in the same read as the CONNECT.
+        if !rbuf.is_empty() {
+            if let Err(end) = self.take_packets(rbuf) {
+                return end;
+            }
+            if let Some(end) = self.hand_over(tx, stop).await {
+                return end;
+            }
+        }
         let end = loop {
             if !self.out.is_empty() {
                 if let Err(e) = stream.write_all(&self.out).await {
