@@ -12,6 +12,8 @@
 //! - [`modbus`]: register maps, Modbus TCP servers and RTU slaves, faults.
 //! - [`mqtt`]: MQTT sensors publishing JSON readings, malformed-payload faults.
 //! - [`load`]: bounded load runs at a target readings/s rate.
+//! - [`publish`]: a fixed number of readings over one pipelined MQTT 3.1.1
+//!   connection, counting which were acknowledged (reconnects and republishes).
 //! - [`sim`]: starting and stopping a whole plant.
 //!
 //! # What it is not
@@ -41,6 +43,7 @@ pub mod encoding;
 pub mod load;
 pub mod modbus;
 pub mod mqtt;
+pub mod publish;
 pub mod signal;
 pub mod sim;
 

@@ -1,7 +1,9 @@
 //! `millrace-sim`: the firmware simulator's command line.
 //!
 //! `run` serves the plant of a config file, `load` publishes a bounded MQTT
-//! load, `check-config` validates a plant file. SIGINT/SIGTERM stop cleanly.
+//! load, `publish` publishes a fixed number of readings and reports which were
+//! acknowledged, `check-config` validates a plant file. SIGINT/SIGTERM stop
+//! cleanly.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -10,6 +12,7 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand, ValueEnum};
 use millrace_sim::config::{parse_host_port, SimConfig};
 use millrace_sim::load::{run_load, LoadOptions};
+use millrace_sim::publish::{run_publish, PublishOptions};
 use millrace_sim::sim::{RunOptions, Simulation};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -106,6 +109,59 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Publish a fixed number of readings over one pipelined MQTT 3.1.1
+    /// connection and report how many the broker acknowledged.
+    ///
+    /// Series i is device d{i % devices}, sensor s{i}, topic
+    /// <prefix>/<device>/<sensor>, payload
+    /// {"device":"d3","sensor":"s17","ts":<unix ms>,"value":50.123}; messages go
+    /// round-robin over the series, ts strictly increasing per series. The
+    /// report is one JSON object: sent, acked, unacked, qos, connections,
+    /// republished, elapsed_s, rate, ...
+    Publish {
+        /// Broker HOST:PORT.
+        #[arg(long, value_name = "HOST:PORT")]
+        broker: String,
+        /// Distinct messages (one reading each).
+        #[arg(long, default_value_t = 1_000_000)]
+        messages: u64,
+        /// Number of series the messages go round-robin over.
+        #[arg(long, default_value_t = 1000)]
+        series: usize,
+        /// Number of devices the series are spread over.
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+        /// MQTT QoS (0 or 1).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+        qos: u8,
+        /// Most unacknowledged QoS 1 messages on the wire.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..))]
+        inflight: u16,
+        /// Readings per second, open loop against the wall clock; 0 = as fast as possible.
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        /// First topic level.
+        #[arg(long, default_value = "sensors")]
+        topic_prefix: String,
+        /// MQTT client id.
+        #[arg(long, default_value = "millrace-publish")]
+        client_id: String,
+        /// After a dropped connection, reconnect and republish what was not acknowledged.
+        #[arg(long)]
+        reconnect: bool,
+        /// With --reconnect: stop after this long without a successful connect.
+        #[arg(long, default_value = "120s", value_parser = humantime_serde::re::humantime::parse_duration)]
+        give_up_after: Duration,
+        /// How long to wait for missing acknowledgements after the last write.
+        #[arg(long, default_value = "30s", value_parser = humantime_serde::re::humantime::parse_duration)]
+        drain_timeout: Duration,
+        /// Write `<device>/<sensor> <ts> <value>` per acked (QoS 0: sent) message to this file.
+        #[arg(long, value_name = "PATH")]
+        acked_out: Option<PathBuf>,
+        /// Where the JSON report goes; `-` is standard output.
+        #[arg(long, value_name = "PATH|-", default_value = "-")]
+        report: PathBuf,
+    },
     /// Validate a plant config file and list its series.
     CheckConfig {
         /// Plant config file.
@@ -190,6 +246,53 @@ async fn main() -> anyhow::Result<()> {
             cancel_on_signals(sim.cancel_token())?;
             sim.wait().await?;
             info!("simulation stopped");
+            Ok(())
+        }
+        Command::Publish {
+            broker,
+            messages,
+            series,
+            devices,
+            qos,
+            inflight,
+            rate,
+            topic_prefix,
+            client_id,
+            reconnect,
+            give_up_after,
+            drain_timeout,
+            acked_out,
+            report,
+        } => {
+            let opts = PublishOptions {
+                broker,
+                messages,
+                series,
+                devices,
+                qos: if qos == 0 {
+                    rumqttc::QoS::AtMostOnce
+                } else {
+                    rumqttc::QoS::AtLeastOnce
+                },
+                inflight,
+                rate,
+                topic_prefix,
+                client_id,
+                reconnect,
+                give_up_after,
+                drain_timeout,
+                acked_out,
+            };
+            let cancel = CancellationToken::new();
+            cancel_on_signals(cancel.clone())?;
+            let outcome = run_publish(opts, cancel).await?;
+            let line = serde_json::to_string(&outcome)?;
+            if report.as_os_str() == "-" {
+                println!("{line}");
+            } else {
+                std::fs::write(&report, format!("{line}\n"))
+                    .with_context(|| format!("writing the report to {}", report.display()))?;
+            }
             Ok(())
         }
         Command::Load {
