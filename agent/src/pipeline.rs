@@ -630,14 +630,15 @@ mod tests {
         let r = reading(100, Source::Mqtt);
         assert!(!a.is_redelivery(&r, FIRST, 0));
         a.push(&r, 0);
-        assert!(a.is_redelivery(&r, REDELIVERED, 2_999));
+        assert!(a.is_redelivery(&r, REDELIVERED, 9_999));
         // The window closes by the idle timeout; the guard forgets a live
-        // reading after 3 s.
+        // reading after its horizon.
         a.tick(2_100);
         assert_eq!(windows(&mut a).len(), 1);
-        a.tick(3_000);
-        assert!(!a.is_redelivery(&r, REDELIVERED, 3_000));
-        a.push(&r, 3_000);
+        let horizon = redelivery::LIVE_HORIZON_MS;
+        a.tick(horizon);
+        assert!(!a.is_redelivery(&r, REDELIVERED, horizon));
+        a.push(&r, horizon);
         let late: Vec<_> = a.take().collect();
         assert!(
             matches!(&late[..], [Record::DeadLetter(dl)] if dl.reason == DeadLetterReason::Late),

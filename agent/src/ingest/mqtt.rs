@@ -458,9 +458,12 @@ impl MqttSource {
             transport,
             stats,
         } = self;
-        // Acks and subscribes are the only requests; leave room for an ack per
-        // queued message and for a resubscribe.
-        let request_capacity = config.queue_capacity * 2 + 16;
+        // Acks and subscribes are the only requests. The broker can have one
+        // unacknowledged QoS 1/2 message per packet id (65 535) in flight to
+        // us, so room for that many acks means an ack is never refused for
+        // lack of room (with less, a broker sending 1 000 at a time saw most
+        // acks refused and stalled). The queue grows only as acks wait.
+        let request_capacity = usize::from(u16::MAX) + 16;
         let (client, eventloop) = Session::open(&config, transport, request_capacity);
         let filters = subscription_filters(&config.subscriptions);
         let (queue_tx, mut queue_rx) = mpsc::channel(config.queue_capacity);
