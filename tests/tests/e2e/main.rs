@@ -3,5 +3,6 @@
 
 mod chain;
 mod dashboard;
+mod ingest;
 mod pipeline;
 mod systemd;
