@@ -516,6 +516,13 @@ async fn publish(
     if !analytics.pending().is_empty() {
         // Durable first: a record counts as produced once it is in the outbox.
         if let Some(d) = durability.as_deref_mut() {
+            // The readings behind these records go first: a window (with
+            // its closed-up-to mark) or an alert must never be on disk while
+            // a reading it counts is not, or a crash would have the device
+            // resend that reading into a window already closed.
+            if d.store.journal().stats().pending > 0 {
+                d.commit();
+            }
             d.persist(analytics.pending(), shutdown).await;
         }
         for out in outputs.iter_mut() {
@@ -666,5 +673,33 @@ mod tests {
             corrupt: 0,
         };
         assert_eq!(a.restore_baselines(saved, 10_000_000), 1);
+    }
+
+    /// A window is written to the outbox only after the journal holds the
+    /// readings it counts, even when no group commit is due yet.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_closed_window_never_reaches_the_outbox_before_its_readings_are_journaled() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) =
+            crate::store::Store::open(dir.path(), crate::store::StoreConfig::default()).unwrap();
+        let store = Arc::new(store);
+        let mut d = Durability::new(Arc::clone(&store), true, Arc::new(Notify::new()));
+        let mut a = analytics();
+        let shutdown = CancellationToken::new();
+        // 100 ms and then 2 s: the second moves the watermark past [0, 1 s).
+        let mut events = vec![
+            IngestEvent::Reading(reading(100, Source::Mqtt), FIRST),
+            IngestEvent::Reading(reading(2_000, Source::Mqtt), FIRST),
+        ];
+        handle(&mut a, Some(&mut d), &mut events, 10_000);
+        assert!(!store.journal().commit_due(), "no group commit due yet");
+        assert_eq!(store.journal().stats().pending, 2);
+        publish(&mut a, &mut [], Some(&mut d), &shutdown).await;
+        assert_eq!(store.outbox().stats().unwrap().bulk.records, 1, "the window");
+        assert_eq!(
+            store.journal().stats().pending,
+            0,
+            "its readings were committed first"
+        );
     }
 }
