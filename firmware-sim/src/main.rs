@@ -269,11 +269,7 @@ async fn main() -> anyhow::Result<()> {
                 messages,
                 series,
                 devices,
-                qos: if qos == 0 {
-                    rumqttc::QoS::AtMostOnce
-                } else {
-                    rumqttc::QoS::AtLeastOnce
-                },
+                qos: mqtt_qos(qos),
                 inflight,
                 rate,
                 topic_prefix,
@@ -320,11 +316,7 @@ async fn main() -> anyhow::Result<()> {
                 per_message,
                 duration,
                 topic_prefix,
-                qos: if qos == 0 {
-                    rumqttc::QoS::AtMostOnce
-                } else {
-                    rumqttc::QoS::AtLeastOnce
-                },
+                qos: mqtt_qos(qos),
                 seed,
                 inflight,
                 queue_capacity: 1024,
@@ -353,5 +345,14 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// The MQTT QoS of a `--qos` argument (0, else 1; clap checks the range).
+fn mqtt_qos(qos: u8) -> rumqttc::QoS {
+    if qos == 0 {
+        rumqttc::QoS::AtMostOnce
+    } else {
+        rumqttc::QoS::AtLeastOnce
     }
 }
