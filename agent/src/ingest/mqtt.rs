@@ -387,22 +387,35 @@ pub(crate) enum Handoff {
     Closed,
 }
 
-/// Sends every event of one message into the ingest channel, waiting for
-/// room (backpressure) unless shutdown is requested.
+/// Sends `events` into the ingest channel in order, waiting for room
+/// (backpressure) unless shutdown is requested. Room is reserved for up to
+/// [`HANDOFF_CHUNK`] events at a time, so a burst costs one wait per chunk
+/// rather than one per event. On `Stopped` or `Closed` the events not sent
+/// stay in `events`.
 pub(crate) async fn hand_off(
     events: &mut Vec<IngestEvent>,
     tx: &IngestTx,
     stop: &CancellationToken,
 ) -> Handoff {
-    for event in events.drain(..) {
-        tokio::select! {
+    while !events.is_empty() {
+        let n = events.len().min(HANDOFF_CHUNK).min(tx.max_capacity());
+        let permits = tokio::select! {
             biased;
             _ = stop.cancelled() => return Handoff::Stopped,
-            sent = tx.send(event) => if sent.is_err() { return Handoff::Closed },
+            permits = tx.reserve_many(n) => match permits {
+                Ok(permits) => permits,
+                Err(_) => return Handoff::Closed,
+            },
+        };
+        for (permit, event) in permits.zip(events.drain(..n)) {
+            permit.send(event);
         }
     }
     Handoff::Accepted
 }
+
+/// Events sent per channel reservation.
+const HANDOFF_CHUNK: usize = 256;
 
 /// Messages handed to the pipeline behind one durability marker at most.
 const HANDOVER_BATCH: usize = 256;
