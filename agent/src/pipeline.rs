@@ -695,7 +695,11 @@ mod tests {
         assert!(!store.journal().commit_due(), "no group commit due yet");
         assert_eq!(store.journal().stats().pending, 2);
         publish(&mut a, &mut [], Some(&mut d), &shutdown).await;
-        assert_eq!(store.outbox().stats().unwrap().bulk.records, 1, "the window");
+        assert_eq!(
+            store.outbox().stats().unwrap().bulk.records,
+            1,
+            "the window"
+        );
         assert_eq!(
             store.journal().stats().pending,
             0,
