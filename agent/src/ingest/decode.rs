@@ -514,9 +514,13 @@ pub struct Decoder {
     topics: hashbrown::HashMap<Box<str>, (usize, SeriesKey), foldhash::fast::RandomState>,
 }
 
-/// Names kept at most by one decoder; past that the set starts again (a
-/// plant with more distinct names only pays an allocation per name again).
-const NAMES_CAP: usize = 65_536;
+/// Names kept at most by one decoder (each ingest connection has its own);
+/// past that the set starts again (a plant with more distinct names only
+/// pays an allocation per name again). Bounds a connection's names to about
+/// 1 MiB.
+const NAMES_CAP: usize = 16_384;
+/// Topics remembered at most by one decoder, likewise.
+const TOPICS_CAP: usize = 16_384;
 
 /// The interned names of a decoder.
 #[derive(Debug, Clone, Default)]
@@ -657,7 +661,7 @@ impl Decoder {
         };
         if ctx.topic_series.is_none() && route.topic_only() {
             if let Ok(series) = ctx.series(names, None, None) {
-                if topics.len() >= NAMES_CAP {
+                if topics.len() >= TOPICS_CAP {
                     topics.clear();
                 }
                 topics.insert(topic.into(), (route_index, series.clone()));
