@@ -176,8 +176,6 @@ impl Marks {
 struct Pending {
     /// The readings, postcard-encoded back to back.
     body: Vec<u8>,
-    /// One reading's encoding, before it joins `body` (reused).
-    scratch: Vec<u8>,
     count: u32,
     next_position: u64,
     oldest: Option<Instant>,
@@ -297,12 +295,16 @@ impl Journal {
                 cap: self.inner.buffer_cap,
             });
         }
-        // Encoded aside first: a failed encoding leaves the block untouched.
-        let scratch = std::mem::take(&mut p.scratch);
-        let mut one = codec::push_block_reading(scratch, reading)?;
-        p.body.extend_from_slice(&one);
-        one.clear();
-        p.scratch = one;
+        let body = std::mem::take(&mut p.body);
+        let mark = body.len();
+        p.body = match codec::push_block_reading(body, reading) {
+            Ok(body) => body,
+            Err(e) => {
+                // postcard cannot fail on a `Reading`; keep the buffer whole anyway.
+                p.body.truncate(mark);
+                return Err(e.into());
+            }
+        };
         let position = p.next_position;
         p.next_position += 1;
         p.count += 1;
