@@ -296,12 +296,16 @@ impl Journal {
             });
         }
         let body = std::mem::take(&mut p.body);
-        let mark = body.len();
         p.body = match codec::push_block_reading(body, reading) {
             Ok(body) => body,
             Err(e) => {
-                // postcard cannot fail on a `Reading`; keep the buffer whole anyway.
-                p.body.truncate(mark);
+                // Unreachable in practice: postcard writing a `Reading` (plain
+                // fields, strings) into a `Vec` cannot fail. Were it to, the
+                // block being built is gone: its count goes with it, so the
+                // next commit writes a consistent (empty) block; the caller
+                // counts and logs the error.
+                p.count = 0;
+                p.oldest = None;
                 return Err(e.into());
             }
         };
