@@ -8,7 +8,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use millrace_agent::window::redelivery::{self, RedeliveryGuard};
-use millrace_benches::{jittered_readings, shift};
+use millrace_benches::{jittered_readings, shift, thread_cpu_time};
 use millrace_protocol::Source;
 use std::hint::black_box;
 use std::time::Duration;
@@ -67,9 +67,9 @@ fn redelivery_guard(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let mut timed = Duration::ZERO;
                 for _ in 0..iters {
-                    let started = std::time::Instant::now();
+                    let started = thread_cpu_time();
                     run(&mut guard, &block, redelivered);
-                    timed += started.elapsed();
+                    timed += thread_cpu_time() - started;
                     shift(&mut block, block_ms);
                 }
                 timed

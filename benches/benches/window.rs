@@ -12,10 +12,10 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use millrace_agent::anomaly::{AnomalyConfig, Scorer};
 use millrace_agent::window::{Admission, EngineOutput, WindowConfig, WindowEngine};
-use millrace_benches::{jittered_readings, shift};
+use millrace_benches::{jittered_readings, shift, thread_cpu_time};
 use millrace_protocol::Reading;
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const SERIES: usize = 10_000;
 const JITTER_MS: i64 = 300;
@@ -115,9 +115,9 @@ fn window_engine_and_scorer(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let mut timed = Duration::ZERO;
                 for _ in 0..iters {
-                    let started = Instant::now();
+                    let started = thread_cpu_time();
                     pipeline.run(&block);
-                    timed += started.elapsed();
+                    timed += thread_cpu_time() - started;
                     shift(&mut block, block_ms);
                 }
                 timed

@@ -7,6 +7,25 @@
 use millrace_protocol::{Quality, Reading, SeriesKey, Source, UnixMs};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use std::time::Duration;
+
+/// CPU time the calling thread has run so far (`/proc/thread-self/schedstat`,
+/// nanoseconds). Benchmarks time with it rather than the wall clock, so a
+/// figure is what the code costs even on a machine shared with other work
+/// (other work still competes for caches, so figures stay pessimistic there).
+///
+/// # Panics
+/// When the file cannot be read or parsed (not Linux, or no schedstat).
+pub fn thread_cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat")
+        .expect("read /proc/thread-self/schedstat");
+    let ns = stat
+        .split_whitespace()
+        .next()
+        .and_then(|field| field.parse::<u64>().ok())
+        .expect("schedstat starts with the thread's CPU time in ns");
+    Duration::from_nanos(ns)
+}
 
 /// `series` series polled every `period_ms` for `rounds` rounds, in arrival
 /// order: round by round, the series of a round in a shuffled order, each

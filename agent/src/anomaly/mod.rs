@@ -155,8 +155,7 @@ impl Scorer {
     /// a series already held, or one beyond the series cap, is left alone.
     /// Returns whether the series was restored.
     pub fn restore(&mut self, series: SeriesKey, windows: &[(f64, f64)]) -> bool {
-        let hash = self.series.hash(&series);
-        if self.series.get_mut(hash, &series).is_some() || self.series.len() >= self.max_series {
+        if self.series.get_mut(&series).is_some() || self.series.len() >= self.max_series {
             return false;
         }
         let valid: Vec<(f64, f64)> = windows
@@ -173,7 +172,6 @@ impl Scorer {
         }
         let baseline = baseline(&self.cfg, self.spike_z, &kept);
         self.series.insert_new(
-            hash,
             series,
             SeriesHistory {
                 windows: kept,
@@ -199,8 +197,7 @@ impl Scorer {
         if w.count == 0 || !w.mean.is_finite() {
             return None;
         }
-        let hash = self.series.hash(&w.series);
-        let history = match self.series.get_mut(hash, &w.series) {
+        let history = match self.series.get_mut(&w.series) {
             Some(history) => history,
             None => {
                 if self.series.len() >= self.max_series {
@@ -213,7 +210,7 @@ impl Scorer {
                     baseline: None,
                     last_spike_window_ms: None,
                 };
-                self.series.insert_new(hash, w.series.clone(), history)
+                self.series.insert_new(w.series.clone(), history)
             }
         };
 
@@ -278,8 +275,7 @@ impl Scorer {
         if !self.cfg.spike_alerts {
             return None;
         }
-        let hash = self.series.hash(&r.series);
-        let history = self.series.get_mut(hash, &r.series)?;
+        let history = self.series.get_mut(&r.series)?;
         let b = history.baseline?;
         if !r.value.is_finite() || (r.value - b.mean).abs() < b.spike_band {
             return None;

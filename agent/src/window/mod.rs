@@ -69,7 +69,7 @@ pub use redelivery::{RedeliveryGuard, RedeliveryStats};
 
 use config::duration_ms;
 use millrace_protocol::{DeadLetter, DeadLetterReason, Reading, SeriesKey, UnixMs, Window};
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use table::SeriesTable;
 
@@ -166,10 +166,11 @@ impl Acc {
 /// The open windows are `latest` (the one with the greatest start, where
 /// nearly every reading lands) plus the older ones still open in `older`,
 /// ordered by start. Keeping the latest inline means the hot path touches
-/// no tree node; `older` holds the one or two windows that out-of-order
-/// readings reopen near a window edge, and is empty most of the time.
+/// nothing else; `older` holds the window still open for the allowed
+/// lateness after the next one opened (or the few that out-of-order readings
+/// reopen), a queue whose buffer is kept, so opening a window allocates nothing.
 #[derive(Debug)]
-#[repr(C)] // hot fields first, next to the slot's hash and inline key
+#[repr(C)] // hot fields first
 struct SeriesState {
     /// The open window with the greatest start: `(start_ms, aggregate)`.
     latest: Option<(UnixMs, Acc)>,
@@ -181,7 +182,7 @@ struct SeriesState {
     /// Wall clock of the last reading of any kind (TTL).
     last_seen_wall_ms: UnixMs,
     /// Open windows older than `latest`, by start.
-    older: BTreeMap<UnixMs, Acc>,
+    older: VecDeque<(UnixMs, Acc)>,
     /// Unit of the reading that opened the latest window, carried by the windows.
     unit: Arc<str>,
 }
@@ -193,11 +194,10 @@ impl SeriesState {
 
     /// Start of the earliest open window.
     fn first_open_start(&self) -> Option<UnixMs> {
-        // `is_empty` reads the length inline; an emptied tree keeps its node.
-        if self.older.is_empty() {
-            return self.latest.map(|(start, _)| start);
+        match self.older.front() {
+            Some(&(start, _)) => Some(start),
+            None => self.latest.map(|(start, _)| start),
         }
-        self.older.first_key_value().map(|(&start, _)| start)
     }
 
     /// Removes the earliest open window.
@@ -205,23 +205,24 @@ impl SeriesState {
         if self.older.is_empty() {
             return self.latest.take();
         }
-        self.older.pop_first()
+        self.older.pop_front()
     }
 
     #[inline]
     fn add(&mut self, start: UnixMs, time_ms: UnixMs, value: f64, unit: &Arc<str>) {
         match &mut self.latest {
             Some((latest, acc)) if *latest == start => acc.add(time_ms, value),
-            Some((latest, _)) if *latest > start => match self.older.get_mut(&start) {
-                Some(acc) => acc.add(time_ms, value),
-                None => {
-                    self.older.insert(start, Acc::new(time_ms, value));
+            Some((latest, _)) if *latest > start => {
+                match self.older.binary_search_by_key(&start, |&(s, _)| s) {
+                    Ok(i) => self.older[i].1.add(time_ms, value),
+                    Err(i) => self.older.insert(i, (start, Acc::new(time_ms, value))),
                 }
-            },
+            }
             _ => {
                 // A newer window opens: the current latest (if any) becomes older.
-                if let Some((prev, acc)) = self.latest.replace((start, Acc::new(time_ms, value))) {
-                    self.older.insert(prev, acc);
+                // Every older window starts before it: the queue stays ordered.
+                if let Some(prev) = self.latest.replace((start, Acc::new(time_ms, value))) {
+                    self.older.push_back(prev);
                 }
                 // Compared once per window rather than once per reading.
                 if !Arc::ptr_eq(&self.unit, unit) && self.unit != *unit {
@@ -236,7 +237,7 @@ impl SeriesState {
     fn new(now_ms: UnixMs) -> Self {
         Self {
             latest: None,
-            older: BTreeMap::new(),
+            older: VecDeque::new(),
             watermark_ms: UnixMs::MIN,
             max_event_ms: UnixMs::MIN,
             last_accepted_wall_ms: now_ms,
@@ -300,8 +301,7 @@ impl WindowEngine {
     /// in windows ending at or before the mark are `late`.
     pub fn restore_closed(&mut self, marks: impl IntoIterator<Item = (SeriesKey, UnixMs)>) {
         for (series, end_ms) in marks {
-            let hash = self.series.hash(&series);
-            match self.series.get_mut(hash, &series) {
+            match self.series.get_mut(&series) {
                 Some(state) => state.watermark_ms = state.watermark_ms.max(end_ms),
                 None => {
                     let floor = self.floors.entry(series).or_insert(end_ms);
@@ -360,8 +360,7 @@ impl WindowEngine {
             self.stats.readings_time_out_of_range += 1;
             return reject(reading, DeadLetterReason::Malformed, now_ms, out);
         };
-        let hash = self.series.hash(&reading.series);
-        if let Some(state) = self.series.get_mut(hash, &reading.series) {
+        if let Some(state) = self.series.get_mut(&reading.series) {
             return admit(
                 &self.agent,
                 self.width_ms,
@@ -391,7 +390,7 @@ impl WindowEngine {
         let floor = self.floors.remove(&reading.series);
         let state = self
             .series
-            .insert_new(hash, reading.series.clone(), SeriesState::new(now_ms));
+            .insert_new(reading.series.clone(), SeriesState::new(now_ms));
         if let Some(floor) = floor {
             state.watermark_ms = floor;
         }

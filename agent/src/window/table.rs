@@ -1,151 +1,266 @@
-//! The per-series hash table shared by the window engine and the scorer.
+//! The per-series table shared by the window engine and the scorer.
 //!
-//! The hot path looks up one series per reading among thousands. A plain
-//! `HashMap<SeriesKey, _>` compares the stored key's two heap strings on every
-//! hit, two cache misses per lookup. Here each slot also keeps the full hash
-//! and, for the usual short names, an inline copy of `device 0xFF sensor`
-//! (0xFF never occurs in UTF-8), so a hit is decided inside the slot itself.
-//! Longer keys fall back to comparing the [`SeriesKey`].
+//! The hot path looks up one series per reading among thousands. Hashing a
+//! [`SeriesKey`] means reading its two heap strings, two cache misses per
+//! reading before the table is even probed. But the names of a reading are
+//! almost always the very `Arc<str>`s of the previous reading of that series:
+//! a connection's decoder interns them once, the Modbus plan builds them once.
+//! So a lookup first hashes the two *pointers* (no string is read) into
+//! `by_ptr`, which maps a pointer pair to the series' slot; only a pair not
+//! seen before is hashed by its text into `by_name` and then remembered.
+//!
+//! - An alias holds a clone of the key it was made from, so its pointers
+//!   cannot be freed and reused by other names while it exists.
+//! - An alias names a slot and that slot's generation: when a series is
+//!   removed its slot's generation moves on, and aliases to it simply stop
+//!   matching (they are replaced or dropped, never followed).
+//! - Aliases are bounded: past `4 × series` (at least 4 096), all are
+//!   dropped at once and rebuilt by the next readings. Readings that bring
+//!   fresh strings every time (journal replay) cost a text hash, as before.
+//!
+//! Series live in a slab (`Vec`), so per-reading work touches the alias slot
+//! and the series' own state, and iteration (`tick`) walks memory in order.
 
 use hashbrown::HashTable;
 use millrace_protocol::SeriesKey;
 use std::hash::BuildHasher;
+use std::sync::Arc;
 
-/// Bytes of `device 0xFF sensor` kept inline in a slot.
-const INLINE_KEY_BYTES: usize = 47;
-
-#[derive(Debug)]
-struct InlineKey {
-    /// Length of `device 0xFF sensor`, or 0 when it does not fit inline.
-    len: u8,
-    bytes: [u8; INLINE_KEY_BYTES],
-}
-
-impl InlineKey {
-    fn new(key: &SeriesKey) -> Self {
-        let (d, s) = (key.device.as_bytes(), key.sensor.as_bytes());
-        let mut bytes = [0u8; INLINE_KEY_BYTES];
-        let total = d.len() + 1 + s.len();
-        if total > INLINE_KEY_BYTES {
-            return Self { len: 0, bytes };
-        }
-        bytes[..d.len()].copy_from_slice(d);
-        bytes[d.len()] = 0xFF;
-        bytes[d.len() + 1..total].copy_from_slice(s);
-        Self {
-            len: total as u8,
-            bytes,
-        }
-    }
-
-    /// `Some(equal)` when decidable inline, `None` when the key is too long.
-    #[inline]
-    fn matches(&self, key: &SeriesKey) -> Option<bool> {
-        if self.len == 0 {
-            return None;
-        }
-        let (d, s) = (key.device.as_bytes(), key.sensor.as_bytes());
-        let len = usize::from(self.len);
-        Some(
-            d.len() + 1 + s.len() == len
-                && self.bytes[..d.len()] == *d
-                && self.bytes[d.len()] == 0xFF
-                && self.bytes[d.len() + 1..len] == *s,
-        )
-    }
-}
+/// Aliases kept at least, whatever the number of series.
+const MIN_ALIAS_CAP: usize = 4_096;
 
 #[derive(Debug)]
-#[repr(C)] // what a lookup reads (hash, inline key, then the value) comes first
-struct Slot<V> {
-    hash: u64,
-    inline: InlineKey,
+#[repr(C)] // the value right after the generation: one cache line for a lookup's hit
+struct Live<V> {
     value: V,
+    name_hash: u64,
     key: SeriesKey,
 }
 
-impl<V> Slot<V> {
+#[derive(Debug)]
+#[repr(C)]
+struct Entry<V> {
+    /// Moves on each time the slot is freed, so old aliases stop matching.
+    generation: u32,
+    live: Option<Live<V>>,
+}
+
+#[derive(Debug)]
+struct Alias {
+    /// Pins the two `Arc<str>`s whose addresses this alias is keyed by.
+    key: SeriesKey,
+    slot: u32,
+    generation: u32,
+}
+
+#[inline]
+fn addresses(key: &SeriesKey) -> (usize, usize) {
+    (
+        Arc::as_ptr(&key.device).cast::<u8>() as usize,
+        Arc::as_ptr(&key.sensor).cast::<u8>() as usize,
+    )
+}
+
+impl Alias {
     #[inline]
-    fn is(&self, hash: u64, key: &SeriesKey) -> bool {
-        self.hash == hash && self.inline.matches(key).unwrap_or_else(|| self.key == *key)
+    fn is(&self, addrs: (usize, usize)) -> bool {
+        addresses(&self.key) == addrs
     }
 }
 
-/// A map from [`SeriesKey`] to `V`, tuned for lookups by borrowed key.
+/// A map from [`SeriesKey`] to `V`, tuned for lookups by a key whose strings
+/// were seen before. See the [module docs](self).
 #[derive(Debug)]
 pub(crate) struct SeriesTable<V> {
     hasher: foldhash::fast::RandomState,
-    table: HashTable<Slot<V>>,
+    entries: Vec<Entry<V>>,
+    /// Free slots in `entries`.
+    free: Vec<u32>,
+    /// Slot of each series, hashed by the text of its key.
+    by_name: HashTable<u32>,
+    /// Slot of each pointer pair seen, hashed by the two addresses.
+    by_ptr: HashTable<Alias>,
+    len: usize,
 }
 
 impl<V> Default for SeriesTable<V> {
     fn default() -> Self {
         Self {
             hasher: foldhash::fast::RandomState::default(),
-            table: HashTable::new(),
+            entries: Vec::new(),
+            free: Vec::new(),
+            by_name: HashTable::new(),
+            by_ptr: HashTable::new(),
+            len: 0,
         }
     }
 }
 
 impl<V> SeriesTable<V> {
-    #[inline]
-    pub(crate) fn hash(&self, key: &SeriesKey) -> u64 {
-        self.hasher.hash_one(key)
-    }
-
     pub(crate) fn len(&self) -> usize {
-        self.table.len()
+        self.len
     }
 
     #[inline]
-    pub(crate) fn get_mut(&mut self, hash: u64, key: &SeriesKey) -> Option<&mut V> {
-        self.table
-            .find_mut(hash, |slot| slot.is(hash, key))
-            .map(|slot| &mut slot.value)
+    fn addr_hash(&self, addrs: (usize, usize)) -> u64 {
+        self.hasher.hash_one(addrs)
+    }
+
+    /// The slot of `key`, through its alias or (then remembered) its text.
+    #[inline]
+    fn find(&mut self, key: &SeriesKey) -> Option<usize> {
+        let addrs = addresses(key);
+        let addr_hash = self.addr_hash(addrs);
+        if let Some(alias) = self.by_ptr.find(addr_hash, |a| a.is(addrs)) {
+            let slot = alias.slot as usize;
+            if self.entries[slot].generation == alias.generation {
+                return Some(slot);
+            }
+        }
+        self.find_by_name(key, addrs, addr_hash)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn find_by_name(
+        &mut self,
+        key: &SeriesKey,
+        addrs: (usize, usize),
+        addr_hash: u64,
+    ) -> Option<usize> {
+        let name_hash = self.hasher.hash_one(key);
+        let entries = &self.entries;
+        let slot = *self.by_name.find(name_hash, |&slot| {
+            entries[slot as usize]
+                .live
+                .as_ref()
+                .is_some_and(|live| live.key == *key)
+        })?;
+        self.remember(key, addrs, addr_hash, slot);
+        Some(slot as usize)
+    }
+
+    /// Records `key`'s pointer pair as an alias of `slot` (replacing a stale one).
+    fn remember(&mut self, key: &SeriesKey, addrs: (usize, usize), addr_hash: u64, slot: u32) {
+        let generation = self.entries[slot as usize].generation;
+        if let Ok(mut stale) = self.by_ptr.find_entry(addr_hash, |a| a.is(addrs)) {
+            let alias = stale.get_mut();
+            alias.slot = slot;
+            alias.generation = generation;
+            return;
+        }
+        if self.by_ptr.len() >= (4 * self.len).max(MIN_ALIAS_CAP) {
+            self.by_ptr.clear();
+        }
+        let alias = Alias {
+            key: key.clone(),
+            slot,
+            generation,
+        };
+        let hasher = self.hasher.clone();
+        self.by_ptr
+            .insert_unique(addr_hash, alias, |a| hasher.hash_one(addresses(&a.key)));
+    }
+
+    #[inline]
+    pub(crate) fn get_mut(&mut self, key: &SeriesKey) -> Option<&mut V> {
+        let slot = self.find(key)?;
+        self.entries[slot].live.as_mut().map(|live| &mut live.value)
     }
 
     /// Inserts a key known to be absent (look it up first) and returns its value.
-    pub(crate) fn insert_new(&mut self, hash: u64, key: SeriesKey, value: V) -> &mut V {
-        let slot = Slot {
-            hash,
-            inline: InlineKey::new(&key),
+    pub(crate) fn insert_new(&mut self, key: SeriesKey, value: V) -> &mut V {
+        let name_hash = self.hasher.hash_one(&key);
+        let addrs = addresses(&key);
+        let addr_hash = self.addr_hash(addrs);
+        let live = Live {
             value,
-            key,
+            name_hash,
+            key: key.clone(),
         };
-        &mut self
-            .table
-            .insert_unique(hash, slot, |slot| slot.hash)
-            .into_mut()
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.entries[slot as usize].live = Some(live);
+                slot
+            }
+            None => {
+                let slot = u32::try_from(self.entries.len()).expect("fewer than 2^32 series");
+                self.entries.push(Entry {
+                    generation: 0,
+                    live: Some(live),
+                });
+                slot
+            }
+        };
+        let entries = &self.entries;
+        self.by_name.insert_unique(name_hash, slot, |&s| {
+            entries[s as usize]
+                .live
+                .as_ref()
+                .map_or(0, |live| live.name_hash)
+        });
+        self.len += 1;
+        self.remember(&key, addrs, addr_hash, slot);
+        &mut self.entries[slot as usize]
+            .live
+            .as_mut()
+            .expect("just inserted")
             .value
     }
 
+    /// Frees `slot`: out of `by_name`, its generation moved on, back on the free list.
+    fn free_slot(&mut self, slot: usize) -> Option<Live<V>> {
+        let entry = &mut self.entries[slot];
+        let live = entry.live.take()?;
+        entry.generation = entry.generation.wrapping_add(1);
+        if let Ok(found) = self
+            .by_name
+            .find_entry(live.name_hash, |&s| s as usize == slot)
+        {
+            found.remove();
+        }
+        self.free.push(slot as u32);
+        self.len -= 1;
+        Some(live)
+    }
+
     pub(crate) fn remove(&mut self, key: &SeriesKey) -> Option<V> {
-        let hash = self.hash(key);
-        let entry = self
-            .table
-            .find_entry(hash, |slot| slot.is(hash, key))
-            .ok()?;
-        Some(entry.remove().0.value)
+        let slot = self.find(key)?;
+        self.free_slot(slot).map(|live| live.value)
     }
 
     /// Keeps the entries for which `keep` returns true.
     pub(crate) fn retain(&mut self, mut keep: impl FnMut(&SeriesKey, &mut V) -> bool) {
-        self.table.retain(|slot| keep(&slot.key, &mut slot.value));
+        for slot in 0..self.entries.len() {
+            let Some(live) = self.entries[slot].live.as_mut() else {
+                continue;
+            };
+            if !keep(&live.key, &mut live.value) {
+                self.free_slot(slot);
+            }
+        }
     }
 
     pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = (&SeriesKey, &mut V)> {
-        self.table
+        self.entries
             .iter_mut()
-            .map(|slot| (&slot.key, &mut slot.value))
+            .filter_map(|e| e.live.as_mut().map(|live| (&live.key, &mut live.value)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    /// The same names in fresh allocations: equal keys, different pointers.
+    fn fresh(key: &SeriesKey) -> SeriesKey {
+        SeriesKey::new(key.device.to_string(), key.sensor.to_string())
+    }
 
     #[test]
-    fn inline_and_long_keys_are_found_and_distinguished() {
+    fn keys_are_found_by_text_whatever_their_allocation() {
         let mut t = SeriesTable::default();
         let long = "x".repeat(60);
         let keys = [
@@ -154,21 +269,118 @@ mod tests {
             SeriesKey::new("", ""),
             SeriesKey::new(long.clone(), "s"),
             SeriesKey::new(long.clone(), "t"),
-            SeriesKey::new("d".repeat(23), "s".repeat(23)),
         ];
         for (i, k) in keys.iter().enumerate() {
-            let h = t.hash(k);
-            assert!(t.get_mut(h, k).is_none());
-            t.insert_new(h, k.clone(), i);
+            assert!(t.get_mut(k).is_none());
+            t.insert_new(k.clone(), i);
         }
         for (i, k) in keys.iter().enumerate() {
-            let h = t.hash(k);
-            assert_eq!(t.get_mut(h, k).copied(), Some(i), "{k}");
+            assert_eq!(t.get_mut(k).copied(), Some(i), "{k}");
+            assert_eq!(t.get_mut(&fresh(k)).copied(), Some(i), "{k} in new strings");
         }
-        assert_eq!(t.remove(&keys[0]), Some(0));
+        assert_eq!(t.remove(&fresh(&keys[0])), Some(0));
         assert_eq!(t.remove(&keys[0]), None);
-        assert_eq!(t.get_mut(t.hash(&keys[1]), &keys[1]).copied(), Some(1));
+        assert!(t.get_mut(&keys[0]).is_none(), "no alias outlives its series");
+        assert_eq!(t.get_mut(&keys[1]).copied(), Some(1));
         t.retain(|k, _| *k.device != *long);
-        assert_eq!(t.len(), 3);
+        assert_eq!(t.len(), 2);
+        assert!(t.get_mut(&keys[3]).is_none());
+    }
+
+    #[test]
+    fn a_reused_slot_is_not_reached_through_an_old_alias() {
+        let mut t = SeriesTable::default();
+        let a = SeriesKey::new("plc-1", "a");
+        let b = SeriesKey::new("plc-1", "b");
+        t.insert_new(a.clone(), "a");
+        assert_eq!(t.remove(&a), Some("a"));
+        // `b` takes the freed slot; `a`'s alias still names that slot.
+        t.insert_new(b.clone(), "b");
+        assert!(t.get_mut(&a).is_none());
+        assert_eq!(t.get_mut(&b).copied(), Some("b"));
+        t.insert_new(a.clone(), "a again");
+        assert_eq!(t.get_mut(&a).copied(), Some("a again"));
+        assert_eq!(t.get_mut(&fresh(&b)).copied(), Some("b"));
+    }
+
+    #[test]
+    fn aliases_stay_bounded_when_every_lookup_brings_new_strings() {
+        let mut t = SeriesTable::default();
+        let key = SeriesKey::new("plc-1", "temp");
+        t.insert_new(key.clone(), 0u32);
+        for _ in 0..3 * MIN_ALIAS_CAP {
+            *t.get_mut(&fresh(&key)).expect("found by text") += 1;
+        }
+        assert!(t.by_ptr.len() <= MIN_ALIAS_CAP, "{} aliases", t.by_ptr.len());
+        assert_eq!(t.get_mut(&key).copied(), Some(3 * MIN_ALIAS_CAP as u32));
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Look up series `n`, through the shared allocation or a fresh one.
+        Get(u8, bool),
+        Insert(u8, bool),
+        Remove(u8, bool),
+        /// Keeps the series whose number is not divisible by this.
+        Retain(u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0u8..24, any::<bool>()).prop_map(|(n, f)| Op::Get(n, f)),
+            3 => (0u8..24, any::<bool>()).prop_map(|(n, f)| Op::Insert(n, f)),
+            2 => (0u8..24, any::<bool>()).prop_map(|(n, f)| Op::Remove(n, f)),
+            1 => (2u8..5).prop_map(Op::Retain),
+        ]
+    }
+
+    proptest! {
+        /// Whatever the sequence of operations and allocations, the table
+        /// answers as a `HashMap` keyed by text does.
+        #[test]
+        fn behaves_as_a_map_keyed_by_text(ops in proptest::collection::vec(op(), 1..300)) {
+            let shared: Vec<SeriesKey> = (0..24)
+                .map(|n| SeriesKey::new(format!("plc-{}", n % 3), format!("reg-{n}")))
+                .collect();
+            let key = |n: u8, fresh_alloc: bool| {
+                let k = &shared[usize::from(n)];
+                if fresh_alloc { fresh(k) } else { k.clone() }
+            };
+            let mut t = SeriesTable::default();
+            let mut model: HashMap<SeriesKey, u32> = HashMap::new();
+            for (i, op) in ops.into_iter().enumerate() {
+                let i = i as u32;
+                match op {
+                    Op::Get(n, f) => {
+                        let k = key(n, f);
+                        prop_assert_eq!(t.get_mut(&k).copied(), model.get(&k).copied());
+                    }
+                    Op::Insert(n, f) => {
+                        let k = key(n, f);
+                        if t.get_mut(&k).is_none() {
+                            t.insert_new(k.clone(), i);
+                            model.insert(k, i);
+                        }
+                    }
+                    Op::Remove(n, f) => {
+                        let k = key(n, f);
+                        prop_assert_eq!(t.remove(&k), model.remove(&k));
+                    }
+                    Op::Retain(d) => {
+                        let keep = |k: &SeriesKey| {
+                            k.sensor[4..].parse::<u8>().map_or(true, |n| n % d != 0)
+                        };
+                        t.retain(|k, _| keep(k));
+                        model.retain(|k, _| keep(k));
+                    }
+                }
+                prop_assert_eq!(t.len(), model.len());
+            }
+            let mut seen: Vec<(SeriesKey, u32)> = t.iter_mut().map(|(k, v)| (k.clone(), *v)).collect();
+            let mut expected: Vec<(SeriesKey, u32)> = model.into_iter().collect();
+            seen.sort_by(|a, b| a.0.cmp(&b.0));
+            expected.sort_by(|a, b| a.0.cmp(&b.0));
+            prop_assert_eq!(seen, expected);
+        }
     }
 }

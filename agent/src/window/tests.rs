@@ -1,3 +1,4 @@
+use std::collections::BTreeMap;
 use super::*;
 use millrace_protocol::{Quality, Source};
 use proptest::prelude::*;
