@@ -280,7 +280,10 @@ mod tests {
         }
         assert_eq!(t.remove(&fresh(&keys[0])), Some(0));
         assert_eq!(t.remove(&keys[0]), None);
-        assert!(t.get_mut(&keys[0]).is_none(), "no alias outlives its series");
+        assert!(
+            t.get_mut(&keys[0]).is_none(),
+            "no alias outlives its series"
+        );
         assert_eq!(t.get_mut(&keys[1]).copied(), Some(1));
         t.retain(|k, _| *k.device != *long);
         assert_eq!(t.len(), 2);
@@ -311,7 +314,11 @@ mod tests {
         for _ in 0..3 * MIN_ALIAS_CAP {
             *t.get_mut(&fresh(&key)).expect("found by text") += 1;
         }
-        assert!(t.by_ptr.len() <= MIN_ALIAS_CAP, "{} aliases", t.by_ptr.len());
+        assert!(
+            t.by_ptr.len() <= MIN_ALIAS_CAP,
+            "{} aliases",
+            t.by_ptr.len()
+        );
         assert_eq!(t.get_mut(&key).copied(), Some(3 * MIN_ALIAS_CAP as u32));
     }
 

@@ -1,7 +1,7 @@
-use std::collections::BTreeMap;
 use super::*;
 use millrace_protocol::{Quality, Source};
 use proptest::prelude::*;
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::time::Duration;
 
