@@ -43,6 +43,8 @@ pub fn jittered_readings(
     let keys: Vec<SeriesKey> = (0..series)
         .map(|i| SeriesKey::new(format!("plc-{:03}", i / 20), format!("reg-{:02}", i % 20)))
         .collect();
+    // One shared unit, as the decoders and the Modbus plan hand it out (interned).
+    let unit: std::sync::Arc<str> = "bar".into();
     let mut order: Vec<usize> = (0..series).collect();
     let mut readings = Vec::with_capacity(series * rounds);
     for round in 0..rounds {
@@ -57,7 +59,7 @@ pub fn jittered_readings(
                 series: keys[s].clone(),
                 time_ms,
                 value: 100.0 + 10.0 * phase.sin() + rng.random_range(-1.0..1.0),
-                unit: "bar".into(),
+                unit: std::sync::Arc::clone(&unit),
                 source: Source::Modbus,
                 quality: Quality::Good,
             });
