@@ -114,6 +114,12 @@ pub struct RawLog {
     /// A segment file is closed and a new one started past this size.
     /// Default `64MiB`.
     pub segment_size: Option<ByteSize>,
+    /// Closed segments whose records are all older than this are deleted;
+    /// `"forever"` keeps them. Default `7d` (Kafka's default).
+    pub retention_age: Option<String>,
+    /// Oldest closed segments are deleted while a topic holds more than
+    /// this. Default: no size limit.
+    pub retention_size: Option<ByteSize>,
 }
 
 /// A byte count written as `"8MiB"`, `"512 KiB"`, `"1GB"` or a plain integer.
@@ -256,6 +262,7 @@ pub struct KafkaConfig {
 pub struct LocalLogConfig {
     pub dir: PathBuf,
     pub segment_bytes: u64,
+    pub retention: crate::log::local::Retention,
 }
 
 /// A configuration error, naming the file and the key at fault.
@@ -289,6 +296,7 @@ const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_IN_FLIGHT: usize = 10_000;
 const DEFAULT_SEGMENT_SIZE: ByteSize = ByteSize(64 << 20);
+const DEFAULT_RETENTION_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 const MIN_TOKEN_LEN: usize = 16;
 const MAX_AGENT_ID_LEN: usize = 128;
 
@@ -491,9 +499,39 @@ impl Config {
                 if segment.0 < 4096 {
                     return Err(invalid("log.segment-size", "must be at least 4KiB".into()));
                 }
+                let max_age = match raw.log.retention_age.as_deref().map(str::trim) {
+                    None => Some(DEFAULT_RETENTION_AGE),
+                    Some("forever") => None,
+                    Some(text) => match humantime_serde::re::humantime::parse_duration(text) {
+                        Ok(age) if !age.is_zero() => Some(age),
+                        Ok(_) => {
+                            return Err(invalid(
+                                "log.retention-age",
+                                "must be above zero, or \"forever\"".into(),
+                            ))
+                        }
+                        Err(e) => {
+                            return Err(invalid(
+                                "log.retention-age",
+                                format!(
+                                "{e}: write a duration such as \"7d\" or \"12h\", or \"forever\""
+                            ),
+                            ))
+                        }
+                    },
+                };
+                let max_bytes = raw.log.retention_size.map(|b| b.0);
+                if max_bytes.is_some_and(|b| b < segment.0) {
+                    return Err(invalid(
+                        "log.retention-size",
+                        "must be at least log.segment-size (a topic always keeps its active segment)"
+                            .into(),
+                    ));
+                }
                 SinkConfig::Local(LocalLogConfig {
                     dir: raw.log.dir.unwrap_or_else(|| data_dir.join("log")),
                     segment_bytes: segment.0,
+                    retention: crate::log::local::Retention { max_age, max_bytes },
                 })
             }
         };
@@ -549,8 +587,39 @@ token = "0123456789abcdef"
         assert_eq!(cfg.max_body_bytes, 8 << 20);
         assert_eq!(cfg.topics, Topics::default());
         match cfg.sink {
-            SinkConfig::Local(l) => assert_eq!(l.dir, PathBuf::from("/tmp/x/log")),
+            SinkConfig::Local(l) => {
+                assert_eq!(l.dir, PathBuf::from("/tmp/x/log"));
+                assert_eq!(l.retention.max_age, Some(DEFAULT_RETENTION_AGE));
+                assert_eq!(l.retention.max_bytes, None);
+            }
             other => panic!("expected the embedded log, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn embedded_log_retention_parses_and_is_checked() {
+        let local = |log: &str| match parse(&format!("{MINIMAL}[log]\n{log}")) {
+            Ok(Config {
+                sink: SinkConfig::Local(l),
+                ..
+            }) => Ok(l.retention),
+            Ok(_) => panic!("expected the embedded log"),
+            Err(e) => Err(e.to_string()),
+        };
+        let r = local("retention-age = \"12h\"\nretention-size = \"1GiB\"\n").unwrap();
+        assert_eq!(r.max_age, Some(Duration::from_secs(12 * 3600)));
+        assert_eq!(r.max_bytes, Some(1 << 30));
+        assert_eq!(
+            local("retention-age = \"forever\"\n").unwrap().max_age,
+            None
+        );
+        for (bad, key) in [
+            ("retention-age = \"0s\"", "log.retention-age"),
+            ("retention-age = \"soon\"", "log.retention-age"),
+            ("retention-size = \"1MiB\"", "log.retention-size"),
+        ] {
+            let err = local(bad).unwrap_err();
+            assert!(err.contains(key), "{bad}: {err}");
         }
     }
 

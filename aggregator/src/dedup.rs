@@ -313,7 +313,13 @@ mod tests {
     async fn state_survives_reopen() {
         let tmp = tempfile::tempdir().unwrap();
         let topics = Topics::default();
-        let (log, _) = LocalLogWriter::open(&tmp.path().join("log"), &topics, 1 << 20).unwrap();
+        let (log, _) = LocalLogWriter::open(
+            &tmp.path().join("log"),
+            &topics,
+            1 << 20,
+            Default::default(),
+        )
+        .unwrap();
         let dir = tmp.path().join("dedup");
         let (store, _) = DedupStore::open(&dir, ["gw-1"], &log).unwrap();
         {
@@ -336,7 +342,13 @@ mod tests {
     async fn records_written_after_the_last_save_are_reconciled() {
         let tmp = tempfile::tempdir().unwrap();
         let topics = Topics::default();
-        let (log, _) = LocalLogWriter::open(&tmp.path().join("log"), &topics, 1 << 20).unwrap();
+        let (log, _) = LocalLogWriter::open(
+            &tmp.path().join("log"),
+            &topics,
+            1 << 20,
+            Default::default(),
+        )
+        .unwrap();
         let dir = tmp.path().join("dedup");
         let (store, _) = DedupStore::open(&dir, ["gw-1"], &log).unwrap();
         let write = |seqs: &[u64]| {
@@ -369,8 +381,13 @@ mod tests {
     #[test]
     fn corrupt_state_is_a_clear_error() {
         let tmp = tempfile::tempdir().unwrap();
-        let (log, _) =
-            LocalLogWriter::open(&tmp.path().join("log"), &Topics::default(), 1 << 20).unwrap();
+        let (log, _) = LocalLogWriter::open(
+            &tmp.path().join("log"),
+            &Topics::default(),
+            1 << 20,
+            Default::default(),
+        )
+        .unwrap();
         let dir = tmp.path().join("dedup");
         fs::create_dir_all(&dir).unwrap();
         fs::write(dir.join("gw-1.json"), b"{not json").unwrap();

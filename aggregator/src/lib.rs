@@ -78,9 +78,13 @@ impl Aggregator {
                 Arc::new(KafkaWriter::new(kafka.clone(), config.topics.clone())?)
             }
             SinkConfig::Local(local) => {
-                let (writer, report) =
-                    LocalLogWriter::open(&local.dir, &config.topics, local.segment_bytes)
-                        .map_err(LogError::from)?;
+                let (writer, report) = LocalLogWriter::open(
+                    &local.dir,
+                    &config.topics,
+                    local.segment_bytes,
+                    local.retention,
+                )
+                .map_err(LogError::from)?;
                 tracing::info!(
                     dir = %local.dir.display(),
                     torn_tails_truncated = report.truncations.len(),

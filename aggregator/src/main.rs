@@ -153,9 +153,15 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
             k.brokers, k.message_timeout, k.max_in_flight
         ),
         SinkConfig::Local(l) => println!(
-            "log: embedded dir={} segment-size={} bytes",
+            "log: embedded dir={} segment-size={} bytes retention-age={} retention-size={}",
             l.dir.display(),
-            l.segment_bytes
+            l.segment_bytes,
+            l.retention.max_age.map_or("forever".into(), |age| {
+                humantime_serde::re::humantime::format_duration(age).to_string()
+            }),
+            l.retention
+                .max_bytes
+                .map_or("unlimited".into(), |b| format!("{b} bytes")),
         ),
     }
     Ok(())

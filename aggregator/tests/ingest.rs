@@ -368,9 +368,13 @@ async fn log_failure_answers_503_and_commits_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let config = parse_config(&config_text(tmp.path(), "retry-after = \"7s\"", ""));
     let log_dir = tmp.path().join("log");
-    let (inner, _) =
-        millrace_aggregator::log::local::LocalLogWriter::open(&log_dir, &config.topics, 1 << 20)
-            .unwrap();
+    let (inner, _) = millrace_aggregator::log::local::LocalLogWriter::open(
+        &log_dir,
+        &config.topics,
+        1 << 20,
+        Default::default(),
+    )
+    .unwrap();
     let flaky = Arc::new(Flaky {
         failures: AtomicU32::new(1),
         inner,

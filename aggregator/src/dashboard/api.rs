@@ -365,6 +365,9 @@ async fn metrics(State(app): State<App>) -> Response {
             let live = app.dashboard.live();
             (live.fleet(now), live.totals())
         };
+        if let Some(retention) = log.retention() {
+            app.dashboard.metrics().log_retention(retention);
+        }
         app.dashboard
             .metrics()
             .render(app.ingest.stats(), &fleet, totals, log.kind(), log_up)

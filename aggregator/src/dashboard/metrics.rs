@@ -29,6 +29,9 @@
 //! | `millrace_aggregator_agent_seq_span_records` | gauge | `agent`: outbox floor to newest seq received |
 //! | `millrace_aggregator_sse_clients` | gauge | open event streams |
 //! | `millrace_aggregator_sse_lagged_events_total` | counter | events a slow event stream missed |
+//! | `millrace_aggregator_log_segments_deleted_total` | counter | embedded log segments deleted by retention |
+//! | `millrace_aggregator_log_deleted_bytes_total` | counter | their bytes |
+//! | `millrace_aggregator_log_deleted_records_total` | counter | the records they held |
 
 use super::live::{AgentView, LiveTotals, Observed};
 use crate::ingest::IngestStats;
@@ -154,6 +157,18 @@ impl Metrics {
         self.with(|| counter!("millrace_aggregator_sse_lagged_events_total").increment(missed));
     }
 
+    /// Copies in what the embedded log's retention deleted.
+    pub fn log_retention(&self, stats: &crate::log::local::RetentionStats) {
+        self.with(|| {
+            counter!("millrace_aggregator_log_segments_deleted_total")
+                .absolute(stats.segments_deleted.load(Ordering::Relaxed));
+            counter!("millrace_aggregator_log_deleted_bytes_total")
+                .absolute(stats.bytes_deleted.load(Ordering::Relaxed));
+            counter!("millrace_aggregator_log_deleted_records_total")
+                .absolute(stats.records_deleted.load(Ordering::Relaxed));
+        });
+    }
+
     /// The text exposition, after copying in the scrape-time values.
     pub fn render(
         &self,
@@ -220,6 +235,19 @@ fn describe_all() {
     describe_counter!(
         "millrace_aggregator_batches_total",
         "Ingest requests by result."
+    );
+    describe_counter!(
+        "millrace_aggregator_log_segments_deleted_total",
+        "Embedded log segments deleted by retention (age or size)."
+    );
+    describe_counter!(
+        "millrace_aggregator_log_deleted_bytes_total",
+        Unit::Bytes,
+        "Bytes of embedded log segments deleted by retention."
+    );
+    describe_counter!(
+        "millrace_aggregator_log_deleted_records_total",
+        "Records in embedded log segments deleted by retention."
     );
     describe_counter!(
         "millrace_aggregator_records_total",

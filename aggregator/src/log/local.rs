@@ -8,12 +8,26 @@
 //! ([`TopicReader`], used by `millrace-aggregator tail`) walks the segments
 //! from any offset and can follow the end.
 //!
-//! What it is not: there is one partition per topic, no retention or
-//! compaction (old segments stay until an operator removes whole files from
-//! the start of a topic), no offset index (a read from offset N scans its
-//! segment from the start; segments are bounded by `segment-size`), and
-//! only one writing process per directory — the aggregator that owns
-//! `data-dir`.
+//! What it is not: there is one partition per topic, no compaction, no
+//! offset index (a read from offset N scans its segment from the start;
+//! segments are bounded by `segment-size`), and only one writing process per
+//! directory — the aggregator that owns `data-dir`.
+//!
+//! # Retention
+//!
+//! As in Kafka, whole closed segments are deleted from the start of a topic
+//! ([`Retention`]): by age, once every record of a segment is older than
+//! `retention-age` (the bound used is the append time of the next segment's
+//! first record, so a segment is never deleted early), and by size, oldest
+//! first while the topic holds more than `retention-size`. The active
+//! (newest) segment is never deleted, so the records the dedup
+//! reconciliation reads back at start-up (those after its last saved mark,
+//! written just before a crash) are always kept. Retention runs when the log
+//! opens, when a segment rolls, and at most once a minute while records are
+//! written; every deletion is logged and counted ([`RetentionStats`]).
+//! Readers follow it: a cursor whose segment went away moves on to the oldest
+//! segment that is left, so `tail --from-beginning` starts at the oldest kept
+//! record.
 //!
 //! # On-disk format
 //!
@@ -58,7 +72,9 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const FRAME_HEADER_LEN: usize = 8;
 const SEGMENT_SUFFIX: &str = ".seg";
@@ -120,6 +136,26 @@ pub struct RecoveryReport {
     /// Next offset per topic.
     pub next_offsets: BTreeMap<String, u64>,
 }
+
+/// How long and how much of each topic the log keeps (per topic, like
+/// Kafka's `retention.ms` / `retention.bytes`). `None` keeps everything.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    pub max_age: Option<Duration>,
+    pub max_bytes: Option<u64>,
+}
+
+/// What retention deleted since start.
+#[derive(Debug, Default)]
+pub struct RetentionStats {
+    pub segments_deleted: AtomicU64,
+    pub bytes_deleted: AtomicU64,
+    /// Records in the deleted segments.
+    pub records_deleted: AtomicU64,
+}
+
+/// How often retention is checked while records are written.
+const RETENTION_CHECK_INTERVAL_MS: i64 = 60_000;
 
 // ---------------------------------------------------------------- framing
 
@@ -443,6 +479,10 @@ pub struct LocalLog {
     segment_bytes: u64,
     topics: BTreeMap<String, TopicLog>,
     poisoned: bool,
+    retention: Retention,
+    retention_stats: Arc<RetentionStats>,
+    /// Wall clock of the last retention check.
+    retention_checked_ms: i64,
 }
 
 impl LocalLog {
@@ -469,9 +509,45 @@ impl LocalLog {
                 segment_bytes,
                 topics: logs,
                 poisoned: false,
+                retention: Retention::default(),
+                retention_stats: Arc::default(),
+                retention_checked_ms: i64::MIN,
             },
             report,
         ))
+    }
+
+    /// Applies `retention` from now on, starting with a check at once.
+    pub fn with_retention(mut self, retention: Retention) -> Result<Self, LocalLogError> {
+        self.retention = retention;
+        self.enforce_retention(now_ms())?;
+        Ok(self)
+    }
+
+    /// Counters of what retention deleted.
+    pub fn retention_stats(&self) -> Arc<RetentionStats> {
+        Arc::clone(&self.retention_stats)
+    }
+
+    /// Deletes the closed segments that fall out of the retention limits,
+    /// oldest first, never a topic's active segment. Returns the number of
+    /// segments deleted.
+    pub fn enforce_retention(&mut self, now_ms: i64) -> Result<u64, LocalLogError> {
+        self.retention_checked_ms = now_ms;
+        if self.retention == Retention::default() {
+            return Ok(0);
+        }
+        let mut deleted = 0;
+        for (topic, log) in &self.topics {
+            deleted += enforce_topic_retention(
+                topic,
+                &log.dir,
+                self.retention,
+                now_ms,
+                &self.retention_stats,
+            )?;
+        }
+        Ok(deleted)
     }
 
     pub fn dir(&self) -> &Path {
@@ -504,6 +580,7 @@ impl LocalLog {
         let mut touched: Vec<(&str, u64, u64)> = Vec::with_capacity(by_topic.len());
         let mut receipt = WriteReceipt::default();
         let mut result = Ok(());
+        let mut rolled = false;
         for (topic, records) in &by_topic {
             let Some(log) = self.topics.get_mut(*topic) else {
                 continue;
@@ -513,6 +590,7 @@ impl LocalLog {
                     result = Err(e);
                     break;
                 }
+                rolled = true;
             }
             touched.push((topic, log.active_len, log.next_offset));
             if let Err(e) = write_topic(log, records, append_time_ms) {
@@ -522,6 +600,18 @@ impl LocalLog {
             receipt
                 .next_offsets
                 .insert((*topic).to_owned(), log.next_offset);
+        }
+        if result.is_ok()
+            && (rolled
+                || append_time_ms
+                    >= self
+                        .retention_checked_ms
+                        .saturating_add(RETENTION_CHECK_INTERVAL_MS))
+        {
+            // Retention is housekeeping: a failure is logged, the batch stands.
+            if let Err(error) = self.enforce_retention(append_time_ms) {
+                tracing::warn!(%error, "embedded log: retention check failed; will retry");
+            }
         }
         if let Err(error) = result {
             for (topic, len, next_offset) in touched {
@@ -567,6 +657,79 @@ fn write_topic(
     log.active_len += buf.len() as u64;
     log.next_offset += records.len() as u64;
     Ok(())
+}
+
+/// Retention for one topic directory; see the [module docs](self#retention).
+fn enforce_topic_retention(
+    topic: &str,
+    dir: &Path,
+    retention: Retention,
+    now_ms: i64,
+    stats: &RetentionStats,
+) -> Result<u64, LocalLogError> {
+    let bases = list_segments(dir)?;
+    if bases.len() < 2 {
+        return Ok(0);
+    }
+    let mut sizes = Vec::with_capacity(bases.len());
+    for &base in &bases {
+        let path = segment_path(dir, base);
+        sizes.push(fs::metadata(&path).map_err(io_err(&path))?.len());
+    }
+    let mut total: u64 = sizes.iter().sum();
+    let cutoff_ms = retention
+        .max_age
+        .map(|age| now_ms.saturating_sub(i64::try_from(age.as_millis()).unwrap_or(i64::MAX)));
+    let mut deleted = 0u64;
+    // Every segment but the active (last) one may go, oldest first.
+    for i in 0..bases.len() - 1 {
+        let over_size = retention.max_bytes.is_some_and(|max| total > max);
+        let too_old = match cutoff_ms {
+            // Every record of segment i was appended no later than the first
+            // record of segment i + 1.
+            Some(cutoff) => first_append_time(dir, bases[i + 1])?.is_some_and(|t| t < cutoff),
+            None => false,
+        };
+        if !over_size && !too_old {
+            break;
+        }
+        let path = segment_path(dir, bases[i]);
+        let records = bases[i + 1] - bases[i];
+        fs::remove_file(&path).map_err(io_err(&path))?;
+        total -= sizes[i];
+        deleted += 1;
+        stats.segments_deleted.fetch_add(1, Ordering::Relaxed);
+        stats.bytes_deleted.fetch_add(sizes[i], Ordering::Relaxed);
+        stats.records_deleted.fetch_add(records, Ordering::Relaxed);
+        tracing::info!(
+            topic,
+            segment = %path.display(),
+            bytes = sizes[i],
+            records,
+            reason = if too_old { "retention-age" } else { "retention-size" },
+            "embedded log: segment deleted by retention"
+        );
+    }
+    if deleted > 0 {
+        sync_dir(dir)?;
+    }
+    Ok(deleted)
+}
+
+/// The append time of the first record of segment `base`; `None` when it has
+/// none yet.
+fn first_append_time(dir: &Path, base: u64) -> Result<Option<i64>, LocalLogError> {
+    let path = segment_path(dir, base);
+    let file = File::open(&path).map_err(io_err(&path))?;
+    match read_frame(&mut BufReader::new(file)).map_err(io_err(&path))? {
+        Frame::Record { record, .. } => Ok(Some(record.append_time_ms)),
+        Frame::End | Frame::Incomplete(_) => Ok(None),
+        Frame::Corrupt(reason) => Err(LocalLogError::Corrupt {
+            path,
+            position: 0,
+            reason,
+        }),
+    }
 }
 
 // ---------------------------------------------------------------- reading
@@ -641,9 +804,19 @@ impl Cursor {
                 self.position = 0;
                 Ok(())
             }
-            // An empty topic has no segment until the writer creates one.
+            // An empty topic has no segment until the writer creates one;
+            // a segment retention deleted gives way to the oldest one left
+            // after it.
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 self.reader = None;
+                self.position = 0;
+                if let Some(next) = list_segments(&self.dir)?
+                    .into_iter()
+                    .find(|&b| b > self.base)
+                {
+                    self.base = next;
+                    return self.open_segment();
+                }
                 Ok(())
             }
             Err(e) => Err(io_err(&path)(e)),
@@ -737,6 +910,7 @@ pub struct LocalLogWriter {
     log: std::sync::Arc<std::sync::Mutex<LocalLog>>,
     dir: PathBuf,
     topics: Vec<String>,
+    retention_stats: Arc<RetentionStats>,
 }
 
 impl LocalLogWriter {
@@ -744,11 +918,14 @@ impl LocalLogWriter {
         dir: &Path,
         topics: &crate::config::Topics,
         segment_bytes: u64,
+        retention: Retention,
     ) -> Result<(Self, RecoveryReport), LocalLogError> {
         let names = topics.all();
         let (log, report) = LocalLog::open(dir, &names, segment_bytes)?;
+        let log = log.with_retention(retention)?;
         Ok((
             Self {
+                retention_stats: log.retention_stats(),
                 log: std::sync::Arc::new(std::sync::Mutex::new(log)),
                 dir: dir.to_owned(),
                 topics: names.iter().map(|t| (*t).to_owned()).collect(),
@@ -781,6 +958,10 @@ impl super::LogWriter for LocalLogWriter {
                 Err(e) => Err(super::LogError::Task(e.to_string())),
             }
         })
+    }
+
+    fn retention(&self) -> Option<&RetentionStats> {
+        Some(&self.retention_stats)
     }
 
     fn health(&self) -> futures::future::BoxFuture<'_, super::Health> {
@@ -1003,5 +1184,137 @@ mod tests {
         })
         .unwrap();
         assert_eq!(seen, vec![11, 12]);
+    }
+
+    fn segment_count(dir: &Path, topic: &str) -> usize {
+        list_segments(&dir.join(topic)).unwrap().len()
+    }
+
+    fn topic_bytes(dir: &Path, topic: &str) -> u64 {
+        list_segments(&dir.join(topic))
+            .unwrap()
+            .into_iter()
+            .map(|b| {
+                fs::metadata(segment_path(&dir.join(topic), b))
+                    .unwrap()
+                    .len()
+            })
+            .sum()
+    }
+
+    #[test]
+    fn retention_by_size_keeps_the_newest_records_and_the_active_segment() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (log, _) = LocalLog::open(tmp.path(), &["w"], 4096).unwrap();
+        let retention = Retention {
+            max_age: None,
+            max_bytes: Some(3 * 4096),
+        };
+        let mut log = log.with_retention(retention).unwrap();
+        for n in 0..2_000 {
+            log.append(&[record("w", n)]).unwrap();
+        }
+        let stats = log.retention_stats();
+        let deleted = stats.segments_deleted.load(Ordering::Relaxed);
+        assert!(deleted > 10, "segments rolled and were deleted: {deleted}");
+        // A topic exceeds the limit by less than one segment (plus one batch).
+        assert!(topic_bytes(tmp.path(), "w") <= 4 * 4096 + 200);
+        let kept = read_all(tmp.path(), "w");
+        let first = kept.first().unwrap().offset;
+        assert_eq!(first, stats.records_deleted.load(Ordering::Relaxed));
+        // The kept records are contiguous up to the last one written.
+        for (i, r) in kept.iter().enumerate() {
+            assert_eq!(r.offset, first + i as u64);
+        }
+        assert_eq!(kept.last().unwrap().offset, 1_999);
+        assert_eq!(log.next_offset("w"), Some(2_000));
+    }
+
+    #[test]
+    fn retention_by_age_uses_the_next_segments_first_append_time() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (log, _) = LocalLog::open(tmp.path(), &["w"], 4096).unwrap();
+        let retention = Retention {
+            max_age: Some(Duration::from_secs(3600)),
+            max_bytes: None,
+        };
+        let mut log = log.with_retention(retention).unwrap();
+        for n in 0..300 {
+            log.append(&[record("w", n)]).unwrap();
+        }
+        let segments = segment_count(tmp.path(), "w");
+        assert!(segments >= 3, "{segments} segments");
+        // Nothing is an hour old yet.
+        assert_eq!(log.enforce_retention(now_ms()).unwrap(), 0);
+        // Two hours later every closed segment is past the age; the active one stays.
+        let later = now_ms() + 2 * 3600 * 1000;
+        assert_eq!(log.enforce_retention(later).unwrap(), segments as u64 - 1);
+        assert_eq!(segment_count(tmp.path(), "w"), 1);
+        let kept = read_all(tmp.path(), "w");
+        assert_eq!(kept.last().unwrap().offset, 299);
+        // Writing goes on at the next offset.
+        log.append(&[record("w", 300)]).unwrap();
+        assert_eq!(read_all(tmp.path(), "w").last().unwrap().offset, 300);
+    }
+
+    #[test]
+    fn reopened_log_applies_retention_at_once_and_keeps_offsets() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let (mut log, _) = LocalLog::open(tmp.path(), &["w"], 4096).unwrap();
+            for n in 0..500 {
+                log.append(&[record("w", n)]).unwrap();
+            }
+        }
+        let before = segment_count(tmp.path(), "w");
+        let (log, report) = LocalLog::open(tmp.path(), &["w"], 4096).unwrap();
+        assert_eq!(report.next_offsets["w"], 500);
+        let log = log
+            .with_retention(Retention {
+                max_age: None,
+                max_bytes: Some(4096),
+            })
+            .unwrap();
+        assert_eq!(
+            log.retention_stats()
+                .segments_deleted
+                .load(Ordering::Relaxed),
+            before as u64 - 1
+        );
+        assert_eq!(log.next_offset("w"), Some(500));
+    }
+
+    #[test]
+    fn a_cursor_moves_past_segments_deleted_under_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut log, _) = LocalLog::open(tmp.path(), &["w"], 4096).unwrap();
+        for n in 0..300 {
+            log.append(&[record("w", n)]).unwrap();
+        }
+        // A reader positioned at the start, not yet opened on a file that
+        // then goes away, and one that is halfway through the first segment.
+        let reader = TopicReader::open(tmp.path(), "w").unwrap();
+        let mut fresh = reader.cursor(0).unwrap();
+        let mut midway = reader.cursor(0).unwrap();
+        assert_eq!(midway.next_record().unwrap().unwrap().offset, 0);
+        fresh.reader = None;
+        let later = now_ms() + 2 * 3600 * 1000;
+        log.retention = Retention {
+            max_age: Some(Duration::from_secs(60)),
+            max_bytes: None,
+        };
+        assert!(log.enforce_retention(later).unwrap() > 0);
+        let oldest = read_all(tmp.path(), "w")[0].offset;
+        assert!(oldest > 0);
+        // The fresh cursor starts at the oldest kept record.
+        assert_eq!(fresh.next_record().unwrap().unwrap().offset, oldest);
+        // The one already reading finishes its (unlinked) segment, then goes on
+        // to the oldest segment left: every offset it sees increases.
+        let mut last = 0;
+        while let Some(r) = midway.next_record().unwrap() {
+            assert!(r.offset > last);
+            last = r.offset;
+        }
+        assert_eq!(last, 299);
     }
 }

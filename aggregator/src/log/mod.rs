@@ -194,6 +194,12 @@ pub trait LogWriter: Send + Sync + fmt::Debug {
 
     fn health(&self) -> BoxFuture<'_, Health>;
 
+    /// What retention deleted, for a log that deletes old records itself
+    /// (the embedded log); `None` where the broker does it (Kafka).
+    fn retention(&self) -> Option<&local::RetentionStats> {
+        None
+    }
+
     /// Visits every record at or after `from` (per mark key; keys not named
     /// start at the beginning) that carries `agent` and `seq` headers. Used
     /// once at start-up, before serving, to find records written after the

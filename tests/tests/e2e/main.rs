@@ -5,4 +5,5 @@ mod chain;
 mod dashboard;
 mod ingest;
 mod pipeline;
+mod scale;
 mod systemd;
