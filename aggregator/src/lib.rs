@@ -117,6 +117,9 @@ impl Aggregator {
                 log.kind(),
             ))
         });
+        if let Some(dashboard) = &dashboard {
+            restore_history(dashboard, log.as_ref());
+        }
         let ingest = Ingest::new(
             config.agents.clone(),
             dedup,
@@ -186,5 +189,38 @@ impl Aggregator {
         };
         self.ingest.log().close().await;
         result
+    }
+}
+
+/// Reads the last `[dashboard] history` of windows and alerts back from the
+/// log into the dashboard. A log that cannot be read leaves it empty (logged):
+/// the dashboard must not keep the aggregator from starting.
+fn restore_history(dashboard: &Dashboard, log: &dyn LogWriter) {
+    let history = dashboard.config().history;
+    if history.is_zero() {
+        return;
+    }
+    let started = std::time::Instant::now();
+    let since_ms = dashboard::now_ms().saturating_sub(history.as_millis() as i64);
+    let mut live = dashboard.live();
+    let result = log.recent(since_ms, &mut |r| {
+        live.restore(&r.agent, r.seq, &r.record, r.appended_ms);
+    });
+    let totals = live.totals();
+    drop(live);
+    match result {
+        Ok(records) => tracing::info!(
+            records,
+            series = totals.series,
+            windows = totals.windows_retained,
+            alerts = totals.alerts_retained,
+            history = %humantime_serde::re::humantime::format_duration(history),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "dashboard history read back from the log"
+        ),
+        Err(error) => tracing::warn!(
+            %error,
+            "cannot read the dashboard history back from the log; the dashboard starts empty"
+        ),
     }
 }

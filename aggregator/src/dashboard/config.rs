@@ -11,6 +11,7 @@
 //! retain-alerts = 1000
 //! max-series = 10000
 //! offline-after = "30s"
+//! history = "1h"
 //! ```
 
 use serde::Deserialize;
@@ -40,6 +41,11 @@ pub struct RawDashboard {
     /// An agent with no batch for this long shows as offline. Default `30s`.
     #[serde(default, with = "humantime_serde::option")]
     pub offline_after: Option<Duration>,
+    /// At start, windows and alerts appended to the log this recently are
+    /// read back, so the charts and the alert feed survive a restart.
+    /// `"0s"` starts empty. Default `1h`.
+    #[serde(default, with = "humantime_serde::option")]
+    pub history: Option<Duration>,
 }
 
 /// Who may read the dashboard.
@@ -76,8 +82,10 @@ pub struct DashboardConfig {
     pub retain_alerts: usize,
     pub max_series: usize,
     pub offline_after: Duration,
+    pub history: Duration,
 }
 
+pub const DEFAULT_HISTORY: Duration = Duration::from_secs(3600);
 pub const DEFAULT_RETAIN_WINDOWS: usize = 720;
 pub const DEFAULT_RETAIN_ALERTS: usize = 1000;
 pub const DEFAULT_MAX_SERIES: usize = 10_000;
@@ -95,6 +103,7 @@ impl Default for DashboardConfig {
             retain_alerts: DEFAULT_RETAIN_ALERTS,
             max_series: DEFAULT_MAX_SERIES,
             offline_after: DEFAULT_OFFLINE_AFTER,
+            history: DEFAULT_HISTORY,
         }
     }
 }
@@ -155,6 +164,13 @@ impl DashboardConfig {
         if offline_after < Duration::from_secs(1) {
             return err("offline-after", "must be at least 1s");
         }
+        let history = raw.history.unwrap_or(DEFAULT_HISTORY);
+        if history > Duration::from_secs(7 * 24 * 3600) {
+            return err(
+                "history",
+                "at most 7d: it is read back at every start (retain-windows bounds what is kept)",
+            );
+        }
         Ok(Self {
             enabled: raw.enabled.unwrap_or(true),
             auth: DashboardAuth { token, basic },
@@ -162,6 +178,7 @@ impl DashboardConfig {
             retain_alerts,
             max_series,
             offline_after,
+            history,
         })
     }
 }

@@ -12,8 +12,10 @@
 //! counts, and the agent's own status from its last batch (outbox depth and
 //! oldest age, records dropped, uplink retries).
 //!
-//! What it is not: a store. It starts empty on restart; the log (Kafka or
-//! the embedded log) is the record. Memory is about 90 bytes per retained
+//! What it is not: a store. The log (Kafka or the embedded log) is the
+//! record: at start the windows and alerts of the last `history` are read
+//! back from it ([`LiveState::restore`]), so the charts and the alert feed
+//! survive a restart; agents show offline until they send again. Memory is about 90 bytes per retained
 //! window: `max-series × retain-windows × 90 B` at most (10 000 × 720 ≈ 650 MB;
 //! lower `retain-windows` for very large fleets).
 //!
@@ -373,6 +375,32 @@ impl LiveState {
         a.alerts += observed.alerts.len() as u64;
         a.dead_letters += observed.dead_letters.len() as u64;
         observed
+    }
+
+    /// Takes in one window or alert read back from the log at start-up,
+    /// appended at `appended_ms`. The agent's row learns its series and
+    /// counts, not its liveness: it stays offline until its next batch.
+    pub fn restore(&mut self, agent: &str, seq: u64, record: &Record, appended_ms: UnixMs) {
+        let mut new_series = 0;
+        match record {
+            Record::Window(w) => {
+                if self.add_window(agent, w, &mut new_series).is_none() {
+                    self.series_over_limit += 1;
+                }
+            }
+            Record::Alert(alert) => {
+                self.add_alert(seq, alert, appended_ms);
+            }
+            Record::DeadLetter(_) => return,
+        }
+        let a = self.agents.entry(agent.to_owned()).or_default();
+        a.series += new_series;
+        a.highest_seq = Some(a.highest_seq.map_or(seq, |h| h.max(seq)));
+        match record {
+            Record::Window(_) => a.windows += 1,
+            Record::Alert(_) => a.alerts += 1,
+            Record::DeadLetter(_) => {}
+        }
     }
 
     fn add_window(

@@ -110,6 +110,17 @@ pub struct KafkaWriter {
 
 /// The mark key of a partition: `topic/partition` (`/` is not allowed in
 /// Kafka topic names, so keys never collide).
+/// The text of header `name` of a consumed message.
+fn message_header(message: &rdkafka::message::BorrowedMessage<'_>, name: &str) -> Option<String> {
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(str::to_owned)
+}
+
 fn partition_key(topic: &str, partition: i32) -> String {
     format!("{topic}/{partition}")
 }
@@ -238,35 +249,29 @@ impl KafkaWriter {
         })
     }
 
-    /// Reads `topics` back from `from` to their current end (see the
-    /// [module docs](self)), seeding the frontier with each partition's end.
-    fn read_back(
-        &self,
-        from: &BTreeMap<String, u64>,
-        visit: &mut dyn FnMut(CommittedRecord),
-    ) -> Result<ReadBack, KafkaError> {
-        let timeout = READ_BACK_TIMEOUT;
-        let consumer: BaseConsumer<TracingContext> = ClientConfig::new()
+    /// A consumer that only reads assigned partitions (no group membership).
+    fn reader(&self, purpose: &str) -> Result<BaseConsumer<TracingContext>, KafkaError> {
+        ClientConfig::new()
             .set("bootstrap.servers", &self.config.brokers)
-            .set("client.id", format!("{}-reconcile", self.config.client_id))
-            .set("group.id", format!("{}-reconcile", self.config.client_id))
+            .set("client.id", format!("{}-{purpose}", self.config.client_id))
+            .set("group.id", format!("{}-{purpose}", self.config.client_id))
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
             .set("auto.offset.reset", "earliest")
-            .create_with_context(TracingContext)?;
-        let mut assignment = TopicPartitionList::new();
-        // Partitions still to read, by mark key: the end to read them to.
-        let mut pending: HashMap<String, u64> = HashMap::new();
-        let mut report = ReadBack::default();
-        let mut ends = Vec::new();
-        let wanted = [
-            &self.topics.windows,
-            &self.topics.alerts,
-            &self.topics.dead_letters,
-        ];
+            .create_with_context(TracingContext)
+    }
+
+    /// The partitions of `topics` with their low and high watermarks. A
+    /// topic that does not exist (yet) or cannot be read is logged and left out.
+    fn partitions(
+        consumer: &BaseConsumer<TracingContext>,
+        topics: &[&String],
+    ) -> Result<Vec<(String, i32, u64, u64)>, KafkaError> {
+        let timeout = READ_BACK_TIMEOUT;
         // One metadata request: an unreachable cluster costs one timeout.
         let metadata = consumer.fetch_metadata(None, timeout)?;
-        for topic in wanted {
+        let mut out = Vec::new();
+        for topic in topics {
             let Some(t) = metadata
                 .topics()
                 .iter()
@@ -279,29 +284,52 @@ impl KafkaWriter {
                 tracing::warn!(
                     topic = t.name(),
                     ?error,
-                    "topic not readable; not reconciled"
+                    "topic not readable; not read back"
                 );
                 continue;
             }
             for p in t.partitions() {
                 let (low, high) = consumer.fetch_watermarks(topic, p.id(), timeout)?;
-                let (low, high) = (low.max(0) as u64, high.max(0) as u64);
-                let key = partition_key(topic, p.id());
-                let start = from.get(&key).copied().unwrap_or(0).max(low);
-                ends.push((key.clone(), high));
-                if start < high {
-                    assignment.add_partition_offset(topic, p.id(), Offset::Offset(start as i64))?;
-                    pending.insert(key, high);
-                }
+                out.push((
+                    topic.to_string(),
+                    p.id(),
+                    low.max(0) as u64,
+                    high.max(0) as u64,
+                ));
             }
         }
-        if !pending.is_empty() {
-            consumer.assign(&assignment)?;
+        Ok(out)
+    }
+
+    /// Reads each `(topic, partition, start, end)` from `start` up to `end`
+    /// (exclusive) and hands every message to `visit`. Returns the count read.
+    fn read_ranges(
+        consumer: &BaseConsumer<TracingContext>,
+        ranges: &[(String, i32, u64, u64)],
+        visit: &mut dyn FnMut(&rdkafka::message::BorrowedMessage<'_>),
+    ) -> Result<u64, KafkaError> {
+        let mut assignment = TopicPartitionList::new();
+        // Partitions still to read, by mark key: the end to read them to.
+        let mut pending: HashMap<String, u64> = HashMap::new();
+        for (topic, partition, start, end) in ranges {
+            if start < end {
+                assignment.add_partition_offset(
+                    topic,
+                    *partition,
+                    Offset::Offset(*start as i64),
+                )?;
+                pending.insert(partition_key(topic, *partition), *end);
+            }
         }
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        consumer.assign(&assignment)?;
+        let mut scanned = 0;
         // However much there is to read, it must keep coming.
         let mut last_progress = Instant::now();
         while !pending.is_empty() {
-            if last_progress.elapsed() > timeout {
+            if last_progress.elapsed() > READ_BACK_TIMEOUT {
                 return Err(KafkaError::MessageConsumption(
                     RDKafkaErrorCode::OperationTimedOut,
                 ));
@@ -320,38 +348,111 @@ impl KafkaWriter {
             };
             let key = partition_key(message.topic(), message.partition());
             let offset = message.offset().max(0) as u64;
-            report.scanned += 1;
-            if let Some(headers) = message.headers() {
-                let text = |name: &str| {
-                    headers
-                        .iter()
-                        .find(|h| h.key == name)
-                        .and_then(|h| h.value)
-                        .and_then(|v| std::str::from_utf8(v).ok())
-                        .map(str::to_owned)
-                };
-                if let (Some(agent), Some(seq)) = (
-                    text(HEADER_AGENT),
-                    text(HEADER_SEQ).and_then(|s| s.parse::<u64>().ok()),
-                ) {
-                    visit(CommittedRecord {
-                        topic: key.clone(),
-                        offset,
-                        agent,
-                        seq,
-                    });
-                }
-            }
+            scanned += 1;
+            visit(&message);
             if pending.get(&key).is_some_and(|&end| offset + 1 >= end) {
                 pending.remove(&key);
             }
         }
+        Ok(scanned)
+    }
+
+    /// Reads `topics` back from `from` to their current end (see the
+    /// [module docs](self)), seeding the frontier with each partition's end.
+    fn read_back(
+        &self,
+        from: &BTreeMap<String, u64>,
+        visit: &mut dyn FnMut(CommittedRecord),
+    ) -> Result<ReadBack, KafkaError> {
+        let consumer = self.reader("reconcile")?;
+        let wanted = [
+            &self.topics.windows,
+            &self.topics.alerts,
+            &self.topics.dead_letters,
+        ];
+        let mut ranges = Vec::new();
+        let mut ends = Vec::new();
+        for (topic, partition, low, high) in Self::partitions(&consumer, &wanted)? {
+            let key = partition_key(&topic, partition);
+            let start = from.get(&key).copied().unwrap_or(0).max(low);
+            ends.push((key, high));
+            ranges.push((topic, partition, start, high));
+        }
+        let scanned = Self::read_ranges(&consumer, &ranges, &mut |message| {
+            if let (Some(agent), Some(seq)) = (
+                message_header(message, HEADER_AGENT),
+                message_header(message, HEADER_SEQ).and_then(|s| s.parse::<u64>().ok()),
+            ) {
+                visit(CommittedRecord {
+                    topic: partition_key(message.topic(), message.partition()),
+                    offset: message.offset().max(0) as u64,
+                    agent,
+                    seq,
+                });
+            }
+        })?;
+        let mut report = ReadBack {
+            scanned,
+            ..ReadBack::default()
+        };
         let mut frontier = lock(&self.frontier);
         for (key, end) in ends {
             frontier.reached(&key, end);
             report.partitions += 1;
         }
         Ok(report)
+    }
+
+    /// Windows, then alerts, appended at or after `since_ms`: each partition
+    /// from the first offset at that time (Kafka's time index) to its end.
+    fn read_recent(
+        &self,
+        since_ms: i64,
+        visit: &mut dyn FnMut(super::RecentRecord),
+    ) -> Result<u64, KafkaError> {
+        let consumer = self.reader("history")?;
+        let mut visited = 0;
+        for topic in [&self.topics.windows, &self.topics.alerts] {
+            let partitions = Self::partitions(&consumer, &[topic])?;
+            let mut by_time = TopicPartitionList::new();
+            for (topic, partition, _, _) in &partitions {
+                by_time.add_partition_offset(topic, *partition, Offset::Offset(since_ms))?;
+            }
+            let starts = consumer.offsets_for_times(by_time, READ_BACK_TIMEOUT)?;
+            let ranges: Vec<_> = partitions
+                .into_iter()
+                .map(|(topic, partition, low, high)| {
+                    let start = match starts.find_partition(&topic, partition).map(|e| e.offset()) {
+                        Some(Offset::Offset(o)) => (o.max(0) as u64).max(low),
+                        // No record at or after the time: nothing to read.
+                        _ => high,
+                    };
+                    (topic, partition, start, high)
+                })
+                .collect();
+            Self::read_ranges(&consumer, &ranges, &mut |message| {
+                let appended_ms = message.timestamp().to_millis().unwrap_or(since_ms);
+                let headers: Vec<(String, Vec<u8>)> = message
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .filter_map(|h| Some((h.key.to_owned(), h.value?.to_vec())))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if let Some(record) = super::RecentRecord::decode(
+                    &self.topics,
+                    message.topic(),
+                    &headers,
+                    appended_ms,
+                    message.payload().unwrap_or_default(),
+                ) {
+                    visit(record);
+                    visited += 1;
+                }
+            })?;
+        }
+        Ok(visited)
     }
 
     fn current(&self) -> (u64, Inner) {
@@ -491,6 +592,14 @@ impl LogWriter for KafkaWriter {
             }
         }
         Ok(())
+    }
+
+    fn recent(
+        &self,
+        since_ms: i64,
+        visit: &mut dyn FnMut(super::RecentRecord),
+    ) -> Result<u64, LogError> {
+        self.read_recent(since_ms, visit).map_err(LogError::from)
     }
 
     fn write(&self, records: Vec<LogRecord>) -> BoxFuture<'_, Result<WriteReceipt, LogError>> {

@@ -872,6 +872,61 @@ impl Cursor {
     }
 }
 
+/// A cursor at the first segment that can hold records appended at or after
+/// `since_ms`: the last one whose first record is older (or the oldest).
+fn cursor_since(dir: &Path, since_ms: i64) -> Result<Cursor, LocalLogError> {
+    let bases = list_segments(dir)?;
+    let mut start = bases.first().copied().unwrap_or(0);
+    for &base in &bases {
+        match first_append_time(dir, base)? {
+            Some(t) if t <= since_ms => start = base,
+            _ => break,
+        }
+    }
+    let mut cursor = Cursor {
+        dir: dir.to_owned(),
+        base: start,
+        reader: None,
+        position: 0,
+        from: start,
+    };
+    cursor.open_segment()?;
+    Ok(cursor)
+}
+
+/// Visits the windows, then the alerts, appended at or after `since_ms`.
+pub(crate) fn recent(
+    log_dir: &Path,
+    topics: &crate::config::Topics,
+    since_ms: i64,
+    visit: &mut dyn FnMut(super::RecentRecord),
+) -> Result<u64, LocalLogError> {
+    let mut visited = 0;
+    for topic in [&topics.windows, &topics.alerts] {
+        let dir = log_dir.join(topic);
+        if !dir.is_dir() {
+            continue;
+        }
+        let mut cursor = cursor_since(&dir, since_ms)?;
+        while let Some(stored) = cursor.next_record()? {
+            if stored.append_time_ms < since_ms {
+                continue;
+            }
+            if let Some(record) = super::RecentRecord::decode(
+                topics,
+                topic,
+                &stored.headers,
+                stored.append_time_ms,
+                &stored.value,
+            ) {
+                visit(record);
+                visited += 1;
+            }
+        }
+    }
+    Ok(visited)
+}
+
 /// Visits the `agent`/`seq` of every record at or after `from[topic]`.
 pub(crate) fn committed_since(
     log_dir: &Path,
@@ -910,6 +965,7 @@ pub struct LocalLogWriter {
     log: std::sync::Arc<std::sync::Mutex<LocalLog>>,
     dir: PathBuf,
     topics: Vec<String>,
+    topic_names: crate::config::Topics,
     retention_stats: Arc<RetentionStats>,
 }
 
@@ -929,6 +985,7 @@ impl LocalLogWriter {
                 log: std::sync::Arc::new(std::sync::Mutex::new(log)),
                 dir: dir.to_owned(),
                 topics: names.iter().map(|t| (*t).to_owned()).collect(),
+                topic_names: topics.clone(),
             },
             report,
         ))
@@ -958,6 +1015,14 @@ impl super::LogWriter for LocalLogWriter {
                 Err(e) => Err(super::LogError::Task(e.to_string())),
             }
         })
+    }
+
+    fn recent(
+        &self,
+        since_ms: i64,
+        visit: &mut dyn FnMut(super::RecentRecord),
+    ) -> Result<u64, super::LogError> {
+        recent(&self.dir, &self.topic_names, since_ms, visit).map_err(super::LogError::from)
     }
 
     fn retention(&self) -> Option<&RetentionStats> {

@@ -152,6 +152,50 @@ pub struct CommittedRecord {
     pub seq: u64,
 }
 
+/// A window or alert read back from the log to rebuild the dashboard's
+/// history after a restart.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecentRecord {
+    /// The agent the aggregator stamped on it (the `agent` header).
+    pub agent: String,
+    pub seq: u64,
+    /// When the log appended it (wall clock, ms).
+    pub appended_ms: i64,
+    pub record: Record,
+}
+
+impl RecentRecord {
+    /// Decodes a stored window or alert; `None` for other topics, records
+    /// without `agent`/`seq` headers or values that do not decode (a record
+    /// of a future version: the dashboard skips it).
+    pub fn decode(
+        topics: &Topics,
+        topic: &str,
+        headers: &[(String, Vec<u8>)],
+        appended_ms: i64,
+        value: &[u8],
+    ) -> Option<Self> {
+        let agent = std::str::from_utf8(header(headers, HEADER_AGENT)?).ok()?;
+        let seq = std::str::from_utf8(header(headers, HEADER_SEQ)?)
+            .ok()?
+            .parse()
+            .ok()?;
+        let record = if topic == topics.windows {
+            Record::Window(serde_json::from_slice(value).ok()?)
+        } else if topic == topics.alerts {
+            Record::Alert(serde_json::from_slice(value).ok()?)
+        } else {
+            return None;
+        };
+        Some(Self {
+            agent: agent.to_owned(),
+            seq,
+            appended_ms,
+            record,
+        })
+    }
+}
+
 /// Whether the writer can currently accept writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Health {
@@ -213,6 +257,15 @@ pub trait LogWriter: Send + Sync + fmt::Debug {
     ) -> Result<(), LogError> {
         let _ = (from, visit);
         Ok(())
+    }
+
+    /// Visits the windows, then the alerts, appended at or after `since_ms`
+    /// (wall clock), each topic in log order. Used once at start-up to
+    /// rebuild the dashboard's history; it blocks on disk or network I/O.
+    /// Returns how many records it visited.
+    fn recent(&self, since_ms: i64, visit: &mut dyn FnMut(RecentRecord)) -> Result<u64, LogError> {
+        let _ = (since_ms, visit);
+        Ok(0)
     }
 
     /// Flushes and releases resources at shutdown.

@@ -1,12 +1,19 @@
-//! The central side over time: the embedded log's retention.
+//! The central side over time: the embedded log's retention, and the
+//! dashboard's history rebuilt from the log after a restart.
 //!
 //! `scale_embedded_log_*`: the real `millrace-aggregator` with a tiny
 //! segment size and a size retention, fed real wire batches over HTTP; the
 //! log is read back with `millrace-aggregator tail --from-beginning`.
+//! `scale_dashboard_history_*`: windows and an alert posted, the aggregator
+//! restarted, the dashboard API asked for them (embedded log, and Kafka on a
+//! tansu broker).
 
-use millrace_protocol::{Batch, Envelope, Record, SeriesKey, Window};
+use millrace_protocol::{
+    Alert, AlertKind, AnomalyScore, Batch, Envelope, Record, SeriesKey, Severity, Window,
+};
 use millrace_tests::{
     aggregator_tail, free_port, start_aggregator, wait_until_stable, write_aggregator_config,
+    KafkaPeer,
 };
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -189,4 +196,118 @@ fn scale_embedded_log_deletes_old_segments_and_tail_starts_at_the_oldest_kept_re
          {} kept from offset {first_offset}, {bytes} bytes on disk",
         kept.len()
     );
+}
+
+fn get_json(port: u16, path: &str) -> serde_json::Value {
+    let (status, body) = http(port, "GET", path, &[], b"");
+    assert_eq!(status, 200, "GET {path}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
+}
+
+/// 20 series × 6 windows, then one critical alert on `press-1/reg-03`.
+fn history_batches() -> Vec<Batch> {
+    let mut batches: Vec<Batch> = (0..6).map(|b| batch(b * 20..(b + 1) * 20)).collect();
+    let alert = Alert {
+        agent: AGENT.into(),
+        series: SeriesKey::new("press-1", "reg-03"),
+        kind: AlertKind::Window,
+        time_ms: 1_700_000_000_000,
+        window_start_ms: 1_700_000_000_000,
+        value: 99.5,
+        score: AnomalyScore {
+            z: 7.5,
+            baseline_mean: 3.0,
+            baseline_stddev: 1.0,
+            p_value: 1e-13,
+            severity: Severity::Critical,
+        },
+        unit: "bar".into(),
+    };
+    batches.push(Batch::new(
+        AGENT,
+        vec![Envelope {
+            seq: 120,
+            record: Record::Alert(alert),
+        }],
+    ));
+    batches
+}
+
+/// Posts the history batches, restarts the aggregator and checks that the
+/// dashboard API serves them again. `extra` selects the log.
+fn dashboard_history_survives_a_restart(extra: &str, dir: &Path) {
+    let port = free_port();
+    let config = dir.join("aggregator.toml");
+    let log = dir.join("aggregator.log");
+    write_aggregator_config(&config, port, &dir.join("data"), &[(AGENT, TOKEN)], extra);
+    let mut aggregator = start_aggregator(&config, port, &log);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    for b in history_batches() {
+        loop {
+            // Kafka may answer 503 until its topics are ready.
+            match post_batch(port, &b) {
+                200 => break,
+                503 if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200))
+                }
+                other => panic!("batch answered {other}"),
+            }
+        }
+    }
+    let before = get_json(port, "/api/v1/series?limit=500");
+    assert_eq!(before["total"], 20, "{before}");
+    aggregator.terminate(Duration::from_secs(10));
+
+    let aggregator2 = start_aggregator(&config, port, &log);
+    let series = get_json(port, "/api/v1/series?limit=500");
+    assert_eq!(series["total"], 20, "series after the restart: {series}");
+    for s in series["series"].as_array().unwrap() {
+        assert_eq!(s["windows_retained"], 6, "{s}");
+        assert_eq!(s["unit"], "bar", "{s}");
+    }
+    let windows = get_json(
+        port,
+        &format!(
+            "/api/v1/series/windows?agent={AGENT}&series=press-1/reg-03&from_ms=0&to_ms=1800000000000"
+        ),
+    );
+    let means: Vec<f64> = windows["windows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["mean"].as_f64().unwrap())
+        .collect();
+    assert_eq!(means, vec![3.0, 23.0, 43.0, 63.0, 83.0, 103.0], "{windows}");
+    assert_eq!(windows["alerts"].as_array().unwrap().len(), 1, "{windows}");
+    let alerts = get_json(port, "/api/v1/alerts");
+    let alerts = alerts["alerts"].as_array().unwrap();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0]["score"]["severity"], "critical", "{alerts:?}");
+    // Restored, not heard from: the agent is not shown online.
+    let fleet = get_json(port, "/api/v1/fleet");
+    let agent = fleet["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["id"] == AGENT)
+        .unwrap_or_else(|| panic!("{fleet}"));
+    assert_eq!(agent["online"], false, "{agent}");
+    drop(aggregator2);
+}
+
+#[test]
+fn scale_dashboard_history_survives_a_restart_on_the_embedded_log() {
+    let dir = tempfile::tempdir().unwrap();
+    dashboard_history_survives_a_restart("", dir.path());
+}
+
+#[test]
+fn scale_dashboard_history_survives_a_restart_on_kafka() {
+    let dir = tempfile::tempdir().unwrap();
+    let kafka = KafkaPeer::start(&dir.path().join("tansu"), None);
+    let extra = format!(
+        "[kafka]\nbrokers = \"127.0.0.1:{}\"\nmessage-timeout = \"3s\"\n",
+        kafka.port
+    );
+    dashboard_history_survives_a_restart(&extra, dir.path());
 }
