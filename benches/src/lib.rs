@@ -4,6 +4,8 @@
 //! benchmark starts so that only the code under test is timed.
 //! What it is not: a simulator of devices or protocols (see `firmware-sim`).
 
+pub mod process;
+
 use millrace_protocol::{Quality, Reading, SeriesKey, Source, UnixMs};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};

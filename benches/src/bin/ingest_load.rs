@@ -29,12 +29,15 @@
 //! `--messages N` (overrides every case), `--keep` (keep the state
 //! directories, with the agent's log, the tap and the configs).
 
+use millrace_benches::process::{
+    clock_ticks_per_s, cpu_seconds, find_binary, free_port, log_file, metric, poll_until,
+    port_open, scrape, shell_words, status_kib, write_file, Proc,
+};
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 /// How long the accepted-readings counter must stay unchanged to count as
@@ -157,133 +160,6 @@ impl Outcome {
     }
 }
 
-/// A child process killed (SIGKILL) on drop unless it already exited.
-struct Proc {
-    child: Child,
-    name: &'static str,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-impl Proc {
-    fn exited(&mut self) -> Result<(), String> {
-        match self.child.try_wait() {
-            Ok(Some(status)) => Err(format!("{} exited early with {status}", self.name)),
-            _ => Ok(()),
-        }
-    }
-}
-
-fn free_port() -> Result<u16, String> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("no free loopback port: {e}"))
-}
-
-/// Polls `cond` every `every` until it is `Some`, `proc` exits, or `timeout`.
-fn poll_until<T>(
-    what: &str,
-    timeout: Duration,
-    every: Duration,
-    proc: &mut Proc,
-    mut cond: impl FnMut() -> Option<T>,
-) -> Result<T, String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = cond() {
-            return Ok(v);
-        }
-        proc.exited()?;
-        if Instant::now() >= deadline {
-            return Err(format!("{what}: not within {timeout:?}"));
-        }
-        std::thread::sleep(every);
-    }
-}
-
-fn port_open(port: u16) -> bool {
-    TcpStream::connect(("127.0.0.1", port)).is_ok()
-}
-
-/// The agent's `/metrics` text.
-fn scrape(port: u16) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let status = head.lines().next()?;
-    (status.split_whitespace().nth(1) == Some("200")).then(|| body.to_owned())
-}
-
-/// Sum of a metric over all its label sets (0 when absent).
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let rest = l.strip_prefix(name)?;
-            let rest = match rest.chars().next() {
-                Some('{') => &rest[rest.find('}')? + 1..],
-                Some(' ') => rest,
-                _ => return None,
-            };
-            rest.split_whitespace().next()?.parse::<f64>().ok()
-        })
-        .sum()
-}
-
-fn clock_ticks_per_s() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse::<f64>().ok())
-        .filter(|t| *t > 0.0)
-        .unwrap_or(100.0)
-}
-
-/// utime + stime of `pid`, in seconds.
-fn cpu_seconds(pid: u32, ticks: f64) -> Result<f64, String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
-    // Fields after the command name, which is in parentheses: state is field 3,
-    // utime 14 and stime 15.
-    let after = stat
-        .rfind(')')
-        .map(|i| &stat[i + 1..])
-        .ok_or("/proc/PID/stat without a command name")?;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let field = |n: usize| -> Result<f64, String> {
-        fields
-            .get(n - 3)
-            .and_then(|v| v.parse::<f64>().ok())
-            .ok_or_else(|| format!("/proc/{pid}/stat: no field {n}"))
-    };
-    Ok((field(14)? + field(15)?) / ticks)
-}
-
-/// A `/proc/PID/status` value in KiB (e.g. `VmHWM`).
-fn status_kib(pid: u32, key: &str) -> Result<u64, String> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .ok_or_else(|| format!("/proc/{pid}/status: no {key}"))
-}
-
 /// Readings in the tap's window records (the probe series left out) and dead
 /// letters by reason.
 fn read_tap(path: &Path) -> Result<(u64, BTreeMap<String, u64>), String> {
@@ -308,37 +184,6 @@ fn read_tap(path: &Path) -> Result<(u64, BTreeMap<String, u64>), String> {
         }
     }
     Ok((in_windows, dead_letters))
-}
-
-fn find_binary(name: &str, package: &str) -> Result<PathBuf, String> {
-    let dirs = std::env::var("PATH").unwrap_or_default();
-    std::env::split_paths(&dirs)
-        .chain(["/usr/sbin".into(), "/usr/bin".into()])
-        .map(|d: PathBuf| d.join(name))
-        .find(|p| p.is_file())
-        .ok_or_else(|| format!("`{name}` not found: install it with `apt-get install {package}`"))
-}
-
-fn shell_words<'a>(words: impl IntoIterator<Item = &'a str>) -> String {
-    words
-        .into_iter()
-        .map(|w| {
-            if w.is_empty() || w.contains(|c: char| c.is_whitespace() || "'\"$\\".contains(c)) {
-                format!("'{}'", w.replace('\'', r"'\''"))
-            } else {
-                w.to_owned()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn write_file(path: &Path, text: &str) -> Result<(), String> {
-    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
-}
-
-fn log_file(path: &Path) -> Result<std::fs::File, String> {
-    std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 const SUBSCRIPTION: &str = r#"filter = "sensors/+/+"
