@@ -12,6 +12,7 @@ pub mod broker;
 pub mod decode;
 pub mod listener;
 pub mod mqtt;
+mod mqtt_v4;
 pub mod pubsub;
 
 /// What a source hands to the pipeline.

@@ -59,6 +59,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::decode::{subscription_filters, ConfigError, Decoder, SubscriptionConfig};
+use super::mqtt_v4;
 use super::{now_ms, DurableAck, IngestEvent, IngestTx};
 
 /// The environment variable that overrides `mqtt.password`.
@@ -170,8 +171,6 @@ pub mod defaults {
 const MQTT_MAX_PACKET_BYTES: u64 = 268_435_455;
 /// Room for the fixed header, topic and properties above the payload cap.
 const PACKET_HEADROOM_BYTES: u64 = 64 * 1024;
-/// Outgoing packets are subscribes, acks and pings only.
-const MAX_OUTGOING_PACKET_BYTES: usize = 64 * 1024;
 /// How long a clean disconnect may take at shutdown.
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -424,7 +423,8 @@ const HANDOVER_BATCH: usize = 256;
 pub struct MqttSource {
     config: MqttConfig,
     decoder: Decoder,
-    transport: rumqttc::Transport,
+    /// `[mqtt.tls]`, loaded.
+    tls: Option<Arc<rustls::ClientConfig>>,
     stats: Arc<MqttStats>,
 }
 
@@ -445,14 +445,11 @@ impl MqttSource {
             config.max_payload_bytes(),
             "mqtt.subscriptions",
         )?;
-        let transport = match &config.tls {
-            None => rumqttc::Transport::Tcp,
-            Some(tls) => tls_transport(tls)?,
-        };
+        let tls = config.tls.as_ref().map(tls_client_config).transpose()?;
         Ok(Self {
             config,
             decoder,
-            transport,
+            tls,
             stats: Arc::default(),
         })
     }
@@ -468,7 +465,7 @@ impl MqttSource {
         let Self {
             config,
             mut decoder,
-            transport,
+            tls,
             stats,
         } = self;
         // Acks and subscribes are the only requests. The broker can have one
@@ -477,7 +474,7 @@ impl MqttSource {
         // lack of room (with less, a broker sending 1 000 at a time saw most
         // acks refused and stalled). The queue grows only as acks wait.
         let request_capacity = usize::from(u16::MAX) + 16;
-        let (client, eventloop) = Session::open(&config, transport, request_capacity);
+        let (client, eventloop) = Session::open(&config, tls.as_ref(), request_capacity);
         let filters = subscription_filters(&config.subscriptions);
         let (queue_tx, mut queue_rx) = mpsc::channel(config.queue_capacity);
         let stop = shutdown.child_token();
@@ -715,21 +712,26 @@ struct Delivery {
 /// A received publish, in either protocol version.
 #[derive(Debug)]
 enum Message {
-    V4(rumqttc::Publish),
+    /// A publish and the connection it arrived on (its packet id is only
+    /// valid there).
+    V4 {
+        publish: rumqttc::Publish,
+        connection: u64,
+    },
     V5(rumqttc::v5::mqttbytes::v5::Publish),
 }
 
 impl Message {
     fn topic(&self) -> std::borrow::Cow<'_, str> {
         match self {
-            Message::V4(p) => std::borrow::Cow::Borrowed(p.topic.as_str()),
+            Message::V4 { publish: p, .. } => std::borrow::Cow::Borrowed(p.topic.as_str()),
             Message::V5(p) => String::from_utf8_lossy(&p.topic),
         }
     }
 
     fn payload(&self) -> &[u8] {
         match self {
-            Message::V4(p) => &p.payload,
+            Message::V4 { publish: p, .. } => &p.payload,
             Message::V5(p) => &p.payload,
         }
     }
@@ -737,14 +739,14 @@ impl Message {
     /// Its QoS and DUP flag, for the redelivery guard.
     fn delivery(&self) -> super::Delivery {
         match self {
-            Message::V4(p) => super::Delivery::mqtt(p.qos as u8, p.dup),
+            Message::V4 { publish: p, .. } => super::Delivery::mqtt(p.qos as u8, p.dup),
             Message::V5(p) => super::Delivery::mqtt(p.qos as u8, p.dup),
         }
     }
 
     fn needs_ack(&self) -> bool {
         match self {
-            Message::V4(p) => p.qos != rumqttc::QoS::AtMostOnce,
+            Message::V4 { publish: p, .. } => p.qos != rumqttc::QoS::AtMostOnce,
             Message::V5(p) => p.qos != rumqttc::v5::mqttbytes::QoS::AtMostOnce,
         }
     }
@@ -763,13 +765,13 @@ enum Polled {
 
 /// The request side of a session.
 enum Client {
-    V4(rumqttc::AsyncClient),
+    V4(mqtt_v4::Requests),
     V5(rumqttc::v5::AsyncClient),
 }
 
 /// The connection side of a session.
 enum EventLoop {
-    V4(Box<rumqttc::EventLoop>),
+    V4(Box<mqtt_v4::Connection>),
     V5(Box<rumqttc::v5::EventLoop>),
 }
 
@@ -781,7 +783,7 @@ struct Session;
 impl Session {
     fn open(
         config: &MqttConfig,
-        transport: rumqttc::Transport,
+        tls: Option<&Arc<rustls::ClientConfig>>,
         request_capacity: usize,
     ) -> (Client, EventLoop) {
         let credentials = config
@@ -790,20 +792,17 @@ impl Session {
             .map(|u| (u.clone(), config.password.clone().unwrap_or_default()));
         match config.protocol {
             MqttProtocol::V4 => {
-                let mut o = rumqttc::MqttOptions::new(&config.client_id, &config.host, config.port);
-                o.set_keep_alive(config.keep_alive)
-                    .set_clean_session(config.clean_session)
-                    .set_manual_acks(true)
-                    .set_max_packet_size(
-                        config.max_incoming_packet_bytes(),
-                        MAX_OUTGOING_PACKET_BYTES,
-                    )
-                    .set_transport(transport);
-                if let Some((u, p)) = credentials {
-                    o.set_credentials(u, p);
-                }
-                let (c, e) = rumqttc::AsyncClient::new(o, request_capacity);
-                (Client::V4(c), EventLoop::V4(Box::new(e)))
+                let (requests, connection) = mqtt_v4::session(mqtt_v4::Options {
+                    host: config.host.clone(),
+                    port: config.port,
+                    client_id: config.client_id.clone(),
+                    keep_alive: config.keep_alive,
+                    clean_session: config.clean_session,
+                    credentials,
+                    max_incoming_packet: config.max_incoming_packet_bytes(),
+                    tls: tls.cloned(),
+                });
+                (Client::V4(requests), EventLoop::V4(Box::new(connection)))
             }
             MqttProtocol::V5 => {
                 let mut o =
@@ -813,7 +812,12 @@ impl Session {
                     .set_clean_start(config.clean_session)
                     .set_manual_acks(true)
                     .set_max_packet_size(Some(limit))
-                    .set_transport(transport);
+                    .set_transport(match tls {
+                        None => rumqttc::Transport::Tcp,
+                        Some(tls) => rumqttc::Transport::tls_with_config(
+                            rumqttc::TlsConfiguration::Rustls(Arc::clone(tls)),
+                        ),
+                    });
                 if !config.clean_session {
                     let secs = u32::try_from(config.session_expiry.as_secs()).unwrap_or(u32::MAX);
                     o.set_session_expiry_interval(Some(secs));
@@ -832,11 +836,12 @@ impl Client {
     fn try_subscribe(&self, filters: &[(String, u8)]) -> Result<(), PollError> {
         match self {
             Client::V4(c) => c
-                .try_subscribe_many(
+                .send(mqtt_v4::Request::Subscribe(
                     filters
                         .iter()
-                        .map(|(f, q)| rumqttc::SubscribeFilter::new(f.clone(), v4_qos(*q))),
-                )
+                        .map(|(f, q)| (f.clone(), mqtt_v4::qos(*q)))
+                        .collect(),
+                ))
                 .map_err(Into::into),
             Client::V5(c) => c
                 .try_subscribe_many(
@@ -850,7 +855,18 @@ impl Client {
 
     fn try_ack(&self, message: &Message) -> Result<(), PollError> {
         match (self, message) {
-            (Client::V4(c), Message::V4(p)) => c.try_ack(p).map_err(Into::into),
+            (
+                Client::V4(c),
+                Message::V4 {
+                    publish,
+                    connection,
+                },
+            ) => c
+                .send(mqtt_v4::Request::Ack {
+                    pkid: publish.pkid,
+                    connection: *connection,
+                })
+                .map_err(Into::into),
             (Client::V5(c), Message::V5(p)) => c.try_ack(p).map_err(Into::into),
             _ => Err("message and client protocol versions differ".into()),
         }
@@ -858,17 +874,9 @@ impl Client {
 
     fn try_disconnect(&self) -> Result<(), PollError> {
         match self {
-            Client::V4(c) => c.try_disconnect().map_err(Into::into),
+            Client::V4(c) => c.send(mqtt_v4::Request::Disconnect).map_err(Into::into),
             Client::V5(c) => c.try_disconnect().map_err(Into::into),
         }
-    }
-}
-
-fn v4_qos(qos: u8) -> rumqttc::QoS {
-    if qos == 0 {
-        rumqttc::QoS::AtMostOnce
-    } else {
-        rumqttc::QoS::AtLeastOnce
     }
 }
 
@@ -884,21 +892,18 @@ impl EventLoop {
     async fn poll(&mut self) -> Result<Polled, PollError> {
         match self {
             EventLoop::V4(e) => {
-                use rumqttc::{Event, Outgoing, Packet};
+                use mqtt_v4::Incoming;
                 Ok(match e.poll().await? {
-                    Event::Incoming(Packet::ConnAck(ack)) => Polled::ConnAck {
-                        session_present: ack.session_present,
-                    },
-                    Event::Incoming(Packet::Publish(p)) => Polled::Publish(Message::V4(p)),
-                    Event::Incoming(Packet::SubAck(s)) => Polled::SubAck {
-                        rejected: s
-                            .return_codes
-                            .iter()
-                            .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
-                            .count(),
-                    },
-                    Event::Outgoing(Outgoing::Disconnect) => Polled::Disconnected,
-                    _ => Polled::Other,
+                    Incoming::ConnAck { session_present } => Polled::ConnAck { session_present },
+                    Incoming::Publish {
+                        publish,
+                        connection,
+                    } => Polled::Publish(Message::V4 {
+                        publish,
+                        connection,
+                    }),
+                    Incoming::SubAck { rejected } => Polled::SubAck { rejected },
+                    Incoming::Disconnected => Polled::Disconnected,
                 })
             }
             EventLoop::V5(e) => {
@@ -964,7 +969,7 @@ impl Backoff {
 
 /// Builds a rustls client config (ring provider, no process-wide default
 /// needed) from the PEM files.
-fn tls_transport(tls: &MqttTlsConfig) -> Result<rumqttc::Transport, MqttError> {
+fn tls_client_config(tls: &MqttTlsConfig) -> Result<Arc<rustls::ClientConfig>, MqttError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -1005,9 +1010,7 @@ fn tls_transport(tls: &MqttTlsConfig) -> Result<rumqttc::Transport, MqttError> {
         }
         _ => builder.with_no_client_auth(),
     };
-    Ok(rumqttc::Transport::tls_with_config(
-        rumqttc::TlsConfiguration::Rustls(Arc::new(config)),
-    ))
+    Ok(Arc::new(config))
 }
 
 #[cfg(test)]
