@@ -1,8 +1,10 @@
 //! The MQTT source: subscribes to an external broker and feeds decoded
 //! readings into the pipeline's ingest channel.
 //!
-//! What it is: one [`MqttSource`] task per broker, built on rumqttc, speaking
-//! MQTT 3.1.1 (`protocol = "v4"`) or 5 (`"v5"`), over TCP or TLS (rustls with
+//! What it is: one [`MqttSource`] task per broker, speaking MQTT 3.1.1
+//! (`protocol = "v4"`, the agent's own session on rumqttc's packet codec,
+//! which writes the acks of a journal commit at once: see `mqtt_v4`) or 5
+//! (`"v5"`, rumqttc's event loop), over TCP or TLS (rustls with
 //! the ring provider, a CA file and an optional client certificate), with
 //! username/password, keep-alive, a persistent session and reconnects with
 //! capped exponential backoff (with jitter, so a fleet does not reconnect in
