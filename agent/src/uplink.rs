@@ -19,10 +19,17 @@
 //!
 //! Answers and what the uplink does:
 //! - `200`: ack the batch's seqs.
-//! - `400` / `413`: the aggregator will never take this batch as it is. The
-//!   batch is split in halves to isolate the record at fault; a single record
-//!   still refused is deleted, counted (`millrace_uplink_rejected_records_total`)
-//!   and logged with the aggregator's reason — never retried forever.
+//! - `400` (scope `record`, or no scope from an older aggregator) / `413`: a
+//!   record of the batch is at fault. The batch is split in halves to isolate
+//!   it; a single record still refused is deleted, counted
+//!   (`millrace_uplink_rejected_records_total`) and logged with the
+//!   aggregator's reason — never retried forever.
+//! - `415` / `422` / `426`, or any answer with scope `batch`: the aggregator
+//!   cannot read the batch at all (a proxy mangling bodies, an agent newer
+//!   than its aggregator). That says nothing about the records: they are
+//!   kept and the batch is retried with backoff, counted
+//!   (`millrace_uplink_kept_batches_total`) and logged as an error, until
+//!   the aggregator (or the path to it) is fixed.
 //! - `401`: token refused: retried with backoff (an operator must fix the
 //!   config; the outbox keeps everything meanwhile), logged as an error.
 //! - anything else (503, 5xx, timeouts, refused connections): retried with
@@ -174,8 +181,14 @@ pub enum UplinkError {
 #[derive(Debug)]
 enum SendOutcome {
     Committed,
-    /// The aggregator will never accept this batch as it is (400, 413).
+    /// A record of this batch will never be accepted as it is (400, 413).
     Refused {
+        status: u16,
+        reason: String,
+    },
+    /// The aggregator cannot read this batch at all; the records are fine
+    /// and stay (415, 422, 426, or scope `batch`).
+    Kept {
         status: u16,
         reason: String,
     },
@@ -190,6 +203,9 @@ enum SendOutcome {
 struct ErrorBody {
     #[serde(default)]
     error: String,
+    /// `batch` or `record` (absent from older aggregators).
+    #[serde(default)]
+    scope: Option<String>,
 }
 
 /// The uplink task.
@@ -440,6 +456,23 @@ impl Uplink {
                     tracing::error!(status, %reason, seq = seqs[0], "aggregator refused a record for good; it is deleted from the outbox");
                     self.ack(seqs).await?;
                 }
+                SendOutcome::Kept { status, reason } => {
+                    metrics::counter!("millrace_uplink_batches_total", "outcome" => "kept")
+                        .increment(1);
+                    metrics::counter!("millrace_uplink_kept_batches_total").increment(1);
+                    tracing::error!(
+                        status,
+                        %reason,
+                        records = n,
+                        "the aggregator cannot read this batch (not a fault of its records): \
+                         they stay in the outbox and the batch is retried; check the \
+                         aggregator's version and anything between it and this agent"
+                    );
+                    return Err(RoundError::Retry {
+                        reason: format!("batch refused as a whole ({status}): {reason}"),
+                        retry_after: None,
+                    });
+                }
                 SendOutcome::Retry {
                     reason,
                     retry_after,
@@ -535,13 +568,19 @@ impl Uplink {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
         let text = resp.text().await.unwrap_or_default();
-        let reason = serde_json::from_str::<ErrorBody>(&text)
+        let body = serde_json::from_str::<ErrorBody>(&text).ok();
+        let batch_scope = body
+            .as_ref()
+            .and_then(|b| b.scope.as_deref())
+            .is_some_and(|s| s == "batch");
+        let reason = body
             .map(|b| b.error)
-            .ok()
             .filter(|e| !e.is_empty())
             .unwrap_or_else(|| text.chars().take(200).collect());
         match status {
             200..=299 => SendOutcome::Committed,
+            415 | 422 | 426 => SendOutcome::Kept { status, reason },
+            400 | 413 if batch_scope => SendOutcome::Kept { status, reason },
             400 | 413 => SendOutcome::Refused { status, reason },
             401 | 403 => {
                 tracing::error!(status, %reason, "aggregator refused this agent's token: check uplink.token and the aggregator's [[agents]]");
@@ -711,5 +750,143 @@ mod tests {
         .expect("a refused connection ends the drain at once");
         assert_eq!(drained, 0);
         assert_eq!(store.outbox().stats().unwrap().records(), 1);
+    }
+
+    /// A stand-in aggregator: answers every POST with the current
+    /// `(status, body)`, reading the request fully first.
+    async fn stub_aggregator(
+        answer: Arc<std::sync::Mutex<(u16, String)>>,
+        posts: Arc<AtomicU64>,
+    ) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                let answer = Arc::clone(&answer);
+                let posts = Arc::clone(&posts);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 8192];
+                    loop {
+                        let n = s.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        let text = String::from_utf8_lossy(&buf);
+                        if let Some(end) = text.find("\r\n\r\n") {
+                            let length = text[..end]
+                                .lines()
+                                .find_map(|l| {
+                                    let (k, v) = l.split_once(':')?;
+                                    k.eq_ignore_ascii_case("content-length")
+                                        .then(|| v.trim().parse::<usize>().ok())?
+                                })
+                                .unwrap_or(0);
+                            if buf.len() >= end + 4 + length {
+                                break;
+                            }
+                        }
+                    }
+                    posts.fetch_add(1, Ordering::SeqCst);
+                    let (status, body) = answer.lock().unwrap().clone();
+                    let reply = format!(
+                        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n\
+                         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = s.write_all(reply.as_bytes()).await;
+                });
+            }
+        });
+        url
+    }
+
+    fn dead_letters(n: usize) -> Vec<millrace_protocol::Record> {
+        use millrace_protocol::{DeadLetter, DeadLetterReason, Record, Source};
+        (0..n)
+            .map(|i| {
+                Record::DeadLetter(DeadLetter::new(
+                    Source::Mqtt,
+                    format!("plant/{i}"),
+                    b"x".to_vec(),
+                    DeadLetterReason::Malformed,
+                    "",
+                    0,
+                ))
+            })
+            .collect()
+    }
+
+    /// A batch the aggregator cannot read as a whole (a newer wire version,
+    /// a mangled body) deletes nothing, whatever the status: the records stay
+    /// until it is readable. A record-level 400 still isolates and deletes
+    /// only the record at fault.
+    #[tokio::test]
+    async fn a_batch_refused_as_a_whole_keeps_every_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), crate::store::StoreConfig::default()).unwrap();
+        let store = Arc::new(store);
+        store.outbox().append(dead_letters(4)).unwrap();
+        let answer = Arc::new(std::sync::Mutex::new((0u16, String::new())));
+        let posts = Arc::new(AtomicU64::new(0));
+        let url = stub_aggregator(Arc::clone(&answer), Arc::clone(&posts)).await;
+        let cfg: UplinkConfig = toml::from_str(&format!("url = \"{url}\"")).unwrap();
+        let uplink = Uplink::new(cfg, "gw".into(), Arc::clone(&store), Arc::default()).unwrap();
+
+        for (status, body) in [
+            (
+                422,
+                r#"{"error":"invalid batch: unsupported wire version 9","scope":"batch"}"#,
+            ),
+            (
+                415,
+                r#"{"error":"unsupported Content-Encoding","scope":"batch"}"#,
+            ),
+            // An aggregator that says 400 but names the whole batch.
+            (
+                400,
+                r#"{"error":"invalid batch: checksum mismatch","scope":"batch"}"#,
+            ),
+        ] {
+            *answer.lock().unwrap() = (status, body.to_owned());
+            let before = posts.load(Ordering::SeqCst);
+            assert_eq!(uplink.drain(Duration::from_secs(5)).await, 0, "{status}");
+            assert_eq!(
+                posts.load(Ordering::SeqCst) - before,
+                1,
+                "{status}: the batch is not split"
+            );
+            assert_eq!(
+                store.outbox().stats().unwrap().records(),
+                4,
+                "{status}: nothing deleted"
+            );
+        }
+
+        // Readable again: everything goes.
+        *answer.lock().unwrap() = (200, r#"{"committed":4,"duplicates":0}"#.to_owned());
+        assert_eq!(uplink.drain(Duration::from_secs(5)).await, 1, "one batch");
+        assert_eq!(store.outbox().stats().unwrap().records(), 0);
+
+        // A record-level refusal (or an older aggregator's plain 400) is the
+        // one case that deletes, record by record after splitting.
+        store.outbox().append(dead_letters(2)).unwrap();
+        *answer.lock().unwrap() = (
+            400,
+            r#"{"error":"invalid batch: seq not strictly increasing"}"#.to_owned(),
+        );
+        let before = posts.load(Ordering::SeqCst);
+        uplink.drain(Duration::from_secs(5)).await;
+        assert_eq!(
+            posts.load(Ordering::SeqCst) - before,
+            3,
+            "the pair, then each record"
+        );
+        assert_eq!(store.outbox().stats().unwrap().records(), 0);
     }
 }

@@ -11,8 +11,15 @@
 //! | 200 `{"committed": n, "duplicates": m}` | every new record is acknowledged by the log and the dedup state is saved | deletes the batch |
 //! | 401 | unknown token, or the batch's `agent` is not the token's agent | alerts an operator |
 //! | 413 | body over `max-body`, compressed or decompressed | splits or drops |
-//! | 400 `{"error": reason}` | undecodable or invalid batch, unsupported content type or encoding | never retries |
+//! | 400 `{"error": reason, "scope": "record"}` | a record of the batch is invalid (seq order, not representable) | splits the batch to find it; deletes only that record |
+//! | 415 `{"error": reason, "scope": "batch"}` | unsupported `Content-Type` or `Content-Encoding` | keeps the records, retries with backoff |
+//! | 422 `{"error": reason, "scope": "batch"}` | the body is not a batch this aggregator reads: bad magic, checksum, truncated, unknown wire version, undecodable body | keeps the records, retries with backoff |
 //! | 503 + `Retry-After` | log unavailable, dedup state not saved, or too many requests at once | retries later |
+//!
+//! A batch-level fault says nothing about the records: a proxy that mangles
+//! bodies, or an agent upgraded before its aggregator, must not empty the
+//! agent's outbox. So only `400` (`scope: record`) and `413` make an agent
+//! delete anything, and then one record at a time.
 //!
 //! Processing order for one batch: authenticate (before reading the body),
 //! read at most `max-body` bytes, decompress at most `max-body` bytes
@@ -66,8 +73,15 @@ pub enum IngestError {
     Unauthorized(&'static str),
     #[error("request body exceeds {limit_bytes} bytes")]
     TooLarge { limit_bytes: usize },
+    /// A record is at fault (scope `record`).
     #[error("{0}")]
     BadRequest(String),
+    /// Content type or encoding this aggregator does not read (scope `batch`).
+    #[error("{0}")]
+    Unsupported(String),
+    /// A body that is not a batch this aggregator reads (scope `batch`).
+    #[error("{0}")]
+    Unprocessable(String),
     #[error("log unavailable: {0}")]
     LogUnavailable(#[from] LogError),
     #[error("dedup state not saved: {0}")]
@@ -83,13 +97,31 @@ impl IngestError {
             IngestError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             IngestError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             IngestError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            IngestError::Unsupported(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            IngestError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        }
+    }
+
+    /// What the refusal is about: the whole `batch` (its records are fine,
+    /// keep them) or one `record` of it.
+    pub fn scope(&self) -> &'static str {
+        match self {
+            IngestError::BadRequest(_) | IngestError::TooLarge { .. } => "record",
+            _ => "batch",
         }
     }
 }
 
 impl From<WireError> for IngestError {
     fn from(e: WireError) -> Self {
-        IngestError::BadRequest(format!("invalid batch: {e}"))
+        match e {
+            // The batch decoded; one of its records breaks the order.
+            WireError::SeqOrder { .. } => IngestError::BadRequest(format!("invalid batch: {e}")),
+            // Truncated, bad magic, unknown version, checksum, body, empty
+            // agent, and whatever a later wire version adds: the batch as a
+            // whole could not be read, its records may be fine.
+            _ => IngestError::Unprocessable(format!("invalid batch: {e}")),
+        }
     }
 }
 
@@ -102,6 +134,8 @@ pub struct IngestStats {
     pub rejected_unauthorized: AtomicU64,
     pub rejected_too_large: AtomicU64,
     pub rejected_bad_request: AtomicU64,
+    pub rejected_unsupported: AtomicU64,
+    pub rejected_unprocessable: AtomicU64,
     pub rejected_busy: AtomicU64,
     pub log_errors: AtomicU64,
     pub state_errors: AtomicU64,
@@ -114,6 +148,8 @@ impl IngestStats {
             IngestError::Unauthorized(_) => &self.rejected_unauthorized,
             IngestError::TooLarge { .. } => &self.rejected_too_large,
             IngestError::BadRequest(_) => &self.rejected_bad_request,
+            IngestError::Unsupported(_) => &self.rejected_unsupported,
+            IngestError::Unprocessable(_) => &self.rejected_unprocessable,
             IngestError::LogUnavailable(_) => &self.log_errors,
             IngestError::StateUnavailable(_) => &self.state_errors,
         };
@@ -247,14 +283,14 @@ impl Ingest {
                 return Err(IngestError::TooLarge { limit_bytes })
             }
             Err(e) => {
-                return Err(IngestError::BadRequest(format!(
+                return Err(IngestError::Unprocessable(format!(
                     "reading the body failed: {e}"
                 )))
             }
         };
         let batch = tokio::task::spawn_blocking(move || format.decode(bytes, limit_bytes))
             .await
-            .map_err(|e| IngestError::BadRequest(format!("decoding failed: {e}")))??;
+            .map_err(|e| IngestError::Unprocessable(format!("decoding failed: {e}")))??;
         if batch.agent != token_agent {
             return Err(IngestError::Unauthorized(
                 "batch agent does not match the token",
@@ -340,7 +376,7 @@ impl BodyFormat {
             CONTENT_TYPE_BINARY => true,
             CONTENT_TYPE_JSON => false,
             _ => {
-                return Err(IngestError::BadRequest(format!(
+                return Err(IngestError::Unsupported(format!(
                     "unsupported Content-Type `{content_type}`: use {CONTENT_TYPE_BINARY} or {CONTENT_TYPE_JSON}"
                 )))
             }
@@ -355,7 +391,7 @@ impl BodyFormat {
             "gzip" | "x-gzip" => true,
             "identity" | "" => false,
             other => {
-                return Err(IngestError::BadRequest(format!(
+                return Err(IngestError::Unsupported(format!(
                     "unsupported Content-Encoding `{other}`: use gzip or none"
                 )))
             }
@@ -371,7 +407,7 @@ impl BodyFormat {
             flate2::read::MultiGzDecoder::new(&body[..])
                 .take(limit_bytes as u64 + 1)
                 .read_to_end(&mut out)
-                .map_err(|e| IngestError::BadRequest(format!("bad gzip body: {e}")))?;
+                .map_err(|e| IngestError::Unprocessable(format!("bad gzip body: {e}")))?;
             if out.len() > limit_bytes {
                 return Err(IngestError::TooLarge { limit_bytes });
             }
@@ -392,6 +428,8 @@ impl BodyFormat {
 #[derive(Serialize)]
 struct ErrorBody {
     error: String,
+    /// `batch` or `record`: see the module docs.
+    scope: &'static str,
 }
 
 async fn ingest(State(app): State<Arc<Ingest>>, headers: HeaderMap, body: Body) -> Response {
@@ -438,6 +476,7 @@ async fn ingest(State(app): State<Arc<Ingest>>, headers: HeaderMap, body: Body) 
                 status,
                 Json(ErrorBody {
                     error: error.to_string(),
+                    scope: error.scope(),
                 }),
             )
                 .into_response();

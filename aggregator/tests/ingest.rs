@@ -124,7 +124,7 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
 }
 
 #[tokio::test]
-async fn invalid_batches_get_400_with_a_reason() {
+async fn invalid_batches_get_a_status_and_scope_with_a_reason() {
     let tmp = tempfile::tempdir().unwrap();
     let config = parse_config(&config_text(tmp.path(), "", ""));
     let server = Server::start(&config).await;
@@ -149,28 +149,50 @@ async fn invalid_batches_get_400_with_a_reason() {
         b"definitely not a batch".to_vec(),
     )
     .await;
-    assert_eq!(garbage.status, StatusCode::BAD_REQUEST);
+    // Batch-level faults: the records may be fine, the agent keeps them.
+    assert_eq!(garbage.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(
         garbage.json["error"].as_str().unwrap().contains("magic"),
         "{}",
         garbage.json
     );
+    assert_eq!(garbage.json["scope"], "batch");
 
     let mut corrupt = batch("gw-1", &[1, 2], 1).encode_binary();
     let last = corrupt.len() - 1;
     corrupt[last] ^= 0xff;
     let reply = post("application/x-millrace-batch", corrupt).await;
-    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(reply.json["error"].as_str().unwrap().contains("checksum"));
+    assert_eq!(reply.json["scope"], "batch");
+
+    // A newer wire version than this aggregator reads.
+    let mut newer = batch("gw-1", &[1, 2], 1).encode_binary();
+    newer[4] = 99;
+    let reply = post("application/x-millrace-batch", newer).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        reply.json
+    );
+    assert!(
+        reply.json["error"].as_str().unwrap().contains("version"),
+        "{}",
+        reply.json
+    );
+    assert_eq!(reply.json["scope"], "batch");
 
     let mut unordered = batch("gw-1", &[1, 2], 1);
     unordered.records.swap(0, 1);
     let reply = post("application/json", unordered.encode_json()).await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST);
     assert!(reply.json["error"].as_str().unwrap().contains("seq"));
+    assert_eq!(reply.json["scope"], "record");
 
     let reply = post("text/plain", batch("gw-1", &[1], 1).encode_json()).await;
-    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert_eq!(reply.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(reply.json["scope"], "batch");
     assert!(reply.json["error"]
         .as_str()
         .unwrap()

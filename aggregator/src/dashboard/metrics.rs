@@ -11,7 +11,7 @@
 //!
 //! | name | type | labels |
 //! |---|---|---|
-//! | `millrace_aggregator_batches_total` | counter | `result` (accepted, unauthorized, too_large, bad_request, busy, log_error, state_error) |
+//! | `millrace_aggregator_batches_total` | counter | `result` (accepted, unauthorized, too_large, bad_request, unsupported, unprocessable, busy, log_error, state_error) |
 //! | `millrace_aggregator_records_total` | counter | `agent`, `kind` (window, alert, dead-letter): records written to the log |
 //! | `millrace_aggregator_duplicate_records_total` | counter | records acknowledged without a second write |
 //! | `millrace_aggregator_readings_total` | counter | `agent`: readings summarised by committed windows |
@@ -184,6 +184,8 @@ impl Metrics {
                 ("unauthorized", &stats.rejected_unauthorized),
                 ("too_large", &stats.rejected_too_large),
                 ("bad_request", &stats.rejected_bad_request),
+                ("unsupported", &stats.rejected_unsupported),
+                ("unprocessable", &stats.rejected_unprocessable),
                 ("busy", &stats.rejected_busy),
                 ("log_error", &stats.log_errors),
                 ("state_error", &stats.state_errors),
