@@ -14,7 +14,9 @@ use crate::anomaly::Scorer;
 use crate::ingest::DurableAck;
 use crate::ingest::{now_ms, Delivery, IngestEvent};
 use crate::store::{Store, StoreError};
-use crate::window::{redelivery, Admission, EngineOutput, RedeliveryGuard, WindowEngine};
+use crate::window::{
+    redelivery, Admission, EngineOutput, RedeliveryGuard, SteadyClock, WindowEngine,
+};
 use millrace_protocol::{DeadLetterReason, Reading, Record, SeriesKey, UnixMs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,6 +49,9 @@ pub struct Analytics {
     /// Keeps an MQTT reading that comes back (QoS 1 redelivery) from
     /// counting twice.
     redelivery: RedeliveryGuard,
+    /// The redelivery guard's horizons run on this, so a stepped wall clock
+    /// neither forgets every reading at once nor keeps them forever.
+    clock: SteadyClock,
     scratch: Vec<EngineOutput>,
     produced: Vec<Record>,
 }
@@ -62,6 +67,7 @@ impl Analytics {
             engine,
             scorer,
             redelivery,
+            clock: SteadyClock::default(),
             scratch: Vec::new(),
             produced: Vec::new(),
         }
@@ -93,13 +99,16 @@ impl Analytics {
     /// than journaling and pushing it a second time. A reading whose message
     /// can come back is remembered for that; one that cannot costs nothing.
     pub fn is_redelivery(&mut self, reading: &Reading, delivery: Delivery, now_ms: UnixMs) -> bool {
-        match delivery {
-            Delivery::Once => false,
-            Delivery::AtLeastOnce { redelivered: false } => {
+        let Delivery::AtLeastOnce { redelivered } = delivery else {
+            return false;
+        };
+        let now_ms = self.clock.observe(now_ms);
+        match redelivered {
+            false => {
                 self.redelivery.remember(reading, now_ms);
                 false
             }
-            Delivery::AtLeastOnce { redelivered: true } => {
+            true => {
                 let again = self.redelivery.is_redelivery(reading, now_ms);
                 if again {
                     let n = self.redelivery.stats().duplicates;
@@ -117,7 +126,10 @@ impl Analytics {
     /// remembered, so the broker's redelivery of its message does not count
     /// it again; a reading the journal holds twice counts once.
     pub fn replay(&mut self, reading: &Reading, now_ms: UnixMs) {
-        if self.redelivery.is_replayed_twice(reading, now_ms) {
+        if self
+            .redelivery
+            .is_replayed_twice(reading, self.clock.observe(now_ms))
+        {
             return;
         }
         self.engine.push(reading, now_ms, &mut self.scratch);
@@ -155,7 +167,7 @@ impl Analytics {
 
     /// Closes windows by the wall clock (idle series) and evicts silent series.
     pub fn tick(&mut self, now_ms: UnixMs) {
-        self.redelivery.expire(now_ms);
+        self.redelivery.expire(self.clock.observe(now_ms));
         self.engine.tick(now_ms, &mut self.scratch);
         self.collect();
     }
@@ -177,6 +189,7 @@ impl Analytics {
             (DeadLetterReason::Infinite, w.readings_infinite),
             (DeadLetterReason::SeriesCap, w.series_rejected_cap),
             (DeadLetterReason::Malformed, w.readings_time_out_of_range),
+            (DeadLetterReason::ClockSkew, w.readings_clock_skew),
         ] {
             metrics::counter!("millrace_window_dead_letters_total", "reason" => reason.as_str())
                 .absolute(n);
@@ -184,6 +197,7 @@ impl Analytics {
         metrics::counter!("millrace_windows_emitted_total").absolute(w.windows_emitted);
         metrics::counter!("millrace_windows_idle_closed_total").absolute(w.windows_idle_closed);
         metrics::counter!("millrace_series_evicted_total").absolute(w.series_evicted_ttl);
+        metrics::counter!("millrace_clock_jumps_total").absolute(w.clock_jumps);
         metrics::gauge!("millrace_live_series").set(w.live_series as f64);
         let r = self.redelivery.stats();
         metrics::counter!("millrace_redelivered_readings_total").absolute(r.duplicates);
@@ -234,6 +248,10 @@ pub struct Durability {
     outbox: bool,
     wake_uplink: Arc<Notify>,
     pending_acks: Vec<DurableAck>,
+    /// A reading could not be appended to the journal since the acks were
+    /// last released: the next release withholds them instead, so the
+    /// messages come again rather than being acknowledged unjournaled.
+    unjournaled: bool,
     last_reclaim: Instant,
     last_baseline_save: Instant,
     store_failures: u32,
@@ -248,6 +266,7 @@ impl Durability {
             outbox,
             wake_uplink,
             pending_acks: Vec::new(),
+            unjournaled: false,
             last_reclaim: Instant::now(),
             last_baseline_save: Instant::now(),
             store_failures: 0,
@@ -263,14 +282,27 @@ impl Durability {
                 // Commit what is buffered, then take this one.
                 self.commit();
                 if let Err(error) = self.store.journal().append(reading) {
-                    metrics::counter!("millrace_journal_errors_total").increment(1);
-                    tracing::error!(%error, "journal append failed; reading kept in memory only");
+                    self.append_failed(&error);
                 }
             }
-            Err(error) => {
-                metrics::counter!("millrace_journal_errors_total").increment(1);
-                tracing::error!(%error, "journal append failed; reading kept in memory only");
-            }
+            Err(error) => self.append_failed(&error),
+        }
+    }
+
+    fn append_failed(&mut self, error: &StoreError) {
+        metrics::counter!("millrace_journal_errors_total").increment(1);
+        tracing::error!(%error, "journal append failed; the reading counts in memory, its message stays unacknowledged and will be redelivered");
+        self.unjournaled = true;
+    }
+
+    /// Acknowledges the messages behind the pending markers, now durable,
+    /// unless a reading of them missed the journal.
+    fn release_acks(&mut self) {
+        if std::mem::take(&mut self.unjournaled) {
+            // Dropping the markers withholds the acks.
+            self.pending_acks.clear();
+        } else {
+            self.pending_acks.drain(..).for_each(DurableAck::complete);
         }
     }
 
@@ -281,7 +313,7 @@ impl Durability {
             self.commit();
         } else if !self.pending_acks.is_empty() && journal.stats().pending == 0 {
             // Nothing buffered: the inputs behind these markers are durable already.
-            self.pending_acks.drain(..).for_each(DurableAck::complete);
+            self.release_acks();
         }
     }
 
@@ -292,7 +324,7 @@ impl Durability {
             Ok(_) => {
                 metrics::histogram!("millrace_journal_commit_seconds")
                     .record(started.elapsed().as_secs_f64());
-                self.pending_acks.drain(..).for_each(DurableAck::complete);
+                self.release_acks();
             }
             Err(error) => {
                 metrics::counter!("millrace_journal_errors_total").increment(1);
@@ -487,15 +519,18 @@ fn handle(
     for ev in events.drain(..) {
         match ev {
             IngestEvent::Reading(r, delivery) => {
-                if analytics.is_redelivery(&r, delivery, now_ms) {
-                    // Journaled and counted the first time; its message is
-                    // acknowledged with the next durable marker.
-                    continue;
-                }
+                let again = analytics.is_redelivery(&r, delivery, now_ms);
+                // A redelivered reading is journaled again but not counted
+                // again: if its first journal commit failed (its message was
+                // withheld for that), this copy makes it durable before the
+                // message is acknowledged; a journal holding it twice
+                // replays it once.
                 if let Some(d) = durability.as_deref_mut() {
                     d.journal(&r);
                 }
-                analytics.push(&r, now_ms);
+                if !again {
+                    analytics.push(&r, now_ms);
+                }
             }
             IngestEvent::DeadLetter(dl) => analytics.dead_letter(dl),
             IngestEvent::Durable(ack) => match durability.as_deref_mut() {
@@ -673,6 +708,44 @@ mod tests {
             corrupt: 0,
         };
         assert_eq!(a.restore_baselines(saved, 10_000_000), 1);
+    }
+
+    /// A journal commit fails: the reading's message is not acknowledged, the
+    /// sender delivers it again (DUP), and that copy is journaled before the
+    /// ack goes out, though it counts only once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_redelivery_after_a_failed_journal_commit_is_journaled_before_its_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) =
+            crate::store::Store::open(dir.path(), crate::store::StoreConfig::default()).unwrap();
+        let store = Arc::new(store);
+        let mut d = Durability::new(Arc::clone(&store), true, Arc::new(Notify::new()));
+        let mut a = analytics();
+        let r = reading(100, Source::Mqtt);
+        let (ack, first_acked) = DurableAck::new();
+        let mut events = vec![
+            IngestEvent::Reading(r.clone(), FIRST),
+            IngestEvent::Durable(ack),
+        ];
+        handle(&mut a, Some(&mut d), &mut events, 1_000);
+        // The commit fails: the buffered reading is gone, the ack withheld.
+        store.journal().lose_pending();
+        d.pending_acks.clear();
+        assert!(first_acked.await.is_err(), "not acknowledged");
+
+        let (ack, again_acked) = DurableAck::new();
+        let mut events = vec![
+            IngestEvent::Reading(r.clone(), REDELIVERED),
+            IngestEvent::Durable(ack),
+        ];
+        handle(&mut a, Some(&mut d), &mut events, 1_500);
+        assert_eq!(store.journal().stats().pending, 1, "the copy is journaled");
+        d.commit();
+        again_acked.await.unwrap();
+        let replayed = store.journal().replay().unwrap();
+        assert_eq!(replayed.readings, vec![r], "durable now");
+        a.flush();
+        assert_eq!(windows(&mut a)[0].count, 1, "counted once");
     }
 
     /// A window is written to the outbox only after the journal holds the

@@ -24,6 +24,15 @@
 //!   the same way: exactly once, unless the brokers cannot be reached at
 //!   start-up (see [`crate::log::kafka`]).
 //!
+//! # A save that fails
+//!
+//! When a save fails the batch is answered `503` and the agent sends it
+//! again. The in-memory set already lists the batch's seqs (its log write
+//! succeeded), so the resend is a duplicate, but the state stays *unsaved*:
+//! every commit, a duplicate one included, saves it until a save succeeds.
+//! The receipts of the unsaved writes are kept until then, so in Kafka mode
+//! the frontier never passes a write no saved state lists.
+//!
 //! What it is not: it does not decide what a batch contains or check
 //! tokens; it only answers "was this seq committed?" and remembers answers.
 
@@ -74,6 +83,10 @@ pub struct AgentDedup {
     path: PathBuf,
     committed: SeqSet,
     log_marks: BTreeMap<String, u64>,
+    /// Receipts of the writes the saved state does not list yet; non-empty
+    /// (or `unsaved`) means the next commit must save, whatever it adds.
+    holds: Vec<WriteReceipt>,
+    unsaved: bool,
 }
 
 impl AgentDedup {
@@ -91,12 +104,12 @@ impl AgentDedup {
 
     /// Records `seqs` as committed (their log write was acknowledged, ending
     /// at `receipt`) and raises the floor to `outbox_floor`. Returns whether
-    /// anything changed, i.e. whether the state must be saved.
+    /// the state must be saved: it changed, or an earlier save failed.
     pub fn commit(
         &mut self,
         seqs: impl IntoIterator<Item = u64>,
         outbox_floor: u64,
-        receipt: &WriteReceipt,
+        receipt: WriteReceipt,
     ) -> bool {
         let before = (self.committed.clone(), self.log_marks.clone());
         for seq in seqs {
@@ -107,16 +120,29 @@ impl AgentDedup {
             let mark = self.log_marks.entry(topic.clone()).or_insert(0);
             *mark = (*mark).max(next);
         }
-        before != (self.committed.clone(), self.log_marks.clone())
+        if before != (self.committed.clone(), self.log_marks.clone()) {
+            self.unsaved = true;
+            self.holds.push(receipt);
+        }
+        self.unsaved
     }
 
-    /// Saves the state durably (temp file, fsync, rename, fsync directory).
-    pub async fn persist(&self) -> Result<(), DedupError> {
+    /// Whether the saved state lags the one in memory (a save failed).
+    pub fn is_unsaved(&self) -> bool {
+        self.unsaved
+    }
+
+    /// Saves the state durably (temp file, fsync, rename, fsync directory);
+    /// then the receipts of the writes it lists are released.
+    pub async fn persist(&mut self) -> Result<(), DedupError> {
         let bytes = self.encode();
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || write_atomically(&path, &bytes))
             .await
-            .map_err(|e| DedupError::Task(e.to_string()))?
+            .map_err(|e| DedupError::Task(e.to_string()))??;
+        self.unsaved = false;
+        self.holds.clear();
+        Ok(())
     }
 
     fn encode(&self) -> Vec<u8> {
@@ -205,6 +231,8 @@ impl DedupStore {
                         path,
                         committed: SeqSet::from_repr(&file.committed),
                         log_marks: file.log_marks,
+                        holds: Vec::new(),
+                        unsaved: false,
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => AgentDedup {
@@ -212,6 +240,8 @@ impl DedupStore {
                     path,
                     committed: SeqSet::new(),
                     log_marks: BTreeMap::new(),
+                    holds: Vec::new(),
+                    unsaved: false,
                 },
                 Err(source) => return Err(DedupError::Io { path, source }),
             };
@@ -325,7 +355,7 @@ mod tests {
         {
             let state = store.agent("gw-1").unwrap();
             let mut state = state.lock().await;
-            assert!(state.commit([5, 6, 9], 5, &WriteReceipt::default()));
+            assert!(state.commit([5, 6, 9], 5, WriteReceipt::default()));
             state.persist().await.unwrap();
         }
         drop(store);
@@ -336,6 +366,56 @@ mod tests {
         assert!(state.is_committed(4) && state.is_committed(6) && state.is_committed(9));
         assert!(!state.is_committed(7));
         assert!(store.agent("gw-3").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_failed_save_is_retried_by_the_next_commit_and_holds_its_receipt() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (log, _) = LocalLogWriter::open(
+            &tmp.path().join("log"),
+            &Topics::default(),
+            1 << 20,
+            Default::default(),
+        )
+        .unwrap();
+        let dir = tmp.path().join("dedup");
+        let (store, _) = DedupStore::open(&dir, ["gw-1"], &log).unwrap();
+        let state = store.agent("gw-1").unwrap();
+        let mut state = state.lock().await;
+        // A directory where the temp file goes: the save fails.
+        let blocker = dir.join("gw-1.json.tmp");
+        fs::create_dir(&blocker).unwrap();
+        let held = std::sync::Arc::new(());
+        let receipt = WriteReceipt {
+            next_offsets: Default::default(),
+            hold: crate::log::ReceiptHold::new(std::sync::Arc::clone(&held)),
+        };
+        assert!(state.commit([1, 2], 1, receipt));
+        assert!(state.persist().await.is_err());
+        assert!(state.is_unsaved());
+        assert_eq!(
+            std::sync::Arc::strong_count(&held),
+            2,
+            "the write's receipt is held until a save lists it"
+        );
+        // The resend adds nothing, yet must save.
+        assert!(state.commit([1, 2], 1, WriteReceipt::default()));
+        fs::remove_dir(&blocker).unwrap();
+        state.persist().await.unwrap();
+        assert!(!state.is_unsaved());
+        assert_eq!(
+            std::sync::Arc::strong_count(&held),
+            1,
+            "released once saved"
+        );
+        assert!(!state.commit([1, 2], 1, WriteReceipt::default()));
+        drop(state);
+        drop(store);
+        // Saved on disk, not only in memory.
+        let file: StateFile =
+            serde_json::from_slice(&fs::read(dir.join("gw-1.json")).unwrap()).unwrap();
+        let saved = SeqSet::from_repr(&file.committed);
+        assert!(saved.contains(1) && saved.contains(2));
     }
 
     #[tokio::test]
@@ -361,7 +441,7 @@ mod tests {
         {
             let state = store.agent("gw-1").unwrap();
             let mut state = state.lock().await;
-            state.commit([1, 2], 1, &receipt);
+            state.commit([1, 2], 1, receipt);
             state.persist().await.unwrap();
         }
         // Batch 2: logged, then "crash" before the state is saved.

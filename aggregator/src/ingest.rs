@@ -330,7 +330,9 @@ impl Ingest {
             let receipt = self.log.write(records).await?;
             (receipt, Some(write_started.elapsed()))
         };
-        if state.commit(new.iter().map(|e| e.seq), batch.outbox_floor, &receipt) {
+        // Saves when this batch changed the state, and also when an earlier
+        // save failed (this may be that batch, resent as a duplicate).
+        if state.commit(new.iter().map(|e| e.seq), batch.outbox_floor, receipt) {
             state.persist().await?;
         }
         if let Some(observer) = &self.observer {

@@ -190,10 +190,16 @@ pub enum DeadLetterReason {
     DeviceException,
     /// No topic mapping rule matched.
     Unmapped,
+    /// The event time is further ahead of or behind the gateway's clock than
+    /// the configured skew allows.
+    ClockSkew,
+    /// A device, sensor or unit name, or a topic, breaks the length or
+    /// character limits.
+    InvalidName,
 }
 
 impl DeadLetterReason {
-    pub const ALL: [DeadLetterReason; 9] = [
+    pub const ALL: [DeadLetterReason; 11] = [
         DeadLetterReason::Late,
         DeadLetterReason::NotANumber,
         DeadLetterReason::Infinite,
@@ -203,6 +209,8 @@ impl DeadLetterReason {
         DeadLetterReason::SeriesCap,
         DeadLetterReason::DeviceException,
         DeadLetterReason::Unmapped,
+        DeadLetterReason::ClockSkew,
+        DeadLetterReason::InvalidName,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -216,6 +224,8 @@ impl DeadLetterReason {
             DeadLetterReason::SeriesCap => "series-cap",
             DeadLetterReason::DeviceException => "device-exception",
             DeadLetterReason::Unmapped => "unmapped",
+            DeadLetterReason::ClockSkew => "clock-skew",
+            DeadLetterReason::InvalidName => "invalid-name",
         }
     }
 }

@@ -20,7 +20,7 @@ use bytesize::ByteSize;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use super::decode::{ConfigError, Decoder, SubscriptionConfig};
+use super::decode::{ConfigError, DecodeLimits, Decoder, SubscriptionConfig};
 use super::listener::{IngestListener, ListenerError};
 use super::mqtt::MqttStats;
 use super::pubsub::PubSub;
@@ -61,6 +61,9 @@ pub struct BrokerConfig {
     /// least two of them.
     #[serde(default = "defaults::log_size")]
     pub log_size: ByteSize,
+    /// What one message may cost: field, name and topic limits.
+    #[serde(default)]
+    pub limits: DecodeLimits,
     #[serde(default)]
     pub subscriptions: Vec<SubscriptionConfig>,
 }
@@ -113,6 +116,7 @@ impl BrokerConfig {
             max_inflight: defaults::max_inflight(),
             pubsub_listen: None,
             log_size: defaults::log_size(),
+            limits: DecodeLimits::default(),
             subscriptions: Vec::new(),
         }
     }
@@ -153,6 +157,7 @@ impl BrokerConfig {
                 "at least one [[broker.subscriptions]] is needed",
             );
         }
+        self.limits.validate("broker.limits")?;
         Decoder::new(
             &self.subscriptions,
             self.max_payload_bytes(),
@@ -220,7 +225,8 @@ impl EmbeddedBroker {
             &config.subscriptions,
             config.max_payload_bytes(),
             "broker.subscriptions",
-        )?;
+        )?
+        .with_limits(config.limits);
         let pubsub = config
             .pubsub_listen
             .map(|addr| PubSub::start(config, addr))

@@ -44,11 +44,22 @@
 //!
 //! Malformed JSON or text → `malformed`; valid JSON of the wrong shape, a
 //! missing or mistyped field → `wrong-type`; no subscription matches the topic
-//! or a template cannot be filled → `unmapped`; a payload over `max-payload` →
-//! `oversize`, keeping only its first [`DEAD_LETTER_INPUT_CAP`] bytes.
-//! Element-level dead letters of a `json-batch` carry the first
-//! [`DEAD_LETTER_INPUT_CAP`] bytes of the payload and name the element index
-//! in the detail.
+//! or a template cannot be filled → `unmapped`; a payload over `max-payload`
+//! or with more value fields (`json-multi`) or elements (`json-batch`) than
+//! `max-fields` → `oversize`; a topic longer than `max-topic-bytes`, or a
+//! device, sensor or unit name longer than `max-name-bytes` or holding a
+//! control character → `invalid-name`.
+//!
+//! # Bounded work per message
+//!
+//! A message makes **at most one dead letter**, whatever is wrong with it,
+//! and that dead letter keeps at most the first `dead-letter-bytes` of the
+//! payload (the detail gives the full size). When some fields of a
+//! `json-multi` object or some elements of a `json-batch` are bad, the good
+//! ones still become readings and the one dead letter names the first bad
+//! one and how many there were. So a 256 KiB `{"a":"", …}` costs one parse
+//! and one 1 KiB dead letter, not 35,000 copies of itself. The limits are the
+//! `[broker.limits]` / `[mqtt.limits]` table ([`DecodeLimits`]).
 //!
 //! Decoding parses each payload once, straight from the bytes, borrowing
 //! field names and strings where the JSON has no escapes and skipping nested
@@ -66,9 +77,67 @@ use serde::Deserialize;
 
 use super::{Delivery, IngestEvent};
 
-/// How many bytes of an oversize input (or a batch with a bad element) are
-/// kept in its dead letter.
+/// How many bytes of a bad payload its dead letter keeps, by default.
 pub const DEAD_LETTER_INPUT_CAP: usize = 1024;
+
+/// `[broker.limits]` / `[mqtt.limits]`: what one message may cost.
+///
+/// ```toml
+/// [broker.limits]
+/// max-fields = 1000        # json-multi value fields / json-batch elements
+/// max-name-bytes = 128     # device, sensor and unit names
+/// max-topic-bytes = 256
+/// dead-letter-bytes = 1024 # payload prefix kept in a dead letter
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DecodeLimits {
+    /// Value fields of a `json-multi` object, or elements of a `json-batch`
+    /// array, one message may carry; more → one `oversize` dead letter.
+    pub max_fields: usize,
+    /// Longest device, sensor or unit name, in bytes.
+    pub max_name_bytes: usize,
+    /// Longest topic, in bytes.
+    pub max_topic_bytes: usize,
+    /// How much of a bad payload its dead letter keeps.
+    pub dead_letter_bytes: usize,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        Self {
+            max_fields: 1_000,
+            max_name_bytes: 128,
+            max_topic_bytes: 256,
+            dead_letter_bytes: DEAD_LETTER_INPUT_CAP,
+        }
+    }
+}
+
+impl DecodeLimits {
+    /// Checks every key; `prefix` names the table in errors (`broker.limits`).
+    pub fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
+        for (key, value, min, max) in [
+            ("max-fields", self.max_fields, 1, 1_000_000),
+            ("max-name-bytes", self.max_name_bytes, 1, 65_535),
+            ("max-topic-bytes", self.max_topic_bytes, 1, 65_535),
+            (
+                "dead-letter-bytes",
+                self.dead_letter_bytes,
+                0,
+                16 * 1024 * 1024,
+            ),
+        ] {
+            if !(min..=max).contains(&value) {
+                return Err(ConfigError::new(
+                    format!("{prefix}.{key}"),
+                    format!("must be between {min} and {max}, got {value}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
 
 /// A configuration value that failed validation, named by its key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -509,6 +578,7 @@ type Rejection = (DeadLetterReason, String);
 pub struct Decoder {
     routes: Vec<Route>,
     max_payload_bytes: usize,
+    limits: DecodeLimits,
     names: Names,
     /// Topics seen: their route, and the series they name.
     topics: hashbrown::HashMap<Box<str>, (usize, SeriesKey), foldhash::fast::RandomState>,
@@ -523,24 +593,53 @@ const NAMES_CAP: usize = 16_384;
 const TOPICS_CAP: usize = 16_384;
 
 /// The interned names of a decoder.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct Names {
     set: hashbrown::HashSet<Arc<str>, foldhash::fast::RandomState>,
     /// Where a name made from a template is rendered before its lookup.
     scratch: String,
+    max_bytes: usize,
 }
 
 impl Names {
-    fn get(&mut self, name: &str) -> Arc<str> {
+    fn new(max_bytes: usize) -> Self {
+        Self {
+            set: hashbrown::HashSet::default(),
+            scratch: String::new(),
+            max_bytes,
+        }
+    }
+
+    /// The interned name, checked when first seen: at most `max-name-bytes`
+    /// and no control characters (a name ends up in logs, Kafka keys and
+    /// the dashboard).
+    fn get(&mut self, name: &str) -> Result<Arc<str>, Rejection> {
         if let Some(known) = self.set.get(name) {
-            return Arc::clone(known);
+            return Ok(Arc::clone(known));
+        }
+        if name.len() > self.max_bytes {
+            let shown: String = name.chars().take(40).collect();
+            return Err((
+                DeadLetterReason::InvalidName,
+                format!(
+                    "name {shown:?}… of {} bytes exceeds max-name-bytes of {}",
+                    name.len(),
+                    self.max_bytes
+                ),
+            ));
+        }
+        if name.chars().any(char::is_control) {
+            return Err((
+                DeadLetterReason::InvalidName,
+                format!("name {name:?} holds a control character"),
+            ));
         }
         if self.set.len() >= NAMES_CAP {
             self.set.clear();
         }
         let new: Arc<str> = Arc::from(name);
         self.set.insert(Arc::clone(&new));
-        new
+        Ok(new)
     }
 
     /// Renders `template` and interns the result.
@@ -549,11 +648,13 @@ impl Names {
         template: &Template,
         segments: &[&str],
         field: Option<&str>,
-    ) -> Result<Arc<str>, String> {
+    ) -> Result<Arc<str>, Rejection> {
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.clear();
-        let rendered = template.render_into(&mut scratch, segments, field);
-        let name = rendered.map(|()| self.get(&scratch));
+        let name = match template.render_into(&mut scratch, segments, field) {
+            Ok(()) => self.get(&scratch),
+            Err(detail) => Err((DeadLetterReason::Unmapped, detail)),
+        };
         self.scratch = scratch;
         name
     }
@@ -574,12 +675,22 @@ impl Decoder {
             .enumerate()
             .map(|(i, s)| Route::compile(s, &format!("{key_prefix}[{i}]")))
             .collect::<Result<Vec<_>, _>>()?;
+        let limits = DecodeLimits::default();
         Ok(Self {
             routes,
             max_payload_bytes,
-            names: Names::default(),
+            limits,
+            names: Names::new(limits.max_name_bytes),
             topics: hashbrown::HashMap::default(),
         })
+    }
+
+    /// The same rules under `limits` (see [`DecodeLimits`]).
+    pub fn with_limits(mut self, limits: DecodeLimits) -> Self {
+        self.limits = limits;
+        self.names = Names::new(limits.max_name_bytes);
+        self.topics.clear();
+        self
     }
 
     /// The configured payload cap in bytes.
@@ -599,24 +710,28 @@ impl Decoder {
         delivery: Delivery,
         out: &mut Vec<IngestEvent>,
     ) {
-        let dead = |reason, input: &[u8], detail: String| {
-            IngestEvent::DeadLetter(DeadLetter::new(
-                Source::Mqtt,
-                topic,
-                input.to_vec(),
-                reason,
-                detail,
-                now_ms,
-            ))
+        let limits = self.limits;
+        let dead = |reason, detail: String| {
+            IngestEvent::DeadLetter(dead_letter(topic, payload, &limits, reason, detail, now_ms))
         };
         if payload.len() > self.max_payload_bytes {
             out.push(dead(
                 DeadLetterReason::Oversize,
-                capped(payload),
                 format!(
                     "payload of {} bytes exceeds max-payload of {} bytes",
                     payload.len(),
                     self.max_payload_bytes
+                ),
+            ));
+            return;
+        }
+        if topic.len() > limits.max_topic_bytes {
+            out.push(dead(
+                DeadLetterReason::InvalidName,
+                format!(
+                    "topic of {} bytes exceeds max-topic-bytes of {}",
+                    topic.len(),
+                    limits.max_topic_bytes
                 ),
             ));
             return;
@@ -637,7 +752,6 @@ impl Decoder {
                 None => {
                     out.push(dead(
                         DeadLetterReason::Unmapped,
-                        payload,
                         "no subscription filter matches the topic".into(),
                     ));
                     return;
@@ -684,11 +798,13 @@ impl Decoder {
         };
 
         if route.format == PayloadFormat::Number {
-            match parse_number(payload).and_then(|v| Ok((ctx.series(names, None, None)?, v))) {
-                Ok((series, value)) => {
-                    out.push(reading(series, now_ms, value, names.get(&route.unit)))
-                }
-                Err((reason, detail)) => out.push(dead(reason, payload, detail)),
+            let made = parse_number(payload).and_then(|v| {
+                let series = ctx.series(names, None, None)?;
+                Ok((series, v, names.get(&route.unit)?))
+            });
+            match made {
+                Ok((series, value, unit)) => out.push(reading(series, now_ms, value, unit)),
+                Err((reason, detail)) => out.push(dead(reason, detail)),
             }
             return;
         }
@@ -698,7 +814,6 @@ impl Decoder {
             Err(e) => {
                 out.push(dead(
                     DeadLetterReason::Malformed,
-                    payload,
                     format!("invalid JSON: {e}"),
                 ));
                 return;
@@ -707,21 +822,37 @@ impl Decoder {
         match (route.format, top) {
             (PayloadFormat::Json, Top::Object(obj)) => match ctx.single(names, &obj) {
                 Ok((series, time, value, unit)) => out.push(reading(series, time, value, unit)),
-                Err((reason, detail)) => out.push(dead(reason, payload, detail)),
+                Err((reason, detail)) => out.push(dead(reason, detail)),
             },
             (PayloadFormat::JsonMulti, Top::Object(obj)) => {
-                let before = out.len();
+                let fields = obj.0.iter().filter(|(name, _)| !route.is_meta_field(name));
+                let total = fields.clone().count();
+                if total > limits.max_fields {
+                    out.push(dead(
+                        DeadLetterReason::Oversize,
+                        format!(
+                            "{total} value fields exceed max-fields of {}",
+                            limits.max_fields
+                        ),
+                    ));
+                    return;
+                }
+                if total == 0 {
+                    out.push(dead(
+                        DeadLetterReason::WrongType,
+                        "object has no value fields".into(),
+                    ));
+                    return;
+                }
                 let time = match ctx.event_time(&obj) {
                     Ok(t) => t,
                     Err((reason, detail)) => {
-                        out.push(dead(reason, payload, detail));
+                        out.push(dead(reason, detail));
                         return;
                     }
                 };
-                for (name, value) in &obj.0 {
-                    if route.is_meta_field(name) {
-                        continue;
-                    }
+                let mut bad = BadParts::default();
+                for (name, value) in fields {
                     let made = value
                         .as_number()
                         .ok_or_else(|| {
@@ -730,23 +861,32 @@ impl Decoder {
                                 format!("field `{name}` is {}, not a number", value.kind()),
                             )
                         })
-                        .and_then(|v| Ok((ctx.series(names, Some(&obj), Some(name))?, v)));
+                        .and_then(|v| {
+                            let series = ctx.series(names, Some(&obj), Some(name))?;
+                            Ok((series, v, names.get(&route.unit)?))
+                        });
                     match made {
-                        Ok((series, v)) => {
-                            out.push(reading(series, time, v, names.get(&route.unit)))
-                        }
-                        Err((reason, detail)) => out.push(dead(reason, payload, detail)),
+                        Ok((series, v, unit)) => out.push(reading(series, time, v, unit)),
+                        Err(rejection) => bad.add(rejection),
                     }
                 }
-                if out.len() == before {
-                    out.push(dead(
-                        DeadLetterReason::WrongType,
-                        payload,
-                        "object has no value fields".into(),
-                    ));
+                if let Some((reason, detail)) = bad.summary(total, "fields") {
+                    out.push(dead(reason, detail));
                 }
             }
             (PayloadFormat::JsonBatch, Top::Array(elements)) => {
+                if elements.len() > limits.max_fields {
+                    out.push(dead(
+                        DeadLetterReason::Oversize,
+                        format!(
+                            "{} elements exceed max-fields of {}",
+                            elements.len(),
+                            limits.max_fields
+                        ),
+                    ));
+                    return;
+                }
+                let mut bad = BadParts::default();
                 for (i, element) in elements.iter().enumerate() {
                     let made = match element {
                         Element::Object(obj) => ctx.single(names, obj),
@@ -759,12 +899,13 @@ impl Decoder {
                         Ok((series, time, value, unit)) => {
                             out.push(reading(series, time, value, unit))
                         }
-                        Err((reason, detail)) => out.push(dead(
-                            reason,
-                            capped(payload),
-                            format!("element {i}: {detail}"),
-                        )),
+                        Err((reason, detail)) => {
+                            bad.add((reason, format!("element {i}: {detail}")))
+                        }
                     }
+                }
+                if let Some((reason, detail)) = bad.summary(elements.len(), "elements") {
+                    out.push(dead(reason, detail));
                 }
             }
             (format, top) => {
@@ -775,7 +916,6 @@ impl Decoder {
                 };
                 out.push(dead(
                     DeadLetterReason::WrongType,
-                    payload,
                     format!("payload is {}, expected {expected}", top.kind()),
                 ));
             }
@@ -783,8 +923,71 @@ impl Decoder {
     }
 }
 
-fn capped(input: &[u8]) -> &[u8] {
-    &input[..input.len().min(DEAD_LETTER_INPUT_CAP)]
+/// The one dead letter of a message: the payload cut to `dead-letter-bytes`
+/// (the detail then says how large it was), the topic cut to
+/// `max-topic-bytes`.
+fn dead_letter(
+    topic: &str,
+    payload: &[u8],
+    limits: &DecodeLimits,
+    reason: DeadLetterReason,
+    mut detail: String,
+    now_ms: UnixMs,
+) -> DeadLetter {
+    let kept = payload.len().min(limits.dead_letter_bytes);
+    if kept < payload.len() {
+        use std::fmt::Write as _;
+        let _ = write!(
+            detail,
+            " (payload of {} bytes, first {kept} kept)",
+            payload.len()
+        );
+    }
+    let mut origin_len = topic.len().min(limits.max_topic_bytes);
+    while !topic.is_char_boundary(origin_len) {
+        origin_len -= 1;
+    }
+    DeadLetter::new(
+        Source::Mqtt,
+        &topic[..origin_len],
+        payload[..kept].to_vec(),
+        reason,
+        detail,
+        now_ms,
+    )
+}
+
+/// The bad fields or elements of one message, summed up in its one dead letter.
+#[derive(Default)]
+struct BadParts {
+    first: Option<Rejection>,
+    count: usize,
+}
+
+impl BadParts {
+    fn add(&mut self, rejection: Rejection) {
+        self.count += 1;
+        if self.first.is_none() {
+            self.first = Some(rejection);
+        }
+    }
+
+    /// The reason of the first bad part; the detail names it and, when there
+    /// were more, how many of `total` `what` were not read.
+    fn summary(self, total: usize, what: &str) -> Option<Rejection> {
+        let (reason, detail) = self.first?;
+        Some(if self.count == 1 {
+            (reason, detail)
+        } else {
+            (
+                reason,
+                format!(
+                    "{} of {total} {what} not read; the first: {detail}",
+                    self.count
+                ),
+            )
+        })
+    }
 }
 
 fn parse_number(payload: &[u8]) -> Result<f64, Rejection> {
@@ -838,7 +1041,7 @@ impl Ctx<'_, '_> {
             })?,
         };
         let time = self.event_time(obj)?;
-        let unit = names.get(self.unit(obj)?);
+        let unit = names.get(self.unit(obj)?)?;
         let series = self.series(names, Some(obj), None)?;
         Ok((series, time, value, unit))
     }
@@ -915,7 +1118,7 @@ impl Ctx<'_, '_> {
         if let Some(series) = lookup(&route.series_field)? {
             return match series.split_once('/') {
                 Some((d, s)) if !d.is_empty() && !s.is_empty() => {
-                    Ok(SeriesKey::new(names.get(d), names.get(s)))
+                    Ok(SeriesKey::new(names.get(d)?, names.get(s)?))
                 }
                 _ => Err((
                     DeadLetterReason::WrongType,
@@ -923,18 +1126,13 @@ impl Ctx<'_, '_> {
                 )),
             };
         }
-        let unmapped = |detail| (DeadLetterReason::Unmapped, detail);
         let device = match lookup(&route.device_field)? {
-            Some(d) => names.get(d),
-            None => names
-                .render(&route.device, self.segments, field)
-                .map_err(unmapped)?,
+            Some(d) => names.get(d)?,
+            None => names.render(&route.device, self.segments, field)?,
         };
         let sensor = match lookup(&route.sensor_field)? {
-            Some(s) if field.is_none() => names.get(s),
-            _ => names
-                .render(&route.sensor, self.segments, field)
-                .map_err(unmapped)?,
+            Some(s) if field.is_none() => names.get(s)?,
+            _ => names.render(&route.sensor, self.segments, field)?,
         };
         Ok(SeriesKey::new(device, sensor))
     }
@@ -1338,6 +1536,135 @@ mod tests {
         assert!(dl.detail.contains("{2}"), "{}", dl.detail);
     }
 
+    fn limited(format: PayloadFormat, limits: DecodeLimits) -> Decoder {
+        Decoder::new(
+            &[SubscriptionConfig::new("plant/+/+", format)],
+            256 * 1024,
+            "k",
+        )
+        .unwrap()
+        .with_limits(limits)
+    }
+
+    #[test]
+    fn a_poison_json_multi_message_makes_one_capped_dead_letter() {
+        let d = limited(PayloadFormat::JsonMulti, DecodeLimits::default());
+        // 20,000 string fields in 256 KiB: over max-fields, one dead letter.
+        let mut payload = String::from("{");
+        for i in 0..20_000 {
+            payload.push_str(&format!("\"{i}\":\"\","));
+        }
+        payload.push_str("\"v\":1}");
+        assert!(payload.len() < 256 * 1024);
+        let out = run(&d, "plant/a/b", payload.as_bytes());
+        assert_eq!(out.len(), 1, "one dead letter for the whole message");
+        let dl = dead(&out[0]);
+        assert_eq!(dl.reason, DeadLetterReason::Oversize);
+        assert_eq!(dl.input.len(), DEAD_LETTER_INPUT_CAP);
+        assert!(
+            dl.detail
+                .contains("20001 value fields exceed max-fields of 1000"),
+            "{}",
+            dl.detail
+        );
+        assert!(
+            dl.detail
+                .contains(&format!("payload of {} bytes", payload.len())),
+            "{}",
+            dl.detail
+        );
+
+        // Under the field cap, many bad fields: the numbers still count, one
+        // dead letter says how many were not.
+        let mut payload = String::from("{\"ok\":1.5");
+        for i in 0..900 {
+            payload.push_str(&format!(",\"s{i}\":\"x\""));
+        }
+        payload.push('}');
+        let out = run(&d, "plant/a/b", payload.as_bytes());
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert_eq!(reading(&out[0]).value, 1.5);
+        let dl = dead(&out[1]);
+        assert_eq!(dl.reason, DeadLetterReason::WrongType);
+        assert!(
+            dl.detail
+                .starts_with("900 of 901 fields not read; the first: field `s0`"),
+            "{}",
+            dl.detail
+        );
+        assert_eq!(dl.input.len(), DEAD_LETTER_INPUT_CAP);
+    }
+
+    #[test]
+    fn a_json_batch_over_max_fields_is_one_oversize_dead_letter() {
+        let limits = DecodeLimits {
+            max_fields: 2,
+            ..DecodeLimits::default()
+        };
+        let d = limited(PayloadFormat::JsonBatch, limits);
+        let two = br#"[{"value": 1}, {"value": 2}]"#;
+        assert_eq!(run(&d, "plant/a/b", two).len(), 2);
+        let three = br#"[{"value": 1}, {"value": 2}, {"value": 3}]"#;
+        let out = run(&d, "plant/a/b", three);
+        assert_eq!(out.len(), 1);
+        assert_eq!(dead(&out[0]).reason, DeadLetterReason::Oversize);
+        assert!(dead(&out[0])
+            .detail
+            .contains("3 elements exceed max-fields of 2"));
+    }
+
+    #[test]
+    fn long_or_control_character_names_and_long_topics_are_invalid_names() {
+        let limits = DecodeLimits {
+            max_name_bytes: 8,
+            max_topic_bytes: 40,
+            dead_letter_bytes: 4,
+            ..DecodeLimits::default()
+        };
+        let mut sub = SubscriptionConfig::new("plant/+/+", PayloadFormat::Json);
+        sub.unit_field = "unit".into();
+        let d = Decoder::new(&[sub], 1024, "k").unwrap().with_limits(limits);
+        assert!(matches!(
+            run(&d, "plant/12345678/s", br#"{"value": 1}"#)[0],
+            IngestEvent::Reading(..)
+        ));
+        let out = run(&d, "plant/123456789/s", br#"{"value": 1}"#);
+        let dl = dead(&out[0]);
+        assert_eq!(dl.reason, DeadLetterReason::InvalidName);
+        assert!(
+            dl.detail.contains("exceeds max-name-bytes of 8"),
+            "{}",
+            dl.detail
+        );
+        assert_eq!(dl.input, b"{\"va");
+        let out = run(&d, "plant/a/s", br#"{"value": 1, "unit": "deg\u0000C"}"#);
+        assert_eq!(dead(&out[0]).reason, DeadLetterReason::InvalidName);
+        assert!(dead(&out[0]).detail.contains("control character"));
+        let topic = format!("plant/{}/s", "x".repeat(40));
+        let out = run(&d, &topic, br#"{"value": 1}"#);
+        let dl = dead(&out[0]);
+        assert_eq!(dl.reason, DeadLetterReason::InvalidName);
+        assert_eq!(dl.origin.len(), 40, "the origin is cut to max-topic-bytes");
+        assert!(
+            dl.detail.contains("exceeds max-topic-bytes of 40"),
+            "{}",
+            dl.detail
+        );
+    }
+
+    #[test]
+    fn decode_limits_are_checked() {
+        let bad = DecodeLimits {
+            max_fields: 0,
+            ..DecodeLimits::default()
+        };
+        assert_eq!(
+            bad.validate("broker.limits").unwrap_err().key,
+            "broker.limits.max-fields"
+        );
+        DecodeLimits::default().validate("broker.limits").unwrap();
+    }
+
     #[test]
     fn oversize_keeps_the_first_kib() {
         let d = Decoder::new(
@@ -1438,18 +1765,27 @@ mod tests {
             {"value": 7}
         ]"#;
         let out = run(&d, "load/gen", payload);
-        assert_eq!(out.len(), 6, "{out:?}");
+        // The good elements are readings; the four bad ones (a series without
+        // a slash, a string value, a number, no series field and no second
+        // topic segment) make one dead letter naming the first.
+        assert_eq!(out.len(), 3, "{out:?}");
         assert_eq!(reading(&out[0]).series, SeriesKey::new("dev-1", "s-1"));
         assert_eq!(reading(&out[1]).time_ms, 1_700_000_000_001);
-        assert_eq!(dead(&out[2]).reason, DeadLetterReason::WrongType);
+        let dl = dead(&out[2]);
+        assert_eq!(dl.reason, DeadLetterReason::WrongType);
         assert!(
-            dead(&out[3]).detail.starts_with("element 3:"),
+            dl.detail
+                .starts_with("4 of 6 elements not read; the first: element 2: series \"no-slash\""),
             "{}",
-            dead(&out[3]).detail
+            dl.detail
         );
-        assert!(dead(&out[4]).detail.contains("a number, not an object"));
-        // No series field and no second topic segment for the sensor template.
-        assert_eq!(dead(&out[5]).reason, DeadLetterReason::Unmapped);
+        assert_eq!(dl.input, payload.to_vec());
+        // One bad element: its detail alone.
+        let out = run(&d, "load/gen", br#"[{"series": "a/b", "value": 1}, 42]"#);
+        assert_eq!(
+            dead(&out[1]).detail,
+            "element 1: is a number, not an object"
+        );
         let dl = dead(&run(&d, "load/gen", br#"{"value": 1}"#)[0]).clone();
         assert_eq!(dl.reason, DeadLetterReason::WrongType);
         assert!(run(&d, "load/gen", b"[]").is_empty());

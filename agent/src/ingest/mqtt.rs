@@ -60,7 +60,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::decode::{subscription_filters, ConfigError, Decoder, SubscriptionConfig};
+use super::decode::{subscription_filters, ConfigError, DecodeLimits, Decoder, SubscriptionConfig};
 use super::mqtt_v4;
 use super::{now_ms, DurableAck, IngestEvent, IngestTx};
 
@@ -120,6 +120,9 @@ pub struct MqttConfig {
     pub queue_capacity: usize,
     #[serde(default)]
     pub tls: Option<MqttTlsConfig>,
+    /// What one message may cost: field, name and topic limits.
+    #[serde(default)]
+    pub limits: DecodeLimits,
     #[serde(default)]
     pub subscriptions: Vec<SubscriptionConfig>,
 }
@@ -194,6 +197,7 @@ impl MqttConfig {
             reconnect_backoff_max: defaults::reconnect_backoff_max(),
             queue_capacity: defaults::queue_capacity(),
             tls: None,
+            limits: DecodeLimits::default(),
             subscriptions: Vec::new(),
         }
     }
@@ -260,6 +264,7 @@ impl MqttConfig {
                 "at least one [[mqtt.subscriptions]] is needed",
             );
         }
+        self.limits.validate("mqtt.limits")?;
         Decoder::new(
             &self.subscriptions,
             self.max_payload_bytes(),
@@ -446,7 +451,8 @@ impl MqttSource {
             &config.subscriptions,
             config.max_payload_bytes(),
             "mqtt.subscriptions",
-        )?;
+        )?
+        .with_limits(config.limits);
         let tls = config.tls.as_ref().map(tls_client_config).transpose()?;
         Ok(Self {
             config,

@@ -316,6 +316,15 @@ impl Journal {
         Ok(JournalPosition(position))
     }
 
+    /// Drops the buffered readings as a failed [`Journal::commit`] does.
+    #[cfg(test)]
+    pub(crate) fn lose_pending(&self) {
+        let mut p = self.pending();
+        p.body.clear();
+        p.count = 0;
+        p.oldest = None;
+    }
+
     /// Whether the pipeline should commit now: `commit-readings` are pending,
     /// or the oldest pending reading waited `commit-interval`.
     pub fn commit_due(&self) -> bool {

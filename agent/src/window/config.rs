@@ -12,6 +12,8 @@ use std::time::Duration;
 /// idle-timeout = "5s"
 /// max-series = 10000
 /// series-ttl = "10m"
+/// max-ahead = "10m"
+/// max-behind = "7d"
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
@@ -36,6 +38,15 @@ pub struct WindowConfig {
     /// its state freed.
     #[serde(with = "humantime_serde")]
     pub series_ttl: Duration,
+    /// A reading stamped further than this after the gateway's clock is a
+    /// `clock-skew` dead letter (a device clock running ahead, a bad RTC).
+    #[serde(with = "humantime_serde")]
+    pub max_ahead: Duration,
+    /// A reading stamped further than this before the gateway's clock is a
+    /// `clock-skew` dead letter. Keep it above the longest outage the
+    /// devices buffer through.
+    #[serde(with = "humantime_serde")]
+    pub max_behind: Duration,
 }
 
 impl Default for WindowConfig {
@@ -46,6 +57,8 @@ impl Default for WindowConfig {
             idle_timeout: Duration::from_secs(5),
             max_series: 10_000,
             series_ttl: Duration::from_secs(10 * 60),
+            max_ahead: Duration::from_secs(10 * 60),
+            max_behind: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -109,6 +122,24 @@ impl WindowConfig {
                 format!(
                     "must be at least idle-timeout ({idle_ms} ms) and width + allowed-lateness \
                      ({} ms), or series would be evicted with windows still open; got {ttl_ms} ms",
+                    width_ms + lateness_ms
+                ),
+            ));
+        }
+        let ahead_ms = whole_ms("max-ahead", self.max_ahead)?;
+        if ahead_ms < 1_000 {
+            return Err(ConfigError::new(
+                "max-ahead",
+                "must be at least 1s: device and gateway clocks are never exactly equal",
+            ));
+        }
+        let behind_ms = whole_ms("max-behind", self.max_behind)?;
+        if behind_ms < width_ms + lateness_ms {
+            return Err(ConfigError::new(
+                "max-behind",
+                format!(
+                    "must be at least width + allowed-lateness ({} ms), or readings for open \
+                     windows would be refused; got {behind_ms} ms",
                     width_ms + lateness_ms
                 ),
             ));

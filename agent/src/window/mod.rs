@@ -27,16 +27,26 @@
 //!   not touch series state (they neither create a series nor keep it alive).
 //!   An event time whose window cannot be represented in `i64` milliseconds is
 //!   dead-lettered as `malformed`.
+//! - **Clock sanity.** A reading stamped more than `max-ahead` (default
+//!   10 min) after the gateway's clock, or more than `max-behind` (default
+//!   7 days) before it, is dead-lettered as `clock-skew` and touches no series
+//!   state: one device with a clock in 2090 cannot push its series' watermark
+//!   decades ahead and make every later reading `late`.
 //! - **Series cap.** A reading for a new series while `max-series` series are
 //!   live is dead-lettered with the reason `series-cap`.
 //! - **Idle close.** When no reading has been *accepted* for a series for more
-//!   than `idle-timeout` of wall-clock time, [`WindowEngine::tick`] closes all
+//!   than `idle-timeout` of gateway time, [`WindowEngine::tick`] closes all
 //!   its open windows and advances its watermark to the end of the last one, so
 //!   readings for them arriving later are `Late`.
 //! - **TTL.** A series that has received no reading at all (accepted or late)
 //!   for `series-ttl` is evicted by `tick`: its open windows (if any) are
 //!   emitted first, then its state is freed and [`EngineOutput::SeriesEvicted`]
 //!   tells the scorer to forget it. After eviction the series starts afresh.
+//! - **Gateway time.** Idle close and TTL run on a [`SteadyClock`] fed the
+//!   wall clock: a step back (an RTC reset to 1970) or forward by more than a
+//!   minute (an NTP step) is a jump the timers do not see, so a stepped clock
+//!   neither closes every window at once nor stalls them. Counted in
+//!   [`WindowStats::clock_jumps`].
 //! - **Shutdown.** [`WindowEngine::flush`] emits every open window and advances
 //!   each watermark past them, so nothing is emitted twice if readings follow.
 //!
@@ -57,6 +67,7 @@
 //! assert_eq!((w.start_ms, w.end_ms, w.count, w.mean, w.stddev), (0, 5_000, 2, 21.0, 1.0));
 //! ```
 
+pub mod clock;
 mod config;
 pub mod redelivery;
 pub(crate) mod table;
@@ -64,6 +75,7 @@ pub(crate) mod table;
 #[allow(clippy::unwrap_used)]
 mod tests;
 
+pub use clock::SteadyClock;
 pub use config::{ConfigError, WindowConfig};
 pub use redelivery::{RedeliveryGuard, RedeliveryStats};
 
@@ -106,6 +118,10 @@ pub struct WindowStats {
     pub readings_time_out_of_range: u64,
     /// Readings for a new series refused by the live-series cap.
     pub series_rejected_cap: u64,
+    /// Readings stamped too far ahead of or behind the gateway clock.
+    pub readings_clock_skew: u64,
+    /// Steps of the wall clock the timers did not follow.
+    pub clock_jumps: u64,
     /// Windows emitted, whatever closed them.
     pub windows_emitted: u64,
     /// Of those, windows closed by the idle timeout.
@@ -177,10 +193,10 @@ struct SeriesState {
     /// Everything with `end <= watermark_ms` is closed. `i64::MIN` before the first reading.
     watermark_ms: UnixMs,
     max_event_ms: UnixMs,
-    /// Wall clock of the last accepted reading (idle close).
-    last_accepted_wall_ms: UnixMs,
-    /// Wall clock of the last reading of any kind (TTL).
-    last_seen_wall_ms: UnixMs,
+    /// Steady time of the last accepted reading (idle close).
+    last_accepted_ms: i64,
+    /// Steady time of the last reading of any kind (TTL).
+    last_seen_ms: i64,
     /// Open windows older than `latest`, by start.
     older: VecDeque<(UnixMs, Acc)>,
     /// Unit of the reading that opened the latest window, carried by the windows.
@@ -234,14 +250,14 @@ impl SeriesState {
 }
 
 impl SeriesState {
-    fn new(now_ms: UnixMs) -> Self {
+    fn new(steady_ms: i64) -> Self {
         Self {
             latest: None,
             older: VecDeque::new(),
             watermark_ms: UnixMs::MIN,
             max_event_ms: UnixMs::MIN,
-            last_accepted_wall_ms: now_ms,
-            last_seen_wall_ms: now_ms,
+            last_accepted_ms: steady_ms,
+            last_seen_ms: steady_ms,
             unit: Arc::from(""),
         }
     }
@@ -255,7 +271,10 @@ pub struct WindowEngine {
     lateness_ms: i64,
     idle_timeout_ms: i64,
     series_ttl_ms: i64,
+    max_ahead_ms: i64,
+    max_behind_ms: i64,
     max_series: usize,
+    clock: SteadyClock,
     series: SeriesTable<SeriesState>,
     /// Watermarks of series that are not live (restored after a restart, or
     /// kept at TTL eviction): a series that comes back resumes from its
@@ -289,7 +308,10 @@ impl WindowEngine {
             lateness_ms: duration_ms(cfg.allowed_lateness),
             idle_timeout_ms: duration_ms(cfg.idle_timeout),
             series_ttl_ms: duration_ms(cfg.series_ttl),
+            max_ahead_ms: duration_ms(cfg.max_ahead),
+            max_behind_ms: duration_ms(cfg.max_behind),
             max_series: cfg.max_series.max(1),
+            clock: SteadyClock::default(),
             series: SeriesTable::default(),
             floors: FloorMap::default(),
             stats: WindowStats::default(),
@@ -360,6 +382,23 @@ impl WindowEngine {
             self.stats.readings_time_out_of_range += 1;
             return reject(reading, DeadLetterReason::Malformed, now_ms, out);
         };
+        if t > now_ms.saturating_add(self.max_ahead_ms)
+            || t < now_ms.saturating_sub(self.max_behind_ms)
+        {
+            self.stats.readings_clock_skew += 1;
+            let skewed = self.stats.readings_clock_skew;
+            if skewed.is_power_of_two() {
+                tracing::warn!(
+                    series = %reading.series,
+                    event_time_ms = t,
+                    gateway_time_ms = now_ms,
+                    skewed,
+                    "reading stamped too far from the gateway clock, dead-lettered as clock-skew"
+                );
+            }
+            return reject(reading, DeadLetterReason::ClockSkew, now_ms, out);
+        }
+        let steady_ms = self.observe_clock(now_ms);
         if let Some(state) = self.series.get_mut(&reading.series) {
             return admit(
                 &self.agent,
@@ -370,6 +409,7 @@ impl WindowEngine {
                 reading,
                 start,
                 now_ms,
+                steady_ms,
                 out,
             );
         }
@@ -390,7 +430,7 @@ impl WindowEngine {
         let floor = self.floors.remove(&reading.series);
         let state = self
             .series
-            .insert_new(reading.series.clone(), SeriesState::new(now_ms));
+            .insert_new(reading.series.clone(), SeriesState::new(steady_ms));
         if let Some(floor) = floor {
             state.watermark_ms = floor;
         }
@@ -403,13 +443,23 @@ impl WindowEngine {
             reading,
             start,
             now_ms,
+            steady_ms,
             out,
         )
+    }
+
+    /// Steady time for the timers at wall clock `now_ms`.
+    #[inline]
+    fn observe_clock(&mut self, now_ms: UnixMs) -> i64 {
+        let steady = self.clock.observe(now_ms);
+        self.stats.clock_jumps = self.clock.jumps();
+        steady
     }
 
     /// Wall-clock housekeeping, to be called on a timer (every second or so):
     /// closes the open windows of idle series and evicts series past their TTL.
     pub fn tick(&mut self, now_ms: UnixMs, out: &mut Vec<EngineOutput>) {
+        let now_ms = self.observe_clock(now_ms);
         let agent = &self.agent;
         let width_ms = self.width_ms;
         let idle_timeout_ms = self.idle_timeout_ms;
@@ -420,7 +470,7 @@ impl WindowEngine {
         let floors = &mut self.floors;
         let max_floors = self.max_series.saturating_mul(4);
         self.series.retain(|key, state| {
-            if now_ms.saturating_sub(state.last_seen_wall_ms) > series_ttl_ms {
+            if now_ms.saturating_sub(state.last_seen_ms) > series_ttl_ms {
                 flushed += close_all(agent, key, state, width_ms, out);
                 // Remember where it stopped, so a straggler cannot reopen an
                 // emitted window (bounded: beyond the cap, the oldest
@@ -432,9 +482,7 @@ impl WindowEngine {
                 evicted += 1;
                 return false;
             }
-            if state.has_open()
-                && now_ms.saturating_sub(state.last_accepted_wall_ms) > idle_timeout_ms
-            {
+            if state.has_open() && now_ms.saturating_sub(state.last_accepted_ms) > idle_timeout_ms {
                 idle_closed += close_all(agent, key, state, width_ms, out);
             }
             true
@@ -483,16 +531,17 @@ fn admit(
     reading: &Reading,
     start: UnixMs,
     now_ms: UnixMs,
+    steady_ms: i64,
     out: &mut Vec<EngineOutput>,
 ) -> Admission {
-    state.last_seen_wall_ms = now_ms;
+    state.last_seen_ms = steady_ms;
     if start + width_ms <= state.watermark_ms {
         stats.readings_late += 1;
         return reject(reading, DeadLetterReason::Late, now_ms, out);
     }
 
     let (t, value) = (reading.time_ms, reading.value);
-    state.last_accepted_wall_ms = now_ms;
+    state.last_accepted_ms = steady_ms;
     state.add(start, t, value, &reading.unit);
     stats.readings_accepted += 1;
 

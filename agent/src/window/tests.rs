@@ -28,6 +28,16 @@ fn engine_ms(width_ms: u64, lateness_ms: u64) -> WindowEngine {
     WindowEngine::new(AGENT, cfg)
 }
 
+/// Ticks from `from` to `to` (wall clock) in 30 s steps, as the pipeline's
+/// timer would: one step of more than a minute is a clock jump.
+fn tick_through(engine: &mut WindowEngine, from: UnixMs, to: UnixMs, out: &mut Vec<EngineOutput>) {
+    let mut now = from;
+    while now < to {
+        now = (now + 30_000).min(to);
+        engine.tick(now, out);
+    }
+}
+
 fn windows(out: &[EngineOutput]) -> Vec<&Window> {
     out.iter()
         .filter_map(|o| match o {
@@ -188,12 +198,13 @@ fn every_window_is_emitted_exactly_once_across_push_tick_and_flush() {
             &mut out,
         );
         if i % 41 == 0 {
-            engine.tick(now + 10_000, &mut out); // idle-closes everything open
+            now += 10_000;
+            engine.tick(now, &mut out); // idle-closes everything open
         }
     }
     engine.flush(&mut out);
     engine.flush(&mut out);
-    engine.tick(now + 1_000_000, &mut out);
+    tick_through(&mut engine, now, now + 1_000_000, &mut out);
 
     let mut seen = std::collections::HashSet::new();
     for w in windows(&out) {
@@ -237,7 +248,7 @@ fn series_cap_dead_letters_new_series_and_frees_up_after_ttl() {
     ));
 
     out.clear();
-    engine.tick(ttl_ms, &mut out);
+    tick_through(&mut engine, 1_000, ttl_ms, &mut out);
     assert!(!out
         .iter()
         .any(|o| matches!(o, EngineOutput::SeriesEvicted(_))));
@@ -313,7 +324,7 @@ fn welford_window_matches_known_values() {
     let values = [2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0];
     let times = [300, 100, 4_900, 200, 1_000, 50, 2_000, 3_000];
     for (t, v) in times.iter().zip(values) {
-        engine.push(&reading("a", 1_000_000 + t, v), 0, &mut out);
+        engine.push(&reading("a", 1_000_000 + t, v), 1_000_000, &mut out);
     }
     engine.flush(&mut out);
     let w = windows(&out)[0].clone();
@@ -623,7 +634,7 @@ fn a_series_evicted_by_ttl_resumes_from_its_watermark() {
     };
     let mut out = Vec::new();
     e.push(&r(1_000), 0, &mut out);
-    e.tick(61_001, &mut out);
+    tick_through(&mut e, 0, 61_001, &mut out);
     assert_eq!(e.live_series(), 0);
     let windows = out
         .iter()
@@ -635,4 +646,97 @@ fn a_series_evicted_by_ttl_resumes_from_its_watermark() {
         e.push(&r(1_500), 61_002, &mut out),
         Admission::Rejected(DeadLetterReason::Late)
     );
+}
+
+#[test]
+fn readings_stamped_far_from_the_gateway_clock_are_clock_skew() {
+    let mut engine = engine_ms(5_000, 2_000);
+    let mut out = Vec::new();
+    let now = 1_700_000_000_000;
+    let ahead = 10 * 60_000;
+    let behind = 7 * 86_400_000;
+    for t in [
+        now + ahead + 1,
+        now - behind - 1,
+        3_786_912_000_000, /* 2090 */
+    ] {
+        let a = engine.push(&reading("a", t, 1.0), now, &mut out);
+        assert_eq!(a, Admission::Rejected(DeadLetterReason::ClockSkew), "{t}");
+    }
+    assert_eq!(
+        engine.live_series(),
+        0,
+        "a skewed reading creates no series"
+    );
+    assert_eq!(engine.stats().readings_clock_skew, 3);
+    assert_eq!(dead_reasons(&out), vec![DeadLetterReason::ClockSkew; 3]);
+    // Inside the bounds, and the far-future one did not move the watermark:
+    // a reading of now is not late.
+    for t in [now + ahead, now - behind, now] {
+        let a = engine.push(&reading(&t.to_string(), t, 1.0), now, &mut out);
+        assert!(matches!(a, Admission::Accepted { .. }), "{t}: {a:?}");
+    }
+    assert!(matches!(
+        engine.push(&reading("a", now, 1.0), now, &mut out),
+        Admission::Accepted { .. }
+    ));
+}
+
+#[test]
+fn the_skew_bounds_are_configurable_and_checked() {
+    let cfg = WindowConfig {
+        max_ahead: Duration::from_secs(1),
+        max_behind: Duration::from_secs(60),
+        ..WindowConfig::default()
+    };
+    cfg.validate().unwrap();
+    let mut engine = WindowEngine::new(AGENT, cfg);
+    let mut out = Vec::new();
+    let a = engine.push(&reading("a", 100_000 + 1_001, 1.0), 100_000, &mut out);
+    assert_eq!(a, Admission::Rejected(DeadLetterReason::ClockSkew));
+    let a = engine.push(&reading("a", 100_000 - 60_001, 1.0), 100_000, &mut out);
+    assert_eq!(a, Admission::Rejected(DeadLetterReason::ClockSkew));
+
+    let bad = WindowConfig {
+        max_ahead: Duration::ZERO,
+        ..WindowConfig::default()
+    };
+    assert_eq!(bad.validate().unwrap_err().key, "max-ahead");
+    let bad = WindowConfig {
+        max_behind: Duration::from_secs(6),
+        ..WindowConfig::default()
+    };
+    assert_eq!(bad.validate().unwrap_err().key, "max-behind");
+}
+
+#[test]
+fn an_ntp_step_forward_does_not_close_every_window_at_once() {
+    let mut engine = engine_ms(5_000, 2_000);
+    let mut out = Vec::new();
+    let now = 1_700_000_000_000;
+    engine.push(&reading("a", now, 1.0), now, &mut out);
+    engine.push(&reading("b", now, 1.0), now, &mut out);
+    // The clock steps an hour ahead: the open windows stay open...
+    let stepped = now + 3_600_000;
+    engine.tick(stepped, &mut out);
+    assert!(windows(&out).is_empty(), "{out:?}");
+    assert_eq!(engine.stats().clock_jumps, 1);
+    // ...until the idle timeout has passed on the new clock.
+    engine.tick(stepped + 5_001, &mut out);
+    assert_eq!(windows(&out).len(), 2);
+}
+
+#[test]
+fn an_rtc_reset_to_1970_does_not_stall_the_windows() {
+    let mut engine = engine_ms(5_000, 2_000);
+    let mut out = Vec::new();
+    let now = 1_700_000_000_000;
+    engine.push(&reading("a", now, 1.0), now, &mut out);
+    // The clock comes back at the epoch; the idle timer keeps running at its
+    // pace rather than waiting 53 years for the old time to come round.
+    engine.tick(1_000, &mut out);
+    assert!(windows(&out).is_empty());
+    engine.tick(6_001, &mut out);
+    assert_eq!(windows(&out).len(), 1, "{out:?}");
+    assert_eq!(engine.stats().clock_jumps, 1);
 }
