@@ -49,6 +49,8 @@ pub enum RuntimeError {
     Mqtt(#[from] MqttError),
     #[error("modbus source: {0}")]
     Modbus(String),
+    #[error("{name} source task failed: {reason}")]
+    SourceTask { name: &'static str, reason: String },
     #[error("cannot install the signal handler: {0}")]
     Signals(std::io::Error),
     #[error("cannot open the store in {dir}: {source}")]
@@ -133,6 +135,9 @@ pub async fn run(cfg: AgentConfig, tap: Option<PathBuf>) -> Result<(), RuntimeEr
 
     let (tx, rx) = mpsc::channel(cfg.agent.channel_capacity);
     let mut sources: JoinSet<Result<(), RuntimeError>> = JoinSet::new();
+    // Which source each task runs, to name it if it panics.
+    let mut source_names: std::collections::HashMap<tokio::task::Id, &'static str> =
+        std::collections::HashMap::new();
     let mut counters = telemetry::Sources {
         store: Some(Arc::clone(&store)),
         ..Default::default()
@@ -142,22 +147,25 @@ pub async fn run(cfg: AgentConfig, tap: Option<PathBuf>) -> Result<(), RuntimeEr
         tracing::info!(listen = %broker.local_addr(), pubsub = ?broker.pubsub_addr(), "embedded MQTT broker up: devices publish to listen");
         counters.mqtt.push(("embedded-broker", broker.stats()));
         let (tx, token) = (tx.clone(), shutdown.clone());
-        sources.spawn(async move { Ok(broker.run(tx, token).await?) });
+        let task = sources.spawn(async move { Ok(broker.run(tx, token).await?) });
+        source_names.insert(task.id(), "embedded broker");
     }
     if let Some(m) = cfg.mqtt.clone() {
         let source = MqttSource::new(m)?;
         counters.mqtt.push(("mqtt", source.stats()));
         let (tx, token) = (tx.clone(), shutdown.clone());
-        sources.spawn(async move { Ok(source.run(tx, token).await?) });
+        let task = sources.spawn(async move { Ok(source.run(tx, token).await?) });
+        source_names.insert(task.id(), "mqtt");
     }
     if let Some(m) = cfg.modbus.clone().filter(|m| !m.devices.is_empty()) {
         let source = ModbusSource::new(m).map_err(|e| RuntimeError::Modbus(e.to_string()))?;
         counters.modbus = Some(source.stats());
         let (tx, token) = (tx.clone(), shutdown.clone());
-        sources.spawn(async move {
+        let task = sources.spawn(async move {
             source.run(tx, token).await;
             Ok(())
         });
+        source_names.insert(task.id(), "modbus");
     }
     drop(tx);
 
@@ -242,16 +250,20 @@ pub async fn run(cfg: AgentConfig, tap: Option<PathBuf>) -> Result<(), RuntimeEr
                 }
                 break;
             }
-            Some(done) = sources.join_next() => {
+            Some(done) = sources.join_next_with_id() => {
                 match done {
-                    Ok(Ok(())) => continue,
-                    Ok(Err(e)) => {
+                    Ok((_, Ok(()))) => continue,
+                    Ok((_, Err(e))) => {
                         tracing::error!(error = %e, "source failed; stopping the agent");
                         failure = Some(e);
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, "source task panicked; stopping the agent");
-                        failure = Some(RuntimeError::Modbus(format!("task failed: {e}")));
+                        let name = source_names.get(&e.id()).copied().unwrap_or("unknown");
+                        tracing::error!(error = %e, source = name, "source task panicked; stopping the agent");
+                        failure = Some(RuntimeError::SourceTask {
+                            name,
+                            reason: e.to_string(),
+                        });
                     }
                 }
                 break;

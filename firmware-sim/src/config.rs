@@ -918,23 +918,23 @@ fn find_signal_mut<'a>(
 ) -> Option<(&'a mut Signal, Duration)> {
     let (device, sensor) = series.split_once('/')?;
     for s in &mut config.modbus_tcp {
-        if s.name == device {
-            let refresh = s.refresh;
-            return s
-                .points
-                .iter_mut()
-                .find(|p| p.sensor == sensor)
-                .map(|p| (&mut p.signal, refresh));
+        if s.name != device {
+            continue;
+        }
+        // A device of the same name elsewhere may have the sensor: keep looking.
+        let refresh = s.refresh;
+        if let Some(p) = s.points.iter_mut().find(|p| p.sensor == sensor) {
+            return Some((&mut p.signal, refresh));
         }
     }
     for s in &mut config.modbus_rtu {
-        if s.name == device {
-            let refresh = s.refresh;
-            return s
-                .points
-                .iter_mut()
-                .find(|p| p.sensor == sensor)
-                .map(|p| (&mut p.signal, refresh));
+        if s.name != device {
+            continue;
+        }
+        // A device of the same name elsewhere may have the sensor: keep looking.
+        let refresh = s.refresh;
+        if let Some(p) = s.points.iter_mut().find(|p| p.sensor == sensor) {
+            return Some((&mut p.signal, refresh));
         }
     }
     for s in &mut config.mqtt_sensors {
@@ -1068,6 +1068,20 @@ signal = { offset = 80, amplitude = 5, period = "60s", noise-stddev = 0.2 }
     fn anomaly_on_unknown_series_is_named() {
         let text = format!("{POINT}\n[[anomaly]]\nseries = \"press-1/nope\"\nkind = \"spike\"\nmagnitude = 1\nfrom = \"1s\"\n");
         assert_key(parse(&text), "anomaly[0].series");
+    }
+
+    #[test]
+    fn an_anomaly_finds_its_sensor_past_a_modbus_device_of_the_same_name() {
+        let text = format!(
+            "{POINT}\n[[mqtt-sensor]]\ntopic = \"plant/press-1/vibration\"\ninterval = \"1s\"\nsignal = {{ offset = 1.0 }}\n\
+             [[anomaly]]\nseries = \"press-1/vibration\"\nkind = \"spike\"\nmagnitude = 9\nfrom = \"5s\"\n"
+        );
+        let c = parse(&text).unwrap();
+        assert!(c.modbus_tcp[0].points[0].signal.anomalies.is_empty());
+        let MqttPayload::Single { signal, .. } = &c.mqtt_sensors[0].payload else {
+            panic!("a single-value sensor");
+        };
+        assert_eq!(signal.anomalies.len(), 1);
     }
 
     #[test]

@@ -152,6 +152,11 @@ impl BrokerConfig {
             }
         }
         if self.subscriptions.is_empty() {
+            if !self.enabled {
+                // Switched off: nothing to route. The other keys are still
+                // checked, so switching it on later does not surprise.
+                return self.limits.validate("broker.limits");
+            }
             return bad(
                 "subscriptions",
                 "at least one [[broker.subscriptions]] is needed",
@@ -288,6 +293,14 @@ mod tests {
         let big = config("max-payload = \"1MiB\"\nlog-size = \"8MiB\"");
         assert_eq!((big.log_segment_bytes(), big.log_segments()), (1 << 20, 8));
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn a_disabled_broker_needs_no_subscriptions() {
+        let mut c: BrokerConfig = toml::from_str("enabled = false").unwrap();
+        assert!(c.validate().is_ok(), "{:?}", c.validate());
+        c.enabled = true;
+        assert_eq!(c.validate().unwrap_err().key, "broker.subscriptions");
     }
 
     #[test]

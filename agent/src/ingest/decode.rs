@@ -294,11 +294,15 @@ pub fn filter_covers(g: &str, f: &str) -> bool {
     if g.starts_with("$share/") || f.starts_with("$share/") {
         return g == f;
     }
+    // A wildcard in the first level never matches a `$` topic (`$SYS/…`).
+    if f.starts_with('$') && (g.starts_with('+') || g.starts_with('#')) {
+        return false;
+    }
     let mut gl = g.split('/');
     let mut fl = f.split('/');
     loop {
         match (gl.next(), fl.next()) {
-            (Some("#"), _) => return !f.starts_with('$') || !g.starts_with('#'),
+            (Some("#"), _) => return true,
             (Some("+"), Some(l)) if l != "#" => {}
             (Some(a), Some(b)) if a == b && a != "+" && a != "#" => {}
             (None, None) => return true,
@@ -1850,6 +1854,15 @@ mod tests {
         assert!(!filter_covers("plant/+/state", "plant/+/+"));
         assert!(!filter_covers("plant/+", "plant/#"));
         assert!(!filter_covers("a/+/c", "a/b"));
+        // A first-level wildcard cannot deliver `$SYS/…`: both are subscribed.
+        assert!(!filter_covers("#", "$SYS/broker/load"));
+        assert!(!filter_covers("+/broker/load", "$SYS/broker/load"));
+        assert!(filter_covers("$SYS/#", "$SYS/broker/load"));
+        let sys = vec![
+            SubscriptionConfig::new("+/broker/+", PayloadFormat::Number),
+            SubscriptionConfig::new("$SYS/broker/load", PayloadFormat::Number),
+        ];
+        assert_eq!(subscription_filters(&sys).len(), 2);
         let mut multi = SubscriptionConfig::new("plant/+/state", PayloadFormat::JsonMulti);
         multi.qos = 1;
         let mut json = SubscriptionConfig::new("plant/+/+", PayloadFormat::Json);
