@@ -54,6 +54,20 @@ pub struct RawConfig {
     /// How long a shutdown waits for in-flight requests. Default `10s`.
     #[serde(default, with = "humantime_serde::option")]
     pub shutdown_grace: Option<Duration>,
+    /// Records one batch may carry; more get `413` and the agent splits.
+    /// Default 10000.
+    pub max_batch_records: Option<usize>,
+    /// Longest device, sensor, unit or dead-letter origin name in a record;
+    /// longer (or with a control character) gets `400` for that record.
+    /// Default 256.
+    pub max_name_bytes: Option<usize>,
+    /// How long a request body may take to arrive (`408` after). Default `30s`.
+    #[serde(default, with = "humantime_serde::option")]
+    pub body_timeout: Option<Duration>,
+    /// Records per second one agent may send (one second of burst, at least
+    /// a full batch); more get `429` with `Retry-After`. `0` for no limit.
+    /// Default 20000.
+    pub agent_rate_limit: Option<u32>,
     /// The agents allowed to send, each with its bearer token.
     #[serde(default)]
     pub agents: Vec<RawAgent>,
@@ -181,6 +195,10 @@ pub struct Config {
     pub max_concurrent_batches: usize,
     pub retry_after: Duration,
     pub shutdown_grace: Duration,
+    pub max_batch_records: usize,
+    pub max_name_bytes: usize,
+    pub body_timeout: Duration,
+    pub agent_rate_limit: u32,
     pub agents: Vec<AgentCredential>,
     pub topics: Topics,
     pub sink: SinkConfig,
@@ -196,6 +214,10 @@ impl fmt::Debug for Config {
             .field("max_concurrent_batches", &self.max_concurrent_batches)
             .field("retry_after", &self.retry_after)
             .field("shutdown_grace", &self.shutdown_grace)
+            .field("max_batch_records", &self.max_batch_records)
+            .field("max_name_bytes", &self.max_name_bytes)
+            .field("body_timeout", &self.body_timeout)
+            .field("agent_rate_limit", &self.agent_rate_limit)
             .field("agents", &self.agents)
             .field("topics", &self.topics)
             .field("sink", &self.sink)
@@ -396,6 +418,23 @@ impl Config {
             ));
         }
         let shutdown_grace = raw.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE);
+        let defaults = crate::ingest::IngestLimits::default();
+        let max_batch_records = raw.max_batch_records.unwrap_or(defaults.max_batch_records);
+        if max_batch_records == 0 {
+            return Err(invalid("max-batch-records", "must be at least 1".into()));
+        }
+        let max_name_bytes = raw.max_name_bytes.unwrap_or(defaults.max_name_bytes);
+        if !(16..=65_535).contains(&max_name_bytes) {
+            return Err(invalid(
+                "max-name-bytes",
+                format!("must be between 16 and 65535, got {max_name_bytes}"),
+            ));
+        }
+        let body_timeout = raw.body_timeout.unwrap_or(defaults.body_timeout);
+        if body_timeout < Duration::from_secs(1) {
+            return Err(invalid("body-timeout", "must be at least 1s".into()));
+        }
+        let agent_rate_limit = raw.agent_rate_limit.unwrap_or(defaults.agent_rate_limit);
 
         let mut agents = Vec::with_capacity(raw.agents.len());
         let mut ids = HashSet::new();
@@ -546,6 +585,10 @@ impl Config {
             max_concurrent_batches,
             retry_after,
             shutdown_grace,
+            max_batch_records,
+            max_name_bytes,
+            body_timeout,
+            agent_rate_limit,
             agents,
             topics,
             sink,

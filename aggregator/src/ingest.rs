@@ -10,8 +10,10 @@
 //! |---|---|---|
 //! | 200 `{"committed": n, "duplicates": m}` | every new record is acknowledged by the log and the dedup state is saved | deletes the batch |
 //! | 401 | unknown token, or the batch's `agent` is not the token's agent | alerts an operator |
-//! | 413 | body over `max-body`, compressed or decompressed | splits or drops |
-//! | 400 `{"error": reason, "scope": "record"}` | a record of the batch is invalid (seq order, not representable) | splits the batch to find it; deletes only that record |
+//! | 413 | body over `max-body`, compressed or decompressed, or more than `max-batch-records` records | splits the batch; drops a single record only if it alone is too large |
+//! | 400 `{"error": reason, "scope": "record"}` | a record of the batch is invalid (seq order, not representable, a name over `max-name-bytes` or with a control character) | splits the batch to find it; deletes only that record |
+//! | 408 `{"error": reason, "scope": "batch"}` | the body did not arrive within `body-timeout` | retries with backoff |
+//! | 429 + `Retry-After` `{"scope": "batch"}` | the agent sent more than `agent-rate-limit` records/s (token bucket, one second of burst, at least one full batch) | retries after the given time |
 //! | 415 `{"error": reason, "scope": "batch"}` | unsupported `Content-Type` or `Content-Encoding` | keeps the records, retries with backoff |
 //! | 422 `{"error": reason, "scope": "batch"}` | the body is not a batch this aggregator reads: bad magic, checksum, truncated, unknown wire version, undecodable body | keeps the records, retries with backoff |
 //! | 503 + `Retry-After` | log unavailable, dedup state not saved, or too many requests at once | retries later |
@@ -29,7 +31,7 @@
 //! `outbox_floor`) in the dedup state, save it, answer.
 //!
 //! What it is not: no TLS here (terminate it in front, or add it at the
-//! listener), no per-agent rate limit beyond the global concurrency cap.
+//! listener).
 
 use crate::config::{AgentCredential, Topics};
 use crate::dedup::{DedupError, DedupStore};
@@ -73,6 +75,12 @@ pub enum IngestError {
     Unauthorized(&'static str),
     #[error("request body exceeds {limit_bytes} bytes")]
     TooLarge { limit_bytes: usize },
+    #[error("batch of {records} records exceeds max-batch-records of {limit}")]
+    TooManyRecords { records: usize, limit: usize },
+    #[error("request body not received within {0:?}")]
+    BodyTimeout(Duration),
+    #[error("agent rate limit of {rate} records/s exceeded; retry in {retry_after:?}")]
+    RateLimited { rate: u32, retry_after: Duration },
     /// A record is at fault (scope `record`).
     #[error("{0}")]
     BadRequest(String),
@@ -95,7 +103,11 @@ impl IngestError {
             | IngestError::LogUnavailable(_)
             | IngestError::StateUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             IngestError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            IngestError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            IngestError::TooLarge { .. } | IngestError::TooManyRecords { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            IngestError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            IngestError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             IngestError::BadRequest(_) => StatusCode::BAD_REQUEST,
             IngestError::Unsupported(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             IngestError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -106,7 +118,9 @@ impl IngestError {
     /// keep them) or one `record` of it.
     pub fn scope(&self) -> &'static str {
         match self {
-            IngestError::BadRequest(_) | IngestError::TooLarge { .. } => "record",
+            IngestError::BadRequest(_)
+            | IngestError::TooLarge { .. }
+            | IngestError::TooManyRecords { .. } => "record",
             _ => "batch",
         }
     }
@@ -137,6 +151,8 @@ pub struct IngestStats {
     pub rejected_unsupported: AtomicU64,
     pub rejected_unprocessable: AtomicU64,
     pub rejected_busy: AtomicU64,
+    pub rejected_timeout: AtomicU64,
+    pub rejected_rate_limited: AtomicU64,
     pub log_errors: AtomicU64,
     pub state_errors: AtomicU64,
 }
@@ -146,7 +162,11 @@ impl IngestStats {
         let counter = match error {
             IngestError::Busy => &self.rejected_busy,
             IngestError::Unauthorized(_) => &self.rejected_unauthorized,
-            IngestError::TooLarge { .. } => &self.rejected_too_large,
+            IngestError::TooLarge { .. } | IngestError::TooManyRecords { .. } => {
+                &self.rejected_too_large
+            }
+            IngestError::BodyTimeout(_) => &self.rejected_timeout,
+            IngestError::RateLimited { .. } => &self.rejected_rate_limited,
             IngestError::BadRequest(_) => &self.rejected_bad_request,
             IngestError::Unsupported(_) => &self.rejected_unsupported,
             IngestError::Unprocessable(_) => &self.rejected_unprocessable,
@@ -174,7 +194,13 @@ pub struct Ingest {
     log: Arc<dyn LogWriter>,
     topics: Topics,
     max_body_bytes: usize,
+    max_batch_records: usize,
+    max_name_bytes: usize,
+    body_timeout: Duration,
     retry_after: Duration,
+    /// Per agent, when `agent-rate-limit` is set.
+    rates: Option<std::collections::HashMap<String, std::sync::Mutex<TokenBucket>>>,
+    agent_rate_limit: u32,
     admission: Semaphore,
     stats: IngestStats,
     observer: Option<Arc<dyn CommitObserver>>,
@@ -186,6 +212,63 @@ pub struct IngestLimits {
     pub max_body_bytes: usize,
     pub max_concurrent_batches: usize,
     pub retry_after: Duration,
+    /// Records one batch may carry (`413` above, so the agent splits it).
+    pub max_batch_records: usize,
+    /// Longest agent, device, sensor, unit or dead-letter origin name.
+    pub max_name_bytes: usize,
+    /// How long the body of one request may take to arrive.
+    pub body_timeout: Duration,
+    /// Records per second per agent; `0` means no limit.
+    pub agent_rate_limit: u32,
+}
+
+impl Default for IngestLimits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 8 << 20,
+            max_concurrent_batches: 64,
+            retry_after: Duration::from_secs(5),
+            max_batch_records: 10_000,
+            max_name_bytes: 256,
+            body_timeout: Duration::from_secs(30),
+            agent_rate_limit: 20_000,
+        }
+    }
+}
+
+/// Records per second with one second of burst (at least `min_burst`).
+#[derive(Debug)]
+struct TokenBucket {
+    tokens: f64,
+    burst: f64,
+    rate: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u32, min_burst: usize) -> Self {
+        let burst = f64::from(rate).max(min_burst as f64);
+        Self {
+            tokens: burst,
+            burst,
+            rate: f64::from(rate),
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes `n` tokens, or says how long until there are enough.
+    fn take(&mut self, n: usize, now: Instant) -> Result<(), Duration> {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        let n = n as f64;
+        if n <= self.tokens {
+            self.tokens -= n;
+            return Ok(());
+        }
+        let wait = ((n.min(self.burst) - self.tokens) / self.rate).max(0.0);
+        Err(Duration::from_secs_f64(wait).max(Duration::from_secs(1)))
+    }
 }
 
 impl Ingest {
@@ -196,12 +279,27 @@ impl Ingest {
         topics: Topics,
         limits: IngestLimits,
     ) -> Self {
+        let rates = (limits.agent_rate_limit > 0).then(|| {
+            agents
+                .iter()
+                .map(|a| {
+                    let bucket =
+                        TokenBucket::new(limits.agent_rate_limit, limits.max_batch_records);
+                    (a.id.clone(), std::sync::Mutex::new(bucket))
+                })
+                .collect()
+        });
         Self {
             agents,
             dedup,
             log,
             topics,
             max_body_bytes: limits.max_body_bytes,
+            max_batch_records: limits.max_batch_records,
+            max_name_bytes: limits.max_name_bytes,
+            body_timeout: limits.body_timeout,
+            rates,
+            agent_rate_limit: limits.agent_rate_limit,
             retry_after: limits.retry_after,
             admission: Semaphore::new(limits.max_concurrent_batches),
             stats: IngestStats::default(),
@@ -277,12 +375,16 @@ impl Ingest {
                 return Err(IngestError::TooLarge { limit_bytes });
             }
         }
-        let bytes = match Limited::new(body, limit_bytes).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+        // A body that trickles in (a stalled or hostile client) holds an
+        // admission slot only this long.
+        let read = Limited::new(body, limit_bytes).collect();
+        let bytes = match tokio::time::timeout(self.body_timeout, read).await {
+            Err(_) => return Err(IngestError::BodyTimeout(self.body_timeout)),
+            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
                 return Err(IngestError::TooLarge { limit_bytes })
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 return Err(IngestError::Unprocessable(format!(
                     "reading the body failed: {e}"
                 )))
@@ -296,8 +398,30 @@ impl Ingest {
                 "batch agent does not match the token",
             ));
         }
+        if batch.records.len() > self.max_batch_records {
+            return Err(IngestError::TooManyRecords {
+                records: batch.records.len(),
+                limit: self.max_batch_records,
+            });
+        }
+        check_names(&batch, self.max_name_bytes)?;
+        self.take_rate(&batch)?;
         let reply = self.commit(&batch).await?;
         Ok((token_agent, reply))
+    }
+
+    /// Charges the agent's token bucket for the batch's records.
+    fn take_rate(&self, batch: &Batch) -> Result<(), IngestError> {
+        let Some(bucket) = self.rates.as_ref().and_then(|r| r.get(&batch.agent)) else {
+            return Ok(());
+        };
+        let mut bucket = bucket.lock().unwrap_or_else(|e| e.into_inner());
+        bucket
+            .take(batch.records.len(), Instant::now())
+            .map_err(|retry_after| IngestError::RateLimited {
+                rate: self.agent_rate_limit,
+                retry_after,
+            })
     }
 
     /// Dedups `batch`, writes its new records, records them as committed.
@@ -427,6 +551,55 @@ impl BodyFormat {
     }
 }
 
+/// A record whose names break the limits fails the batch with scope
+/// `record` (the agent then finds it by splitting, and drops only it).
+fn check_names(batch: &Batch, max_bytes: usize) -> Result<(), IngestError> {
+    let check = |what: &str, name: &str, seq: u64| -> Result<(), IngestError> {
+        if name.len() > max_bytes {
+            return Err(IngestError::BadRequest(format!(
+                "record seq {seq}: {what} of {} bytes exceeds max-name-bytes of {max_bytes}",
+                name.len()
+            )));
+        }
+        if name.chars().any(char::is_control) {
+            return Err(IngestError::BadRequest(format!(
+                "record seq {seq}: {what} {name:?} holds a control character"
+            )));
+        }
+        Ok(())
+    };
+    for e in &batch.records {
+        let seq = e.seq;
+        match &e.record {
+            millrace_protocol::Record::Window(w) => {
+                check("agent", &w.agent, seq)?;
+                check("device", &w.series.device, seq)?;
+                check("sensor", &w.series.sensor, seq)?;
+                check("unit", &w.unit, seq)?;
+            }
+            millrace_protocol::Record::Alert(a) => {
+                check("agent", &a.agent, seq)?;
+                check("device", &a.series.device, seq)?;
+                check("sensor", &a.series.sensor, seq)?;
+                check("unit", &a.unit, seq)?;
+            }
+            millrace_protocol::Record::DeadLetter(d) => check("origin", &d.origin, seq)?,
+        }
+    }
+    Ok(())
+}
+
+/// Decodes a request body as the ingest API does (content type and
+/// encoding from `headers`, gzip bounded by `limit_bytes`), without I/O: what
+/// the fuzz targets and tests drive. Blocking.
+pub fn decode_body(
+    headers: &HeaderMap,
+    body: Bytes,
+    limit_bytes: usize,
+) -> Result<Batch, IngestError> {
+    BodyFormat::from_headers(headers)?.decode(body, limit_bytes)
+}
+
 #[derive(Serialize)]
 struct ErrorBody {
     error: String,
@@ -486,6 +659,12 @@ async fn ingest(State(app): State<Arc<Ingest>>, headers: HeaderMap, body: Body) 
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, app.retry_after_header());
+            }
+            if let IngestError::RateLimited { retry_after, .. } = &error {
+                let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
             }
             if status == StatusCode::UNAUTHORIZED {
                 response

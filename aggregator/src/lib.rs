@@ -129,6 +129,10 @@ impl Aggregator {
                 max_body_bytes: config.max_body_bytes,
                 max_concurrent_batches: config.max_concurrent_batches,
                 retry_after: config.retry_after,
+                max_batch_records: config.max_batch_records,
+                max_name_bytes: config.max_name_bytes,
+                body_timeout: config.body_timeout,
+                agent_rate_limit: config.agent_rate_limit,
             },
         );
         let ingest = match &dashboard {

@@ -485,3 +485,122 @@ fn check_config_names_file_and_key() {
     );
     assert!(!String::from_utf8_lossy(&output.stdout).contains(TOKEN_1));
 }
+
+#[tokio::test]
+async fn a_batch_over_max_batch_records_gets_413_for_the_agent_to_split() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = parse_config(&config_text(tmp.path(), "max-batch-records = 2", ""));
+    let server = Server::start(&config).await;
+    let reply = post_batch(server.addr, TOKEN_1, &batch("gw-1", &[1, 2, 3], 1)).await;
+    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(reply.json["scope"], "record");
+    assert!(
+        reply.json["error"]
+            .as_str()
+            .unwrap()
+            .contains("3 records exceeds max-batch-records of 2"),
+        "{}",
+        reply.json
+    );
+    let reply = post_batch(server.addr, TOKEN_1, &batch("gw-1", &[1, 2], 1)).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        seqs_of(&tmp.path().join("log"), "millrace.windows"),
+        vec![1, 2]
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_record_with_an_overlong_or_control_character_name_is_refused_by_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = parse_config(&config_text(tmp.path(), "max-name-bytes = 32", ""));
+    let server = Server::start(&config).await;
+    for (sensor, expected) in [
+        (
+            "s".repeat(33),
+            "sensor of 33 bytes exceeds max-name-bytes of 32",
+        ),
+        ("temp\u{1b}[2J".to_owned(), "control character"),
+    ] {
+        let records = vec![Envelope {
+            seq: 1,
+            record: window("gw-1", &sensor, 1_700_000_000_000, 1.0),
+        }];
+        let reply = post_batch(
+            server.addr,
+            TOKEN_1,
+            &millrace_protocol::Batch::new("gw-1", records),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+        assert_eq!(reply.json["scope"], "record");
+        let error = reply.json["error"].as_str().unwrap();
+        assert!(
+            error.contains(expected) && error.contains("seq 1"),
+            "{error}"
+        );
+    }
+    assert!(seqs_of(&tmp.path().join("log"), "millrace.windows").is_empty());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_that_does_not_arrive_in_time_gets_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let config = parse_config(&config_text(tmp.path(), "body-timeout = \"1s\"", ""));
+    let server = Server::start(&config).await;
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    // Promises 1000 bytes, sends 10, then nothing.
+    let head = format!(
+        "POST /api/v1/ingest HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {TOKEN_1}\r\n\
+         content-type: application/x-millrace-batch\r\ncontent-length: 1000\r\n\r\n0123456789",
+        server.addr
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "connection closed without an answer");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_agent_over_its_rate_limit_gets_429_with_retry_after() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = parse_config(&config_text(
+        tmp.path(),
+        "agent-rate-limit = 3\nmax-batch-records = 3",
+        "",
+    ));
+    let server = Server::start(&config).await;
+    let reply = post_batch(server.addr, TOKEN_1, &batch("gw-1", &[1, 2, 3], 1)).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "the burst takes one full batch"
+    );
+    let reply = post_batch(server.addr, TOKEN_1, &batch("gw-1", &[4, 5, 6], 4)).await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(reply.json["scope"], "batch");
+    let retry_after: u64 = reply.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry_after), "{retry_after}");
+    // Another agent has its own bucket.
+    let reply = post_batch(server.addr, TOKEN_2, &batch("gw-2", &[1], 1)).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        seqs_of(&tmp.path().join("log"), "millrace.windows"),
+        vec![1, 2, 3, 1]
+    );
+    server.stop().await;
+}

@@ -10,6 +10,7 @@
 //! retain-windows = 720
 //! retain-alerts = 1000
 //! max-series = 10000
+//! max-series-per-agent = 5000
 //! offline-after = "30s"
 //! history = "1h"
 //! ```
@@ -38,6 +39,11 @@ pub struct RawDashboard {
     /// Series tracked at most; windows of further series are counted, not kept.
     /// Default 10000.
     pub max_series: Option<usize>,
+    /// Series tracked at most for one agent, so one gateway sending a flood
+    /// of names cannot take the whole dashboard; further windows of that
+    /// agent are counted, not kept (the log still has them). Default 5000,
+    /// at most `max-series`.
+    pub max_series_per_agent: Option<usize>,
     /// An agent with no batch for this long shows as offline. Default `30s`.
     #[serde(default, with = "humantime_serde::option")]
     pub offline_after: Option<Duration>,
@@ -81,6 +87,7 @@ pub struct DashboardConfig {
     pub retain_windows: usize,
     pub retain_alerts: usize,
     pub max_series: usize,
+    pub max_series_per_agent: usize,
     pub offline_after: Duration,
     pub history: Duration,
 }
@@ -89,6 +96,7 @@ pub const DEFAULT_HISTORY: Duration = Duration::from_secs(3600);
 pub const DEFAULT_RETAIN_WINDOWS: usize = 720;
 pub const DEFAULT_RETAIN_ALERTS: usize = 1000;
 pub const DEFAULT_MAX_SERIES: usize = 10_000;
+pub const DEFAULT_MAX_SERIES_PER_AGENT: usize = 5_000;
 pub const DEFAULT_OFFLINE_AFTER: Duration = Duration::from_secs(30);
 pub const TOKEN_ENV: &str = "MILLRACE_DASHBOARD_TOKEN";
 pub const PASSWORD_ENV: &str = "MILLRACE_DASHBOARD_PASSWORD";
@@ -102,6 +110,7 @@ impl Default for DashboardConfig {
             retain_windows: DEFAULT_RETAIN_WINDOWS,
             retain_alerts: DEFAULT_RETAIN_ALERTS,
             max_series: DEFAULT_MAX_SERIES,
+            max_series_per_agent: DEFAULT_MAX_SERIES_PER_AGENT,
             offline_after: DEFAULT_OFFLINE_AFTER,
             history: DEFAULT_HISTORY,
         }
@@ -160,6 +169,12 @@ impl DashboardConfig {
         if max_series == 0 {
             return err("max-series", "must be at least 1");
         }
+        let max_series_per_agent = raw
+            .max_series_per_agent
+            .unwrap_or(DEFAULT_MAX_SERIES_PER_AGENT.min(max_series));
+        if !(1..=max_series).contains(&max_series_per_agent) {
+            return err("max-series-per-agent", "must be between 1 and max-series");
+        }
         let offline_after = raw.offline_after.unwrap_or(DEFAULT_OFFLINE_AFTER);
         if offline_after < Duration::from_secs(1) {
             return err("offline-after", "must be at least 1s");
@@ -177,6 +192,7 @@ impl DashboardConfig {
             retain_windows,
             retain_alerts,
             max_series,
+            max_series_per_agent,
             offline_after,
             history,
         })

@@ -46,6 +46,7 @@ pub struct LiveLimits {
     pub retain_windows: usize,
     pub retain_alerts: usize,
     pub max_series: usize,
+    pub max_series_per_agent: usize,
     pub offline_after: Duration,
 }
 
@@ -435,7 +436,9 @@ impl LiveState {
                 (id, live)
             }
             None => {
-                if self.series.len() >= self.limits.max_series {
+                if self.series.len() >= self.limits.max_series
+                    || a.series + *new_series >= self.limits.max_series_per_agent
+                {
                     return None;
                 }
                 *new_series += 1;
@@ -683,6 +686,7 @@ mod tests {
             retain_windows: 4,
             retain_alerts: 3,
             max_series: 2,
+            max_series_per_agent: 2,
             offline_after: Duration::from_secs(30),
         }
     }
@@ -782,6 +786,43 @@ mod tests {
         assert_eq!(observed.series_over_limit, 1);
         assert_eq!(state.totals().series, 2);
         assert_eq!(state.fleet(1_000_000)[0].windows, 3);
+    }
+
+    #[test]
+    fn one_agent_cannot_take_every_series_slot() {
+        let mut state = LiveState::new(
+            LiveLimits {
+                max_series: 3,
+                max_series_per_agent: 2,
+                ..limits()
+            },
+            vec![],
+        );
+        let observed = observe(
+            &mut state,
+            0,
+            vec![
+                window("a", 0, 1.0),
+                window("b", 0, 1.0),
+                window("c", 0, 1.0),
+            ],
+        );
+        assert_eq!((observed.windows.len(), observed.series_over_limit), (2, 1));
+        // Known series of that agent still update; a new one stays out.
+        let observed = observe(
+            &mut state,
+            3,
+            vec![window("a", 5_000, 1.0), window("d", 0, 1.0)],
+        );
+        assert_eq!((observed.windows.len(), observed.series_over_limit), (1, 1));
+        // Another agent still gets the slot that is left.
+        let envelope = Envelope {
+            seq: 1,
+            record: window("a", 0, 1.0),
+        };
+        let observed = state.observe("gw-2", 1, None, &[&envelope], 1_000_000);
+        assert_eq!(observed.windows.len(), 1);
+        assert_eq!(state.totals().series, 3);
     }
 
     #[test]
@@ -895,6 +936,7 @@ mod tests {
     fn search_is_case_insensitive_and_paged() {
         let mut limits = limits();
         limits.max_series = 100;
+        limits.max_series_per_agent = 100;
         let mut state = LiveState::new(limits, vec![]);
         let records = (0..30)
             .map(|i| window(&format!("Temp-{i:02}"), 0, 1.0))

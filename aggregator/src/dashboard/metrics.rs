@@ -187,6 +187,8 @@ impl Metrics {
                 ("unsupported", &stats.rejected_unsupported),
                 ("unprocessable", &stats.rejected_unprocessable),
                 ("busy", &stats.rejected_busy),
+                ("timeout", &stats.rejected_timeout),
+                ("rate_limited", &stats.rejected_rate_limited),
                 ("log_error", &stats.log_errors),
                 ("state_error", &stats.state_errors),
             ] {

@@ -69,6 +69,7 @@ impl Dashboard {
             retain_windows: config.retain_windows,
             retain_alerts: config.retain_alerts,
             max_series: config.max_series,
+            max_series_per_agent: config.max_series_per_agent,
             offline_after: config.offline_after,
         };
         let (events, _) = broadcast::channel(EVENT_BUFFER);

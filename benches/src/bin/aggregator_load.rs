@@ -254,7 +254,8 @@ fn run_case(args: &Args, case: &str, root: &Path, ticks: f64) -> Result<Outcome,
         other => return Err(format!("unknown case `{other}` (embedded, kafka)")),
     };
     let mut config = format!(
-        "listen = \"127.0.0.1:{port}\"\ndata-dir = \"{}\"\nretry-after = \"1s\"\n",
+        // The per-agent rate limit is off: this measures the write path.
+        "listen = \"127.0.0.1:{port}\"\ndata-dir = \"{}\"\nretry-after = \"1s\"\nagent-rate-limit = 0\n",
         dir.join("data").display()
     );
     for a in 0..args.agents {
