@@ -53,12 +53,17 @@ use tokio_util::sync::CancellationToken;
 /// Environment variable that overrides `uplink.token`.
 pub const TOKEN_ENV: &str = "MILLRACE_UPLINK_TOKEN";
 
-/// `[uplink]`: where and how the outbox is sent.
-#[derive(Debug, Clone, Deserialize)]
+/// `[uplink]`: where and how the outbox is sent. `Debug` never shows the token.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct UplinkConfig {
     /// Base URL of the aggregator, e.g. `https://aggregator.plant:8480`.
+    /// `http://` only to a loopback address, unless `allow-insecure`.
     pub url: String,
+    /// Allows `http://` to a host that is not loopback: the token and every
+    /// record then cross the network in clear text. Logged at start.
+    #[serde(default)]
+    pub allow_insecure: bool,
     /// Bearer token of this agent (or from `MILLRACE_UPLINK_TOKEN`).
     #[serde(default)]
     pub token: Option<String>,
@@ -131,6 +136,11 @@ impl UplinkConfig {
         }
     }
 
+    /// Whether the URL sends in clear text beyond this host.
+    pub fn is_insecure(&self) -> bool {
+        reqwest::Url::parse(&self.url).is_ok_and(|u| u.scheme() == "http" && !is_loopback_host(&u))
+    }
+
     /// Checks every key; the error is `(key, reason)`.
     pub fn validate(&self) -> Result<(), (String, String)> {
         let bad = |k: &str, r: &str| Err((format!("uplink.{k}"), r.to_string()));
@@ -139,6 +149,13 @@ impl UplinkConfig {
             Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
             Ok(_) => return bad("url", "must be an http:// or https:// URL"),
             Err(e) => return bad("url", &format!("not a URL: {e}")),
+        }
+        if self.is_insecure() && !self.allow_insecure {
+            return bad(
+                "url",
+                "http:// to a host that is not loopback sends the token and every record in \
+                 clear text: use https://, or set allow-insecure = true to accept that",
+            );
         }
         if self.batch_records == 0 {
             return bad("batch-records", "must be at least 1");
@@ -162,6 +179,37 @@ impl UplinkConfig {
         }
         Ok(())
     }
+}
+
+impl std::fmt::Debug for UplinkConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UplinkConfig")
+            .field("url", &self.url)
+            .field("allow_insecure", &self.allow_insecure)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("ca_file", &self.ca_file)
+            .field("batch_records", &self.batch_records)
+            .field("batch_bytes", &self.batch_bytes)
+            .field("request_timeout", &self.request_timeout)
+            .field("backoff_min", &self.backoff_min)
+            .field("backoff_max", &self.backoff_max)
+            .field("replay_rate", &self.replay_rate)
+            .field("idle_poll", &self.idle_poll)
+            .field("shutdown_drain", &self.shutdown_drain)
+            .finish()
+    }
+}
+
+/// `localhost`, 127.0.0.0/8 or `::1`.
+fn is_loopback_host(url: &reqwest::Url) -> bool {
+    url.host_str().is_some_and(|host| {
+        host.eq_ignore_ascii_case("localhost")
+            || host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    })
 }
 
 /// Why the uplink could not start.
@@ -241,6 +289,9 @@ impl Uplink {
                 source,
             })?;
             builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
+        }
+        if cfg.is_insecure() {
+            tracing::warn!(url = %cfg.url, "uplink over plain http to a host that is not loopback (allow-insecure = true): the token and every record cross the network unencrypted");
         }
         let endpoint = format!("{}/api/v1/ingest", cfg.url.trim_end_matches('/'));
         Ok(Self {
@@ -694,6 +745,57 @@ mod tests {
         assert_eq!(b.take(500), 100);
         assert_eq!(b.take(500), 0);
         assert!(b.wait_for_one() <= Duration::from_millis(11));
+    }
+
+    #[test]
+    fn plain_http_beyond_loopback_needs_allow_insecure() {
+        for url in [
+            "http://127.0.0.1:8480",
+            "http://127.3.0.1:8480",
+            "http://localhost:8480",
+            "http://[::1]:8480",
+            "https://aggregator.plant:8480",
+        ] {
+            let cfg: UplinkConfig = toml::from_str(&format!("url = \"{url}\"")).unwrap();
+            assert!(cfg.validate().is_ok(), "{url}");
+        }
+        for url in [
+            "http://10.0.0.5:8480",
+            "http://aggregator.plant:8480",
+            "http://[fd00::1]/",
+        ] {
+            let cfg: UplinkConfig = toml::from_str(&format!("url = \"{url}\"")).unwrap();
+            let (key, reason) = cfg.validate().unwrap_err();
+            assert_eq!(key, "uplink.url", "{url}");
+            assert!(reason.contains("allow-insecure"), "{reason}");
+            let cfg: UplinkConfig =
+                toml::from_str(&format!("url = \"{url}\"\nallow-insecure = true")).unwrap();
+            assert!(cfg.validate().is_ok(), "{url}");
+        }
+    }
+
+    #[test]
+    fn the_agent_config_debug_output_holds_no_secret() {
+        let text = r#"
+[agent]
+id = "gw-1"
+[mqtt]
+host = "127.0.0.1"
+client-id = "gw-1"
+username = "plant"
+password = "mqtt-secret-do-not-print"
+[[mqtt.subscriptions]]
+filter = "plant/+/+"
+[uplink]
+url = "http://127.0.0.1:8480"
+token = "uplink-secret-do-not-print"
+"#;
+        let cfg = crate::config::AgentConfig::parse(text).unwrap();
+        for shown in [format!("{cfg:?}"), format!("{cfg:#?}")] {
+            assert!(!shown.contains("mqtt-secret-do-not-print"), "{shown}");
+            assert!(!shown.contains("uplink-secret-do-not-print"), "{shown}");
+            assert!(shown.contains("<redacted>"));
+        }
     }
 
     #[test]

@@ -84,6 +84,9 @@ pub enum IngestError {
     /// A record is at fault (scope `record`).
     #[error("{0}")]
     BadRequest(String),
+    /// A record names another agent than the token's (scope `record`).
+    #[error("{reason}")]
+    Spoofed { reason: String, records: u64 },
     /// Content type or encoding this aggregator does not read (scope `batch`).
     #[error("{0}")]
     Unsupported(String),
@@ -108,7 +111,7 @@ impl IngestError {
             }
             IngestError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             IngestError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            IngestError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            IngestError::BadRequest(_) | IngestError::Spoofed { .. } => StatusCode::BAD_REQUEST,
             IngestError::Unsupported(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             IngestError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
         }
@@ -119,6 +122,7 @@ impl IngestError {
     pub fn scope(&self) -> &'static str {
         match self {
             IngestError::BadRequest(_)
+            | IngestError::Spoofed { .. }
             | IngestError::TooLarge { .. }
             | IngestError::TooManyRecords { .. } => "record",
             _ => "batch",
@@ -148,6 +152,10 @@ pub struct IngestStats {
     pub rejected_unauthorized: AtomicU64,
     pub rejected_too_large: AtomicU64,
     pub rejected_bad_request: AtomicU64,
+    /// Batches refused for records claiming another agent.
+    pub rejected_spoofed: AtomicU64,
+    /// Records claiming another agent than their token's.
+    pub spoofed_records: AtomicU64,
     pub rejected_unsupported: AtomicU64,
     pub rejected_unprocessable: AtomicU64,
     pub rejected_busy: AtomicU64,
@@ -168,6 +176,10 @@ impl IngestStats {
             IngestError::BodyTimeout(_) => &self.rejected_timeout,
             IngestError::RateLimited { .. } => &self.rejected_rate_limited,
             IngestError::BadRequest(_) => &self.rejected_bad_request,
+            IngestError::Spoofed { records, .. } => {
+                self.spoofed_records.fetch_add(*records, Ordering::Relaxed);
+                &self.rejected_spoofed
+            }
             IngestError::Unsupported(_) => &self.rejected_unsupported,
             IngestError::Unprocessable(_) => &self.rejected_unprocessable,
             IngestError::LogUnavailable(_) => &self.log_errors,
@@ -404,6 +416,7 @@ impl Ingest {
                 limit: self.max_batch_records,
             });
         }
+        check_identity(&batch)?;
         check_names(&batch, self.max_name_bytes)?;
         self.take_rate(&batch)?;
         let reply = self.commit(&batch).await?;
@@ -549,6 +562,40 @@ impl BodyFormat {
         };
         Ok(batch)
     }
+}
+
+/// Every window and alert must name the agent the token belongs to: the
+/// log's values then agree with its `agent` header, and one gateway cannot
+/// make its records pass for another's.
+fn check_identity(batch: &Batch) -> Result<(), IngestError> {
+    let claimed = |e: &Envelope| match &e.record {
+        millrace_protocol::Record::Window(w) => Some(w.agent.clone()),
+        millrace_protocol::Record::Alert(a) => Some(a.agent.clone()),
+        millrace_protocol::Record::DeadLetter(_) => None,
+    };
+    let mut spoofed = batch.records.iter().filter_map(|e| {
+        claimed(e)
+            .filter(|a| **a != *batch.agent)
+            .map(|a| (e.seq, a))
+    });
+    let Some((seq, other)) = spoofed.next() else {
+        return Ok(());
+    };
+    let records = 1 + spoofed.count() as u64;
+    tracing::warn!(
+        agent = %batch.agent,
+        claimed = %other,
+        seq,
+        records,
+        "records claiming another agent refused"
+    );
+    Err(IngestError::Spoofed {
+        reason: format!(
+            "record seq {seq} claims agent `{other}`, but the token is `{}`'s",
+            batch.agent
+        ),
+        records,
+    })
 }
 
 /// A record whose names break the limits fails the batch with scope

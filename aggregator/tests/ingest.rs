@@ -604,3 +604,42 @@ async fn an_agent_over_its_rate_limit_gets_429_with_retry_after() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_record_claiming_another_agent_is_refused_and_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = parse_config(&config_text(tmp.path(), "", ""));
+    let server = Server::start(&config).await;
+    // gw-1's token, a batch of gw-1 whose second window says it is gw-2's.
+    let records = vec![
+        Envelope {
+            seq: 1,
+            record: window("gw-1", "temp", 1_700_000_000_000, 1.0),
+        },
+        Envelope {
+            seq: 2,
+            record: window("gw-2", "temp", 1_700_000_000_000, 99.0),
+        },
+    ];
+    let spoofed = millrace_protocol::Batch::new("gw-1", records);
+    let reply = post_batch(server.addr, TOKEN_1, &spoofed).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert_eq!(reply.json["scope"], "record");
+    let error = reply.json["error"].as_str().unwrap();
+    assert!(error.contains("seq 2 claims agent `gw-2`"), "{error}");
+    let stats = server.aggregator_stats.stats();
+    assert_eq!(stats.spoofed_records.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.rejected_spoofed.load(Ordering::Relaxed), 1);
+    assert!(seqs_of(&tmp.path().join("log"), "millrace.windows").is_empty());
+    // The honest record alone goes through (the agent finds it by splitting).
+    let honest = millrace_protocol::Batch::new("gw-1", spoofed.records[..1].to_vec());
+    assert_eq!(
+        post_batch(server.addr, TOKEN_1, &honest).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        logged(&tmp.path().join("log"), "millrace.windows"),
+        vec![("gw-1".to_owned(), 1)]
+    );
+    server.stop().await;
+}

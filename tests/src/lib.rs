@@ -302,6 +302,69 @@ pub fn aggregator_tail(config: &Path, topic: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// One HTTP/1.1 request to `127.0.0.1:port` on a fresh connection; returns
+/// the status (0 if none) and the body.
+pub fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
+    use std::io::{Read, Write};
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (status, body)
+}
+
+/// Posts `batch` (binary wire format) with bearer `token`; returns status and body.
+pub fn post_batch(port: u16, token: &str, batch: &millrace_protocol::Batch) -> (u16, String) {
+    let auth = format!("Bearer {token}");
+    http_request(
+        port,
+        "POST",
+        "/api/v1/ingest",
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/x-millrace-batch"),
+        ],
+        &batch.encode_binary(),
+    )
+}
+
+/// The sum of every sample of metric `name` (any labels) on `/metrics`.
+pub fn metric_total(port: u16, name: &str) -> f64 {
+    let (_, body) = http_request(port, "GET", "/metrics", &[], b"");
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// The status code of `GET path` on `127.0.0.1:port`, or `None` if nothing answers.
 pub fn http_status(port: u16, path: &str) -> Option<u16> {
     use std::io::{Read, Write};

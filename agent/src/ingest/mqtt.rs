@@ -78,8 +78,8 @@ pub enum MqttProtocol {
     V5,
 }
 
-/// `[mqtt]`: an external broker to subscribe to.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// `[mqtt]`: an external broker to subscribe to. `Debug` never shows the password.
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct MqttConfig {
     #[serde(default = "defaults::host")]
@@ -178,6 +178,29 @@ const MQTT_MAX_PACKET_BYTES: u64 = 268_435_455;
 const PACKET_HEADROOM_BYTES: u64 = 64 * 1024;
 /// How long a clean disconnect may take at shutdown.
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl std::fmt::Debug for MqttConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("client_id", &self.client_id)
+            .field("protocol", &self.protocol)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("keep_alive", &self.keep_alive)
+            .field("clean_session", &self.clean_session)
+            .field("session_expiry", &self.session_expiry)
+            .field("max_payload", &self.max_payload)
+            .field("reconnect_backoff_min", &self.reconnect_backoff_min)
+            .field("reconnect_backoff_max", &self.reconnect_backoff_max)
+            .field("queue_capacity", &self.queue_capacity)
+            .field("tls", &self.tls)
+            .field("limits", &self.limits)
+            .field("subscriptions", &self.subscriptions)
+            .finish()
+    }
+}
 
 impl MqttConfig {
     /// A config for `host:port` with every other key at its default.

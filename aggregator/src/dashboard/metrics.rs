@@ -184,6 +184,7 @@ impl Metrics {
                 ("unauthorized", &stats.rejected_unauthorized),
                 ("too_large", &stats.rejected_too_large),
                 ("bad_request", &stats.rejected_bad_request),
+                ("spoofed", &stats.rejected_spoofed),
                 ("unsupported", &stats.rejected_unsupported),
                 ("unprocessable", &stats.rejected_unprocessable),
                 ("busy", &stats.rejected_busy),
@@ -197,6 +198,8 @@ impl Metrics {
             }
             counter!("millrace_aggregator_duplicate_records_total")
                 .absolute(stats.records_duplicate.load(Ordering::Relaxed));
+            counter!("millrace_aggregator_spoofed_records_total")
+                .absolute(stats.spoofed_records.load(Ordering::Relaxed));
             gauge!("millrace_aggregator_log_up", "log" => log).set(if log_up { 1.0 } else { 0.0 });
             gauge!("millrace_aggregator_live_series").set(totals.series as f64);
             gauge!("millrace_aggregator_agents_online")

@@ -6,4 +6,5 @@ mod dashboard;
 mod ingest;
 mod pipeline;
 mod scale;
+mod security;
 mod systemd;

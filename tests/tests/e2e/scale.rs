@@ -15,63 +15,14 @@ use millrace_tests::{
     aggregator_tail, free_port, start_aggregator, wait_until_stable, write_aggregator_config,
     KafkaPeer,
 };
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
 const AGENT: &str = "gw-scale";
 const TOKEN: &str = "scale-test-token-0123456789";
 
-/// One HTTP/1.1 request on a fresh connection; returns the status and body.
-fn http(
-    port: u16,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> (u16, String) {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str("\r\n");
-    s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
-    let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf);
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
-    (status, body)
-}
-
 fn post_batch(port: u16, batch: &Batch) -> u16 {
-    let auth = format!("Bearer {TOKEN}");
-    http(
-        port,
-        "POST",
-        "/api/v1/ingest",
-        &[
-            ("Authorization", &auth),
-            ("Content-Type", "application/x-millrace-batch"),
-        ],
-        &batch.encode_binary(),
-    )
-    .0
+    millrace_tests::post_batch(port, TOKEN, batch).0
 }
 
 /// `seqs` as windows of one series, 5 s apart.
@@ -100,11 +51,7 @@ fn batch(seqs: std::ops::Range<u64>) -> Batch {
 }
 
 fn metric(port: u16, name: &str) -> f64 {
-    let (_, body) = http(port, "GET", "/metrics", &[], b"");
-    body.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    millrace_tests::metric_total(port, name)
 }
 
 fn seq_of(record: &serde_json::Value) -> u64 {
@@ -199,7 +146,7 @@ fn scale_embedded_log_deletes_old_segments_and_tail_starts_at_the_oldest_kept_re
 }
 
 fn get_json(port: u16, path: &str) -> serde_json::Value {
-    let (status, body) = http(port, "GET", path, &[], b"");
+    let (status, body) = millrace_tests::http_request(port, "GET", path, &[], b"");
     assert_eq!(status, 200, "GET {path}: {body}");
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
 }
