@@ -577,6 +577,16 @@ impl Config {
 
         let dashboard = crate::dashboard::config::DashboardConfig::from_raw(raw.dashboard, &env)
             .map_err(|(key, message)| invalid(&key, message))?;
+        if dashboard.enabled && dashboard.auth.is_open() && !listen.ip().is_loopback() {
+            return Err(invalid(
+                "dashboard",
+                format!(
+                    "the dashboard, its API and /metrics would be open to anyone who can reach \
+                     {listen}: set [dashboard] token (or MILLRACE_DASHBOARD_TOKEN) or \
+                     username/password, listen on loopback, or set [dashboard] enabled = false"
+                ),
+            ));
+        }
 
         Ok(Config {
             listen,
@@ -718,6 +728,18 @@ token = "0123456789abcdef"
         let err = parse(text).unwrap_err().to_string();
         assert!(err.contains("MILLRACE_TOKEN_GW_PRESS_1"), "{err}");
         assert!(!format!("{:?}", cfg.agents).contains("from-the-environment"));
+    }
+
+    #[test]
+    fn an_open_dashboard_beyond_loopback_is_refused() {
+        let open = MINIMAL.replace("data-dir", "listen = \"0.0.0.0:8480\"\ndata-dir");
+        let err = parse(&open).unwrap_err().to_string();
+        assert!(err.contains("dashboard") && err.contains("token"), "{err}");
+        let closed = format!("{open}\n[dashboard]\ntoken = \"a-long-read-only-token\"\n");
+        assert!(parse(&closed).is_ok());
+        let off = format!("{open}\n[dashboard]\nenabled = false\n");
+        assert!(parse(&off).is_ok());
+        assert!(parse(MINIMAL).is_ok(), "loopback may stay open");
     }
 
     #[test]

@@ -550,3 +550,61 @@ async fn event_stream_pushes_alerts_and_the_chosen_series_windows() {
     // Shutdown ends the stream instead of waiting for the grace period.
     server.stop().await;
 }
+
+/// Opens `/api/v1/events` on its own connection; the response head only.
+async fn open_events(addr: SocketAddr) -> hyper::Response<hyper::body::Incoming> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+        .send_request(
+            Request::builder()
+                .uri("/api/v1/events")
+                .header("host", addr.to_string())
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn event_streams_are_capped_and_every_answer_carries_a_content_security_policy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = parse_config(&config_text(
+        tmp.path(),
+        "",
+        "[dashboard]\nmax-event-streams = 1\n",
+    ));
+    let server = Server::start(&config).await;
+    let first = open_events(server.addr).await;
+    assert_eq!(first.status(), StatusCode::OK);
+    let second = open_events(server.addr).await;
+    assert_eq!(second.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(second.headers().contains_key("retry-after"));
+    // The slot comes back when the first stream goes away.
+    drop(first);
+    let mut third = open_events(server.addr).await;
+    for _ in 0..100 {
+        if third.status() == StatusCode::OK {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        third = open_events(server.addr).await;
+    }
+    assert_eq!(third.status(), StatusCode::OK);
+
+    for path in ["/", "/api/v1/fleet", "/metrics", "/assets/app.js"] {
+        let reply = get(server.addr, path).await;
+        let csp = reply.headers["content-security-policy"].to_str().unwrap();
+        assert!(
+            csp.contains("default-src 'self'") && csp.contains("frame-ancestors 'none'"),
+            "{path}: {csp}"
+        );
+        assert_eq!(reply.headers["x-content-type-options"], "nosniff", "{path}");
+    }
+    server.stop().await;
+}

@@ -7,7 +7,7 @@ use super::{assets, now_ms, Dashboard, LiveEvent};
 use crate::ingest::Ingest;
 use crate::log::Health;
 use axum::extract::{Query, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -57,7 +57,33 @@ pub fn router(app: App) -> Router {
         .route(EVENTS_PATH, get(events))
         .route(METRICS_PATH, get(metrics))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_auth))
+        .layer(middleware::from_fn(security_headers))
         .with_state(app)
+}
+
+/// What a browser may do with the dashboard's answers: load scripts, styles
+/// and data from this origin only, never frame it, never sniff types.
+const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; \
+     style-src 'self'; img-src 'self' data:; connect-src 'self'; object-src 'none'; \
+     base-uri 'none'; frame-ancestors 'none'; form-action 'self'";
+
+async fn security_headers(request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    response
 }
 
 async fn require_auth(State(app): State<App>, request: Request, next: Next) -> Response {
@@ -288,15 +314,28 @@ struct StreamState {
 async fn events(
     State(app): State<App>,
     Query(query): Query<EventsQuery>,
-) -> Result<Sse<impl futures::Stream<Item = Result<Event, Infallible>>>, BadQuery> {
+) -> Result<Sse<impl futures::Stream<Item = Result<Event, Infallible>>>, Response> {
     let chart = match (query.agent, query.series) {
         (Some(agent), Some(series)) if !agent.is_empty() && !series.is_empty() => Some(SeriesId {
             agent,
-            series: series_key(&series)?,
+            series: series_key(&series).map_err(IntoResponse::into_response)?,
         }),
         _ => None,
     };
-    app.dashboard.stream_opened();
+    if !app.dashboard.stream_opened() {
+        tracing::warn!(
+            max = app.dashboard.config().max_event_streams,
+            "event stream refused: max-event-streams are open"
+        );
+        let mut busy = (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "error": "too many live event streams open" })),
+        )
+            .into_response();
+        busy.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("10"));
+        return Err(busy);
+    }
     let mut fleet_tick = tokio::time::interval(FLEET_EVENT_INTERVAL);
     fleet_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let state = StreamState {

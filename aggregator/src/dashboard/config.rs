@@ -13,7 +13,12 @@
 //! max-series-per-agent = 5000
 //! offline-after = "30s"
 //! history = "1h"
+//! max-event-streams = 100
 //! ```
+//!
+//! Closed by default: when the aggregator listens beyond loopback, the
+//! dashboard refuses to start without a token or a user and password (or
+//! `enabled = false`).
 
 use serde::Deserialize;
 use std::fmt;
@@ -52,6 +57,9 @@ pub struct RawDashboard {
     /// `"0s"` starts empty. Default `1h`.
     #[serde(default, with = "humantime_serde::option")]
     pub history: Option<Duration>,
+    /// Live event streams (browser tabs) served at once; more get `503`.
+    /// Default 100.
+    pub max_event_streams: Option<usize>,
 }
 
 /// Who may read the dashboard.
@@ -90,6 +98,7 @@ pub struct DashboardConfig {
     pub max_series_per_agent: usize,
     pub offline_after: Duration,
     pub history: Duration,
+    pub max_event_streams: usize,
 }
 
 pub const DEFAULT_HISTORY: Duration = Duration::from_secs(3600);
@@ -98,6 +107,7 @@ pub const DEFAULT_RETAIN_ALERTS: usize = 1000;
 pub const DEFAULT_MAX_SERIES: usize = 10_000;
 pub const DEFAULT_MAX_SERIES_PER_AGENT: usize = 5_000;
 pub const DEFAULT_OFFLINE_AFTER: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_EVENT_STREAMS: usize = 100;
 pub const TOKEN_ENV: &str = "MILLRACE_DASHBOARD_TOKEN";
 pub const PASSWORD_ENV: &str = "MILLRACE_DASHBOARD_PASSWORD";
 const MIN_SECRET_LEN: usize = 12;
@@ -113,6 +123,7 @@ impl Default for DashboardConfig {
             max_series_per_agent: DEFAULT_MAX_SERIES_PER_AGENT,
             offline_after: DEFAULT_OFFLINE_AFTER,
             history: DEFAULT_HISTORY,
+            max_event_streams: DEFAULT_MAX_EVENT_STREAMS,
         }
     }
 }
@@ -186,6 +197,10 @@ impl DashboardConfig {
                 "at most 7d: it is read back at every start (retain-windows bounds what is kept)",
             );
         }
+        let max_event_streams = raw.max_event_streams.unwrap_or(DEFAULT_MAX_EVENT_STREAMS);
+        if !(1..=100_000).contains(&max_event_streams) {
+            return err("max-event-streams", "must be between 1 and 100000");
+        }
         Ok(Self {
             enabled: raw.enabled.unwrap_or(true),
             auth: DashboardAuth { token, basic },
@@ -195,6 +210,7 @@ impl DashboardConfig {
             max_series_per_agent,
             offline_after,
             history,
+            max_event_streams,
         })
     }
 }

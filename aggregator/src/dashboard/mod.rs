@@ -103,9 +103,22 @@ impl Dashboard {
         &self.metrics
     }
 
-    fn stream_opened(&self) {
-        let open = self.sse_clients.fetch_add(1, Ordering::Relaxed) + 1;
-        self.metrics.sse_clients(open);
+    /// Counts a new event stream in; `false` (and not counted) when
+    /// `max-event-streams` are open already.
+    fn stream_opened(&self) -> bool {
+        let cap = self.config.max_event_streams;
+        let admitted = self
+            .sse_clients
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < cap).then_some(n + 1)
+            });
+        match admitted {
+            Ok(before) => {
+                self.metrics.sse_clients(before + 1);
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     fn stream_closed(&self) {

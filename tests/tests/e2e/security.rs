@@ -117,3 +117,52 @@ fn security_the_uplink_refuses_plain_http_beyond_loopback_without_allow_insecure
         String::from_utf8_lossy(&allowed.stderr)
     );
 }
+
+#[test]
+fn security_the_aggregator_refuses_an_open_dashboard_beyond_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("aggregator.toml");
+    let port = free_port();
+    write_aggregator_config(
+        &config,
+        port,
+        &dir.path().join("data"),
+        &[("gw-a", TOKEN_A)],
+        "",
+    );
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("127.0.0.1:", "0.0.0.0:");
+    std::fs::write(&config, &text).unwrap();
+    let run = |args: &[&str]| {
+        Command::new(bin("millrace-aggregator"))
+            .args(args)
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    for args in [&["check-config"][..], &["run", "--config"][..]] {
+        let out = run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{args:?} accepted an open dashboard on 0.0.0.0"
+        );
+        assert!(
+            stderr.contains("dashboard") && stderr.contains("token"),
+            "{stderr}"
+        );
+    }
+    // With a read-only token it starts, and the dashboard wants it.
+    std::fs::write(
+        &config,
+        format!("{text}\n[dashboard]\ntoken = \"dashboard-read-token-01\"\n"),
+    )
+    .unwrap();
+    assert!(run(&["check-config"]).status.success());
+    let mut aggregator = start_aggregator(&config, port, &dir.path().join("aggregator.log"));
+    for path in ["/", "/api/v1/fleet", "/api/v1/events", "/metrics"] {
+        assert_eq!(millrace_tests::http_status(port, path), Some(401), "{path}");
+    }
+    aggregator.terminate(std::time::Duration::from_secs(10));
+}
