@@ -28,6 +28,15 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
+# No working token ships in config/: the demo makes its own, shared by the
+# agent (MILLRACE_UPLINK_TOKEN) and the aggregator (MILLRACE_TOKEN_GW_DEMO_1).
+if [ ! -s "$DEMO_DIR/uplink.token" ]; then
+  (umask 077; python3 -c 'import secrets; print(secrets.token_hex(24))' > "$DEMO_DIR/uplink.token")
+fi
+MILLRACE_UPLINK_TOKEN="$(cat "$DEMO_DIR/uplink.token")"
+export MILLRACE_UPLINK_TOKEN
+export MILLRACE_TOKEN_GW_DEMO_1="$MILLRACE_UPLINK_TOKEN"
+
 # The aggregator keeps its state in the demo folder.
 sed -e "s|^data-dir = .*|data-dir = \"$DEMO_DIR/aggregator-state\"|" \
     -e "s|^dir = .*|dir = \"$DEMO_DIR/aggregator-state/log\"|" \

@@ -103,9 +103,17 @@ impl AgentConfig {
         }
         if let Some(m) = cfg.mqtt.as_mut() {
             m.apply_env_overrides();
+            m.load_secret_files().map_err(err)?;
         }
         if let Some(u) = cfg.uplink.as_mut() {
             u.apply_env_overrides();
+            u.load_secret_files().map_err(err)?;
+            if u.token
+                .as_deref()
+                .is_some_and(millrace_protocol::secret::is_placeholder)
+            {
+                tracing::warn!("uplink.token is the placeholder of the example config: the aggregator refuses it; generate one (e.g. `openssl rand -hex 24`)");
+            }
         }
         cfg.validate().map_err(err)?;
         Ok(cfg)

@@ -64,9 +64,14 @@ pub struct UplinkConfig {
     /// record then cross the network in clear text. Logged at start.
     #[serde(default)]
     pub allow_insecure: bool,
-    /// Bearer token of this agent (or from `MILLRACE_UPLINK_TOKEN`).
+    /// Bearer token of this agent. `MILLRACE_UPLINK_TOKEN` in the environment
+    /// wins, then `token-file`.
     #[serde(default)]
     pub token: Option<String>,
+    /// A file holding the token (its first line), e.g. the systemd credential
+    /// `/run/credentials/millrace-agent.service/uplink-token`.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
     /// Extra CA certificate (PEM) to trust for `https` URLs.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
@@ -136,6 +141,23 @@ impl UplinkConfig {
         }
     }
 
+    /// Takes the token from `token-file` unless the environment gave one;
+    /// warns when the file is readable by its group or others.
+    pub fn load_secret_files(&mut self) -> Result<(), String> {
+        if std::env::var_os(TOKEN_ENV).is_some() {
+            return Ok(());
+        }
+        if let Some(path) = &self.token_file {
+            let file = millrace_protocol::secret::read_secret_file(path)
+                .map_err(|e| format!("uplink.token-file: {e}"))?;
+            if let Some(warning) = &file.loose_permissions {
+                tracing::warn!("uplink.token-file: {warning}");
+            }
+            self.token = Some(file.value);
+        }
+        Ok(())
+    }
+
     /// Whether the URL sends in clear text beyond this host.
     pub fn is_insecure(&self) -> bool {
         reqwest::Url::parse(&self.url).is_ok_and(|u| u.scheme() == "http" && !is_loopback_host(&u))
@@ -187,6 +209,7 @@ impl std::fmt::Debug for UplinkConfig {
             .field("url", &self.url)
             .field("allow_insecure", &self.allow_insecure)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
             .field("ca_file", &self.ca_file)
             .field("batch_records", &self.batch_records)
             .field("batch_bytes", &self.batch_bytes)
@@ -289,6 +312,9 @@ impl Uplink {
                 source,
             })?;
             builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
+        }
+        if cfg.token.is_none() {
+            tracing::warn!("uplink has no token (token, token-file or MILLRACE_UPLINK_TOKEN): the aggregator will answer 401");
         }
         if cfg.is_insecure() {
             tracing::warn!(url = %cfg.url, "uplink over plain http to a host that is not loopback (allow-insecure = true): the token and every record cross the network unencrypted");
@@ -771,6 +797,29 @@ mod tests {
             let cfg: UplinkConfig =
                 toml::from_str(&format!("url = \"{url}\"\nallow-insecure = true")).unwrap();
             assert!(cfg.validate().is_ok(), "{url}");
+        }
+    }
+
+    #[test]
+    fn the_token_comes_from_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("uplink-token");
+        std::fs::write(&path, "token-from-a-file-0123\n").unwrap();
+        let mut cfg: UplinkConfig = toml::from_str(&format!(
+            "url = \"http://127.0.0.1:1\"\ntoken-file = \"{}\"",
+            path.display()
+        ))
+        .unwrap();
+        if std::env::var_os(TOKEN_ENV).is_none() {
+            cfg.load_secret_files().unwrap();
+            assert_eq!(cfg.token.as_deref(), Some("token-from-a-file-0123"));
+        }
+        cfg.token_file = Some(dir.path().join("missing"));
+        if std::env::var_os(TOKEN_ENV).is_none() {
+            assert!(cfg
+                .load_secret_files()
+                .unwrap_err()
+                .contains("uplink.token-file"));
         }
     }
 

@@ -14,7 +14,7 @@
 //! [[agents]]
 //! id = "gw-press-1"
 //! # or MILLRACE_TOKEN_GW_PRESS_1 in the environment
-//! token = "change-me-to-a-long-random-secret"
+//! token-file = "/run/credentials/millrace-aggregator.service/gw-press-1"
 //!
 //! [topics]
 //! windows = "millrace.windows"
@@ -87,8 +87,12 @@ pub struct RawAgent {
     /// Agent id as sent in `Batch::agent`: letters, digits, `.`, `_`, `-`.
     pub id: String,
     /// Bearer token; `MILLRACE_TOKEN_<ID>` (id upper-cased, `.`/`-` → `_`)
-    /// in the environment takes precedence.
+    /// in the environment takes precedence, then `token-file`.
     pub token: Option<String>,
+    /// A file holding the token (its first line), e.g. a systemd credential
+    /// (`/run/credentials/millrace-aggregator.service/<name>`). Warned about
+    /// when its group or others may read it.
+    pub token_file: Option<PathBuf>,
 }
 
 /// Topic names, shared by the Kafka writer and the embedded log so that
@@ -457,12 +461,34 @@ impl Config {
                 ));
             }
             let var = token_env_var(&agent.id);
-            let token = env(&var).or(agent.token).ok_or_else(|| {
+            let from_file = match (&agent.token_file, env(&var)) {
+                (Some(path), None) => {
+                    let file = millrace_protocol::secret::read_secret_file(path)
+                        .map_err(|e| invalid(&key("token-file"), e))?;
+                    if let Some(warning) = &file.loose_permissions {
+                        tracing::warn!(agent = %agent.id, "{warning}");
+                    }
+                    Some(file.value)
+                }
+                _ => None,
+            };
+            let token = env(&var).or(from_file).or(agent.token).ok_or_else(|| {
                 invalid(
                     &key("token"),
-                    format!("missing: set it in the file or in the environment as {var}"),
+                    format!(
+                        "missing: set token-file, token, or {var} in the environment \
+                         (e.g. `openssl rand -hex 24`)"
+                    ),
                 )
             })?;
+            if millrace_protocol::secret::is_placeholder(&token) {
+                return Err(invalid(
+                    &key("token"),
+                    "is the placeholder of the example config: generate one, e.g. \
+                     `openssl rand -hex 24`"
+                        .into(),
+                ));
+            }
             if token.len() < MIN_TOKEN_LEN {
                 return Err(invalid(
                     &key("token"),
@@ -728,6 +754,29 @@ token = "0123456789abcdef"
         let err = parse(text).unwrap_err().to_string();
         assert!(err.contains("MILLRACE_TOKEN_GW_PRESS_1"), "{err}");
         assert!(!format!("{:?}", cfg.agents).contains("from-the-environment"));
+    }
+
+    #[test]
+    fn tokens_come_from_files_and_the_placeholder_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("gw-1.token");
+        std::fs::write(&file, "token-from-a-file-0123456789\n").unwrap();
+        let text = format!(
+            "data-dir = \"/tmp/x\"\n[[agents]]\nid = \"gw-1\"\ntoken-file = \"{}\"\n",
+            file.display()
+        );
+        assert_eq!(
+            parse(&text).unwrap().agents[0].token,
+            "token-from-a-file-0123456789"
+        );
+        let missing = text.replace("gw-1.token", "nope.token");
+        assert!(parse(&missing)
+            .unwrap_err()
+            .to_string()
+            .contains("agents[0].token-file"));
+        let placeholder = MINIMAL.replace("0123456789abcdef", "demo-token-change-me-0123456789");
+        let err = parse(&placeholder).unwrap_err().to_string();
+        assert!(err.contains("placeholder"), "{err}");
     }
 
     #[test]

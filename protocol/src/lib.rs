@@ -21,8 +21,10 @@
 //! # Layout
 //! - `records`: the plant records.
 //! - `wire`: the batch envelope and its two encodings.
+//! - `secret`: secrets read from files, shared by the agent and the aggregator.
 
 mod records;
+pub mod secret;
 mod wire;
 
 pub use records::*;

@@ -96,6 +96,9 @@ pub struct MqttConfig {
     /// [`MqttConfig::apply_env_overrides`]).
     #[serde(default)]
     pub password: Option<String>,
+    /// A file holding the password (its first line); the environment wins.
+    #[serde(default)]
+    pub password_file: Option<std::path::PathBuf>,
     /// Ping interval; a dead broker is noticed within about two of them.
     #[serde(default = "defaults::keep_alive", with = "humantime_serde")]
     pub keep_alive: Duration,
@@ -188,6 +191,7 @@ impl std::fmt::Debug for MqttConfig {
             .field("protocol", &self.protocol)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("password_file", &self.password_file)
             .field("keep_alive", &self.keep_alive)
             .field("clean_session", &self.clean_session)
             .field("session_expiry", &self.session_expiry)
@@ -212,6 +216,7 @@ impl MqttConfig {
             protocol: MqttProtocol::default(),
             username: None,
             password: None,
+            password_file: None,
             keep_alive: defaults::keep_alive(),
             clean_session: false,
             session_expiry: defaults::session_expiry(),
@@ -230,6 +235,23 @@ impl MqttConfig {
         if let Ok(password) = std::env::var(PASSWORD_ENV) {
             self.password = Some(password);
         }
+    }
+
+    /// Takes the password from `password-file` unless the environment gave
+    /// one; warns when the file is readable by its group or others.
+    pub fn load_secret_files(&mut self) -> Result<(), String> {
+        if std::env::var_os(PASSWORD_ENV).is_some() {
+            return Ok(());
+        }
+        if let Some(path) = &self.password_file {
+            let file = millrace_protocol::secret::read_secret_file(path)
+                .map_err(|e| format!("mqtt.password-file: {e}"))?;
+            if let Some(warning) = &file.loose_permissions {
+                tracing::warn!("mqtt.password-file: {warning}");
+            }
+            self.password = Some(file.value);
+        }
+        Ok(())
     }
 
     /// Checks every key; the error names the first bad one (`mqtt.<key>`).
