@@ -8,6 +8,8 @@
 
 pub mod anomaly;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ingest;
 pub mod pipeline;
 pub mod runtime;

@@ -191,7 +191,9 @@ pub(crate) fn block_views(
 
 /// The readings of a block, owned (replay).
 pub(crate) fn block_readings(count: u32, mut body: &[u8]) -> Result<Vec<Reading>, Corrupt> {
-    let mut out = Vec::with_capacity(count as usize);
+    // The count comes from disk: every reading takes at least one byte, so
+    // the body bounds what is worth reserving.
+    let mut out = Vec::with_capacity((count as usize).min(body.len()));
     for _ in 0..count {
         let (reading, rest) = postcard::take_from_bytes::<Reading>(body).map_err(|_| Corrupt)?;
         out.push(reading);

@@ -124,7 +124,7 @@
 //! every entry, so a bad block fails the scan and quarantines the database).
 
 mod baselines;
-mod codec;
+pub(crate) mod codec;
 mod config;
 mod journal;
 mod outbox;
