@@ -19,7 +19,11 @@ pub fn store_codecs(data: &[u8]) {
             let (count, body) = rest.split_at(rest.len().min(4));
             let mut n = [0u8; 4];
             n[..count.len()].copy_from_slice(count);
-            frame(codec::BLOCK_VERSION, body, Some(u32::from_le_bytes(n) % 4096))
+            frame(
+                codec::BLOCK_VERSION,
+                body,
+                Some(u32::from_le_bytes(n) % 4096),
+            )
         }
         _ => frame(codec::VALUE_VERSION, rest, None),
     };
@@ -92,8 +96,14 @@ pub fn modbus_decode(data: &[u8]) {
     let order = ORDERS[usize::from(*o) % ORDERS.len()];
     if let Ok(v) = decode(data_type, order, &words) {
         // Integer types of one or two registers are exact.
-        if matches!(data_type, DataType::U16 | DataType::I16 | DataType::U32 | DataType::I32) {
-            assert!(v.is_finite() && v.fract() == 0.0, "{data_type:?} {words:?} → {v}");
+        if matches!(
+            data_type,
+            DataType::U16 | DataType::I16 | DataType::U32 | DataType::I32
+        ) {
+            assert!(
+                v.is_finite() && v.fract() == 0.0,
+                "{data_type:?} {words:?} → {v}"
+            );
         }
     }
 }

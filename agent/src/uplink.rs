@@ -75,6 +75,13 @@ pub struct UplinkConfig {
     /// Extra CA certificate (PEM) to trust for `https` URLs.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM, leaf first) for mutual TLS with the
+    /// aggregator; goes with `client-key-file`.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
     /// Records per batch.
     #[serde(default = "defaults::batch_records")]
     pub batch_records: usize,
@@ -199,6 +206,22 @@ impl UplinkConfig {
                 return bad("ca-file", &format!("{} does not exist", ca.display()));
             }
         }
+        match (&self.client_cert_file, &self.client_key_file) {
+            (Some(_), None) | (None, Some(_)) => {
+                return bad(
+                    "client-cert-file",
+                    "client-cert-file and client-key-file go together",
+                )
+            }
+            (Some(cert), Some(key)) => {
+                for (k, path) in [("client-cert-file", cert), ("client-key-file", key)] {
+                    if !path.exists() {
+                        return bad(k, &format!("{} does not exist", path.display()));
+                    }
+                }
+            }
+            (None, None) => {}
+        }
         Ok(())
     }
 }
@@ -211,6 +234,8 @@ impl std::fmt::Debug for UplinkConfig {
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("token_file", &self.token_file)
             .field("ca_file", &self.ca_file)
+            .field("client_cert_file", &self.client_cert_file)
+            .field("client_key_file", &self.client_key_file)
             .field("batch_records", &self.batch_records)
             .field("batch_bytes", &self.batch_bytes)
             .field("request_timeout", &self.request_timeout)
@@ -239,7 +264,7 @@ fn is_loopback_host(url: &reqwest::Url) -> bool {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum UplinkError {
-    #[error("cannot read the CA file {path}: {source}")]
+    #[error("cannot read the certificate or key file {path}: {source}")]
     CaFile {
         path: PathBuf,
         source: std::io::Error,
@@ -312,6 +337,18 @@ impl Uplink {
                 source,
             })?;
             builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
+        }
+        if let (Some(cert), Some(key)) = (&cfg.client_cert_file, &cfg.client_key_file) {
+            let mut pem = Vec::new();
+            for path in [cert, key] {
+                let bytes = std::fs::read(path).map_err(|source| UplinkError::CaFile {
+                    path: path.clone(),
+                    source,
+                })?;
+                pem.extend_from_slice(&bytes);
+                pem.push(b'\n');
+            }
+            builder = builder.identity(reqwest::Identity::from_pem(&pem)?);
         }
         if cfg.token.is_none() {
             tracing::warn!("uplink has no token (token, token-file or MILLRACE_UPLINK_TOKEN): the aggregator will answer 401");

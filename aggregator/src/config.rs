@@ -79,6 +79,8 @@ pub struct RawConfig {
     /// The live dashboard, its JSON API and `/metrics`.
     #[serde(default)]
     pub dashboard: crate::dashboard::config::RawDashboard,
+    /// HTTPS, optionally with client certificates (see [`crate::tls`]).
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -207,6 +209,7 @@ pub struct Config {
     pub topics: Topics,
     pub sink: SinkConfig,
     pub dashboard: crate::dashboard::config::DashboardConfig,
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 impl fmt::Debug for Config {
@@ -226,15 +229,18 @@ impl fmt::Debug for Config {
             .field("topics", &self.topics)
             .field("sink", &self.sink)
             .field("dashboard", &self.dashboard)
+            .field("tls", &self.tls)
             .finish()
     }
 }
 
-/// One agent and its bearer token. `Debug` never prints the token.
+/// One agent and its bearer token. `Debug` never prints the token. With
+/// `[tls] client-ca-file` an agent may have no token: its certificate says
+/// who it is.
 #[derive(Clone)]
 pub struct AgentCredential {
     pub id: String,
-    pub token: String,
+    pub token: Option<String>,
 }
 
 impl fmt::Debug for AgentCredential {
@@ -440,6 +446,10 @@ impl Config {
         }
         let agent_rate_limit = raw.agent_rate_limit.unwrap_or(defaults.agent_rate_limit);
 
+        if let Some(tls) = &raw.tls {
+            crate::tls::server_config(tls).map_err(|e| invalid("tls", e))?;
+        }
+        let client_certificates = raw.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some());
         let mut agents = Vec::with_capacity(raw.agents.len());
         let mut ids = HashSet::new();
         let mut tokens = HashSet::new();
@@ -472,15 +482,23 @@ impl Config {
                 }
                 _ => None,
             };
-            let token = env(&var).or(from_file).or(agent.token).ok_or_else(|| {
-                invalid(
+            let Some(token) = env(&var).or(from_file).or(agent.token) else {
+                if client_certificates {
+                    agents.push(AgentCredential {
+                        id: agent.id,
+                        token: None,
+                    });
+                    continue;
+                }
+                return Err(invalid(
                     &key("token"),
                     format!(
                         "missing: set token-file, token, or {var} in the environment \
-                         (e.g. `openssl rand -hex 24`)"
+                         (e.g. `openssl rand -hex 24`), or identify agents by client \
+                         certificate ([tls] client-ca-file)"
                     ),
-                )
-            })?;
+                ));
+            };
             if millrace_protocol::secret::is_placeholder(&token) {
                 return Err(invalid(
                     &key("token"),
@@ -509,7 +527,7 @@ impl Config {
             }
             agents.push(AgentCredential {
                 id: agent.id,
-                token,
+                token: Some(token),
             });
         }
 
@@ -625,6 +643,7 @@ impl Config {
             max_name_bytes,
             body_timeout,
             agent_rate_limit,
+            tls: raw.tls,
             agents,
             topics,
             sink,
@@ -750,7 +769,7 @@ token = "0123456789abcdef"
             (name == "MILLRACE_TOKEN_GW_PRESS_1").then(|| "from-the-environment".to_owned())
         })
         .unwrap();
-        assert_eq!(cfg.agents[0].token, "from-the-environment");
+        assert_eq!(cfg.agents[0].token.as_deref(), Some("from-the-environment"));
         let err = parse(text).unwrap_err().to_string();
         assert!(err.contains("MILLRACE_TOKEN_GW_PRESS_1"), "{err}");
         assert!(!format!("{:?}", cfg.agents).contains("from-the-environment"));
@@ -766,8 +785,8 @@ token = "0123456789abcdef"
             file.display()
         );
         assert_eq!(
-            parse(&text).unwrap().agents[0].token,
-            "token-from-a-file-0123456789"
+            parse(&text).unwrap().agents[0].token.as_deref(),
+            Some("token-from-a-file-0123456789")
         );
         let missing = text.replace("gw-1.token", "nope.token");
         assert!(parse(&missing)

@@ -343,12 +343,28 @@ impl Ingest {
             .with_state(self)
     }
 
-    /// The agent whose token this is. Every configured token is compared in
-    /// constant time, so timing does not reveal which one nearly matched.
-    fn authenticate(&self, headers: &HeaderMap) -> Result<&str, IngestError> {
-        let value = headers
-            .get(header::AUTHORIZATION)
-            .ok_or(IngestError::Unauthorized("missing Authorization header"))?;
+    /// The agent this request speaks for: the token's, or with no token the
+    /// one the verified client certificate names; with both, they must be
+    /// the same agent. Every configured token is compared in constant time,
+    /// so timing does not reveal which one nearly matched.
+    fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        peer: &crate::tls::PeerCertificate,
+    ) -> Result<&str, IngestError> {
+        let Some(value) = headers.get(header::AUTHORIZATION) else {
+            if peer.0.is_none() {
+                return Err(IngestError::Unauthorized("missing Authorization header"));
+            }
+            return self
+                .agents
+                .iter()
+                .find(|a| peer.names(&a.id))
+                .map(|a| a.id.as_str())
+                .ok_or(IngestError::Unauthorized(
+                    "the client certificate names no configured agent",
+                ));
+        };
         let value = value
             .to_str()
             .map_err(|_| IngestError::Unauthorized("malformed Authorization header"))?;
@@ -359,23 +375,31 @@ impl Ingest {
             .ok_or(IngestError::Unauthorized("expected a Bearer token"))?;
         let mut found = None;
         for agent in &self.agents {
-            if constant_time_eq(agent.token.as_bytes(), token.as_bytes()) {
+            let expected = agent.token.as_deref().unwrap_or("");
+            if !expected.is_empty() && constant_time_eq(expected.as_bytes(), token.as_bytes()) {
                 found = Some(agent.id.as_str());
             }
         }
-        found.ok_or(IngestError::Unauthorized("unknown token"))
+        let agent = found.ok_or(IngestError::Unauthorized("unknown token"))?;
+        if peer.0.is_some() && !peer.names(agent) {
+            return Err(IngestError::Unauthorized(
+                "the client certificate belongs to another agent than the token",
+            ));
+        }
+        Ok(agent)
     }
 
     async fn handle(
         &self,
         headers: HeaderMap,
+        peer: crate::tls::PeerCertificate,
         body: Body,
     ) -> Result<(String, IngestReply), IngestError> {
         let _admitted = self
             .admission
             .try_acquire()
             .map_err(|_| IngestError::Busy)?;
-        let token_agent = self.authenticate(&headers)?.to_owned();
+        let token_agent = self.authenticate(&headers, &peer)?.to_owned();
         let format = BodyFormat::from_headers(&headers)?;
         let limit_bytes = self.max_body_bytes;
         if let Some(length) = headers
@@ -654,14 +678,20 @@ struct ErrorBody {
     scope: &'static str,
 }
 
-async fn ingest(State(app): State<Arc<Ingest>>, headers: HeaderMap, body: Body) -> Response {
+async fn ingest(
+    State(app): State<Arc<Ingest>>,
+    peer: Option<axum::Extension<crate::tls::PeerCertificate>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let peer = peer.map(|p| p.0).unwrap_or_default();
     let started = Instant::now();
     // The server drops this future when the client disconnects. The commit
     // (log write, then dedup save) runs in its own task so a disconnect can
     // never cut it between the two steps: that would leave written records
     // unrecorded, and the agent's resend would write them a second time.
     let worker = Arc::clone(&app);
-    let outcome = tokio::spawn(async move { worker.handle(headers, body).await })
+    let outcome = tokio::spawn(async move { worker.handle(headers, peer, body).await })
         .await
         .unwrap_or_else(|e| {
             // Not the batch's fault: answer 503 so the agent retries it.

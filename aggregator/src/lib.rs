@@ -34,6 +34,7 @@ pub mod ingest;
 pub mod log;
 pub mod seqset;
 pub mod tail;
+pub mod tls;
 
 use config::{Config, SinkConfig};
 use dashboard::Dashboard;
@@ -42,6 +43,7 @@ use ingest::{Ingest, IngestLimits};
 use log::{kafka::KafkaWriter, local::LocalLogWriter, LogError, LogWriter};
 use std::future::IntoFuture;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Why the aggregator could not start.
@@ -51,6 +53,8 @@ pub enum StartError {
     Log(#[from] LogError),
     #[error("opening the dedup state: {0}")]
     Dedup(#[from] DedupError),
+    #[error("[tls]: {0}")]
+    Tls(String),
     #[error("listening on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -65,6 +69,8 @@ pub struct Aggregator {
     /// `None` when `[dashboard] enabled = false`.
     dashboard: Option<Arc<Dashboard>>,
     shutdown_grace: std::time::Duration,
+    /// `Some` when `[tls]` is configured: HTTPS only.
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Aggregator {
@@ -99,6 +105,12 @@ impl Aggregator {
 
     /// Like [`Aggregator::open`] with a given log writer.
     pub fn with_log(config: &Config, log: Arc<dyn LogWriter>) -> Result<Self, StartError> {
+        let server_tls = config
+            .tls
+            .as_ref()
+            .map(tls::server_config)
+            .transpose()
+            .map_err(StartError::Tls)?;
         let (dedup, recovery) = DedupStore::open(
             &config.data_dir.join("dedup"),
             config.agents.iter().map(|a| a.id.as_str()),
@@ -143,6 +155,7 @@ impl Aggregator {
             ingest: Arc::new(ingest),
             dashboard,
             shutdown_grace: config.shutdown_grace,
+            tls: server_tls,
         })
     }
 
@@ -170,15 +183,22 @@ impl Aggregator {
             }));
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(
-                    url = %format!("http://{addr}/"),
+                    url = %format!("{}://{addr}/", if self.tls.is_some() { "https" } else { "http" }),
                     auth = if dashboard.config().auth.is_open() { "open" } else { "required" },
                     "dashboard"
                 );
             }
         }
-        let server = axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .into_future();
+        let server: std::pin::Pin<
+            Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>,
+        > = match self.tls {
+            None => Box::pin(
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+                    .into_future(),
+            ),
+            Some(tls) => Box::pin(serve_tls(listener, router, tls, shutdown.clone())),
+        };
         let grace = self.shutdown_grace;
         let deadline = async {
             shutdown.cancelled().await;
@@ -194,6 +214,68 @@ impl Aggregator {
         self.ingest.log().close().await;
         result
     }
+}
+
+/// Serves `router` over TLS: each connection's handshake (at most 10 s),
+/// then HTTP/1.1 with the verified client certificate, if any, as a request
+/// extension ([`tls::PeerCertificate`]). Stops accepting at `shutdown` and
+/// waits for the open connections (the caller bounds that by the grace).
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    config: Arc<rustls::ServerConfig>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let router = router.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let handshake = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp));
+            let stream = match handshake.await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => {
+                    metrics::counter!("millrace_aggregator_tls_handshake_failures_total")
+                        .increment(1);
+                    tracing::info!(%peer, %error, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    metrics::counter!("millrace_aggregator_tls_handshake_failures_total")
+                        .increment(1);
+                    tracing::info!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let cert = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.clone().into_owned());
+            let service = router.layer(axum::Extension(tls::PeerCertificate(cert)));
+            let service = hyper_util::service::TowerToHyperService::new(service);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            if let Err(error) = watcher.watch(conn).await {
+                tracing::debug!(%peer, %error, "connection ended with an error");
+            }
+        });
+    }
+    graceful.shutdown().await;
+    Ok(())
 }
 
 /// Reads the last `[dashboard] history` of windows and alerts back from the

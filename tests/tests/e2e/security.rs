@@ -166,3 +166,226 @@ fn security_the_aggregator_refuses_an_open_dashboard_beyond_loopback() {
     }
     aggregator.terminate(std::time::Duration::from_secs(10));
 }
+
+/// A CA, the aggregator's certificate (127.0.0.1), and client certificates
+/// whose DNS subject alternative name is the agent id, written as PEM files.
+struct Pki {
+    ca: std::path::PathBuf,
+    server: (std::path::PathBuf, std::path::PathBuf),
+}
+
+fn write_pem(
+    dir: &std::path::Path,
+    name: &str,
+    cert: &str,
+    key: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (c, k) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&c, cert).unwrap();
+    std::fs::write(&k, key).unwrap();
+    (c, k)
+}
+
+fn ca(name: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    let key = rcgen::KeyPair::generate().unwrap();
+    (params.self_signed(&key).unwrap(), key)
+}
+
+fn issue(
+    names: &[&str],
+    ip: bool,
+    issuer: &(rcgen::Certificate, rcgen::KeyPair),
+) -> (String, String) {
+    let mut params =
+        rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    if ip {
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
+    }
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, names[0]);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &issuer.0, &issuer.1).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+fn pki(dir: &std::path::Path) -> (Pki, (rcgen::Certificate, rcgen::KeyPair)) {
+    let authority = ca("millrace test agents CA");
+    let ca_path = dir.join("ca.crt");
+    std::fs::write(&ca_path, authority.0.pem()).unwrap();
+    let (cert, key) = issue(&["localhost"], true, &authority);
+    let server = write_pem(dir, "aggregator", &cert, &key);
+    (
+        Pki {
+            ca: ca_path,
+            server,
+        },
+        authority,
+    )
+}
+
+#[test]
+fn security_mutual_tls_lands_windows_and_refuses_missing_unknown_or_other_identities() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, authority) = pki(dir.path());
+    let (cert, key) = issue(&["gw-a"], false, &authority);
+    let gw_a = write_pem(dir.path(), "gw-a", &cert, &key);
+    let (cert, key) = issue(&["gw-b"], false, &authority);
+    let gw_b = write_pem(dir.path(), "gw-b", &cert, &key);
+    let stranger_ca = ca("someone else's CA");
+    let (cert, key) = issue(&["gw-a"], false, &stranger_ca);
+    let stranger = write_pem(dir.path(), "stranger", &cert, &key);
+
+    // gw-a has no token at all: its certificate says who it is. gw-b has one.
+    let port = free_port();
+    let config = dir.path().join("aggregator.toml");
+    write_aggregator_config(
+        &config,
+        port,
+        &dir.path().join("data"),
+        &[("gw-b", TOKEN_B)],
+        "",
+    );
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "\n[[agents]]\nid = \"gw-a\"\n\n[tls]\ncert-file = \"{}\"\nkey-file = \"{}\"\nclient-ca-file = \"{}\"\n",
+        pki.server.0.display(),
+        pki.server.1.display(),
+        pki.ca.display()
+    ));
+    std::fs::write(&config, text).unwrap();
+    let mut aggregator = start_aggregator(&config, port, &dir.path().join("aggregator.log"));
+    let url = format!("https://127.0.0.1:{port}/api/v1/ingest");
+
+    let client = |identity: Option<&(std::path::PathBuf, std::path::PathBuf)>| {
+        let ca = reqwest::Certificate::from_pem(&std::fs::read(&pki.ca).unwrap()).unwrap();
+        let mut builder = reqwest::blocking::Client::builder()
+            .use_rustls_tls()
+            .add_root_certificate(ca)
+            .timeout(std::time::Duration::from_secs(10));
+        if let Some((c, k)) = identity {
+            let mut pem = std::fs::read(c).unwrap();
+            pem.extend(std::fs::read(k).unwrap());
+            builder = builder.identity(reqwest::Identity::from_pem(&pem).unwrap());
+        }
+        builder.build().unwrap()
+    };
+    let post = |client: &reqwest::blocking::Client, token: Option<&str>, batch: &Batch| {
+        let mut request = client
+            .post(&url)
+            .header("content-type", "application/x-millrace-batch")
+            .body(batch.encode_binary());
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    let batch_a = Batch::new("gw-a", vec![window("gw-a", 1)]);
+
+    // No certificate, an unknown CA's: the handshake does not complete.
+    assert!(
+        post(&client(None), None, &batch_a).is_err(),
+        "no client certificate"
+    );
+    assert!(
+        post(&client(Some(&stranger)), None, &batch_a).is_err(),
+        "unknown CA"
+    );
+    // gw-b's certificate cannot speak for gw-a, nor with gw-b's token for gw-a's batch.
+    let status = post(&client(Some(&gw_b)), None, &batch_a).unwrap().status();
+    assert_eq!(status.as_u16(), 401);
+    let status = post(&client(Some(&gw_a)), Some(TOKEN_B), &batch_a)
+        .unwrap()
+        .status();
+    assert_eq!(
+        status.as_u16(),
+        401,
+        "certificate of gw-a with gw-b's token"
+    );
+    assert!(aggregator_tail(&config, "millrace.windows").is_empty());
+
+    // The real agent, over HTTPS with gw-a's certificate and no token.
+    let mqtt_port = free_port();
+    let agent_toml = dir.path().join("agent.toml");
+    std::fs::write(
+        &agent_toml,
+        format!(
+            r#"
+[agent]
+id = "gw-a"
+data-dir = "{data}"
+
+[broker]
+enabled = true
+listen = "127.0.0.1:{mqtt_port}"
+
+[[broker.subscriptions]]
+filter = "sensors/+/+"
+qos = 1
+format = "json"
+device = "{{1}}"
+sensor = "{{2}}"
+
+[uplink]
+url = "https://localhost:{port}"
+ca-file = "{ca}"
+client-cert-file = "{cert}"
+client-key-file = "{key}"
+backoff-min = "100ms"
+backoff-max = "1s"
+"#,
+            data = dir.path().join("agent-data").display(),
+            ca = pki.ca.display(),
+            cert = gw_a.0.display(),
+            key = gw_a.1.display(),
+        ),
+    )
+    .unwrap();
+    let agent_log = dir.path().join("agent.log");
+    let mut agent = millrace_tests::ChildGuard::spawn(
+        "millrace-agent",
+        Command::new(bin("millrace-agent"))
+            .args(["run", "--config"])
+            .arg(&agent_toml)
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(&agent_log).unwrap()),
+    );
+    millrace_tests::wait_for_port(
+        std::net::SocketAddr::from(([127, 0, 0, 1], mqtt_port)),
+        std::time::Duration::from_secs(30),
+    );
+    let mosquitto_pub = millrace_tests::require_program("mosquitto_pub", "mosquitto-clients");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    for i in 0..5 {
+        let payload = format!("{{\"ts\": {}, \"value\": {i}}}", now_ms - 60_000 + i * 100);
+        let ok = Command::new(&mosquitto_pub)
+            .args(["-h", "127.0.0.1", "-p", &mqtt_port.to_string(), "-q", "1"])
+            .args(["-t", "sensors/press-1/temperature", "-m", &payload])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mosquitto_pub");
+    }
+    // SIGTERM flushes the open window into the outbox and sends it.
+    assert_eq!(agent.terminate(std::time::Duration::from_secs(30)), Some(0));
+    let logged = aggregator_tail(&config, "millrace.windows");
+    let log = std::fs::read_to_string(&agent_log).unwrap_or_default();
+    assert_eq!(logged.len(), 1, "{logged:?}\n{log}");
+    assert_eq!(logged[0]["headers"]["agent"], "gw-a");
+    assert_eq!(logged[0]["value"]["count"], 5);
+    aggregator.terminate(std::time::Duration::from_secs(10));
+}
