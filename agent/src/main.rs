@@ -47,12 +47,37 @@ enum Command {
         /// The config file to check.
         file: PathBuf,
     },
+    /// Read a device password from standard input (first line) and print
+    /// its Argon2id hash for `[[broker.users]] password-hash`.
+    HashPassword,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     match cli.command {
+        Command::HashPassword => {
+            let mut line = String::new();
+            if let Err(e) = std::io::stdin().read_line(&mut line) {
+                eprintln!("error: reading the password: {e}");
+                return ExitCode::from(2);
+            }
+            let password = line.trim_end_matches(['\r', '\n']);
+            if password.len() < 8 {
+                eprintln!("error: a device password needs at least 8 characters");
+                return ExitCode::from(2);
+            }
+            match millrace_agent::ingest::listener::auth::hash_password(password.as_bytes()) {
+                Ok(hash) => {
+                    println!("{hash}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::CheckConfig { file } => match AgentConfig::load(&file) {
             Ok(cfg) => {
                 println!("{}: ok ({})", file.display(), cfg.summary());

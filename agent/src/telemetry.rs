@@ -97,6 +97,10 @@ pub fn export(sources: &Sources) {
         if source == "embedded-broker" {
             metrics::gauge!("millrace_mqtt_clients", "source" => source)
                 .set(stats.clients.load(Ordering::Relaxed) as f64);
+            metrics::counter!("millrace_mqtt_auth_failures_total", "source" => source)
+                .absolute(stats.auth_failures.load(Ordering::Relaxed));
+            metrics::counter!("millrace_mqtt_acl_denied_total", "source" => source)
+                .absolute(stats.acl_denied.load(Ordering::Relaxed));
             metrics::counter!("millrace_mqtt_protocol_errors_total", "source" => source)
                 .absolute(stats.protocol_errors.load(Ordering::Relaxed));
         }

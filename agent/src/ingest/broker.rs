@@ -64,14 +64,49 @@ pub struct BrokerConfig {
     /// What one message may cost: field, name and topic limits.
     #[serde(default)]
     pub limits: DecodeLimits,
+    /// Devices allowed to publish, with their passwords and topics (see
+    /// [`super::listener::auth`]). With none, devices connect anonymously.
+    #[serde(default)]
+    pub users: Vec<BrokerUser>,
+    /// Lets devices without credentials in, also on a listener beyond
+    /// loopback (refused otherwise). Logged at start.
+    #[serde(default)]
+    pub allow_anonymous: bool,
     #[serde(default)]
     pub subscriptions: Vec<SubscriptionConfig>,
+}
+
+/// `[[broker.users]]`: one device (or group of devices) and where it may publish.
+#[derive(Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BrokerUser {
+    /// The MQTT user name.
+    pub name: String,
+    /// Argon2 PHC string from `millrace-agent hash-password`.
+    pub password_hash: String,
+    /// Topic filters this user may publish to. Default: every topic.
+    #[serde(default = "defaults::all_topics")]
+    pub publish: Vec<String>,
+}
+
+impl std::fmt::Debug for BrokerUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerUser")
+            .field("name", &self.name)
+            .field("password_hash", &"<redacted>")
+            .field("publish", &self.publish)
+            .finish()
+    }
 }
 
 /// The defaults of `[broker]`, in one place.
 pub mod defaults {
     use bytesize::ByteSize;
     use std::net::{Ipv4Addr, SocketAddr};
+
+    pub fn all_topics() -> Vec<String> {
+        vec!["#".to_owned()]
+    }
 
     pub fn listen() -> SocketAddr {
         SocketAddr::from((Ipv4Addr::LOCALHOST, 1883))
@@ -117,6 +152,8 @@ impl BrokerConfig {
             pubsub_listen: None,
             log_size: defaults::log_size(),
             limits: DecodeLimits::default(),
+            users: Vec::new(),
+            allow_anonymous: false,
             subscriptions: Vec::new(),
         }
     }
@@ -149,6 +186,38 @@ impl BrokerConfig {
         if let Some(p) = self.pubsub_listen {
             if p.port() != 0 && (p == self.listen || Some(p) == self.listen_v5) {
                 return bad("pubsub-listen", "must differ from listen and listen-v5");
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, user) in self.users.iter().enumerate() {
+            let key = |k: &str| format!("users[{i}].{k}");
+            if user.name.is_empty() || !names.insert(user.name.as_str()) {
+                return bad(&key("name"), "must be non-empty and unique");
+            }
+            if argon2::password_hash::PasswordHash::new(&user.password_hash).is_err() {
+                return bad(
+                    &key("password-hash"),
+                    "is not a PHC password hash: make one with `millrace-agent hash-password`",
+                );
+            }
+            if user.publish.iter().any(|f| f.is_empty()) {
+                return bad(&key("publish"), "topic filters must be non-empty");
+            }
+        }
+        if self.enabled && self.users.is_empty() && !self.allow_anonymous {
+            let open = std::iter::once(self.listen)
+                .chain(self.listen_v5)
+                .find(|a| !a.ip().is_loopback());
+            if let Some(addr) = open {
+                return bad(
+                    "listen",
+                    &format!(
+                        "{addr} is beyond loopback and no [[broker.users]] are set: any host \
+                         that reaches it could publish readings. Add users (passwords from \
+                         `millrace-agent hash-password`), listen on 127.0.0.1, or set \
+                         allow-anonymous = true"
+                    ),
+                );
             }
         }
         if self.subscriptions.is_empty() {

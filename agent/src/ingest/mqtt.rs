@@ -371,6 +371,10 @@ pub struct MqttStats {
     pub clients: AtomicU64,
     /// Connections closed for breaking the MQTT protocol (ingest listener only).
     pub protocol_errors: AtomicU64,
+    /// `CONNECT`s refused for their credentials (ingest listener only).
+    pub auth_failures: AtomicU64,
+    /// Publishes outside the user's topics, not read (ingest listener only).
+    pub acl_denied: AtomicU64,
     /// Whether the source is connected to its broker now.
     pub connected: AtomicBool,
     /// Whether the broker has acknowledged every subscription on the current

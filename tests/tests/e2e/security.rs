@@ -389,3 +389,163 @@ backoff-max = "1s"
     assert_eq!(logged[0]["value"]["count"], 5);
     aggregator.terminate(std::time::Duration::from_secs(10));
 }
+
+/// Polls `f` every 100 ms until it returns true or `timeout` passes.
+fn wait_for(timeout: std::time::Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    f()
+}
+
+#[test]
+fn security_device_ingest_needs_its_password_and_stays_in_its_topics() {
+    let dir = tempfile::tempdir().unwrap();
+    let hash = {
+        use std::io::Write;
+        let mut child = Command::new(bin("millrace-agent"))
+            .arg("hash-password")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"press-1-password\n")
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let (mqtt_port, http_port) = (free_port(), free_port());
+    let config = |listen: &str| {
+        format!(
+            r#"
+[agent]
+id = "gw-secure"
+data-dir = "{data}"
+
+[broker]
+enabled = true
+listen = "{listen}:{mqtt_port}"
+
+[[broker.users]]
+name = "press-1"
+password-hash = "{hash}"
+publish = ["plant/press-1/#"]
+
+[[broker.subscriptions]]
+filter = "plant/+/+"
+qos = 1
+format = "number"
+
+[http]
+listen = "127.0.0.1:{http_port}"
+"#,
+            data = dir.path().join("data").display(),
+        )
+    };
+    let agent_toml = dir.path().join("agent.toml");
+    // Beyond loopback without users: refused by check-config.
+    let open = config("0.0.0.0").replace("[[broker.users]]", "[[not-users]]");
+    let open: String = open
+        .lines()
+        .filter(|l| {
+            !l.starts_with("name =")
+                && !l.starts_with("password-hash")
+                && !l.starts_with("publish =")
+        })
+        .map(|l| if l == "[[not-users]]" { "" } else { l })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&agent_toml, &open).unwrap();
+    let out = Command::new(bin("millrace-agent"))
+        .arg("check-config")
+        .arg(&agent_toml)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "an open listener beyond loopback was accepted"
+    );
+    assert!(
+        stderr.contains("broker.listen") && stderr.contains("allow-anonymous"),
+        "{stderr}"
+    );
+
+    std::fs::write(&agent_toml, config("127.0.0.1")).unwrap();
+    let agent_log = dir.path().join("agent.log");
+    let mut agent = millrace_tests::ChildGuard::spawn(
+        "millrace-agent",
+        Command::new(bin("millrace-agent"))
+            .args(["run", "--config"])
+            .arg(&agent_toml)
+            .stderr(std::fs::File::create(&agent_log).unwrap()),
+    );
+    millrace_tests::wait_for_port(
+        std::net::SocketAddr::from(([127, 0, 0, 1], mqtt_port)),
+        std::time::Duration::from_secs(30),
+    );
+    let mosquitto_pub = millrace_tests::require_program("mosquitto_pub", "mosquitto-clients");
+    let publish = |user: Option<(&str, &str)>, topic: &str| {
+        let mut cmd = Command::new(&mosquitto_pub);
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &mqtt_port.to_string(),
+            "-q",
+            "1",
+            "-V",
+            "mqttv311",
+        ])
+        .args(["-t", topic, "-m", "42.5"]);
+        if let Some((u, p)) = user {
+            cmd.args(["-u", u, "-P", p]);
+        }
+        cmd.output().unwrap().status.success()
+    };
+    let metric = |name: &str| metric_total(http_port, name);
+
+    assert!(
+        !publish(None, "plant/press-1/temp"),
+        "anonymous publish accepted"
+    );
+    assert!(!publish(
+        Some(("press-1", "wrong-password")),
+        "plant/press-1/temp"
+    ));
+    assert!(!publish(
+        Some(("nobody", "press-1-password")),
+        "plant/press-1/temp"
+    ));
+    assert!(wait_for(std::time::Duration::from_secs(20), || {
+        metric("millrace_mqtt_auth_failures_total") == 3.0
+    }));
+    // Its own topic lands; another device's topic is not read, and counted.
+    assert!(publish(
+        Some(("press-1", "press-1-password")),
+        "plant/press-1/temp"
+    ));
+    assert!(publish(
+        Some(("press-1", "press-1-password")),
+        "plant/pump-2/temp"
+    ));
+    assert!(
+        wait_for(std::time::Duration::from_secs(20), || {
+            metric("millrace_mqtt_acl_denied_total") == 1.0
+                && metric("millrace_readings_accepted_total") == 1.0
+        }),
+        "acl denied {} accepted {}",
+        metric("millrace_mqtt_acl_denied_total"),
+        metric("millrace_readings_accepted_total")
+    );
+    assert_eq!(agent.terminate(std::time::Duration::from_secs(30)), Some(0));
+}

@@ -223,6 +223,7 @@ pub fn connack(
                 1 => 0x84, // unsupported protocol version
                 2 => 0x85, // client identifier not valid
                 3 => 0x88, // server unavailable
+                4 => 0x86, // bad user name or password
                 _ => 0x87, // not authorized
             };
             // Properties: receive maximum (0x21), maximum packet size (0x27).

@@ -72,6 +72,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+pub mod auth;
+
+use self::auth::{Acl, Auth};
 use self::frame::{kind, FrameError, Header, Version};
 use super::broker::BrokerConfig;
 use super::decode::Decoder;
@@ -115,6 +118,7 @@ pub enum ListenerError {
 #[derive(Debug)]
 struct Shared {
     decoder: Decoder,
+    auth: Auth,
     stats: Arc<MqttStats>,
     pubsub: Option<PubSub>,
     max_packet: usize,
@@ -154,6 +158,7 @@ impl IngestListener {
             listeners,
             shared: Arc::new(Shared {
                 decoder,
+                auth: Auth::new(&config.users, config.allow_anonymous),
                 stats: Arc::default(),
                 pubsub,
                 max_packet: max_payload.saturating_add(PACKET_OVERHEAD),
@@ -292,6 +297,8 @@ struct Inflight {
 
 /// Per-connection protocol state (the socket and read buffer live beside it).
 struct Session<'a> {
+    /// Where this connection may publish (its user's filters).
+    acl: Acl,
     shared: &'a Shared,
     /// This connection's decoder (its own interned names).
     decoder: Decoder,
@@ -334,7 +341,7 @@ async fn serve(
         () = stop.cancelled() => return,
         c = tokio::time::timeout(CONNECT_TIMEOUT, read_connect(&mut stream, &mut rbuf, shared.max_packet)) => c,
     };
-    let (version, keep_alive, client_id) = match connect {
+    let (version, keep_alive, client_id, username, password) = match connect {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
@@ -352,8 +359,24 @@ async fn serve(
             return;
         }
     };
+    let acl = match shared
+        .auth
+        .check(username.as_deref(), password.as_deref())
+        .await
+    {
+        Ok(acl) => acl,
+        Err(refused) => {
+            let failures = shared.stats.auth_failures.fetch_add(1, Ordering::Relaxed) + 1;
+            warn!(%peer, client_id, user = ?username, ?refused, failures, "mqtt ingest: CONNECT refused: bad user name or password");
+            let mut out = BytesMut::new();
+            frame::connack(&mut out, version, 4, 1, 0);
+            let _ = stream.write_all(&out).await;
+            return;
+        }
+    };
     let mut session = Session {
         shared,
+        acl,
         decoder: shared.decoder.clone(),
         version,
         peer,
@@ -430,12 +453,15 @@ enum ConnectError {
     Version(u8),
 }
 
-/// Reads the `CONNECT`: protocol version, keep-alive and client id.
+/// What a `CONNECT` says: version, keep-alive, client id, user name, password.
+type Connect = (Version, Duration, String, Option<String>, Option<Vec<u8>>);
+
+/// Reads the `CONNECT`.
 async fn read_connect(
     stream: &mut TcpStream,
     rbuf: &mut BytesMut,
     max_packet: usize,
-) -> Result<(Version, Duration, String), ConnectError> {
+) -> Result<Connect, ConnectError> {
     loop {
         if let Some(h) = frame::header(rbuf)? {
             if h.kind() != kind::CONNECT {
@@ -457,14 +483,14 @@ async fn read_connect(
     }
 }
 
-fn parse_connect(body: &[u8]) -> Result<(Version, Duration, String), ConnectError> {
+fn parse_connect(body: &[u8]) -> Result<Connect, ConnectError> {
     let bad = || ConnectError::Frame(FrameError::Malformed("CONNECT"));
     let [nh, nl, rest @ ..] = body else {
         return Err(bad());
     };
     let name_len = usize::from(u16::from_be_bytes([*nh, *nl]));
     let rest = rest.get(name_len..).ok_or_else(bad)?;
-    let [level, _flags, kh, kl, rest @ ..] = rest else {
+    let [level, flags, kh, kl, rest @ ..] = rest else {
         return Err(bad());
     };
     let version = match level {
@@ -485,15 +511,49 @@ fn parse_connect(body: &[u8]) -> Result<(Version, Duration, String), ConnectErro
         }
         rest = rest.get(used + len..).ok_or_else(bad)?;
     }
-    let client_id = match rest {
-        [ch, cl, id @ ..] => {
-            let n = usize::from(u16::from_be_bytes([*ch, *cl]));
-            String::from_utf8_lossy(id.get(..n).ok_or_else(bad)?).into_owned()
+    // A length-prefixed field of the payload, and what follows it.
+    let field = |rest: &[u8]| -> Result<(Vec<u8>, usize), ConnectError> {
+        let [h, l, data @ ..] = rest else {
+            return Err(bad());
+        };
+        let n = usize::from(u16::from_be_bytes([*h, *l]));
+        Ok((data.get(..n).ok_or_else(bad)?.to_vec(), 2 + n))
+    };
+    let (id, used) = field(rest)?;
+    let client_id = String::from_utf8_lossy(&id).into_owned();
+    let mut rest = &rest[used..];
+    if flags & 0x04 != 0 {
+        // Will: (MQTT 5: its properties), topic, payload. Not used here.
+        if version == Version::V5 {
+            let mut len = 0usize;
+            let mut used = 0;
+            for (i, b) in rest.iter().take(4).enumerate() {
+                len |= usize::from(b & 0x7F) << (7 * i);
+                used = i + 1;
+                if b & 0x80 == 0 {
+                    break;
+                }
+            }
+            rest = rest.get(used + len..).ok_or_else(bad)?;
         }
-        _ => return Err(bad()),
+        for _ in 0..2 {
+            let (_, used) = field(rest)?;
+            rest = &rest[used..];
+        }
+    }
+    let mut username = None;
+    if flags & 0x80 != 0 {
+        let (name, used) = field(rest)?;
+        username = Some(String::from_utf8(name).map_err(|_| bad())?);
+        rest = &rest[used..];
+    }
+    let password = if flags & 0x40 != 0 {
+        Some(field(rest)?.0)
+    } else {
+        None
     };
     let keep_alive = Duration::from_secs(u64::from(u16::from_be_bytes([*kh, *kl])));
-    Ok((version, keep_alive, client_id))
+    Ok((version, keep_alive, client_id, username, password))
 }
 
 /// Resolves with the oldest batch's durability, or never when none waits.
@@ -690,6 +750,14 @@ impl Session<'_> {
                             ));
                         }
                     }
+                }
+                if !auth::may_publish(&self.acl, p.topic) {
+                    // Acknowledged (see the auth module) but not read.
+                    let denied = self.shared.stats.acl_denied.fetch_add(1, Ordering::Relaxed) + 1;
+                    if denied.is_power_of_two() {
+                        warn!(peer = %self.peer, topic = p.topic, denied, "mqtt ingest: publish outside this user's topics refused");
+                    }
+                    return Ok(());
                 }
                 let before = self.events.len();
                 self.decoder.decode(
