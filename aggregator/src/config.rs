@@ -95,6 +95,12 @@ pub struct RawAgent {
     /// (`/run/credentials/millrace-aggregator.service/<name>`). Warned about
     /// when its group or others may read it.
     pub token_file: Option<PathBuf>,
+    /// Tokens kept as SHA-256 digests (`sha256:<hex>`, from
+    /// `millrace-aggregator hash-token`), so the file holds no usable secret.
+    /// Any of them is accepted, beside `token`: list the new one next to the
+    /// old, reload (SIGHUP), move the agent over, remove the old, reload.
+    #[serde(default)]
+    pub token_hashes: Vec<String>,
 }
 
 /// Topic names, shared by the Kafka writer and the embedded log so that
@@ -234,22 +240,63 @@ impl fmt::Debug for Config {
     }
 }
 
-/// One agent and its bearer token. `Debug` never prints the token. With
-/// `[tls] client-ca-file` an agent may have no token: its certificate says
-/// who it is.
-#[derive(Clone)]
+/// One agent and the SHA-256 digests of the tokens it may use (one, or two
+/// while rotating). The tokens themselves are not kept. With `[tls]
+/// client-ca-file` an agent may have none: its certificate says who it is.
+#[derive(Clone, PartialEq, Eq)]
 pub struct AgentCredential {
     pub id: String,
-    pub token: Option<String>,
+    pub token_digests: Vec<[u8; 32]>,
+}
+
+impl AgentCredential {
+    /// Whether `token` is one of this agent's, compared in constant time.
+    pub fn accepts(&self, token: &str) -> bool {
+        let digest = token_digest(token);
+        self.token_digests
+            .iter()
+            .fold(false, |found, d| found | constant_time_eq(d, &digest))
+    }
 }
 
 impl fmt::Debug for AgentCredential {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AgentCredential")
             .field("id", &self.id)
-            .field("token", &"<redacted>")
+            .field("tokens", &self.token_digests.len())
             .finish()
     }
+}
+
+/// SHA-256 of a token (tokens are long random strings: a fast hash is enough).
+pub fn token_digest(token: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes()).into()
+}
+
+/// `sha256:<hex>` of a token, as `token-hashes` takes it.
+pub fn token_hash_string(token: &str) -> String {
+    let hex: String = token_digest(token)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256:{hex}")
+}
+
+fn parse_token_hash(text: &str) -> Option<[u8; 32]> {
+    let hex = text.strip_prefix("sha256:")?;
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -452,7 +499,7 @@ impl Config {
         let client_certificates = raw.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some());
         let mut agents = Vec::with_capacity(raw.agents.len());
         let mut ids = HashSet::new();
-        let mut tokens = HashSet::new();
+        let mut digests = HashSet::new();
         for (i, agent) in raw.agents.into_iter().enumerate() {
             let key = |field: &str| format!("agents[{i}].{field}");
             if !valid_agent_id(&agent.id) {
@@ -482,11 +529,27 @@ impl Config {
                 }
                 _ => None,
             };
+            let mut token_digests = Vec::new();
+            for (j, text) in agent.token_hashes.iter().enumerate() {
+                let digest = parse_token_hash(text).ok_or_else(|| {
+                    invalid(
+                        &key(&format!("token-hashes[{j}]")),
+                        "expected sha256:<64 hex digits> (millrace-aggregator hash-token)".into(),
+                    )
+                })?;
+                if !digests.insert(digest) {
+                    return Err(invalid(
+                        &key(&format!("token-hashes[{j}]")),
+                        "the same token is listed twice".into(),
+                    ));
+                }
+                token_digests.push(digest);
+            }
             let Some(token) = env(&var).or(from_file).or(agent.token) else {
-                if client_certificates {
+                if client_certificates || !token_digests.is_empty() {
                     agents.push(AgentCredential {
                         id: agent.id,
-                        token: None,
+                        token_digests,
                     });
                     continue;
                 }
@@ -519,15 +582,16 @@ impl Config {
                     "must be printable ASCII without spaces".into(),
                 ));
             }
-            if !tokens.insert(token.clone()) {
+            if !digests.insert(token_digest(&token)) {
                 return Err(invalid(
                     &key("token"),
-                    "the same token is used by another agent".into(),
+                    "the same token is used twice".into(),
                 ));
             }
+            token_digests.push(token_digest(&token));
             agents.push(AgentCredential {
                 id: agent.id,
-                token: Some(token),
+                token_digests,
             });
         }
 
@@ -769,7 +833,7 @@ token = "0123456789abcdef"
             (name == "MILLRACE_TOKEN_GW_PRESS_1").then(|| "from-the-environment".to_owned())
         })
         .unwrap();
-        assert_eq!(cfg.agents[0].token.as_deref(), Some("from-the-environment"));
+        assert!(cfg.agents[0].accepts("from-the-environment"));
         let err = parse(text).unwrap_err().to_string();
         assert!(err.contains("MILLRACE_TOKEN_GW_PRESS_1"), "{err}");
         assert!(!format!("{:?}", cfg.agents).contains("from-the-environment"));
@@ -784,10 +848,7 @@ token = "0123456789abcdef"
             "data-dir = \"/tmp/x\"\n[[agents]]\nid = \"gw-1\"\ntoken-file = \"{}\"\n",
             file.display()
         );
-        assert_eq!(
-            parse(&text).unwrap().agents[0].token.as_deref(),
-            Some("token-from-a-file-0123456789")
-        );
+        assert!(parse(&text).unwrap().agents[0].accepts("token-from-a-file-0123456789"));
         let missing = text.replace("gw-1.token", "nope.token");
         assert!(parse(&missing)
             .unwrap_err()

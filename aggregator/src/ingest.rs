@@ -161,6 +161,9 @@ pub struct IngestStats {
     pub rejected_busy: AtomicU64,
     pub rejected_timeout: AtomicU64,
     pub rejected_rate_limited: AtomicU64,
+    /// Config reloads (SIGHUP) applied, and refused for an invalid file.
+    pub config_reloads: AtomicU64,
+    pub config_reload_errors: AtomicU64,
     pub log_errors: AtomicU64,
     pub state_errors: AtomicU64,
 }
@@ -201,7 +204,8 @@ pub trait CommitObserver: Send + Sync + std::fmt::Debug {
 /// Everything the handlers share.
 #[derive(Debug)]
 pub struct Ingest {
-    agents: Vec<AgentCredential>,
+    /// Replaced as a whole by [`Ingest::reload_credentials`] (SIGHUP).
+    agents: std::sync::RwLock<Vec<AgentCredential>>,
     dedup: DedupStore,
     log: Arc<dyn LogWriter>,
     topics: Topics,
@@ -302,7 +306,7 @@ impl Ingest {
                 .collect()
         });
         Self {
-            agents,
+            agents: std::sync::RwLock::new(agents),
             dedup,
             log,
             topics,
@@ -317,6 +321,36 @@ impl Ingest {
             stats: IngestStats::default(),
             observer: None,
         }
+    }
+
+    /// Takes the agents' credentials of a re-read config (SIGHUP): changed
+    /// and rotated tokens apply to the next request. An agent added or
+    /// removed needs a restart (its dedup state is opened at start); it is
+    /// named in the returned list and the others still apply.
+    pub fn reload_credentials(&self, agents: Vec<AgentCredential>) -> Vec<String> {
+        let mut current = self.agents.write().unwrap_or_else(|e| e.into_inner());
+        let mut needs_restart = Vec::new();
+        let mut next = Vec::with_capacity(current.len());
+        for agent in current.iter() {
+            match agents.iter().find(|a| a.id == agent.id) {
+                Some(new) => next.push(new.clone()),
+                None => {
+                    // Removed from the file: its tokens stop working now.
+                    needs_restart.push(agent.id.clone());
+                    next.push(AgentCredential {
+                        id: agent.id.clone(),
+                        token_digests: Vec::new(),
+                    });
+                }
+            }
+        }
+        for agent in &agents {
+            if !current.iter().any(|a| a.id == agent.id) {
+                needs_restart.push(agent.id.clone());
+            }
+        }
+        *current = next;
+        needs_restart
     }
 
     /// Tells `observer` about every committed batch.
@@ -351,16 +385,16 @@ impl Ingest {
         &self,
         headers: &HeaderMap,
         peer: &crate::tls::PeerCertificate,
-    ) -> Result<&str, IngestError> {
+    ) -> Result<String, IngestError> {
+        let agents = self.agents.read().unwrap_or_else(|e| e.into_inner());
         let Some(value) = headers.get(header::AUTHORIZATION) else {
             if peer.0.is_none() {
                 return Err(IngestError::Unauthorized("missing Authorization header"));
             }
-            return self
-                .agents
+            return agents
                 .iter()
                 .find(|a| peer.names(&a.id))
-                .map(|a| a.id.as_str())
+                .map(|a| a.id.clone())
                 .ok_or(IngestError::Unauthorized(
                     "the client certificate names no configured agent",
                 ));
@@ -374,14 +408,13 @@ impl Ingest {
             .map(|(_, token)| token.trim())
             .ok_or(IngestError::Unauthorized("expected a Bearer token"))?;
         let mut found = None;
-        for agent in &self.agents {
-            let expected = agent.token.as_deref().unwrap_or("");
-            if !expected.is_empty() && constant_time_eq(expected.as_bytes(), token.as_bytes()) {
-                found = Some(agent.id.as_str());
+        for agent in agents.iter() {
+            if agent.accepts(token) {
+                found = Some(agent.id.clone());
             }
         }
         let agent = found.ok_or(IngestError::Unauthorized("unknown token"))?;
-        if peer.0.is_some() && !peer.names(agent) {
+        if peer.0.is_some() && !peer.names(&agent) {
             return Err(IngestError::Unauthorized(
                 "the client certificate belongs to another agent than the token",
             ));
@@ -399,7 +432,7 @@ impl Ingest {
             .admission
             .try_acquire()
             .map_err(|_| IngestError::Busy)?;
-        let token_agent = self.authenticate(&headers, &peer)?.to_owned();
+        let token_agent = self.authenticate(&headers, &peer)?;
         let format = BodyFormat::from_headers(&headers)?;
         let limit_bytes = self.max_body_bytes;
         if let Some(length) = headers
@@ -508,13 +541,6 @@ impl Ingest {
     fn retry_after_header(&self) -> HeaderValue {
         HeaderValue::from(self.retry_after.as_secs().max(1))
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -794,13 +820,6 @@ async fn healthz(State(app): State<Arc<Ingest>>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn constant_time_eq_matches_plain_eq() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"abcd"));
-    }
 
     #[test]
     fn gzip_bomb_stops_at_the_limit() {

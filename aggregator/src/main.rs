@@ -12,6 +12,7 @@ use millrace_aggregator::config::{Config, SinkConfig};
 use millrace_aggregator::tail::{tail, StartAt, TailOptions};
 use millrace_aggregator::Aggregator;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -57,6 +58,9 @@ enum Command {
         #[arg(value_name = "FILE")]
         config: PathBuf,
     },
+    /// Read an agent token from standard input (first line) and print its
+    /// `sha256:` digest for `[[agents]] token-hashes`.
+    HashToken,
     /// Print the records of an embedded-log topic, one JSON line each
     /// (offset, key, headers, value). Safe to run next to a running aggregator.
     Tail {
@@ -98,6 +102,16 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config } => run(&config),
         Command::CheckConfig { config } => check_config(&config),
+        Command::HashToken => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("reading the token")?;
+            let token = line.trim();
+            anyhow::ensure!(token.len() >= 16, "a token needs at least 16 characters");
+            println!("{}", millrace_aggregator::config::token_hash_string(token));
+            Ok(())
+        }
         Command::Tail {
             topic,
             config,
@@ -182,6 +196,12 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
         tracing::info!(listen = %local, "millrace-aggregator ready");
         let shutdown = CancellationToken::new();
         tokio::spawn(wait_for_signal(shutdown.clone()));
+        #[cfg(unix)]
+        tokio::spawn(reload_on_sighup(
+            path.to_owned(),
+            Arc::clone(aggregator.ingest()),
+            shutdown.clone(),
+        ));
         let status = format!("serving on {local}");
         if let Err(error) = sd_notify::notify(&[
             sd_notify::NotifyState::Ready,
@@ -212,6 +232,49 @@ async fn watchdog(shutdown: CancellationToken) {
             }
             () = tokio::time::sleep(interval / 2) => {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+        }
+    }
+}
+
+/// On SIGHUP, reads the config file again and applies the agents' tokens
+/// (rotation, revocation) without a restart. A file that no longer parses
+/// changes nothing (logged).
+#[cfg(unix)]
+async fn reload_on_sighup(
+    path: std::path::PathBuf,
+    ingest: Arc<millrace_aggregator::ingest::Ingest>,
+    shutdown: CancellationToken,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: tokens reload only with a restart");
+        return;
+    };
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            got = hup.recv() => if got.is_none() { return },
+        }
+        match Config::load(&path) {
+            Ok(config) => {
+                let agents = config.agents.len();
+                let needs_restart = ingest.reload_credentials(config.agents);
+                ingest
+                    .stats()
+                    .config_reloads
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(file = %path.display(), agents, "agent tokens reloaded");
+                if !needs_restart.is_empty() {
+                    tracing::warn!(?needs_restart, "agents added or removed take effect at the next restart (removed ones are refused from now)");
+                }
+            }
+            Err(error) => {
+                ingest
+                    .stats()
+                    .config_reload_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(%error, "config reload failed; the running tokens are kept");
             }
         }
     }

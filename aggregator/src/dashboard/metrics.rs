@@ -198,6 +198,10 @@ impl Metrics {
             }
             counter!("millrace_aggregator_duplicate_records_total")
                 .absolute(stats.records_duplicate.load(Ordering::Relaxed));
+            counter!("millrace_aggregator_config_reloads_total", "result" => "ok")
+                .absolute(stats.config_reloads.load(Ordering::Relaxed));
+            counter!("millrace_aggregator_config_reloads_total", "result" => "error")
+                .absolute(stats.config_reload_errors.load(Ordering::Relaxed));
             counter!("millrace_aggregator_spoofed_records_total")
                 .absolute(stats.spoofed_records.load(Ordering::Relaxed));
             gauge!("millrace_aggregator_log_up", "log" => log).set(if log_up { 1.0 } else { 0.0 });

@@ -549,3 +549,95 @@ listen = "127.0.0.1:{http_port}"
     );
     assert_eq!(agent.terminate(std::time::Duration::from_secs(30)), Some(0));
 }
+
+fn hash_token(token: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new(bin("millrace-aggregator"))
+        .arg("hash-token")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{token}\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+#[test]
+fn security_token_rotation_by_reload_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (
+        "rotation-old-token-0123456789",
+        "rotation-new-token-9876543210",
+    );
+    let (old_hash, new_hash) = (hash_token(old), hash_token(new));
+    assert!(
+        old_hash.starts_with("sha256:") && old_hash.len() == 71,
+        "{old_hash}"
+    );
+    let port = free_port();
+    let config = dir.path().join("aggregator.toml");
+    let write = |hashes: &[&str]| {
+        write_aggregator_config(&config, port, &dir.path().join("data"), &[], "");
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        let list: Vec<String> = hashes.iter().map(|h| format!("\"{h}\"")).collect();
+        text.push_str(&format!(
+            "\n[[agents]]\nid = \"gw-a\"\ntoken-hashes = [{}]\n",
+            list.join(", ")
+        ));
+        std::fs::write(&config, text).unwrap();
+    };
+    write(&[&old_hash]);
+    assert!(
+        !std::fs::read_to_string(&config).unwrap().contains(old),
+        "the config holds no usable token"
+    );
+    let mut aggregator = start_aggregator(&config, port, &dir.path().join("aggregator.log"));
+    let pid = aggregator.pid();
+    let mut seq = 0;
+    let mut status_of = |token: &str| {
+        seq += 1;
+        post_batch(port, token, &Batch::new("gw-a", vec![window("gw-a", seq)])).0
+    };
+    assert_eq!(status_of(old), 200);
+    assert_eq!(status_of(new), 401);
+
+    let reloads = |n: f64| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            if metric_total(port, "millrace_aggregator_config_reloads_total") >= n {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        false
+    };
+    let hup = || {
+        assert!(Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success());
+    };
+    // Both tokens during the move.
+    write(&[&old_hash, &new_hash]);
+    hup();
+    assert!(reloads(1.0), "no reload counted");
+    assert_eq!(status_of(old), 200);
+    assert_eq!(status_of(new), 200);
+    // The old one retired.
+    write(&[&new_hash]);
+    hup();
+    assert!(reloads(2.0), "no second reload counted");
+    assert_eq!(status_of(old), 401);
+    assert_eq!(status_of(new), 200);
+    assert_eq!(aggregator.pid(), pid, "no restart");
+    assert!(aggregator.is_running());
+    aggregator.terminate(std::time::Duration::from_secs(10));
+}
