@@ -13,8 +13,8 @@ VENV="${MILLRACE_VENV:-$HOME/.cache/millrace-venv}"
 TOOLS="${MILLRACE_TOOLS:-$HOME/.cache/millrace-tools}"
 
 # Debian packages: peers for the tests (mosquitto, socat, mbpoll, chromium), and the
-# build dependencies of rdkafka's bundled librdkafka (cmake, libcurl).
-APT_PACKAGES=(mosquitto mosquitto-clients socat mbpoll cmake libcurl4-openssl-dev pkg-config
+# build dependencies of rdkafka's bundled librdkafka (cmake, libcurl, OpenSSL for TLS and SASL).
+APT_PACKAGES=(mosquitto mosquitto-clients socat mbpoll cmake libcurl4-openssl-dev libssl-dev pkg-config
               python3-venv openssl chromium chromium-driver)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -130,6 +130,15 @@ pub struct RawKafka {
     pub max_in_flight: Option<usize>,
     /// Kafka `client.id`. Default `millrace-aggregator`.
     pub client_id: Option<String>,
+    /// librdkafka settings passed as they are to the producer and the
+    /// read-back consumers: TLS and SASL (`security.protocol = "SASL_SSL"`,
+    /// `sasl.mechanism = "SCRAM-SHA-512"`, `sasl.username`, `ssl.ca.location`,
+    /// …) and tuning. `sasl.password` may instead come from
+    /// `MILLRACE_KAFKA_SASL_PASSWORD`. The settings the delivery guarantee
+    /// rests on (brokers, idempotence, acks, client and group ids,
+    /// transactions, offset commits) cannot be overridden.
+    #[serde(default)]
+    pub properties: std::collections::BTreeMap<String, toml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -329,13 +338,55 @@ pub enum SinkConfig {
     Local(LocalLogConfig),
 }
 
-#[derive(Debug, Clone)]
+/// `Debug` redacts every property that may hold a secret.
+#[derive(Clone)]
 pub struct KafkaConfig {
     pub brokers: String,
     pub message_timeout: Duration,
     pub max_in_flight: usize,
     pub client_id: String,
+    /// `[kafka.properties]`, checked; values as librdkafka strings.
+    pub properties: Vec<(String, String)>,
 }
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let properties: Vec<(&str, &str)> = self
+            .properties
+            .iter()
+            .map(|(k, v)| {
+                let secret = ["password", "secret", "key.pem", "sasl.jaas", "oauthbearer"]
+                    .iter()
+                    .any(|s| k.contains(s));
+                (k.as_str(), if secret { "<redacted>" } else { v.as_str() })
+            })
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("message_timeout", &self.message_timeout)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("client_id", &self.client_id)
+            .field("properties", &properties)
+            .finish()
+    }
+}
+
+/// librdkafka keys `[kafka.properties]` may not set: the exactly-once write
+/// and the read-back rely on them.
+pub const KAFKA_RESERVED_KEYS: [&str; 9] = [
+    "bootstrap.servers",
+    "metadata.broker.list",
+    "enable.idempotence",
+    "acks",
+    "request.required.acks",
+    "client.id",
+    "group.id",
+    "transactional.id",
+    "enable.auto.commit",
+];
+
+/// Environment variable that sets `sasl.password` for Kafka.
+pub const KAFKA_SASL_PASSWORD_ENV: &str = "MILLRACE_KAFKA_SASL_PASSWORD";
 
 #[derive(Debug, Clone)]
 pub struct LocalLogConfig {
@@ -632,13 +683,49 @@ impl Config {
                 if max_in_flight == 0 {
                     return Err(invalid("kafka.max-in-flight", "must be at least 1".into()));
                 }
+                let mut properties = Vec::with_capacity(kafka.properties.len());
+                for (name, value) in &kafka.properties {
+                    let key = format!("kafka.properties.{name}");
+                    if KAFKA_RESERVED_KEYS.contains(&name.as_str()) {
+                        return Err(invalid(
+                            &key,
+                            "is set by the aggregator (the exactly-once write relies on it)".into(),
+                        ));
+                    }
+                    let text = match value {
+                        toml::Value::String(s) => s.clone(),
+                        toml::Value::Integer(n) => n.to_string(),
+                        toml::Value::Float(x) => x.to_string(),
+                        toml::Value::Boolean(b) => b.to_string(),
+                        _ => {
+                            return Err(invalid(&key, "must be a string, number or boolean".into()))
+                        }
+                    };
+                    properties.push((name.clone(), text));
+                }
+                if let Some(password) = env(KAFKA_SASL_PASSWORD_ENV) {
+                    properties.retain(|(k, _)| k != "sasl.password");
+                    properties.push(("sasl.password".into(), password));
+                }
+                let client = kafka
+                    .client_id
+                    .unwrap_or_else(|| "millrace-aggregator".into());
+                // librdkafka checks every name and value: a typo fails here,
+                // at check-config, not at the first write.
+                let mut probe = rdkafka::ClientConfig::new();
+                probe.set("bootstrap.servers", kafka.brokers.trim());
+                for (k, v) in &properties {
+                    probe.set(k, v);
+                }
+                if let Err(e) = probe.create::<rdkafka::producer::BaseProducer>() {
+                    return Err(invalid("kafka.properties", e.to_string()));
+                }
                 SinkConfig::Kafka(KafkaConfig {
                     brokers: kafka.brokers.trim().to_owned(),
                     message_timeout,
                     max_in_flight,
-                    client_id: kafka
-                        .client_id
-                        .unwrap_or_else(|| "millrace-aggregator".into()),
+                    client_id: client,
+                    properties,
                 })
             }
             None => {
@@ -857,6 +944,41 @@ token = "0123456789abcdef"
         let placeholder = MINIMAL.replace("0123456789abcdef", "demo-token-change-me-0123456789");
         let err = parse(&placeholder).unwrap_err().to_string();
         assert!(err.contains("placeholder"), "{err}");
+    }
+
+    #[test]
+    fn kafka_properties_pass_through_checked_and_redacted() {
+        let text = format!(
+            "{MINIMAL}\n[kafka]\nbrokers = \"127.0.0.1:9092\"\n[kafka.properties]\n\
+             \"linger.ms\" = 20\n\"sasl.username\" = \"millrace\"\n\"sasl.password\" = \"kafka-secret-xyz\"\n"
+        );
+        let cfg = parse(&text).unwrap();
+        let SinkConfig::Kafka(kafka) = &cfg.sink else {
+            panic!("kafka expected")
+        };
+        assert!(kafka
+            .properties
+            .contains(&("linger.ms".into(), "20".into())));
+        let shown = format!("{cfg:?}");
+        assert!(
+            !shown.contains("kafka-secret-xyz") && shown.contains("sasl.username"),
+            "{shown}"
+        );
+        let reserved = text.replace("\"linger.ms\" = 20", "\"enable.idempotence\" = false");
+        let err = parse(&reserved).unwrap_err().to_string();
+        assert!(err.contains("kafka.properties.enable.idempotence"), "{err}");
+        // TLS and SASL are built in.
+        let secured = text.replace(
+            "\"linger.ms\" = 20",
+            "\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"SCRAM-SHA-512\"",
+        );
+        assert!(parse(&secured).is_ok(), "{:?}", parse(&secured).err());
+        let typo = text.replace("\"linger.ms\" = 20", "\"linger.msx\" = 20");
+        let err = parse(&typo).unwrap_err().to_string();
+        assert!(
+            err.contains("kafka.properties") && err.contains("linger.msx"),
+            "{err}"
+        );
     }
 
     #[test]

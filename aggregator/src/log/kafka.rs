@@ -232,6 +232,9 @@ fn build_producer(config: &KafkaConfig) -> Result<Inner, KafkaError> {
             "queue.buffering.max.messages",
             config.max_in_flight.max(1000).to_string(),
         );
+    for (key, value) in &config.properties {
+        client.set(key, value);
+    }
     client.create_with_context(TracingContext)
 }
 
@@ -251,7 +254,11 @@ impl KafkaWriter {
 
     /// A consumer that only reads assigned partitions (no group membership).
     fn reader(&self, purpose: &str) -> Result<BaseConsumer<TracingContext>, KafkaError> {
-        ClientConfig::new()
+        let mut client = ClientConfig::new();
+        for (key, value) in &self.config.properties {
+            client.set(key, value);
+        }
+        client
             .set("bootstrap.servers", &self.config.brokers)
             .set("client.id", format!("{}-{purpose}", self.config.client_id))
             .set("group.id", format!("{}-{purpose}", self.config.client_id))
