@@ -72,8 +72,46 @@ pub struct BrokerConfig {
     /// loopback (refused otherwise). Logged at start.
     #[serde(default)]
     pub allow_anonymous: bool,
+    /// TLS on the ingest listener(s): devices connect with `mqtts`.
+    #[serde(default)]
+    pub tls: Option<BrokerTls>,
     #[serde(default)]
     pub subscriptions: Vec<SubscriptionConfig>,
+}
+
+/// `[broker.tls]`: the listener's certificate chain and key (PEM).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BrokerTls {
+    pub cert_file: std::path::PathBuf,
+    pub key_file: std::path::PathBuf,
+}
+
+impl BrokerTls {
+    /// The TLS server config (ring provider); the error names the file.
+    pub fn server_config(&self) -> Result<std::sync::Arc<rustls::ServerConfig>, String> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let named =
+            |path: &std::path::Path, e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+        let certs = CertificateDer::pem_file_iter(&self.cert_file)
+            .map_err(|e| named(&self.cert_file, &e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| named(&self.cert_file, &e))?;
+        if certs.is_empty() {
+            return Err(named(&self.cert_file, &"no PEM certificate found"));
+        }
+        let key =
+            PrivateKeyDer::from_pem_file(&self.key_file).map_err(|e| named(&self.key_file, &e))?;
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| named(&self.key_file, &e))?;
+        Ok(std::sync::Arc::new(config))
+    }
 }
 
 /// `[[broker.users]]`: one device (or group of devices) and where it may publish.
@@ -154,6 +192,7 @@ impl BrokerConfig {
             limits: DecodeLimits::default(),
             users: Vec::new(),
             allow_anonymous: false,
+            tls: None,
             subscriptions: Vec::new(),
         }
     }
@@ -187,6 +226,10 @@ impl BrokerConfig {
             if p.port() != 0 && (p == self.listen || Some(p) == self.listen_v5) {
                 return bad("pubsub-listen", "must differ from listen and listen-v5");
             }
+        }
+        if let Some(tls) = &self.tls {
+            tls.server_config()
+                .map_err(|e| ConfigError::new("broker.tls", e))?;
         }
         let mut names = std::collections::HashSet::new();
         for (i, user) in self.users.iter().enumerate() {

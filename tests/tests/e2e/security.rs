@@ -641,3 +641,100 @@ fn security_token_rotation_by_reload_without_a_restart() {
     assert!(aggregator.is_running());
     aggregator.terminate(std::time::Duration::from_secs(10));
 }
+
+#[test]
+fn security_device_ingest_over_tls_with_a_password_and_no_plaintext() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, _authority) = pki(dir.path());
+    let hash = {
+        use std::io::Write;
+        let mut child = Command::new(bin("millrace-agent"))
+            .arg("hash-password")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"sensor-password\n")
+            .unwrap();
+        String::from_utf8(child.wait_with_output().unwrap().stdout)
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let (mqtt_port, http_port) = (free_port(), free_port());
+    let agent_toml = dir.path().join("agent.toml");
+    std::fs::write(
+        &agent_toml,
+        format!(
+            r#"
+[agent]
+id = "gw-tls"
+data-dir = "{data}"
+
+[broker]
+enabled = true
+listen = "127.0.0.1:{mqtt_port}"
+
+[broker.tls]
+cert-file = "{cert}"
+key-file = "{key}"
+
+[[broker.users]]
+name = "sensor"
+password-hash = "{hash}"
+
+[[broker.subscriptions]]
+filter = "plant/+/+"
+qos = 1
+format = "number"
+
+[http]
+listen = "127.0.0.1:{http_port}"
+"#,
+            data = dir.path().join("data").display(),
+            cert = pki.server.0.display(),
+            key = pki.server.1.display(),
+        ),
+    )
+    .unwrap();
+    let mut agent = millrace_tests::ChildGuard::spawn(
+        "millrace-agent",
+        Command::new(bin("millrace-agent"))
+            .args(["run", "--config"])
+            .arg(&agent_toml)
+            .stderr(std::fs::File::create(dir.path().join("agent.log")).unwrap()),
+    );
+    millrace_tests::wait_for_port(
+        std::net::SocketAddr::from(([127, 0, 0, 1], mqtt_port)),
+        std::time::Duration::from_secs(30),
+    );
+    let mosquitto_pub = millrace_tests::require_program("mosquitto_pub", "mosquitto-clients");
+    let publish = |tls: bool, password: &str| {
+        let mut cmd = Command::new(&mosquitto_pub);
+        cmd.args(["-h", "127.0.0.1", "-p", &mqtt_port.to_string(), "-q", "1"])
+            .args(["-t", "plant/boiler-3/temp", "-m", "180.5"])
+            .args(["-u", "sensor", "-P", password]);
+        if tls {
+            cmd.arg("--cafile").arg(&pki.ca);
+        }
+        cmd.output().unwrap().status.success()
+    };
+    assert!(!publish(false, "sensor-password"), "plaintext accepted");
+    assert!(
+        !publish(true, "not-the-password"),
+        "wrong password accepted over TLS"
+    );
+    assert!(
+        publish(true, "sensor-password"),
+        "TLS with the password refused"
+    );
+    assert!(wait_for(std::time::Duration::from_secs(20), || {
+        metric_total(http_port, "millrace_readings_accepted_total") == 1.0
+            && metric_total(http_port, "millrace_mqtt_auth_failures_total") == 2.0
+    }), "accepted {} auth failures {}", metric_total(http_port, "millrace_readings_accepted_total"), metric_total(http_port, "millrace_mqtt_auth_failures_total"));
+    assert_eq!(agent.terminate(std::time::Duration::from_secs(30)), Some(0));
+}

@@ -64,7 +64,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use millrace_protocol::{DeadLetter, DeadLetterReason, Source};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinSet;
@@ -105,6 +105,9 @@ pub enum ListenerError {
         #[source]
         source: std::io::Error,
     },
+    /// `[broker.tls]` files that cannot be used.
+    #[error("[broker.tls]: {0}")]
+    Tls(String),
     /// Accepting connections failed for good.
     #[error("mqtt ingest listener on {addr}: {source}")]
     Accept {
@@ -119,6 +122,8 @@ pub enum ListenerError {
 struct Shared {
     decoder: Decoder,
     auth: Auth,
+    /// `[broker.tls]`: every ingest connection starts with a TLS handshake.
+    tls: Option<Arc<rustls::ServerConfig>>,
     stats: Arc<MqttStats>,
     pubsub: Option<PubSub>,
     max_packet: usize,
@@ -159,6 +164,12 @@ impl IngestListener {
             shared: Arc::new(Shared {
                 decoder,
                 auth: Auth::new(&config.users, config.allow_anonymous),
+                tls: config
+                    .tls
+                    .as_ref()
+                    .map(|t| t.server_config())
+                    .transpose()
+                    .map_err(ListenerError::Tls)?,
                 stats: Arc::default(),
                 pubsub,
                 max_packet: max_payload.saturating_add(PACKET_OVERHEAD),
@@ -220,7 +231,28 @@ impl IngestListener {
                     let (shared, tx, stop) = (Arc::clone(&shared), tx.clone(), shutdown.clone());
                     connections.spawn(async move {
                         let _permit = permit;
-                        serve(stream, peer, &shared, &tx, &stop).await;
+                        let Some(tls) = shared.tls.clone() else {
+                            serve(stream, peer, &shared, &tx, &stop).await;
+                            return;
+                        };
+                        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+                        match tokio::time::timeout(CONNECT_TIMEOUT, acceptor.accept(stream)).await {
+                            Ok(Ok(tls)) => serve(tls, peer, &shared, &tx, &stop).await,
+                            Ok(Err(error)) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
+                                // Closed before saying anything (a port probe).
+                                shared.stats.connection_errors.fetch_add(1, Ordering::Relaxed);
+                                debug!(%peer, "mqtt ingest: connection closed before the TLS handshake");
+                            }
+                            Ok(Err(error)) => {
+                                // Plaintext MQTT, or a client that rejects our certificate.
+                                shared.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+                                warn!(%peer, %error, "mqtt ingest: TLS handshake refused");
+                            }
+                            Err(_) => {
+                                shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                                warn!(%peer, "mqtt ingest: no TLS handshake within {CONNECT_TIMEOUT:?}");
+                            }
+                        }
                     });
                 }
                 Some(_) = connections.join_next() => {}
@@ -329,8 +361,8 @@ struct Skip {
     total: usize,
 }
 
-async fn serve(
-    mut stream: TcpStream,
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
     peer: SocketAddr,
     shared: &Shared,
     tx: &IngestTx,
@@ -457,8 +489,8 @@ enum ConnectError {
 type Connect = (Version, Duration, String, Option<String>, Option<Vec<u8>>);
 
 /// Reads the `CONNECT`.
-async fn read_connect(
-    stream: &mut TcpStream,
+async fn read_connect<S: AsyncRead + Unpin>(
+    stream: &mut S,
     rbuf: &mut BytesMut,
     max_packet: usize,
 ) -> Result<Connect, ConnectError> {
@@ -567,9 +599,9 @@ async fn oldest_durable(
 }
 
 impl Session<'_> {
-    async fn run(
+    async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
-        stream: &mut TcpStream,
+        stream: &mut S,
         rbuf: &mut BytesMut,
         keep_alive: Duration,
         tx: &IngestTx,
@@ -646,7 +678,7 @@ impl Session<'_> {
 
     /// At shutdown: what was handed over is acknowledged when the final
     /// journal commit covers it (or left unacknowledged after a while).
-    async fn finish_at_shutdown(&mut self, stream: &mut TcpStream) {
+    async fn finish_at_shutdown<S: AsyncWrite + Unpin>(&mut self, stream: &mut S) {
         let deadline = Instant::now() + SHUTDOWN_ACK_WAIT;
         while !self.inflight.is_empty() {
             match tokio::time::timeout_at(deadline, oldest_durable(&mut self.inflight)).await {
