@@ -3,9 +3,20 @@
 "use strict";
 
 (() => {
+  // Opened as /?access_token=…: the token is traded for an HttpOnly session
+  // cookie and taken out of the address bar; every later request (the event
+  // stream included) carries only the cookie.
   const params = new URLSearchParams(location.search);
   const token = params.get("access_token");
-  const authHeaders = token ? { Authorization: "Bearer " + token } : {};
+  const session = token
+    ? fetch("api/v1/session", { method: "POST", headers: { Authorization: "Bearer " + token }, credentials: "same-origin" })
+        .then((r) => { if (!r.ok) throw new Error("session: HTTP " + r.status); })
+    : Promise.resolve();
+  if (token) {
+    params.delete("access_token");
+    const rest = params.toString();
+    history.replaceState(null, "", location.pathname + (rest ? "?" + rest : "") + location.hash);
+  }
   const $ = (id) => document.getElementById(id);
   const RANGES = { "5m": 5 * 60e3, "15m": 15 * 60e3, "1h": 3600e3, "6h": 6 * 3600e3 };
   const MAX_ALERT_ITEMS = 200;
@@ -28,14 +39,10 @@
   };
 
   async function getJson(path) {
-    const response = await fetch(path, { headers: authHeaders });
+    await session;
+    const response = await fetch(path, { credentials: "same-origin" });
     if (!response.ok) throw new Error(path + ": HTTP " + response.status);
     return response.json();
-  }
-
-  function withToken(url) {
-    if (!token) return url;
-    return url + (url.includes("?") ? "&" : "?") + "access_token=" + encodeURIComponent(token);
   }
 
   function el(tag, attrs, ...children) {
@@ -367,7 +374,7 @@
   function openStream() {
     if (state.stream) state.stream.close();
     const query = state.chart ? "?" + new URLSearchParams({ agent: state.chart.agent, series: state.chart.series }) : "";
-    const stream = new EventSource(withToken("api/v1/events" + query));
+    const stream = new EventSource("api/v1/events" + query, { withCredentials: true });
     state.stream = stream;
     stream.onopen = () => {
       setConn("live", "live");
@@ -430,5 +437,5 @@
     loadAlerts().catch(report);
   }
 
-  start();
+  session.then(start, (e) => { report(e); start(); });
 })();

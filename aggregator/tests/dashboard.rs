@@ -445,13 +445,64 @@ async fn token_or_basic_auth_guards_every_dashboard_route() {
         .await;
         assert_eq!(status, StatusCode::OK, "{path}");
     }
+    // A token in a URL opens the page only; the page trades it for a session.
+    let (status, _) = get_text(server.addr, "/?access_token=dash-token-0123456789", &[]).await;
+    assert_eq!(status, StatusCode::OK);
     let (status, _) = get_text(
         server.addr,
         "/api/v1/fleet?access_token=dash-token-0123456789",
         &[],
     )
     .await;
-    assert_eq!(status, StatusCode::OK);
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "token in an API URL");
+    let session = request(
+        server.addr,
+        Method::POST,
+        "/api/v1/session",
+        &[("authorization", "Bearer dash-token-0123456789")],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(session.status, StatusCode::NO_CONTENT);
+    let cookie = session.headers["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        cookie.starts_with("millrace_session=")
+            && cookie.contains("HttpOnly")
+            && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let pair = cookie.split(';').next().unwrap().to_owned();
+    for path in ["/api/v1/fleet", "/api/v1/events", "/metrics"] {
+        let stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let response = sender
+            .send_request(
+                Request::builder()
+                    .uri(path)
+                    .header("host", server.addr.to_string())
+                    .header("cookie", format!("theme=dark; {pair}"))
+                    .body(Empty::<Bytes>::new())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::OK,
+            "{path} with the session cookie"
+        );
+    }
+    let (status, _) = get_text(
+        server.addr,
+        "/api/v1/fleet",
+        &[("cookie", "millrace_session=forged0123")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "unknown session");
     // Probes and the agents' ingest keep their own rules.
     assert_eq!(healthz(server.addr).await.status, StatusCode::OK);
     let b = batch_of(

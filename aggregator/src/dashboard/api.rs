@@ -27,6 +27,7 @@ pub const SERIES_WINDOWS_PATH: &str = "/api/v1/series/windows";
 pub const ALERTS_PATH: &str = "/api/v1/alerts";
 pub const EVENTS_PATH: &str = "/api/v1/events";
 pub const METRICS_PATH: &str = "/metrics";
+pub const SESSION_PATH: &str = "/api/v1/session";
 
 /// Largest page of the series list and the alert feed.
 pub const MAX_PAGE: usize = 500;
@@ -56,6 +57,7 @@ pub fn router(app: App) -> Router {
         .route(ALERTS_PATH, get(alerts))
         .route(EVENTS_PATH, get(events))
         .route(METRICS_PATH, get(metrics))
+        .route(SESSION_PATH, axum::routing::post(session))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_auth))
         .layer(middleware::from_fn(security_headers))
         .with_state(app)
@@ -88,13 +90,50 @@ async fn security_headers(request: Request, next: Next) -> Response {
 
 async fn require_auth(State(app): State<App>, request: Request, next: Next) -> Response {
     let auth = &app.dashboard.config().auth;
-    match auth::check(auth, request.headers(), request.uri()) {
+    match auth::check(
+        auth,
+        app.dashboard.sessions(),
+        request.headers(),
+        request.uri(),
+    ) {
         Ok(()) => next.run(request).await,
         Err(error) => {
             tracing::info!(path = %request.uri().path(), %error, "dashboard request refused");
             auth::refuse(auth, error)
         }
     }
+}
+
+/// Trades the credentials of this request (it passed the access control)
+/// for a session cookie: `HttpOnly`, `SameSite=Strict`, `Secure` behind TLS.
+async fn session(State(app): State<App>, request: Request) -> Response {
+    let id = match app.dashboard.sessions().create() {
+        Ok(id) => id,
+        Err(error) => {
+            tracing::error!(%error, "cannot create a dashboard session");
+            return StatusCode::SERVICE_UNAVAILABLE.into_response();
+        }
+    };
+    let secure = if request.uri().scheme_str() == Some("https")
+        || request
+            .extensions()
+            .get::<crate::tls::PeerCertificate>()
+            .is_some()
+    {
+        "; Secure"
+    } else {
+        ""
+    };
+    let cookie = format!(
+        "{}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
+        auth::SESSION_COOKIE,
+        auth::SESSION_TTL.as_secs()
+    );
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    if let Ok(value) = HeaderValue::from_str(&cookie) {
+        response.headers_mut().insert(header::SET_COOKIE, value);
+    }
+    response
 }
 
 /// A `400` with a reason.

@@ -61,6 +61,7 @@ pub struct Dashboard {
     metrics: metrics::Metrics,
     log_kind: &'static str,
     sse_clients: AtomicUsize,
+    sessions: auth::Sessions,
 }
 
 impl Dashboard {
@@ -80,7 +81,13 @@ impl Dashboard {
             metrics: metrics::Metrics::new(),
             log_kind,
             sse_clients: AtomicUsize::new(0),
+            sessions: auth::Sessions::default(),
         }
+    }
+
+    /// The browser sessions (see [`auth`]).
+    pub fn sessions(&self) -> &auth::Sessions {
+        &self.sessions
     }
 
     pub fn config(&self) -> &DashboardConfig {
