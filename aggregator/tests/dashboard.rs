@@ -473,23 +473,8 @@ async fn token_or_basic_auth_guards_every_dashboard_route() {
     );
     let pair = cookie.split(';').next().unwrap().to_owned();
     for path in ["/api/v1/fleet", "/api/v1/events", "/metrics"] {
-        let stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
-        let response = sender
-            .send_request(
-                Request::builder()
-                    .uri(path)
-                    .header("host", server.addr.to_string())
-                    .header("cookie", format!("theme=dark; {pair}"))
-                    .body(Empty::<Bytes>::new())
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
+        let cookie = format!("theme=dark; {pair}");
+        let response = response_head(server.addr, path, &[("cookie", &cookie)]).await;
         assert_eq!(
             response.status(),
             StatusCode::OK,
@@ -602,24 +587,33 @@ async fn event_stream_pushes_alerts_and_the_chosen_series_windows() {
     server.stop().await;
 }
 
-/// Opens `/api/v1/events` on its own connection; the response head only.
-async fn open_events(addr: SocketAddr) -> hyper::Response<hyper::body::Incoming> {
+/// `GET path` with `headers` on its own connection; the response head only
+/// (an event stream never ends).
+async fn response_head(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> hyper::Response<hyper::body::Incoming> {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
             .unwrap();
     tokio::spawn(conn);
+    let mut request = Request::builder()
+        .uri(path)
+        .header("host", addr.to_string());
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
     sender
-        .send_request(
-            Request::builder()
-                .uri("/api/v1/events")
-                .header("host", addr.to_string())
-                .body(Empty::<Bytes>::new())
-                .unwrap(),
-        )
+        .send_request(request.body(Empty::<Bytes>::new()).unwrap())
         .await
         .unwrap()
+}
+
+async fn open_events(addr: SocketAddr) -> hyper::Response<hyper::body::Incoming> {
+    response_head(addr, "/api/v1/events", &[]).await
 }
 
 #[tokio::test]

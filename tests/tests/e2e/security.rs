@@ -353,18 +353,7 @@ backoff-max = "1s"
     )
     .unwrap();
     let agent_log = dir.path().join("agent.log");
-    let mut agent = millrace_tests::ChildGuard::spawn(
-        "millrace-agent",
-        Command::new(bin("millrace-agent"))
-            .args(["run", "--config"])
-            .arg(&agent_toml)
-            .env("RUST_LOG", "info")
-            .stderr(std::fs::File::create(&agent_log).unwrap()),
-    );
-    millrace_tests::wait_for_port(
-        std::net::SocketAddr::from(([127, 0, 0, 1], mqtt_port)),
-        std::time::Duration::from_secs(30),
-    );
+    let mut agent = start_agent(&agent_toml, &agent_log, mqtt_port);
     let mosquitto_pub = millrace_tests::require_program("mosquitto_pub", "mosquitto-clients");
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -405,24 +394,7 @@ fn wait_for(timeout: std::time::Duration, mut f: impl FnMut() -> bool) -> bool {
 #[test]
 fn security_device_ingest_needs_its_password_and_stays_in_its_topics() {
     let dir = tempfile::tempdir().unwrap();
-    let hash = {
-        use std::io::Write;
-        let mut child = Command::new(bin("millrace-agent"))
-            .arg("hash-password")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(b"press-1-password\n")
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success());
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    };
+    let hash = hashed("millrace-agent", "hash-password", "press-1-password");
     let (mqtt_port, http_port) = (free_port(), free_port());
     let config = |listen: &str| {
         format!(
@@ -482,17 +454,7 @@ listen = "127.0.0.1:{http_port}"
 
     std::fs::write(&agent_toml, config("127.0.0.1")).unwrap();
     let agent_log = dir.path().join("agent.log");
-    let mut agent = millrace_tests::ChildGuard::spawn(
-        "millrace-agent",
-        Command::new(bin("millrace-agent"))
-            .args(["run", "--config"])
-            .arg(&agent_toml)
-            .stderr(std::fs::File::create(&agent_log).unwrap()),
-    );
-    millrace_tests::wait_for_port(
-        std::net::SocketAddr::from(([127, 0, 0, 1], mqtt_port)),
-        std::time::Duration::from_secs(30),
-    );
+    let mut agent = start_agent(&agent_toml, &agent_log, mqtt_port);
     let mosquitto_pub = millrace_tests::require_program("mosquitto_pub", "mosquitto-clients");
     let publish = |user: Option<(&str, &str)>, topic: &str| {
         let mut cmd = Command::new(&mosquitto_pub);
@@ -550,10 +512,33 @@ listen = "127.0.0.1:{http_port}"
     assert_eq!(agent.terminate(std::time::Duration::from_secs(30)), Some(0));
 }
 
-fn hash_token(token: &str) -> String {
+/// Starts `millrace-agent run` on `config` (stderr to `log`) and waits for
+/// its ingest listener on `mqtt_port`.
+fn start_agent(
+    config: &std::path::Path,
+    log: &std::path::Path,
+    mqtt_port: u16,
+) -> millrace_tests::ChildGuard {
+    let agent = millrace_tests::ChildGuard::spawn(
+        "millrace-agent",
+        Command::new(bin("millrace-agent"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(log).unwrap()),
+    );
+    millrace_tests::wait_for_port(
+        std::net::SocketAddr::from(([127, 0, 0, 1], mqtt_port)),
+        std::time::Duration::from_secs(30),
+    );
+    agent
+}
+
+/// What `binary command` prints for `secret` given on its standard input.
+fn hashed(binary: &str, command: &str, secret: &str) -> String {
     use std::io::Write;
-    let mut child = Command::new(bin("millrace-aggregator"))
-        .arg("hash-token")
+    let mut child = Command::new(bin(binary))
+        .arg(command)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -562,11 +547,15 @@ fn hash_token(token: &str) -> String {
         .stdin
         .take()
         .unwrap()
-        .write_all(format!("{token}\n").as_bytes())
+        .write_all(format!("{secret}\n").as_bytes())
         .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
+    assert!(out.status.success(), "{binary} {command}");
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn hash_token(token: &str) -> String {
+    hashed("millrace-aggregator", "hash-token", token)
 }
 
 #[test]
@@ -646,25 +635,7 @@ fn security_token_rotation_by_reload_without_a_restart() {
 fn security_device_ingest_over_tls_with_a_password_and_no_plaintext() {
     let dir = tempfile::tempdir().unwrap();
     let (pki, _authority) = pki(dir.path());
-    let hash = {
-        use std::io::Write;
-        let mut child = Command::new(bin("millrace-agent"))
-            .arg("hash-password")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(b"sensor-password\n")
-            .unwrap();
-        String::from_utf8(child.wait_with_output().unwrap().stdout)
-            .unwrap()
-            .trim()
-            .to_owned()
-    };
+    let hash = hashed("millrace-agent", "hash-password", "sensor-password");
     let (mqtt_port, http_port) = (free_port(), free_port());
     let agent_toml = dir.path().join("agent.toml");
     std::fs::write(
@@ -701,17 +672,7 @@ listen = "127.0.0.1:{http_port}"
         ),
     )
     .unwrap();
-    let mut agent = millrace_tests::ChildGuard::spawn(
-        "millrace-agent",
-        Command::new(bin("millrace-agent"))
-            .args(["run", "--config"])
-            .arg(&agent_toml)
-            .stderr(std::fs::File::create(dir.path().join("agent.log")).unwrap()),
-    );
-    millrace_tests::wait_for_port(
-        std::net::SocketAddr::from(([127, 0, 0, 1], mqtt_port)),
-        std::time::Duration::from_secs(30),
-    );
+    let mut agent = start_agent(&agent_toml, &dir.path().join("agent.log"), mqtt_port);
     let mosquitto_pub = millrace_tests::require_program("mosquitto_pub", "mosquitto-clients");
     let publish = |tls: bool, password: &str| {
         let mut cmd = Command::new(&mosquitto_pub);
@@ -732,9 +693,14 @@ listen = "127.0.0.1:{http_port}"
         publish(true, "sensor-password"),
         "TLS with the password refused"
     );
-    assert!(wait_for(std::time::Duration::from_secs(20), || {
-        metric_total(http_port, "millrace_readings_accepted_total") == 1.0
-            && metric_total(http_port, "millrace_mqtt_auth_failures_total") == 2.0
-    }), "accepted {} auth failures {}", metric_total(http_port, "millrace_readings_accepted_total"), metric_total(http_port, "millrace_mqtt_auth_failures_total"));
+    assert!(
+        wait_for(std::time::Duration::from_secs(20), || {
+            metric_total(http_port, "millrace_readings_accepted_total") == 1.0
+                && metric_total(http_port, "millrace_mqtt_auth_failures_total") == 2.0
+        }),
+        "accepted {} auth failures {}",
+        metric_total(http_port, "millrace_readings_accepted_total"),
+        metric_total(http_port, "millrace_mqtt_auth_failures_total")
+    );
     assert_eq!(agent.terminate(std::time::Duration::from_secs(30)), Some(0));
 }

@@ -515,6 +515,21 @@ async fn read_connect<S: AsyncRead + Unpin>(
     }
 }
 
+/// What follows an MQTT 5 property block (a variable-byte length, then
+/// that many bytes); `None` when it runs past the end.
+fn skip_properties(rest: &[u8]) -> Option<&[u8]> {
+    let mut len = 0usize;
+    let mut used = 0;
+    for (i, b) in rest.iter().take(4).enumerate() {
+        len |= usize::from(b & 0x7F) << (7 * i);
+        used = i + 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+    }
+    rest.get(used + len..)
+}
+
 fn parse_connect(body: &[u8]) -> Result<Connect, ConnectError> {
     let bad = || ConnectError::Frame(FrameError::Malformed("CONNECT"));
     let [nh, nl, rest @ ..] = body else {
@@ -532,16 +547,7 @@ fn parse_connect(body: &[u8]) -> Result<Connect, ConnectError> {
     };
     let mut rest = rest;
     if version == Version::V5 {
-        let mut len = 0usize;
-        let mut used = 0;
-        for (i, b) in rest.iter().take(4).enumerate() {
-            len |= usize::from(b & 0x7F) << (7 * i);
-            used = i + 1;
-            if b & 0x80 == 0 {
-                break;
-            }
-        }
-        rest = rest.get(used + len..).ok_or_else(bad)?;
+        rest = skip_properties(rest).ok_or_else(bad)?;
     }
     // A length-prefixed field of the payload, and what follows it.
     let field = |rest: &[u8]| -> Result<(Vec<u8>, usize), ConnectError> {
@@ -557,16 +563,7 @@ fn parse_connect(body: &[u8]) -> Result<Connect, ConnectError> {
     if flags & 0x04 != 0 {
         // Will: (MQTT 5: its properties), topic, payload. Not used here.
         if version == Version::V5 {
-            let mut len = 0usize;
-            let mut used = 0;
-            for (i, b) in rest.iter().take(4).enumerate() {
-                len |= usize::from(b & 0x7F) << (7 * i);
-                used = i + 1;
-                if b & 0x80 == 0 {
-                    break;
-                }
-            }
-            rest = rest.get(used + len..).ok_or_else(bad)?;
+            rest = skip_properties(rest).ok_or_else(bad)?;
         }
         for _ in 0..2 {
             let (_, used) = field(rest)?;
