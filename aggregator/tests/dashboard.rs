@@ -26,22 +26,7 @@ fn get(addr: SocketAddr, path: &str) -> impl std::future::Future<Output = Reply>
 }
 
 async fn get_text(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (StatusCode, String) {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let mut builder = Request::builder()
-        .uri(path)
-        .header("host", addr.to_string());
-    for (k, v) in headers {
-        builder = builder.header(*k, *v);
-    }
-    let response = sender
-        .send_request(builder.body(Empty::<Bytes>::new()).unwrap())
-        .await
-        .unwrap();
+    let response = response_head(addr, path, headers).await;
     let status = response.status();
     let body = response.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8(body.to_vec()).unwrap())
