@@ -69,8 +69,10 @@ pub struct Aggregator {
     /// `None` when `[dashboard] enabled = false`.
     dashboard: Option<Arc<Dashboard>>,
     shutdown_grace: std::time::Duration,
-    /// `Some` when `[tls]` is configured: HTTPS only.
-    tls: Option<Arc<rustls::ServerConfig>>,
+    /// `Some` when `[tls]` is configured: HTTPS only. Replaced on reload
+    /// (SIGHUP), so a renewed certificate or client CA applies to the next
+    /// connection.
+    tls: Option<tls::Reloadable>,
 }
 
 impl Aggregator {
@@ -155,8 +157,13 @@ impl Aggregator {
             ingest: Arc::new(ingest),
             dashboard,
             shutdown_grace: config.shutdown_grace,
-            tls: server_tls,
+            tls: server_tls.map(|c| Arc::new(std::sync::RwLock::new(c))),
         })
+    }
+
+    /// The running TLS settings, for a reload to replace.
+    pub fn tls(&self) -> Option<&tls::Reloadable> {
+        self.tls.as_ref()
     }
 
     pub fn ingest(&self) -> &Arc<Ingest> {
@@ -223,10 +230,9 @@ impl Aggregator {
 async fn serve_tls(
     listener: tokio::net::TcpListener,
     router: axum::Router,
-    config: Arc<rustls::ServerConfig>,
+    config: tls::Reloadable,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let (tcp, peer) = tokio::select! {
@@ -239,7 +245,8 @@ async fn serve_tls(
                 }
             },
         };
-        let acceptor = acceptor.clone();
+        let current = Arc::clone(&config.read().unwrap_or_else(|e| e.into_inner()));
+        let acceptor = tokio_rustls::TlsAcceptor::from(current);
         let router = router.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {

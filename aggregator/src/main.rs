@@ -200,6 +200,7 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
         tokio::spawn(reload_on_sighup(
             path.to_owned(),
             Arc::clone(aggregator.ingest()),
+            aggregator.tls().cloned(),
             shutdown.clone(),
         ));
         let status = format!("serving on {local}");
@@ -244,6 +245,7 @@ async fn watchdog(shutdown: CancellationToken) {
 async fn reload_on_sighup(
     path: std::path::PathBuf,
     ingest: Arc<millrace_aggregator::ingest::Ingest>,
+    tls: Option<millrace_aggregator::tls::Reloadable>,
     shutdown: CancellationToken,
 ) {
     use tokio::signal::unix::{signal, SignalKind};
@@ -258,6 +260,13 @@ async fn reload_on_sighup(
         }
         match Config::load(&path) {
             Ok(config) => {
+                if let (Some(running), Some(files)) = (&tls, &config.tls) {
+                    // Checked by Config::load already; built again here.
+                    if let Ok(server) = millrace_aggregator::tls::server_config(files) {
+                        *running.write().unwrap_or_else(|e| e.into_inner()) = server;
+                        tracing::info!("TLS certificate and client CA reloaded");
+                    }
+                }
                 let agents = config.agents.len();
                 let needs_restart = ingest.reload_credentials(config.agents);
                 ingest

@@ -15,8 +15,11 @@
 //! refused. With `client-cert = "required"` a client without a certificate
 //! from that CA does not get past the handshake.
 //!
-//! What it is not: no certificate reload without a restart, no revocation
-//! lists (short-lived certificates are the way to revoke).
+//! SIGHUP reads the files again: a renewed certificate or a changed client
+//! CA applies to the next connection, without a restart.
+//!
+//! What it is not: no revocation lists (short-lived certificates are the way
+//! to revoke).
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -45,6 +48,9 @@ pub enum ClientCert {
     /// A client may come with a certificate or with a token only.
     Optional,
 }
+
+/// The server config in use, replaced as a whole on reload.
+pub type Reloadable = Arc<std::sync::RwLock<Arc<rustls::ServerConfig>>>;
 
 /// The verified client certificate of a connection, if any: a request
 /// extension the ingest handler reads.

@@ -376,6 +376,44 @@ backoff-max = "1s"
     assert_eq!(logged.len(), 1, "{logged:?}\n{log}");
     assert_eq!(logged[0]["headers"]["agent"], "gw-a");
     assert_eq!(logged[0]["value"]["count"], 5);
+
+    // The agents move to a new CA: SIGHUP applies it to the next connection,
+    // without a restart; the old CA's certificates stop working.
+    let next_ca = ca("millrace test agents CA, next");
+    let next_ca_path = dir.path().join("ca-next.crt");
+    std::fs::write(&next_ca_path, next_ca.0.pem()).unwrap();
+    let (cert, key) = issue(&["gw-a"], false, &next_ca);
+    let gw_a_next = write_pem(dir.path(), "gw-a-next", &cert, &key);
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &pki.ca.display().to_string(),
+        &next_ca_path.display().to_string(),
+    );
+    std::fs::write(&config, text).unwrap();
+    let pid = aggregator.pid();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let batch = Batch::new("gw-a", vec![window("gw-a", 2)]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let moved = loop {
+        let ok =
+            post(&client(Some(&gw_a_next)), None, &batch).is_ok_and(|r| r.status().as_u16() == 200);
+        if ok || std::time::Instant::now() > deadline {
+            break ok;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(
+        moved,
+        "the new CA's certificate is not accepted after SIGHUP"
+    );
+    assert!(
+        post(&client(Some(&gw_a)), None, &batch).is_err(),
+        "old CA still accepted"
+    );
+    assert_eq!(aggregator.pid(), pid);
     aggregator.terminate(std::time::Duration::from_secs(10));
 }
 
