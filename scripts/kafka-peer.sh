@@ -9,7 +9,9 @@
 #   scripts/kafka-peer.sh stop DIR                 stop the broker started with DIR (the store is kept,
 #                                                  so `start DIR PORT` brings the same data back)
 #
-# Environment: MILLRACE_TOOLS (default $HOME/.cache/millrace-tools).
+# Environment: MILLRACE_TOOLS (default $HOME/.cache/millrace-tools); KAFKA_PEER_SCRAM_USER=NAME:PASSWORD
+# makes `start` create that SCRAM-SHA-512 user (and the topics) on a first, open start, then run
+# the broker with client authentication required (SASL_PLAINTEXT).
 set -euo pipefail
 
 TOOLS="${MILLRACE_TOOLS:-$HOME/.cache/millrace-tools}"
@@ -43,21 +45,11 @@ except OSError:
 PY
 }
 
-start() {
-  local dir="${1:?usage: kafka-peer.sh start DIR [PORT] [TOPIC...]}"
-  local port="${2:-}"
-  shift $(( $# >= 2 ? 2 : 1 ))
-  local topics=("$@")
-  [[ ${#topics[@]} -gt 0 ]] || topics=("${DEFAULT_TOPICS[@]}")
-  install_tansu
-  mkdir -p "$dir"
-  dir="$(cd "$dir" && pwd)"
-  if [[ -f "$dir/tansu.pid" ]] && kill -0 "$(cat "$dir/tansu.pid")" 2>/dev/null; then
-    die "a broker is already running for $dir (pid $(cat "$dir/tansu.pid"))"
-  fi
-  [[ -n "$port" ]] || port="$(free_port)"
+run_broker() {
+  local dir="$1" port="$2"
+  shift 2
   # tansu reads `sqlite://NAME` relative to its working directory.
-  (cd "$dir" && exec nohup "$TANSU" broker \
+  (cd "$dir" && exec nohup "$TANSU" broker "$@" \
     --cluster-id millrace-test \
     --listener-url "tcp://127.0.0.1:$port" \
     --advertised-listener-url "tcp://127.0.0.1:$port" \
@@ -72,10 +64,44 @@ start() {
     sleep 0.1
   done
   port_open "$port" || die "tansu did not listen on 127.0.0.1:$port; see $dir/tansu.log"
-  for topic in "${topics[@]}"; do
+}
+
+create_topics() {
+  local port="$1"
+  shift
+  for topic in "$@"; do
     # Creating an existing topic (a restart on the same store) is not an error here.
     "$TANSU" topic create --broker "tcp://127.0.0.1:$port" --partitions 1 "$topic" >>"$dir/tansu.log" 2>&1 || true
   done
+}
+
+start() {
+  local dir="${1:?usage: kafka-peer.sh start DIR [PORT] [TOPIC...]}"
+  local port="${2:-}"
+  shift $(( $# >= 2 ? 2 : 1 ))
+  local topics=("$@")
+  [[ ${#topics[@]} -gt 0 ]] || topics=("${DEFAULT_TOPICS[@]}")
+  install_tansu
+  mkdir -p "$dir"
+  dir="$(cd "$dir" && pwd)"
+  if [[ -f "$dir/tansu.pid" ]] && kill -0 "$(cat "$dir/tansu.pid")" 2>/dev/null; then
+    die "a broker is already running for $dir (pid $(cat "$dir/tansu.pid"))"
+  fi
+  [[ -n "$port" ]] || port="$(free_port)"
+  if [[ -n "${KAFKA_PEER_SCRAM_USER:-}" ]]; then
+    # Users and topics are made while the broker is open, then it restarts
+    # with authentication required on the same store.
+    run_broker "$dir" "$port"
+    "$TANSU" user create --broker "tcp://127.0.0.1:$port" --mechanism scram512 \
+      "${KAFKA_PEER_SCRAM_USER%%:*}" "${KAFKA_PEER_SCRAM_USER#*:}" >>"$dir/tansu.log" 2>&1 \
+      || die "creating the SCRAM user failed; see $dir/tansu.log"
+    create_topics "$port" "${topics[@]}"
+    stop "$dir"
+    run_broker "$dir" "$port" --authentication
+  else
+    run_broker "$dir" "$port"
+    create_topics "$port" "${topics[@]}"
+  fi
   echo "$port"
 }
 

@@ -4,6 +4,7 @@ client, not ours) and prints one JSON line per record: topic, partition,
 offset, key, value (parsed JSON when it is JSON) and headers.
 
     scripts/kafka-read.py --brokers 127.0.0.1:9092 --topic millrace.windows [--idle-timeout 5]
+        [--scram-user NAME --scram-password PASSWORD]   # SASL_PLAINTEXT, SCRAM-SHA-512
 
 It reads every partition up to its end as of the start (its high watermark),
 then goes on for at most --idle-timeout seconds more, stopping earlier once
@@ -49,15 +50,25 @@ def main():
     ap.add_argument("--topic", required=True)
     ap.add_argument("--idle-timeout", type=float, default=5.0,
                     help="seconds without new records, after reaching the end, before stopping")
+    ap.add_argument("--scram-user")
+    ap.add_argument("--scram-password")
     args = ap.parse_args()
 
-    consumer = Consumer({
+    config = {
         "bootstrap.servers": args.brokers,
         "group.id": "millrace-read-" + uuid.uuid4().hex,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
         "enable.partition.eof": True,
-    })
+    }
+    if args.scram_user:
+        config.update({
+            "security.protocol": "SASL_PLAINTEXT",
+            "sasl.mechanism": "SCRAM-SHA-512",
+            "sasl.username": args.scram_user,
+            "sasl.password": args.scram_password or "",
+        })
+    consumer = Consumer(config)
     metadata = consumer.list_topics(args.topic, timeout=10)
     topic_md = metadata.topics.get(args.topic)
     if topic_md is None or topic_md.error is not None:

@@ -489,8 +489,20 @@ pub struct KafkaPeer {
 impl KafkaPeer {
     /// Starts a broker with its store in `dir`, on `port` (or a free one).
     pub fn start(dir: &Path, port: Option<u16>) -> Self {
+        Self::start_with(dir, port, None)
+    }
+
+    /// Starts a broker that requires SASL SCRAM-SHA-512 from `(user, password)`.
+    pub fn start_with_scram(dir: &Path, user: &str, password: &str) -> Self {
+        Self::start_with(dir, None, Some((user, password)))
+    }
+
+    fn start_with(dir: &Path, port: Option<u16>, scram: Option<(&str, &str)>) -> Self {
         let mut cmd = Command::new(script("kafka-peer.sh"));
         cmd.arg("start").arg(dir);
+        if let Some((user, password)) = scram {
+            cmd.env("KAFKA_PEER_SCRAM_USER", format!("{user}:{password}"));
+        }
         if let Some(port) = port {
             cmd.arg(port.to_string());
         }
@@ -543,12 +555,24 @@ impl Drop for KafkaPeer {
 /// Every record of `topic` read with the independent client
 /// `scripts/kafka-read.py` (confluent-kafka).
 pub fn kafka_read(port: u16, topic: &str, idle_timeout_s: f64) -> Vec<serde_json::Value> {
-    let out = Command::new("python3")
-        .arg(script("kafka-read.py"))
+    kafka_read_as(port, topic, idle_timeout_s, None)
+}
+
+/// [`kafka_read`] authenticated with SASL SCRAM-SHA-512 as `(user, password)`.
+pub fn kafka_read_as(
+    port: u16,
+    topic: &str,
+    idle_timeout_s: f64,
+    scram: Option<(&str, &str)>,
+) -> Vec<serde_json::Value> {
+    let mut cmd = Command::new("python3");
+    cmd.arg(script("kafka-read.py"))
         .args(["--brokers", &format!("127.0.0.1:{port}"), "--topic", topic])
-        .args(["--idle-timeout", &idle_timeout_s.to_string()])
-        .output()
-        .expect("run python3 scripts/kafka-read.py");
+        .args(["--idle-timeout", &idle_timeout_s.to_string()]);
+    if let Some((user, password)) = scram {
+        cmd.args(["--scram-user", user, "--scram-password", password]);
+    }
+    let out = cmd.output().expect("run python3 scripts/kafka-read.py");
     assert!(
         out.status.success(),
         "scripts/kafka-read.py failed: {}",

@@ -742,3 +742,75 @@ listen = "127.0.0.1:{http_port}"
     );
     assert_eq!(agent.terminate(std::time::Duration::from_secs(30)), Some(0));
 }
+
+#[test]
+fn security_kafka_with_sasl_scram_writes_and_a_wrong_password_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (user, password) = ("millrace", "kafka-scram-password-0123");
+    let kafka =
+        millrace_tests::KafkaPeer::start_with_scram(&dir.path().join("kafka"), user, password);
+    let run = |name: &str, secret: &str| {
+        let port = free_port();
+        let config = dir.path().join(format!("{name}.toml"));
+        write_aggregator_config(
+            &config,
+            port,
+            &dir.path().join(name),
+            &[("gw-a", TOKEN_A)],
+            &format!(
+                "[kafka]\nbrokers = \"127.0.0.1:{}\"\nmessage-timeout = \"5s\"\n\n[kafka.properties]\n\
+                 \"security.protocol\" = \"SASL_PLAINTEXT\"\n\"sasl.mechanism\" = \"SCRAM-SHA-512\"\n\
+                 \"sasl.username\" = \"{user}\"\n",
+                kafka.port
+            ),
+        );
+        let log = dir.path().join(format!("{name}.log"));
+        let stderr = std::fs::File::create(&log).unwrap();
+        let guard = millrace_tests::ChildGuard::spawn(
+            "millrace-aggregator",
+            Command::new(bin("millrace-aggregator"))
+                .args(["run", "--config"])
+                .arg(&config)
+                .env("MILLRACE_KAFKA_SASL_PASSWORD", secret)
+                .stderr(stderr),
+        );
+        millrace_tests::wait_for_port(
+            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            std::time::Duration::from_secs(30),
+        );
+        (guard, port, log)
+    };
+
+    let (mut good, port, log) = run("good", password);
+    let status = post_batch(port, TOKEN_A, &Batch::new("gw-a", vec![window("gw-a", 1)])).0;
+    assert_eq!(
+        status,
+        200,
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    good.terminate(std::time::Duration::from_secs(10));
+    let logged =
+        millrace_tests::kafka_read_as(kafka.port, "millrace.windows", 3.0, Some((user, password)));
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert_eq!(logged[0]["headers"]["agent"], "gw-a");
+    let shown = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !shown.contains(password),
+        "the SASL password reached the log"
+    );
+
+    let (mut bad, port, _) = run("bad", "not-the-password-000");
+    let status = post_batch(port, TOKEN_A, &Batch::new("gw-a", vec![window("gw-a", 2)])).0;
+    assert_eq!(
+        status, 503,
+        "a write with a refused SASL login must not be acknowledged"
+    );
+    bad.terminate(std::time::Duration::from_secs(10));
+    assert_eq!(
+        millrace_tests::kafka_read_as(kafka.port, "millrace.windows", 3.0, Some((user, password)))
+            .len(),
+        1
+    );
+    kafka.stop();
+}
