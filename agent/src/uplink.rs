@@ -872,6 +872,13 @@ username = "plant"
 password = "mqtt-secret-do-not-print"
 [[mqtt.subscriptions]]
 filter = "plant/+/+"
+[broker]
+enabled = true
+[[broker.users]]
+name = "press-1"
+password-hash = "$argon2id$v=19$m=7168,t=5,p=1$c2FsdHNhbHRzYWx0$hash-secret-do-not-print"
+[[broker.subscriptions]]
+filter = "plant/+/+"
 [uplink]
 url = "http://127.0.0.1:8480"
 token = "uplink-secret-do-not-print"
@@ -880,6 +887,7 @@ token = "uplink-secret-do-not-print"
         for shown in [format!("{cfg:?}"), format!("{cfg:#?}")] {
             assert!(!shown.contains("mqtt-secret-do-not-print"), "{shown}");
             assert!(!shown.contains("uplink-secret-do-not-print"), "{shown}");
+            assert!(!shown.contains("hash-secret-do-not-print"), "{shown}");
             assert!(shown.contains("<redacted>"));
         }
     }

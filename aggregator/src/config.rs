@@ -947,6 +947,37 @@ token = "0123456789abcdef"
     }
 
     #[test]
+    fn the_checked_config_debug_output_holds_no_secret() {
+        let text = r#"
+listen = "0.0.0.0:8480"
+data-dir = "/tmp/x"
+[[agents]]
+id = "gw-1"
+token = "agent-secret-token-0123"
+[dashboard]
+token = "dashboard-secret-token"
+username = "ops"
+password = "dashboard-secret-password"
+[kafka]
+brokers = "127.0.0.1:9092"
+[kafka.properties]
+"sasl.username" = "millrace"
+"sasl.password" = "kafka-secret-password"
+"#;
+        let cfg = parse(text).unwrap();
+        for shown in [format!("{cfg:?}"), format!("{cfg:#?}")] {
+            for secret in [
+                "agent-secret-token-0123",
+                "dashboard-secret-token",
+                "dashboard-secret-password",
+                "kafka-secret-password",
+            ] {
+                assert!(!shown.contains(secret), "{secret} in {shown}");
+            }
+        }
+    }
+
+    #[test]
     fn kafka_properties_pass_through_checked_and_redacted() {
         let text = format!(
             "{MINIMAL}\n[kafka]\nbrokers = \"127.0.0.1:9092\"\n[kafka.properties]\n\
