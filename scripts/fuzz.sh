@@ -42,7 +42,7 @@ for t in "${selected[@]}"; do
     -max_total_time="$SECONDS_EACH" -rss_limit_mb=2048 -malloc_limit_mb=1024 \
     -max_len=262144 -timeout=10 -print_final_stats=1 \
     -artifact_prefix="fuzz/artifacts/$t/" > "fuzz/artifacts/$t/last-run.log" 2>&1 || status=$?
-  grep -E "^(#[0-9]+ +DONE|stat::|==[0-9]+==|SUMMARY|Test unit written|thread .* panicked)" \
+  grep -E "^(#[0-9]+[[:space:]]+DONE|stat::|==[0-9]+==|SUMMARY|Test unit written|thread .* panicked)" \
     "fuzz/artifacts/$t/last-run.log" || true
   if [ "$status" -ne 0 ]; then
     echo "fuzz: $t found a crash (exit $status): see fuzz/artifacts/$t/" >&2
