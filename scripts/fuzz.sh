@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 
 TARGET="${1:-all}"
 SECONDS_EACH="${2:-600}"
-TARGETS=(mqtt_payload wire_batch ingest_body modbus_decode store_codecs)
+TARGETS=(mqtt_payload sparkplug_payload wire_batch ingest_body modbus_decode store_codecs)
 
 # Idempotent tool set-up: the nightly toolchain and cargo-fuzz, only if missing.
 if ! rustup toolchain list | grep -q '^nightly'; then

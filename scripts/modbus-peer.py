@@ -2,16 +2,25 @@
 """A Modbus server that is not ours: pymodbus 3.x serving a Millrace plant map.
 
 Used by the agent's integration tests (agent/tests/modbus.rs) as an
-independent peer. It serves one device map of the example plant with fixed
-fixture values (below), over Modbus TCP on 127.0.0.1 or Modbus RTU on a serial
-device (e.g. one end of a socat pty pair).
+independent peer. It serves device maps of the example plant with fixed
+fixture values (below), over Modbus TCP on 127.0.0.1, Modbus RTU on a serial
+device (e.g. one end of a socat pty pair), or RTU frames over TCP (a serial
+device server in transparent mode).
 
     modbus-peer.py tcp --map press-1 [--port 0] [--unit 1]
     modbus-peer.py rtu --map tank-4 --path /tmp/x/b --unit 3 [--baud 19200]
+    modbus-peer.py tcp --unit 1:press-1 --unit 2:pump-2 --gateway-absent 7
+    modbus-peer.py rtu-over-tcp --unit 3:tank-4 --unit 4:press-1
+
+`--unit ID:MAP` serves a unit with its own map (else `--map`).
+`--gateway-absent ID` plays a Modbus TCP gateway with a dead unit behind it:
+requests to that unit are answered with exception 0B (gateway target device
+failed to respond).
 
 On start it prints one line to stdout:  ready <transport> <where>
-(`ready tcp 127.0.0.1 40123` or `ready rtu /tmp/x/b`). It then reads commands
-from stdin, one per line, and answers `ok <command>` once applied:
+(`ready tcp 127.0.0.1 40123`, `ready rtu-over-tcp 127.0.0.1 40124` or
+`ready rtu /tmp/x/b`). It then reads commands from stdin, one per line, and
+answers `ok <command>` once applied:
 
     silent                              accept requests, never reply
     exception <fc> <first> <last> <code>
@@ -19,6 +28,8 @@ from stdin, one per line, and answers `ok <command>` once applied:
                                         <fc> requests touching [first, last]
     slow <ms>                           answer every request <ms> late
     normal                              reply normally again (clears all three)
+    connections                         answers `ok connections <n>`: TCP
+                                        connections accepted so far
 
 Requests addressed to a unit id that is not served get no reply (an absent
 slave on a bus). The peer exits when stdin closes, so it never outlives the
@@ -38,6 +49,7 @@ import sys
 import threading
 
 try:
+    from pymodbus import FramerType
     from pymodbus.constants import ExcCodes
     from pymodbus.server import ModbusSerialServer, ModbusTcpServer
     from pymodbus.simulator import DataType, SimData, SimDevice
@@ -90,6 +102,7 @@ def plant_map(name: str) -> dict[str, dict[int, int | bool]]:
         put(hr, 0, words("d", 42.125, "ABCD"))  # flow 42.125 m3/h
         put(ir, 10, words("i", -300, "BADC"))  # suction -0.3 bar (x0.001)
         put(hr, 20, words("Q", 123_456_789_012, "DCBA"))  # energy Wh
+        put(hr, 24, words("Q", 2**60 + 1, "ABCD"))  # odometer: beyond 2^53
     elif name == "tank-4":
         put(hr, 0, words("H", 553))  # level 55.3 % (x0.1)
     else:
@@ -100,7 +113,11 @@ def plant_map(name: str) -> dict[str, dict[int, int | bool]]:
 TABLE_SIZE = 64  # addresses 0..63 of every table exist; the rest are illegal
 
 
-def device(unit: int, tables: dict, control: "Control") -> SimDevice:
+async def gateway_no_response(*_args):
+    return ExcCodes.GATEWAY_NO_RESPONSE
+
+
+def device(unit: int, tables: dict, action) -> SimDevice:
     def regs(table: dict[int, int]) -> list[SimData]:
         values = [table.get(a, 0) for a in range(TABLE_SIZE)]
         return [SimData(0, values=values, datatype=DataType.REGISTERS)]
@@ -112,7 +129,7 @@ def device(unit: int, tables: dict, control: "Control") -> SimDevice:
     return SimDevice(
         id=unit,
         simdata=(bits(tables["co"]), bits(tables["di"]), regs(tables["hr"]), regs(tables["ir"])),
-        action=control.action,
+        action=action,
     )
 
 
@@ -124,6 +141,7 @@ class Control:
 
     def __init__(self, units: set[int], unit_byte: int) -> None:
         self.silent = False
+        self.connections = 0
         self.delay_s = 0.0
         self.exception: tuple[int, int, int, int] | None = None
         self.units = units
@@ -150,6 +168,10 @@ class Control:
             return b""  # an absent slave never answers
         return data
 
+    def trace_connect(self, connected: bool) -> None:
+        if connected:
+            self.connections += 1
+
     def apply(self, line: str) -> None:
         parts = line.split()
         if parts == ["silent"]:
@@ -158,6 +180,9 @@ class Control:
             self.silent = False
             self.delay_s = 0.0
             self.exception = None
+        elif parts == ["connections"]:
+            print(f"ok connections {self.connections}", flush=True)
+            return
         elif len(parts) == 2 and parts[0] == "slow":
             self.delay_s = int(parts[1]) / 1000
         elif len(parts) == 5 and parts[0] == "exception":
@@ -179,23 +204,45 @@ def read_stdin(loop: asyncio.AbstractEventLoop, control: Control, done: asyncio.
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("transport", choices=["tcp", "rtu"])
-    parser.add_argument("--map", required=True, help="press-1 | pump-2 | tank-4")
-    parser.add_argument("--unit", type=int, action="append", help="served unit id(s), default 1")
+    parser.add_argument("transport", choices=["tcp", "rtu", "rtu-over-tcp"])
+    parser.add_argument("--map", help="press-1 | pump-2 | tank-4: map of units without their own")
+    parser.add_argument(
+        "--unit", action="append", help="served unit id, or ID:MAP (repeatable), default 1"
+    )
+    parser.add_argument(
+        "--gateway-absent",
+        type=int,
+        action="append",
+        default=[],
+        help="unit id answered with exception 0B (repeatable)",
+    )
     parser.add_argument("--port", type=int, default=0, help="tcp port, 0 = any free port")
     parser.add_argument("--path", help="rtu: serial device")
     parser.add_argument("--baud", type=int, default=19200)
     args = parser.parse_args()
 
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
-    units = set(args.unit or [1])
-    tables = plant_map(args.map)
-    control = Control(units, 6 if args.transport == "tcp" else 0)
-    devices = [device(u, tables, control) for u in sorted(units)]
+    maps: dict[int, str] = {}
+    for spec in args.unit or ["1"]:
+        unit, _, name = spec.partition(":")
+        name = name or args.map
+        if not name:
+            parser.error(f"unit {unit} has no map: give --map or --unit {unit}:MAP")
+        maps[int(unit)] = name
+    units = set(maps)
+    over_tcp = args.transport != "rtu"
+    # Offset of the unit id in a frame: 6 in an MBAP (TCP) frame, 0 in RTU.
+    control = Control(units | set(args.gateway_absent), 6 if args.transport == "tcp" else 0)
+    devices = [device(u, plant_map(maps[u]), control.action) for u in sorted(units)]
+    devices += [device(u, plant_map("tank-4"), gateway_no_response) for u in args.gateway_absent]
 
-    if args.transport == "tcp":
+    if over_tcp:
         server = ModbusTcpServer(
-            devices, address=("127.0.0.1", args.port), trace_packet=control.trace_packet
+            devices,
+            framer=FramerType.SOCKET if args.transport == "tcp" else FramerType.RTU,
+            address=("127.0.0.1", args.port),
+            trace_packet=control.trace_packet,
+            trace_connect=control.trace_connect,
         )
     else:
         if not args.path:
@@ -210,9 +257,9 @@ async def main() -> None:
             trace_packet=control.trace_packet,
         )
     await server.serve_forever(background=True)
-    if args.transport == "tcp":
+    if over_tcp:
         port = server.transport.sockets[0].getsockname()[1]
-        print(f"ready tcp 127.0.0.1 {port}", flush=True)
+        print(f"ready {args.transport} 127.0.0.1 {port}", flush=True)
     else:
         print(f"ready rtu {args.path}", flush=True)
 

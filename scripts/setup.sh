@@ -27,14 +27,15 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# Python peers: pymodbus (a Modbus server that is not ours) and confluent-kafka (an
-# independent Kafka client), in a venv this script owns.
-PY_PACKAGES=("pymodbus>=3.6,<4" "pyserial>=3.5" "confluent-kafka>=2.3")
+# Python peers: pymodbus (a Modbus server that is not ours), confluent-kafka (an
+# independent Kafka client) and pysparkplug (a Sparkplug B edge node), in a venv
+# this script owns.
+PY_PACKAGES=("pymodbus>=3.6,<4" "pyserial>=3.5" "confluent-kafka>=2.3" "pysparkplug>=0.6,<1")
 if [ ! -x "$VENV/bin/python" ]; then
   echo "setup: creating Python venv at $VENV"
   python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import pymodbus, serial, confluent_kafka" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import pymodbus, serial, confluent_kafka, pysparkplug" 2>/dev/null; then
   echo "setup: installing Python peers into $VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check "${PY_PACKAGES[@]}"
 fi

@@ -199,3 +199,32 @@ impl AgentConfig {
         )
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Every agent config shipped in `config/` is what `check-config` accepts.
+    #[test]
+    fn shipped_agent_configs_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+        let mut checked = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if name.starts_with("agent") && name.ends_with(".toml") {
+                if let Err(e) = AgentConfig::load(&path) {
+                    panic!("{name}: {e}");
+                }
+                checked.push(name);
+            }
+        }
+        checked.sort();
+        assert!(
+            checked.contains(&"agent.toml".to_string())
+                && checked.contains(&"agent-sparkplug.toml".to_string()),
+            "{checked:?}"
+        );
+    }
+}

@@ -112,6 +112,22 @@ pub fn export(sources: &Sources) {
             }
         }
     }
+    {
+        use crate::ingest::decode::sparkplug::STATS as SPB;
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        metrics::counter!("millrace_sparkplug_births_total").absolute(get(&SPB.births));
+        metrics::counter!("millrace_sparkplug_deaths_total").absolute(get(&SPB.deaths));
+        metrics::counter!("millrace_sparkplug_stale_deaths_total").absolute(get(&SPB.stale_deaths));
+        metrics::counter!("millrace_sparkplug_seq_gaps_total").absolute(get(&SPB.seq_gaps));
+        metrics::counter!("millrace_sparkplug_data_before_birth_total")
+            .absolute(get(&SPB.data_before_birth));
+        metrics::counter!("millrace_sparkplug_rebirth_requests_total")
+            .absolute(get(&SPB.rebirth_requests));
+        metrics::counter!("millrace_sparkplug_rebirths_not_sent_total")
+            .absolute(get(&SPB.rebirths_not_sent));
+        metrics::counter!("millrace_sparkplug_skipped_metrics_total")
+            .absolute(get(&SPB.skipped_metrics));
+    }
     if let Some(modbus) = &sources.modbus {
         let mut readings = 0;
         for d in modbus.devices() {
@@ -125,6 +141,8 @@ pub fn export(sources: &Sources) {
                 .absolute(d.timeouts());
             metrics::counter!("millrace_modbus_transport_errors_total", "device" => device.clone())
                 .absolute(d.transport_errors());
+            metrics::counter!("millrace_modbus_inexact_readings_total", "device" => device.clone())
+                .absolute(d.inexact_readings());
             metrics::gauge!("millrace_modbus_connected", "device" => device)
                 .set(if d.connected() { 1.0 } else { 0.0 });
         }

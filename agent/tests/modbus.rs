@@ -573,3 +573,200 @@ async fn shutdown_stops_a_source_blocked_on_a_silent_device() {
     );
     source.stop().await;
 }
+
+/// `readings` of one series.
+fn series<'a>(events: &'a [IngestEvent], device: &str, sensor: &str) -> Vec<&'a Reading> {
+    readings(events)
+        .into_iter()
+        .filter(|r| &*r.series.device == device && &*r.series.sensor == sensor)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_carries_several_unit_ids_on_one_connection_and_a_dead_unit_backs_off_alone() {
+    // A Modbus TCP gateway in front of an RS-485 bus: press-1 is unit 1,
+    // pump-2 unit 2, and unit 7 is dead (the gateway answers exception 0B).
+    let mut gateway = ModbusPeer::units("tcp", &[(1, "press-1"), (2, "pump-2")], &[7]);
+    let port = gateway.port;
+    let dead = format!(
+        r#"
+        [[devices]]
+        name = "dryer-7"
+        transport = "tcp"
+        address = "127.0.0.1:{port}"
+        unit-id = 7
+        poll-interval = "100ms"
+        timeout = "1s"
+        backoff-max = "400ms"
+        [[devices.registers]]
+        sensor = "level"
+        function = "holding"
+        address = 0
+        type = "u16"
+        "#
+    );
+    let pump = pump_2(port).replace(
+        "transport = \"tcp\"",
+        "transport = \"tcp\"\n        unit-id = 2",
+    );
+    let mut source = Running::start(&format!("{}{pump}{dead}", press_1(port)));
+    let all_stats = Arc::clone(&source.stats);
+    let dryer = all_stats.device("dryer-7").expect("dryer-7 stats");
+
+    let wanted = [
+        ("press-1", "temperature"),
+        ("press-1", "pressure"),
+        ("press-1", "running"),
+        ("pump-2", "flow"),
+        ("pump-2", "energy"),
+    ];
+    let events = source
+        .collect_until(Duration::from_secs(15), |ev| {
+            wanted.iter().all(|(d, s)| has_reading(ev, d, s)) && dryer.exceptions(0x0B) >= 3
+        })
+        .await;
+    // Each unit answered with its own map, over the one connection.
+    assert_eq!(series(&events, "press-1", "temperature")[0].value, 80.5);
+    assert_eq!(series(&events, "press-1", "pressure")[0].value, 6.25);
+    assert_eq!(series(&events, "pump-2", "flow")[0].value, 42.125);
+    assert_eq!(
+        series(&events, "pump-2", "energy")[0].value,
+        123_456_789_012.0
+    );
+    // The dead unit is the gateway speaking, not bad data: counted, backed
+    // off, never dead-lettered, and the link stays up for the others.
+    assert!(
+        dead_letters(&events).is_empty(),
+        "{:?}",
+        dead_letters(&events)
+    );
+    assert!(!has_reading(&events, "dryer-7", "level"));
+    assert_eq!(dryer.readings(), 0);
+    assert!(!dryer.connected());
+    assert!(dryer.polls_skipped() >= 1, "a dead unit backs off");
+    assert_eq!(dryer.exceptions_total(), dryer.exceptions(0x0B));
+    for name in ["press-1", "pump-2"] {
+        let stats = all_stats.device(name).expect("stats");
+        assert_eq!(stats.timeouts(), 0, "{name}");
+        assert_eq!(stats.transport_errors(), 0, "{name}");
+        assert_eq!(stats.exceptions_total(), 0, "{name}");
+        assert_eq!(stats.reconnects(), 0, "{name}");
+        assert!(stats.connected(), "{name}");
+    }
+    assert_eq!(gateway.connections(), 1, "one connection for every unit");
+    source.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtu_over_tcp_reads_the_slaves_behind_a_serial_device_server() {
+    // RTU frames (unit id, PDU, CRC) over one TCP connection, as a serial
+    // device server in transparent mode forwards them to its RS-485 bus.
+    let mut server = ModbusPeer::units("rtu-over-tcp", &[(3, "tank-4"), (4, "press-1")], &[]);
+    let press = press_1(server.port).replace("transport = \"tcp\"", "transport = \"rtu-over-tcp\"");
+    let press = press.replace("unit-id = 1", "unit-id = 4");
+    let tank = format!(
+        r#"
+        [[devices]]
+        name = "tank-4"
+        transport = "rtu-over-tcp"
+        address = "127.0.0.1:{}"
+        unit-id = 3
+        poll-interval = "100ms"
+        timeout = "1s"
+        [[devices.registers]]
+        sensor = "level"
+        function = "holding"
+        address = 0
+        type = "u16"
+        scale = 0.1
+        unit = "%"
+        "#,
+        server.port
+    );
+    let mut source = Running::start(&format!("{press}{tank}"));
+    let events = source
+        .collect_until(Duration::from_secs(15), |ev| {
+            series(ev, "tank-4", "level").len() >= 3
+                && series(ev, "press-1", "vibration").len() >= 3
+                && has_reading(ev, "press-1", "running")
+        })
+        .await;
+    assert!(
+        dead_letters(&events).is_empty(),
+        "{:?}",
+        dead_letters(&events)
+    );
+    for r in series(&events, "tank-4", "level") {
+        assert_eq!(r.value, 553.0 * 0.1 + 0.0);
+    }
+    for r in series(&events, "press-1", "temperature") {
+        assert_eq!(r.value, 80.5);
+    }
+    for r in series(&events, "press-1", "pressure") {
+        assert_eq!(r.value, 6.25);
+    }
+    for r in series(&events, "press-1", "vibration") {
+        assert_eq!(r.value, -37.0 * 0.01 + 0.0);
+    }
+    for name in ["press-1", "tank-4"] {
+        let stats = source.stats.device(name).expect("stats");
+        assert_eq!(stats.timeouts(), 0, "{name}");
+        assert_eq!(stats.transport_errors(), 0, "{name}");
+        assert!(stats.connected(), "{name}");
+    }
+    assert_eq!(server.connections(), 1, "both slaves over one connection");
+    source.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_register_keeps_its_own_poll_interval_and_64_bit_values_beyond_2_pow_53_are_flagged() {
+    let pump = ModbusPeer::tcp("pump-2");
+    // The device polls every 100 ms; its odometer (a u64 at 2^60 + 1) only
+    // every second.
+    let config = format!(
+        r#"{}
+        [[devices.registers]]
+        sensor = "odometer"
+        function = "holding"
+        address = 24
+        type = "u64"
+        poll-interval = "1s"
+        "#,
+        pump_2(pump.port)
+    );
+    let mut source = Running::start(&config);
+    source
+        .collect_until(Duration::from_secs(10), |ev| {
+            has_reading(ev, "pump-2", "odometer")
+        })
+        .await;
+    let start = Instant::now();
+    let events = source
+        .collect_until(Duration::from_secs(30), |ev| {
+            series(ev, "pump-2", "flow").len() >= 20
+        })
+        .await;
+    let elapsed = start.elapsed();
+    let odometer = series(&events, "pump-2", "odometer");
+    let most = elapsed.as_secs() + 1;
+    assert!(
+        odometer.len() as u64 <= most,
+        "{} odometer reads in {elapsed:?} at a 1 s interval",
+        odometer.len()
+    );
+    assert!(series(&events, "pump-2", "energy").len() >= 15);
+
+    // 2^60 + 1 has no f64: the nearest one is kept, flagged, and counted.
+    let r = odometer
+        .first()
+        .copied()
+        .unwrap_or_else(|| panic!("no odometer reading within {elapsed:?}"));
+    assert_eq!(r.value, 1_152_921_504_606_846_976.0);
+    assert_eq!(r.quality, millrace_protocol::Quality::Uncertain);
+    let energy = series(&events, "pump-2", "energy")[0];
+    assert_eq!(energy.quality, millrace_protocol::Quality::Good);
+    let stats = source.stats.device("pump-2").expect("pump-2 stats");
+    assert!(stats.inexact_readings() >= 2);
+    assert!(stats.inexact_readings() < stats.readings() / 5);
+    source.stop().await;
+}

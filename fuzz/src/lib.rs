@@ -9,8 +9,9 @@ use millrace_protocol::Batch;
 use std::sync::OnceLock;
 
 /// Target names, as directories under `corpus/` and `regressions/`.
-pub const TARGETS: [&str; 5] = [
+pub const TARGETS: [&str; 6] = [
     "mqtt_payload",
+    "sparkplug_payload",
     "wire_batch",
     "ingest_body",
     "modbus_decode",
@@ -21,6 +22,7 @@ pub const TARGETS: [&str; 5] = [
 pub fn run(name: &str, data: &[u8]) {
     match name {
         "mqtt_payload" => mqtt_payload(data),
+        "sparkplug_payload" => sparkplug_payload(data),
         "wire_batch" => wire_batch(data),
         "ingest_body" => ingest_body(data),
         "modbus_decode" => modbus_decode(data),
@@ -56,7 +58,13 @@ pub fn mqtt_payload(data: &[u8]) {
     let [f, t, payload @ ..] = data else {
         return;
     };
-    let topics = ["plant/press-1/temp", "plant/a", "plant/ü/∆/x", "other/topic", "plant//"];
+    let topics = [
+        "plant/press-1/temp",
+        "plant/a",
+        "plant/ü/∆/x",
+        "other/topic",
+        "plant//",
+    ];
     let mut decoder = decoders[usize::from(*f) % FORMATS.len()].clone();
     let topic = topics[usize::from(*t) % topics.len()];
     let mut out = Vec::new();
@@ -75,10 +83,71 @@ pub fn mqtt_payload(data: &[u8]) {
             _ => None,
         })
         .collect();
-    assert!(dead.len() <= 1, "{} dead letters for one message", dead.len());
+    assert!(
+        dead.len() <= 1,
+        "{} dead letters for one message",
+        dead.len()
+    );
     for d in dead {
         assert!(d.input.len() <= limits.dead_letter_bytes);
     }
+}
+
+/// The Sparkplug B decoder of a node and device already born (the BIRTHs a
+/// pysparkplug edge node published, from the seed corpus): the first byte
+/// picks the message type, the rest is the payload. At most one dead letter
+/// and one Rebirth request per message.
+pub fn sparkplug_payload(data: &[u8]) {
+    const TOPICS: [&str; 6] = [
+        "spBv1.0/g1/NDATA/e1",
+        "spBv1.0/g1/NBIRTH/e1",
+        "spBv1.0/g1/DDATA/e1/d1",
+        "spBv1.0/g1/DBIRTH/e1/d1",
+        "spBv1.0/g1/NDEATH/e1",
+        "spBv1.0/g1/DDEATH/e1/d1",
+    ];
+    static BORN: OnceLock<Decoder> = OnceLock::new();
+    let born = BORN.get_or_init(|| {
+        let mut sub = SubscriptionConfig::new("spBv1.0/#", PayloadFormat::SparkplugB);
+        sub.commands = true;
+        let mut decoder = Decoder::new(&[sub], 256 * 1024, "fuzz").expect("a valid rule");
+        let mut out = Vec::new();
+        for (topic, seed) in [
+            (
+                TOPICS[1],
+                &include_bytes!("../corpus/sparkplug_payload/nbirth")[1..],
+            ),
+            (
+                TOPICS[3],
+                &include_bytes!("../corpus/sparkplug_payload/dbirth")[1..],
+            ),
+        ] {
+            decoder.decode(topic, seed, 1_700_000_000_000, Delivery::Once, &mut out);
+        }
+        assert!(
+            out.iter().all(|e| matches!(e, IngestEvent::Reading(..))),
+            "the seed BIRTHs decode: {out:?}"
+        );
+        decoder
+    });
+    let [t, payload @ ..] = data else {
+        return;
+    };
+    let mut decoder = born.clone();
+    let mut out = Vec::new();
+    decoder.decode(
+        TOPICS[usize::from(*t) % TOPICS.len()],
+        payload,
+        1_700_000_000_000,
+        Delivery::AtLeastOnce { redelivered: false },
+        &mut out,
+    );
+    let dead = out
+        .iter()
+        .filter(|e| matches!(e, IngestEvent::DeadLetter(_)))
+        .count();
+    assert!(dead <= 1, "{dead} dead letters for one message");
+    assert!(decoder.take_commands().len() <= 1);
 }
 
 /// The wire batch decoders; a binary batch that decodes re-encodes and
@@ -86,7 +155,8 @@ pub fn mqtt_payload(data: &[u8]) {
 pub fn wire_batch(data: &[u8]) {
     let _ = Batch::decode_json(data);
     if let Ok(batch) = Batch::decode_binary(data) {
-        let again = Batch::decode_binary(&batch.encode_binary()).expect("a decoded batch round-trips");
+        let again =
+            Batch::decode_binary(&batch.encode_binary()).expect("a decoded batch round-trips");
         assert_eq!(format!("{batch:?}"), format!("{again:?}"));
     }
 }

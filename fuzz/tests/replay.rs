@@ -41,12 +41,32 @@ fn write_seed_corpus() {
         std::fs::write(dir.join(name), data).unwrap();
     };
     let json: [(&str, u8, &str); 6] = [
-        ("json", 0, r#"{"ts": 1700000000000, "value": 80.1, "unit": "degC"}"#),
-        ("multi", 1, r#"{"ts": 1700000000000, "humidity": 45.2, "ambient": 22.1, "state": "ok"}"#),
-        ("batch", 2, r#"[{"series": "boiler-3/temp", "ts": 1700000000000, "value": 1.5}, 42, {"value": "x"}]"#),
+        (
+            "json",
+            0,
+            r#"{"ts": 1700000000000, "value": 80.1, "unit": "degC"}"#,
+        ),
+        (
+            "multi",
+            1,
+            r#"{"ts": 1700000000000, "humidity": 45.2, "ambient": 22.1, "state": "ok"}"#,
+        ),
+        (
+            "batch",
+            2,
+            r#"[{"series": "boiler-3/temp", "ts": 1700000000000, "value": 1.5}, 42, {"value": "x"}]"#,
+        ),
         ("number", 3, "80.25"),
-        ("escaped", 0, r#"{"ts": 1.7e12, "value": true, "unit": "\u00b0C"}"#),
-        ("nested", 1, r#"{"a": {"b": [1, 2, {"c": null}]}, "v": -0.0}"#),
+        (
+            "escaped",
+            0,
+            r#"{"ts": 1.7e12, "value": true, "unit": "\u00b0C"}"#,
+        ),
+        (
+            "nested",
+            1,
+            r#"{"a": {"b": [1, 2, {"c": null}]}, "v": -0.0}"#,
+        ),
     ];
     for (name, format, payload) in json {
         let mut data = vec![format, 0];
@@ -104,7 +124,10 @@ fn write_seed_corpus() {
     }
     for (name, data) in [
         ("f32", vec![7u8, 0, 0x42, 0xa0, 0x40, 0x00]),
-        ("u64", vec![5, 1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]),
+        (
+            "u64",
+            vec![5, 1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+        ),
         ("bool", vec![0, 0, 0, 1]),
         ("f64", vec![8, 3, 1, 2, 3, 4, 5, 6, 7, 8]),
     ] {

@@ -157,6 +157,8 @@ impl ConfigError {
     }
 }
 
+pub mod sparkplug;
+
 /// The payload layout of one subscription.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -170,6 +172,8 @@ pub enum PayloadFormat {
     JsonBatch,
     /// A bare number as text.
     Number,
+    /// Sparkplug B protobuf on `spBv1.0/...` topics (see [`sparkplug`]).
+    SparkplugB,
 }
 
 /// The unit of numeric event times in payloads.
@@ -226,6 +230,11 @@ pub struct SubscriptionConfig {
     /// `json-multi`: non-numeric fields to skip without a dead letter.
     #[serde(default)]
     pub ignore_fields: Vec<String>,
+    /// `sparkplug-b`: the agent may publish Rebirth requests (`NCMD`) to edge
+    /// nodes whose sequence has a gap or that send data without a birth
+    /// (default false: counted and logged only).
+    #[serde(default)]
+    pub commands: bool,
 }
 
 /// The defaults of the subscription keys, in one place.
@@ -245,6 +254,9 @@ pub mod defaults {
     pub const DEVICE_TEMPLATE: &str = "{1}";
     pub const SENSOR_TEMPLATE: &str = "{2}";
     pub const MULTI_SENSOR_TEMPLATE: &str = "{field}";
+    /// Sparkplug B: device metrics go to `<node>.<device>`, node metrics to `<node>`.
+    pub const SPARKPLUG_DEVICE_TEMPLATE: &str = "{3}.{4}";
+    pub const SPARKPLUG_NODE_TEMPLATE: &str = "{3}";
     pub const BATCH_SERIES_FIELD: &str = "series";
 }
 
@@ -266,6 +278,7 @@ impl SubscriptionConfig {
             device_field: None,
             sensor_field: None,
             ignore_fields: Vec::new(),
+            commands: false,
         }
     }
 }
@@ -458,6 +471,11 @@ struct Route {
     filter: String,
     format: PayloadFormat,
     device: Template,
+    /// Sparkplug B node messages: the default device template of node
+    /// metrics (`None` when the configured `device` serves both).
+    node_device: Option<Template>,
+    /// Sparkplug B: Rebirth requests may be published.
+    commands: bool,
     sensor: Template,
     value_field: String,
     time_field: String,
@@ -485,8 +503,23 @@ impl Route {
                 "must not be empty",
             ));
         }
-        let multi = sub.format == PayloadFormat::JsonMulti;
-        let device_text = sub.device.as_deref().unwrap_or(defaults::DEVICE_TEMPLATE);
+        let sparkplug = sub.format == PayloadFormat::SparkplugB;
+        let multi = sub.format == PayloadFormat::JsonMulti || sparkplug;
+        let device_default = if sparkplug {
+            defaults::SPARKPLUG_DEVICE_TEMPLATE
+        } else {
+            defaults::DEVICE_TEMPLATE
+        };
+        let device_text = sub.device.as_deref().unwrap_or(device_default);
+        if sub.commands && !sparkplug {
+            return Err(ConfigError::new(
+                format!("{key}.commands"),
+                "only used with format = \"sparkplug-b\"",
+            ));
+        }
+        let node_device = (sparkplug && sub.device.is_none()).then(|| Template {
+            parts: vec![Part::Segment(3)],
+        });
         let sensor_default = if multi {
             defaults::MULTI_SENSOR_TEMPLATE
         } else {
@@ -513,9 +546,9 @@ impl Route {
         }
         if sensor.uses_field() != multi {
             let reason = if multi {
-                "a json-multi sensor template must contain `{field}`"
+                "a json-multi or sparkplug-b sensor template must contain `{field}`"
             } else {
-                "`{field}` is only allowed with format = \"json-multi\""
+                "`{field}` is only allowed with format = \"json-multi\" or \"sparkplug-b\""
             };
             return Err(ConfigError::new(format!("{key}.sensor"), reason));
         }
@@ -536,6 +569,8 @@ impl Route {
             filter: sub.filter.clone(),
             format: sub.format,
             device,
+            node_device,
+            commands: sub.commands,
             sensor,
             value_field: sub.value_field.clone(),
             time_field: sub.time_field.clone(),
@@ -584,6 +619,8 @@ pub struct Decoder {
     max_payload_bytes: usize,
     limits: DecodeLimits,
     names: Names,
+    /// What Sparkplug B edge nodes said in their BIRTHs.
+    sparkplug: sparkplug::SparkplugState,
     /// Topics seen: their route, and the series they name.
     topics: hashbrown::HashMap<Box<str>, (usize, SeriesKey), foldhash::fast::RandomState>,
 }
@@ -685,8 +722,16 @@ impl Decoder {
             max_payload_bytes,
             limits,
             names: Names::new(limits.max_name_bytes),
+            sparkplug: sparkplug::SparkplugState::default(),
             topics: hashbrown::HashMap::default(),
         })
+    }
+
+    /// Messages the decoder wants published (Sparkplug B Rebirth requests),
+    /// oldest first. A source that can publish sends them; one that cannot
+    /// drops them (they were counted when made).
+    pub fn take_commands(&mut self) -> Vec<sparkplug::Command> {
+        self.sparkplug.take_commands()
     }
 
     /// The same rules under `limits` (see [`DecodeLimits`]).
@@ -744,6 +789,7 @@ impl Decoder {
             routes,
             names,
             topics,
+            sparkplug,
             ..
         } = self;
         // A topic seen before: its route, and its series when the topic alone
@@ -770,6 +816,20 @@ impl Decoder {
                 levels[n] = level;
                 n += 1;
             }
+        }
+        if route.format == PayloadFormat::SparkplugB {
+            let msg = sparkplug::Message {
+                route,
+                segments: &levels[..n],
+                payload,
+                now_ms,
+                delivery,
+                max_metrics: limits.max_fields,
+            };
+            if let Err((reason, detail)) = sparkplug.decode(&msg, names, out) {
+                out.push(dead(reason, detail));
+            }
+            return;
         }
         let mut ctx = Ctx {
             route,

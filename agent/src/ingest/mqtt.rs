@@ -601,6 +601,11 @@ impl MqttSource {
                     );
                     stats.record_decoded(&events[before..]);
                 }
+                for command in decoder.take_commands() {
+                    if let Err(e) = client.try_publish(command.topic.clone(), command.payload) {
+                        warn!(error = %e, topic = %command.topic, "could not queue a sparkplug command");
+                    }
+                }
                 let durable = if batch.iter().any(|d| d.message.needs_ack()) {
                     let (marker, durable) = DurableAck::new();
                     events.push(IngestEvent::Durable(marker));
@@ -926,6 +931,23 @@ impl Client {
                 .map_err(Into::into),
             (Client::V5(c), Message::V5(p)) => c.try_ack(p).map_err(Into::into),
             _ => Err("message and client protocol versions differ".into()),
+        }
+    }
+
+    /// Publishes at QoS 0 (Sparkplug B Rebirth requests).
+    fn try_publish(&self, topic: String, payload: Vec<u8>) -> Result<(), PollError> {
+        match self {
+            Client::V4(c) => c
+                .send(mqtt_v4::Request::Publish { topic, payload })
+                .map_err(Into::into),
+            Client::V5(c) => c
+                .try_publish(
+                    topic,
+                    rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+                    false,
+                    payload,
+                )
+                .map_err(Into::into),
         }
     }
 

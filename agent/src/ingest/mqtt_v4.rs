@@ -57,6 +57,12 @@ pub(crate) enum Request {
         connection: u64,
     },
     Subscribe(Vec<(String, QoS)>),
+    /// PUBLISH at QoS 0 (a Sparkplug B Rebirth request); dropped when no
+    /// connection is open.
+    Publish {
+        topic: String,
+        payload: Vec<u8>,
+    },
     Disconnect,
 }
 
@@ -259,6 +265,10 @@ impl Connection {
                                         .collect(),
                                 };
                                 subscribe.write(&mut open.output)?;
+                            }
+                            Request::Publish { topic, payload } => {
+                                Publish::new(topic, QoS::AtMostOnce, payload)
+                                    .write(&mut open.output)?;
                             }
                             Request::Disconnect => disconnect = true,
                         }

@@ -1,6 +1,7 @@
 //! Real peers for the integration tests, started as child processes:
-//! `scripts/modbus-peer.py` (pymodbus, from the project's venv) and a socat
-//! pty pair standing in for an RS-485 line.
+//! `scripts/modbus-peer.py` (pymodbus) and `scripts/sparkplug-peer.py`
+//! (pysparkplug), from the project's venv, and a socat pty pair standing in
+//! for an RS-485 line.
 //!
 //! A missing peer fails the test with a message saying how to install it;
 //! nothing is skipped. Every child is killed when its handle drops.
@@ -28,8 +29,8 @@ pub fn venv_python() -> PathBuf {
     let python = venv.join("bin/python");
     assert!(
         python.exists(),
-        "Modbus peer missing: no Python venv at {} (set MILLRACE_VENV or create it: \
-         python3 -m venv {0} && {0}/bin/pip install 'pymodbus==3.*' pyserial)",
+        "Python peers missing: no venv at {} (set MILLRACE_VENV or run scripts/setup.sh, \
+         which installs pymodbus, pyserial and pysparkplug into it)",
         venv.display()
     );
     python
@@ -42,11 +43,92 @@ fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// A running `scripts/modbus-peer.py`.
-pub struct ModbusPeer {
+/// A peer script from `scripts/`, run by the venv's Python: it prints a
+/// `ready` line, then answers each command line on stdin with `ok <command>`.
+/// Killed when dropped.
+pub struct ScriptPeer {
     child: Child,
     stdin: ChildStdin,
     lines: mpsc::Receiver<String>,
+    name: &'static str,
+}
+
+impl ScriptPeer {
+    /// Starts `scripts/<name>` and returns it with its `ready` line.
+    pub fn start(name: &'static str, args: &[&str]) -> (Self, String) {
+        let script = repo_root().join("scripts").join(name);
+        let mut child = Command::new(venv_python())
+            .arg(&script)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", script.display()));
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut peer = Self {
+            child,
+            stdin,
+            lines,
+            name,
+        };
+        let ready = peer.expect_line("ready", START_TIMEOUT);
+        (peer, ready)
+    }
+
+    /// The next line starting with `prefix` (others are passed over).
+    pub fn expect_line(&mut self, prefix: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.starts_with(prefix) => return line,
+                Ok(_) => continue,
+                Err(_) => {
+                    let status = self.child.try_wait().ok().flatten();
+                    panic!(
+                        "{} did not print {prefix:?} within {timeout:?} (exit status {status:?}); \
+                         is its Python package installed in the venv (scripts/setup.sh)?",
+                        self.name
+                    );
+                }
+            }
+        }
+    }
+
+    /// Sends a command line and waits until the peer has applied it.
+    pub fn command(&mut self, cmd: &str) {
+        self.send(cmd);
+        self.expect_line(&format!("ok {cmd}"), Duration::from_secs(5));
+    }
+
+    /// Sends a line without waiting for its answer.
+    pub fn send(&mut self, line: &str) {
+        writeln!(self.stdin, "{line}").expect("peer stdin open");
+        self.stdin.flush().expect("peer stdin flush");
+    }
+}
+
+impl Drop for ScriptPeer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `scripts/modbus-peer.py`.
+pub struct ModbusPeer {
+    peer: ScriptPeer,
     /// TCP: the port it listens on (127.0.0.1).
     pub port: u16,
 }
@@ -73,71 +155,66 @@ impl ModbusPeer {
         Self::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
-    fn start(args: &[&str]) -> Self {
-        let script = repo_root().join("scripts/modbus-peer.py");
-        let mut child = Command::new(venv_python())
-            .arg(&script)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", script.display()));
-        let stdin = child.stdin.take().expect("piped stdin");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut peer = Self {
-            child,
-            stdin,
-            lines,
-            port: 0,
-        };
-        let ready = peer.expect_line("ready", START_TIMEOUT);
-        if let Some(port) = ready.strip_prefix("ready tcp 127.0.0.1 ") {
-            peer.port = port.parse().expect("peer prints its port");
+    /// Serves several units, each with its own map, over TCP (`tcp`: MBAP,
+    /// `rtu-over-tcp`: RTU frames) on a free port of 127.0.0.1. Units in
+    /// `gateway_absent` answer every request with exception 0B, as a gateway
+    /// does for a dead unit behind it.
+    pub fn units(transport: &str, units: &[(u8, &str)], gateway_absent: &[u8]) -> Self {
+        let mut args = vec![transport.to_string()];
+        for (unit, map) in units {
+            args.push("--unit".into());
+            args.push(format!("{unit}:{map}"));
         }
-        peer
+        for unit in gateway_absent {
+            args.push("--gateway-absent".into());
+            args.push(unit.to_string());
+        }
+        Self::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
-    fn expect_line(&mut self, prefix: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.starts_with(prefix) => return line,
-                Ok(_) => continue,
-                Err(_) => {
-                    let status = self.child.try_wait().ok().flatten();
-                    panic!(
-                        "modbus peer did not print {prefix:?} within {timeout:?} (exit status {status:?}); \
-                         is pymodbus 3.x (and pyserial) installed in the venv?"
-                    );
-                }
-            }
-        }
+    fn start(args: &[&str]) -> Self {
+        let (peer, ready) = ScriptPeer::start("modbus-peer.py", args);
+        let port = match ready.split_once(" 127.0.0.1 ") {
+            Some((_, port)) => port.parse().expect("peer prints its port"),
+            None => 0,
+        };
+        Self { peer, port }
     }
 
     /// Sends a control command (`silent`, `normal`, `exception FC FIRST LAST CODE`)
     /// and waits until the peer has applied it.
     pub fn command(&mut self, cmd: &str) {
-        writeln!(self.stdin, "{cmd}").expect("peer stdin open");
-        self.stdin.flush().expect("peer stdin flush");
-        self.expect_line(&format!("ok {cmd}"), Duration::from_secs(5));
+        self.peer.command(cmd);
+    }
+
+    /// TCP connections the peer has accepted so far.
+    pub fn connections(&mut self) -> u64 {
+        self.peer.send("connections");
+        let line = self
+            .peer
+            .expect_line("ok connections ", Duration::from_secs(5));
+        line["ok connections ".len()..]
+            .parse()
+            .expect("peer prints a count")
     }
 }
 
-impl Drop for ModbusPeer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// A running `scripts/sparkplug-peer.py`: a Sparkplug B edge node (pysparkplug)
+/// connected to the MQTT broker on `port` of 127.0.0.1.
+pub struct SparkplugPeer {
+    pub peer: ScriptPeer,
+}
+
+impl SparkplugPeer {
+    pub fn start(port: u16, group: &str, node: &str, device: &str) -> Self {
+        let port = port.to_string();
+        let (peer, _) = ScriptPeer::start(
+            "sparkplug-peer.py",
+            &[
+                "--port", &port, "--group", group, "--node", node, "--device", device,
+            ],
+        );
+        Self { peer }
     }
 }
 

@@ -800,6 +800,17 @@ impl Session<'_> {
                 if let Some(pubsub) = &self.shared.pubsub {
                     pubsub.forward(p.topic, p.payload);
                 }
+                // Sparkplug B Rebirth requests reach edge nodes through the
+                // local pub/sub broker, where they subscribe to their NCMD
+                // topic; without one they cannot be delivered.
+                for command in self.decoder.take_commands() {
+                    match &self.shared.pubsub {
+                        Some(pubsub) => pubsub.forward(&command.topic, &command.payload),
+                        None => {
+                            debug!(topic = %command.topic, "sparkplug command not sent: no pubsub-listen broker")
+                        }
+                    }
+                }
             }
             kind::PUBREL => {
                 let pkid = frame::packet_id(body).map_err(|_| malformed("PUBREL"))?;

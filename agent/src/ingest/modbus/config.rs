@@ -73,6 +73,11 @@ pub struct ModbusConfig {
 }
 
 /// How a device is reached.
+///
+/// Devices that name the same link (the same `address` for `tcp` and
+/// `rtu-over-tcp`, the same `path` for `rtu`) share one connection and are
+/// polled in turn over it: several unit ids behind one Modbus TCP gateway, or
+/// several RTU slaves on one RS-485 bus, local or behind a serial server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Transport {
@@ -80,6 +85,31 @@ pub enum Transport {
     Tcp,
     /// Modbus RTU on the serial device at `path`.
     Rtu,
+    /// Modbus RTU frames (unit id, PDU, CRC; no MBAP header) over a TCP
+    /// connection to `address`: the "transparent" mode of serial device
+    /// servers in front of an RS-485 bus.
+    RtuOverTcp,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Rtu => "rtu",
+            Transport::RtuOverTcp => "rtu-over-tcp",
+        }
+    }
+
+    /// Whether the device is reached over TCP at `address`.
+    pub fn uses_address(self) -> bool {
+        matches!(self, Transport::Tcp | Transport::RtuOverTcp)
+    }
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Serial parity.
@@ -120,7 +150,8 @@ pub struct DeviceConfig {
     /// Modbus unit (slave) id (default 1; RTU: 1 to 247).
     #[serde(default = "defaults::unit_id")]
     pub unit_id: u8,
-    /// Time between two polls of this device (default 1s).
+    /// Time between two polls of this device (default 1s); a register may
+    /// set its own.
     #[serde(default = "defaults::poll_interval", with = "humantime_serde")]
     pub poll_interval: Duration,
     /// Deadline of every request and of connection set-up (default 500ms).
@@ -163,6 +194,10 @@ pub struct RegisterConfig {
     /// Engineering unit, e.g. `degC` (default empty).
     #[serde(default)]
     pub unit: String,
+    /// Time between two reads of this value (default: the device's
+    /// `poll-interval`). Registers sharing an interval are read together.
+    #[serde(default, with = "humantime_serde")]
+    pub poll_interval: Option<Duration>,
 }
 
 impl RegisterConfig {
@@ -170,6 +205,38 @@ impl RegisterConfig {
     pub fn word_order(&self) -> WordOrder {
         self.order.unwrap_or_default()
     }
+}
+
+impl DeviceConfig {
+    /// The link this device is reached over; devices with equal links share it.
+    pub(crate) fn link(&self) -> Option<LinkKey> {
+        match self.transport {
+            Transport::Tcp => self.address.clone().map(LinkKey::Tcp),
+            Transport::RtuOverTcp => self.address.clone().map(LinkKey::RtuOverTcp),
+            Transport::Rtu => self.path.clone().map(LinkKey::Serial),
+        }
+    }
+
+    /// The registers grouped by their poll interval (shortest first), each
+    /// group in configuration order.
+    pub(crate) fn register_groups(&self) -> Vec<(Duration, Vec<RegisterConfig>)> {
+        let mut groups: BTreeMap<Duration, Vec<RegisterConfig>> = BTreeMap::new();
+        for reg in &self.registers {
+            groups
+                .entry(reg.poll_interval.unwrap_or(self.poll_interval))
+                .or_default()
+                .push(reg.clone());
+        }
+        groups.into_iter().collect()
+    }
+}
+
+/// One shared link: a TCP connection (MBAP or RTU framing) or a serial port.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum LinkKey {
+    Tcp(String),
+    RtuOverTcp(String),
+    Serial(PathBuf),
 }
 
 /// A configuration error, naming the key at fault.
@@ -200,6 +267,7 @@ impl ModbusConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut names = HashSet::new();
         let mut buses: BTreeMap<&PathBuf, (usize, SerialLine)> = BTreeMap::new();
+        let mut hosts: BTreeMap<&str, (usize, Transport)> = BTreeMap::new();
         for (d, dev) in self.devices.iter().enumerate() {
             let key = format!("modbus.devices[{d}]");
             dev.validate(&key)?;
@@ -208,6 +276,24 @@ impl ModbusConfig {
                     format!("{key}.name"),
                     format!("duplicate device name {:?}", dev.name),
                 ));
+            }
+            if let (true, Some(address)) = (dev.transport.uses_address(), dev.address.as_deref()) {
+                match hosts.get(address) {
+                    Some((first, other)) if *other != dev.transport => {
+                        return Err(err(
+                            format!("{key}.transport"),
+                            format!(
+                                "{address} is shared with modbus.devices[{first}] as \
+                                 transport = \"{other}\"; devices on one connection must \
+                                 agree on its framing"
+                            ),
+                        ));
+                    }
+                    Some(_) => {}
+                    None => {
+                        hosts.insert(address, (d, dev.transport));
+                    }
+                }
             }
             if let (Transport::Rtu, Some(path)) = (dev.transport, dev.path.as_ref()) {
                 let line = dev.serial_line();
@@ -282,12 +368,15 @@ impl DeviceConfig {
             ));
         }
         match self.transport {
-            Transport::Tcp => {
+            Transport::Tcp | Transport::RtuOverTcp => {
                 match self.address.as_deref() {
                     None => {
                         return Err(err(
                             format!("{key}.address"),
-                            "required for transport = \"tcp\" (host:port)",
+                            format!(
+                                "required for transport = \"{}\" (host:port)",
+                                self.transport
+                            ),
                         ))
                     }
                     Some(a) if !valid_host_port(a) => {
@@ -301,7 +390,16 @@ impl DeviceConfig {
                 if self.path.is_some() {
                     return Err(err(
                         format!("{key}.path"),
-                        "only for transport = \"rtu\"; a tcp device uses address",
+                        format!(
+                            "only for transport = \"rtu\"; a {} device uses address",
+                            self.transport
+                        ),
+                    ));
+                }
+                if self.transport == Transport::RtuOverTcp && !(1..=247).contains(&self.unit_id) {
+                    return Err(err(
+                        format!("{key}.unit-id"),
+                        format!("{} is not an RTU slave address (1..=247)", self.unit_id),
                     ));
                 }
             }
@@ -373,6 +471,18 @@ impl DeviceConfig {
         for (r, reg) in self.registers.iter().enumerate() {
             let rkey = format!("{key}.registers[{r}]");
             reg.validate(&rkey)?;
+            if let Some(interval) = reg.poll_interval {
+                if self.backoff_max < interval {
+                    return Err(err(
+                        format!("{rkey}.poll-interval"),
+                        format!(
+                            "{} is longer than the device's backoff-max {}",
+                            humantime_serde::re::humantime::format_duration(interval),
+                            humantime_serde::re::humantime::format_duration(self.backoff_max)
+                        ),
+                    ));
+                }
+            }
             if !sensors.insert(reg.sensor.as_str()) {
                 return Err(err(
                     format!("{rkey}.sensor"),
@@ -442,6 +552,9 @@ impl RegisterConfig {
                 format!("{key}.offset"),
                 format!("{} is not a finite number", self.offset),
             ));
+        }
+        if self.poll_interval.is_some_and(|i| i.is_zero()) {
+            return Err(err(format!("{key}.poll-interval"), "must be positive"));
         }
         Ok(())
     }
@@ -636,5 +749,61 @@ mod tests {
         let e = validation_error(&differ);
         assert_eq!(e.key, "modbus.devices[1].path");
         assert!(e.message.contains("9600 8N1 vs 19200 8N1"), "{}", e.message);
+    }
+
+    #[test]
+    fn rtu_over_tcp_and_shared_connections_are_checked() {
+        let over = PRESS.replace("transport = \"tcp\"", "transport = \"rtu-over-tcp\"");
+        let cfg = parse(&over);
+        cfg.validate().unwrap();
+        assert_eq!(cfg.devices[0].transport, Transport::RtuOverTcp);
+        let e = validation_error(&over.replace("address = \"127.0.0.1:15020\"", ""));
+        assert_eq!(e.key, "modbus.devices[0].address");
+        assert!(e.message.contains("rtu-over-tcp"), "{}", e.message);
+        let e = validation_error(&over.replace(
+            "transport = \"rtu-over-tcp\"",
+            "transport = \"rtu-over-tcp\"\nunit-id = 248",
+        ));
+        assert_eq!(e.key, "modbus.devices[0].unit-id");
+        // Two unit ids behind one gateway share its address...
+        let second = PRESS
+            .replace("press-1", "press-2")
+            .replace("transport = \"tcp\"", "transport = \"tcp\"\nunit-id = 2");
+        let cfg = parse(&format!("{PRESS}{second}"));
+        cfg.validate().unwrap();
+        assert_eq!(cfg.devices[0].link(), cfg.devices[1].link());
+        // ...but one connection speaks one framing.
+        let e = validation_error(&format!("{PRESS}{}", over.replace("press-1", "press-2")));
+        assert_eq!(e.key, "modbus.devices[1].transport");
+        assert!(e.message.contains("agree on its framing"), "{}", e.message);
+    }
+
+    #[test]
+    fn registers_may_have_their_own_poll_interval() {
+        let text = PRESS.replace("scale = 0.1", "scale = 0.1\npoll-interval = \"10s\"");
+        let cfg = parse(&text.replace(
+            "transport = \"tcp\"",
+            "transport = \"tcp\"\nbackoff-max = \"30s\"",
+        ));
+        cfg.validate().unwrap();
+        let groups = cfg.devices[0].register_groups();
+        let spans: Vec<(Duration, Vec<&str>)> = groups
+            .iter()
+            .map(|(i, regs)| (*i, regs.iter().map(|r| r.sensor.as_str()).collect()))
+            .collect();
+        assert_eq!(
+            spans,
+            vec![
+                (Duration::from_secs(1), vec!["temperature"]),
+                (Duration::from_secs(10), vec!["speed"]),
+            ]
+        );
+        let e =
+            validation_error(&PRESS.replace("scale = 0.1", "scale = 0.1\npoll-interval = \"0s\""));
+        assert_eq!(e.key, "modbus.devices[0].registers[1].poll-interval");
+        let e =
+            validation_error(&PRESS.replace("scale = 0.1", "scale = 0.1\npoll-interval = \"1m\""));
+        assert_eq!(e.key, "modbus.devices[0].registers[1].poll-interval");
+        assert!(e.message.contains("backoff-max"), "{}", e.message);
     }
 }

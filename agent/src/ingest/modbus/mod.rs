@@ -2,17 +2,24 @@
 //! and turns their registers into [`Reading`](millrace_protocol::Reading)s.
 //!
 //! What it is:
-//! - a poller per TCP device and one per serial bus (RTU slaves sharing a
-//!   `path` are polled in turn by one task), each on the device's
-//!   `poll-interval`;
+//! - one polling task per link: a Modbus TCP connection, a serial bus, or a
+//!   TCP connection carrying RTU frames (`rtu-over-tcp`, serial device servers
+//!   in transparent mode). Devices naming the same `address` or `path` share
+//!   the link and are polled in turn over it, so several unit ids behind one
+//!   Modbus gateway use one connection, as gateways expect;
+//! - each value read on its device's `poll-interval`, or on its own
+//!   (`poll-interval` on a register): registers sharing an interval are read
+//!   together, each group on its own schedule;
 //! - read planning that merges neighbouring registers into the fewest requests
 //!   (at most 125 registers, 2000 bits), and decoding of `bool`, 16-, 32- and
 //!   64-bit integers and floats in the four word orders `ABCD CDAB BADC DCBA`;
 //! - value = raw × scale + offset, stamped with the time the reply arrived;
+//!   64-bit integers beyond ±2^53 keep the nearest f64 but are flagged
+//!   (quality `uncertain`, counted), never rounded silently;
 //! - exception replies become counted `DeviceException` dead letters; timeouts
 //!   and transport errors are counted, logged (rate-limited) and answered by
 //!   rebuilding the link with exponential backoff, without holding up the
-//!   other devices.
+//!   other links; a gateway's 0A/0B exception backs off that unit only.
 //!
 //! What it is not: it never writes to a device (function codes 01–04 only), it
 //! does not scan for devices, and it does not keep values between polls (no
@@ -56,20 +63,21 @@ pub use config::{
     MAX_BITS_PER_READ, MAX_REGISTERS_PER_READ,
 };
 pub use plan::{
-    decode, encode_words, plan_reads, DataType, DecodeError, Function, PlannedRead, WordOrder,
+    decode, decode_checked, encode_words, plan_reads, DataType, DecodeError, Function, PlannedRead,
+    WordOrder, F64_EXACT_INT,
 };
 pub use poll::LinkError;
 pub use stats::{DeviceStats, ModbusStats};
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::IngestTx;
-use poll::{run_rtu_bus, run_tcp_device, DevicePoller, RtuBus};
+use config::LinkKey;
+use poll::{run_link, DevicePoller, Link};
 
 /// The Modbus source: a validated configuration and its counters.
 #[derive(Debug)]
@@ -99,35 +107,31 @@ impl ModbusSource {
     pub async fn run(self, tx: IngestTx, shutdown: CancellationToken) {
         let start = tokio::time::Instant::now();
         let mut tasks = JoinSet::new();
-        let mut buses: BTreeMap<PathBuf, RtuBus> = BTreeMap::new();
+        let mut links: BTreeMap<LinkKey, Link> = BTreeMap::new();
         for (index, dev) in self.devices.iter().enumerate() {
-            let poller = DevicePoller::new(dev, Arc::clone(&self.stats), index, start);
-            match (dev.transport, &dev.address, &dev.path) {
-                (Transport::Tcp, Some(address), _) => {
-                    tasks.spawn(run_tcp_device(
-                        poller,
-                        address.clone(),
-                        tx.clone(),
-                        shutdown.clone(),
-                    ));
-                }
-                (Transport::Rtu, _, Some(path)) => {
-                    buses
-                        .entry(path.clone())
-                        .or_insert_with(|| RtuBus {
-                            path: path.clone(),
-                            line: dev.serial_line(),
-                            devices: Vec::new(),
-                        })
-                        .devices
-                        .push(poller);
-                }
-                // validate() guarantees the transport's key is present.
-                _ => tracing::error!(device = %dev.name, "modbus device without address or path"),
+            // validate() guarantees the transport's key is present.
+            let Some(key) = dev.link() else {
+                tracing::error!(device = %dev.name, "modbus device without address or path");
+                continue;
+            };
+            let link = links.entry(key.clone()).or_insert_with(|| Link {
+                key,
+                line: (dev.transport == Transport::Rtu).then(|| dev.serial_line()),
+                devices: Vec::new(),
+            });
+            for (interval, registers) in dev.register_groups() {
+                link.devices.push(DevicePoller::new(
+                    dev,
+                    interval,
+                    registers,
+                    Arc::clone(&self.stats),
+                    index,
+                    start,
+                ));
             }
         }
-        for bus in buses.into_values() {
-            tasks.spawn(run_rtu_bus(bus, tx.clone(), shutdown.clone()));
+        for link in links.into_values() {
+            tasks.spawn(run_link(link, tx.clone(), shutdown.clone()));
         }
         drop(tx);
         while let Some(joined) = tasks.join_next().await {

@@ -211,9 +211,23 @@ pub struct DecodeError {
     pub got: usize,
 }
 
+/// Largest magnitude up to which an f64 holds every integer exactly: 2^53.
+pub const F64_EXACT_INT: u64 = 1 << 53;
+
 /// Decodes the raw (unscaled) value of a register from its words, first word
 /// first. `bool` on a register is true when the word is non-zero.
 pub fn decode(data_type: DataType, order: WordOrder, words: &[u16]) -> Result<f64, DecodeError> {
+    decode_checked(data_type, order, words).map(|(value, _)| value)
+}
+
+/// [`decode`], and whether the value is exact: `false` for a 64-bit integer
+/// beyond ±2^53, which an f64 can only approximate (the nearest f64 is
+/// returned; the caller flags the reading instead of rounding silently).
+pub fn decode_checked(
+    data_type: DataType,
+    order: WordOrder,
+    words: &[u16],
+) -> Result<(f64, bool), DecodeError> {
     let needed = usize::from(data_type.width());
     if words.len() < needed {
         return Err(DecodeError {
@@ -224,16 +238,30 @@ pub fn decode(data_type: DataType, order: WordOrder, words: &[u16]) -> Result<f6
     }
     let words = &words[..needed];
     Ok(match data_type {
-        DataType::Bool => f64::from(u8::from(words[0] != 0)),
-        DataType::U16 => f64::from(words[0]),
-        DataType::I16 => f64::from(words[0] as i16),
-        DataType::U32 => f64::from(u32::from_be_bytes(value_bytes::<4>(words, order))),
-        DataType::I32 => f64::from(i32::from_be_bytes(value_bytes::<4>(words, order))),
-        DataType::F32 => f64::from(f32::from_be_bytes(value_bytes::<4>(words, order))),
-        // Beyond 2^53 the nearest f64 is kept; counters that large lose their last digits.
-        DataType::U64 => u64::from_be_bytes(value_bytes::<8>(words, order)) as f64,
-        DataType::I64 => i64::from_be_bytes(value_bytes::<8>(words, order)) as f64,
-        DataType::F64 => f64::from_be_bytes(value_bytes::<8>(words, order)),
+        DataType::Bool => (f64::from(u8::from(words[0] != 0)), true),
+        DataType::U16 => (f64::from(words[0]), true),
+        DataType::I16 => (f64::from(words[0] as i16), true),
+        DataType::U32 => (
+            f64::from(u32::from_be_bytes(value_bytes::<4>(words, order))),
+            true,
+        ),
+        DataType::I32 => (
+            f64::from(i32::from_be_bytes(value_bytes::<4>(words, order))),
+            true,
+        ),
+        DataType::F32 => (
+            f64::from(f32::from_be_bytes(value_bytes::<4>(words, order))),
+            true,
+        ),
+        DataType::U64 => {
+            let v = u64::from_be_bytes(value_bytes::<8>(words, order));
+            (v as f64, v <= F64_EXACT_INT)
+        }
+        DataType::I64 => {
+            let v = i64::from_be_bytes(value_bytes::<8>(words, order));
+            (v as f64, v.unsigned_abs() <= F64_EXACT_INT)
+        }
+        DataType::F64 => (f64::from_be_bytes(value_bytes::<8>(words, order)), true),
     })
 }
 
@@ -289,6 +317,7 @@ mod tests {
             scale: 1.0,
             offset: 0.0,
             unit: String::new(),
+            poll_interval: None,
         }
     }
 
@@ -655,5 +684,29 @@ mod tests {
         let e = decode(DataType::F64, WordOrder::Abcd, &[1, 2, 3]).unwrap_err();
         assert_eq!(e.to_string(), "f64 needs 4 words, got 3");
         assert!(decode(DataType::U16, WordOrder::Abcd, &[]).is_err());
+    }
+
+    #[test]
+    fn sixty_four_bit_integers_beyond_2_pow_53_are_flagged_not_rounded_silently() {
+        let words = |v: u64| encode_words(&v.to_be_bytes(), WordOrder::Abcd);
+        let exact = |t, w: &[u16]| decode_checked(t, WordOrder::Abcd, w).unwrap();
+        assert_eq!(
+            exact(DataType::U64, &words(F64_EXACT_INT)),
+            (9_007_199_254_740_992.0, true)
+        );
+        let (v, ok) = exact(DataType::U64, &words(F64_EXACT_INT + 1));
+        assert!(!ok);
+        assert_eq!(v, 9_007_199_254_740_992.0, "the nearest f64");
+        assert!(!exact(DataType::U64, &words(u64::MAX)).1);
+        let neg = |v: i64| encode_words(&v.to_be_bytes(), WordOrder::Abcd);
+        assert_eq!(
+            exact(DataType::I64, &neg(-(1 << 53))),
+            (-9_007_199_254_740_992.0, true)
+        );
+        assert!(!exact(DataType::I64, &neg(-(1 << 53) - 1)).1);
+        assert!(!exact(DataType::I64, &neg(i64::MIN)).1);
+        // Every narrower type is always exact.
+        assert!(exact(DataType::U32, &[0xFFFF, 0xFFFF]).1);
+        assert!(exact(DataType::F64, &[0x7FF0, 0, 0, 0]).1);
     }
 }

@@ -1,4 +1,8 @@
-//! The polling tasks: one per TCP device, one per RTU bus.
+//! The polling tasks: one per link. A link is a TCP connection (MBAP or RTU
+//! framing) or a serial port; every device configured on it is polled in
+//! turn over it, each register group on its own schedule (the device's
+//! `poll-interval`, or a register's own). A Modbus TCP gateway in front of an
+//! RS-485 bus is one link carrying several unit ids.
 //!
 //! Invariants:
 //! - Every request and every connection attempt has a deadline (the device's
@@ -6,15 +10,22 @@
 //!   connection or serial port) is dropped and rebuilt on the next attempt,
 //!   so a late answer is never read as the answer to a later request.
 //! - A device that fails is retried with exponential backoff, from one poll
-//!   interval up to `backoff-max`; on a shared bus the other slaves keep
-//!   their schedule and lose at most one timeout per failing attempt.
+//!   interval up to `backoff-max`; on a shared link the other devices keep
+//!   their schedule and lose at most one timeout (and, over TCP, one
+//!   reconnect) per failing attempt.
+//! - A gateway's "path unavailable" (0A) or "target device failed to respond"
+//!   (0B) exception is the unit behind it being unreachable, not bad data:
+//!   counted as an exception, backed off like a timeout, not dead-lettered,
+//!   and the link to the gateway is kept.
+//! - A 64-bit integer beyond ±2^53 cannot be held exactly by the f64 of a
+//!   reading: the nearest f64 is kept, the reading's quality is `uncertain`
+//!   and it is counted (`millrace_modbus_inexact_readings_total`).
 //! - Only read function codes (01, 02, 03, 04) are ever sent.
 //! - An exception reply is the device speaking: it is counted, becomes a
 //!   `DeviceException` dead letter, and the poll goes on. Timeouts and
 //!   transport errors are counted and logged (rate-limited), not
 //!   dead-lettered: there is no input to keep.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,8 +36,8 @@ use tokio_modbus::slave::{Slave, SlaveContext as _};
 use tokio_modbus::{ExceptionCode, Request, Response};
 use tokio_util::sync::CancellationToken;
 
-use super::config::{DeviceConfig, RegisterConfig, SerialLine};
-use super::plan::{decode, plan_reads, split_read, Function, PlannedRead};
+use super::config::{DeviceConfig, LinkKey, RegisterConfig, SerialLine};
+use super::plan::{decode_checked, plan_reads, split_read, Function, PlannedRead};
 use super::stats::{DeviceStats, ModbusStats};
 use crate::ingest::{now_ms, Delivery, IngestEvent, IngestTx};
 
@@ -43,6 +54,21 @@ pub enum LinkError {
     Protocol(#[from] tokio_modbus::ProtocolError),
     #[error("unexpected reply: {0}")]
     UnexpectedReply(String),
+    /// Exception 0A or 0B from a gateway: the unit behind it is unreachable.
+    #[error("gateway answers exception {code:02X} ({})", gateway_exception_name(*.code))]
+    GatewayTarget { code: u8 },
+}
+
+/// Exception 0A: the gateway has no path to the unit.
+const GATEWAY_PATH_UNAVAILABLE: u8 = 0x0A;
+/// Exception 0B: the unit behind the gateway did not answer.
+const GATEWAY_TARGET_FAILED: u8 = 0x0B;
+
+fn gateway_exception_name(code: u8) -> &'static str {
+    match code {
+        GATEWAY_PATH_UNAVAILABLE => "gateway path unavailable",
+        _ => "gateway target device failed to respond",
+    }
 }
 
 impl From<tokio_modbus::Error> for LinkError {
@@ -59,6 +85,8 @@ impl From<tokio_modbus::Error> for LinkError {
 enum PollError {
     /// The link failed; drop it.
     Link(LinkError),
+    /// The device is unreachable but the link is fine (a gateway said so).
+    Device(LinkError),
     /// The pipeline's channel is closed: the source stops.
     ChannelClosed,
 }
@@ -160,8 +188,12 @@ pub(crate) struct DevicePoller {
 }
 
 impl DevicePoller {
+    /// The poller of one register group of a device: `registers`, all read
+    /// every `poll_interval`.
     pub fn new(
         cfg: &DeviceConfig,
+        poll_interval: Duration,
+        registers: Vec<RegisterConfig>,
         stats: Arc<ModbusStats>,
         stats_index: usize,
         start: Instant,
@@ -169,11 +201,11 @@ impl DevicePoller {
         Self {
             name: Arc::from(cfg.name.as_str()),
             unit_id: cfg.unit_id,
-            poll_interval: cfg.poll_interval,
+            poll_interval,
             timeout: cfg.timeout,
             backoff_max: cfg.backoff_max,
-            reads: plan_reads(&cfg.registers, cfg.max_gap),
-            registers: cfg.registers.clone(),
+            reads: plan_reads(&registers, cfg.max_gap),
+            registers,
             stats,
             stats_index,
             schedule: Schedule::new(start),
@@ -202,6 +234,8 @@ impl DevicePoller {
     fn on_failure(&mut self, error: &LinkError) {
         match error {
             LinkError::Timeout(_) => self.stats().add_timeout(),
+            // Already counted as an exception reply.
+            LinkError::GatewayTarget { .. } => {}
             _ => self.stats().add_transport_error(),
         }
         self.stats().set_connected(false);
@@ -286,6 +320,9 @@ impl DevicePoller {
         let read = &self.reads[r];
         let code = u8::from(exception);
         self.stats().add_exception(code);
+        if code == GATEWAY_PATH_UNAVAILABLE || code == GATEWAY_TARGET_FAILED {
+            return Err(PollError::Device(LinkError::GatewayTarget { code }));
+        }
         let sensors: Vec<&str> = read
             .registers
             .iter()
@@ -357,11 +394,11 @@ impl DevicePoller {
         for &i in &read.registers {
             let reg = &self.registers[i];
             let offset = usize::from(reg.address - read.start);
-            let raw = if read.function.is_bit() {
-                f64::from(u8::from(bits[offset]))
+            let (raw, exact) = if read.function.is_bit() {
+                (f64::from(u8::from(bits[offset])), true)
             } else {
                 let width = usize::from(reg.data_type.width());
-                decode(
+                decode_checked(
                     reg.data_type,
                     reg.word_order(),
                     &words[offset..offset + width],
@@ -374,10 +411,26 @@ impl DevicePoller {
                 value: raw * reg.scale + reg.offset,
                 unit: reg.unit.as_str().into(),
                 source: Source::Modbus,
-                quality: Quality::Good,
+                quality: if exact {
+                    Quality::Good
+                } else {
+                    Quality::Uncertain
+                },
             };
             if reading.value.is_finite() {
                 self.stats().add_reading();
+                if !exact {
+                    self.stats().add_inexact_reading();
+                    if self.stats().inexact_readings() == 1 {
+                        tracing::warn!(
+                            device = %self.name,
+                            sensor = %reg.sensor,
+                            data_type = %reg.data_type,
+                            "modbus 64-bit value beyond 2^53 kept as the nearest f64; \
+                             readings marked quality uncertain and counted"
+                        );
+                    }
+                }
                 events.push(IngestEvent::Reading(reading, Delivery::Once));
             } else {
                 let reason = if reading.value.is_nan() {
@@ -411,135 +464,134 @@ async fn until_shutdown<F: std::future::Future>(
     }
 }
 
-/// Polls one Modbus TCP device until shutdown or until the pipeline closes.
-pub(crate) async fn run_tcp_device(
-    mut device: DevicePoller,
-    address: String,
-    tx: IngestTx,
-    shutdown: CancellationToken,
-) {
-    let mut link: Option<Context> = None;
-    let mut connected_before = false;
-    tracing::info!(device = %device.name, %address, unit_id = device.unit_id, reads = device.reads.len(), "modbus tcp device polling");
-    loop {
-        if let Step::Shutdown =
-            until_shutdown(&shutdown, tokio::time::sleep_until(device.next_due())).await
-        {
-            break;
-        }
-        if link.is_none() {
-            match until_shutdown(
-                &shutdown,
-                connect_tcp(&address, device.unit_id, device.timeout),
-            )
-            .await
-            {
-                Step::Shutdown => break,
-                Step::Done(Err(e)) => {
-                    device.on_failure(&e);
-                    continue;
-                }
-                Step::Done(Ok(ctx)) => {
-                    if connected_before {
-                        device.stats().add_reconnect();
-                    }
-                    connected_before = true;
-                    device.stats().set_connected(true);
-                    tracing::debug!(device = %device.name, %address, "modbus tcp connected");
-                    link = Some(ctx);
-                }
-            }
-        }
-        let Some(ctx) = link.as_mut() else { continue };
-        match until_shutdown(&shutdown, device.poll(ctx, &tx)).await {
-            Step::Shutdown => break,
-            Step::Done(Ok(())) => device.on_success(),
-            Step::Done(Err(PollError::Link(e))) => {
-                link = None;
-                device.on_failure(&e);
-            }
-            Step::Done(Err(PollError::ChannelClosed)) => {
-                tracing::info!(device = %device.name, "ingest channel closed; modbus device stops");
-                break;
-            }
-        }
-    }
-    device.stats().set_connected(false);
-    if let Some(mut ctx) = link {
-        let _ = tokio::time::timeout(device.timeout, ctx.disconnect()).await;
-    }
-}
-
-async fn connect_tcp(address: &str, unit_id: u8, timeout: Duration) -> Result<Context, LinkError> {
-    let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address))
-        .await
-        .map_err(|_| LinkError::Timeout(timeout))??;
-    stream.set_nodelay(true)?;
-    Ok(tokio_modbus::client::tcp::attach_slave(
-        stream,
-        Slave(unit_id),
-    ))
-}
-
-/// One serial bus and the RTU slaves polled on it.
+/// One link and the device register groups polled over it.
 #[derive(Debug)]
-pub(crate) struct RtuBus {
-    pub path: PathBuf,
-    pub line: SerialLine,
+pub(crate) struct Link {
+    pub key: LinkKey,
+    /// Serial links: the line settings every device on it agrees on.
+    pub line: Option<SerialLine>,
     pub devices: Vec<DevicePoller>,
 }
 
-/// Polls the slaves of one RTU bus in turn, each on its own schedule, until
-/// shutdown or until the pipeline closes. The port is opened lazily and
-/// reopened (input discarded) after any timeout or transport error.
-pub(crate) async fn run_rtu_bus(mut bus: RtuBus, tx: IngestTx, shutdown: CancellationToken) {
-    let mut port: Option<Context> = None;
+impl Link {
+    fn describe(&self) -> String {
+        match &self.key {
+            LinkKey::Tcp(address) => format!("tcp {address}"),
+            LinkKey::RtuOverTcp(address) => format!("rtu-over-tcp {address}"),
+            LinkKey::Serial(path) => match self.line {
+                Some(line) => format!("rtu {} {line}", path.display()),
+                None => format!("rtu {}", path.display()),
+            },
+        }
+    }
+
+    /// Opens the link, on behalf of the device about to be polled.
+    async fn open(&self, device: &DevicePoller) -> Result<Context, LinkError> {
+        match &self.key {
+            LinkKey::Tcp(address) => {
+                let stream = connect_tcp(address, device.timeout).await?;
+                Ok(tokio_modbus::client::tcp::attach_slave(
+                    stream,
+                    Slave(device.unit_id),
+                ))
+            }
+            LinkKey::RtuOverTcp(address) => {
+                let stream = connect_tcp(address, device.timeout).await?;
+                Ok(tokio_modbus::client::rtu::attach_slave(
+                    stream,
+                    Slave(device.unit_id),
+                ))
+            }
+            LinkKey::Serial(path) => open_serial(path, self.line.unwrap_or(DEFAULT_LINE)),
+        }
+    }
+}
+
+/// Line settings of a serial link that (never, after validation) has none.
+const DEFAULT_LINE: SerialLine = SerialLine {
+    baud_rate: super::config::defaults::BAUD_RATE,
+    parity: super::config::Parity::None,
+    data_bits: super::config::defaults::DATA_BITS,
+    stop_bits: super::config::defaults::STOP_BITS,
+};
+
+/// Polls the devices of one link in turn, each register group on its own
+/// schedule, until shutdown or until the pipeline closes. The link is opened
+/// lazily and rebuilt (a fresh connection, or a reopened and flushed port)
+/// after any timeout or transport error, so a late answer is never read as
+/// the reply to a later request.
+pub(crate) async fn run_link(mut link: Link, tx: IngestTx, shutdown: CancellationToken) {
+    let mut ctx: Option<Context> = None;
     let mut opened_before = false;
-    let path = bus.path.display().to_string();
-    tracing::info!(path = %path, line = %bus.line, slaves = bus.devices.len(), "modbus rtu bus polling");
-    // The slave due first; ties go to configuration order.
-    while let Some(next) = (0..bus.devices.len()).min_by_key(|&i| bus.devices[i].next_due()) {
-        let device = &mut bus.devices[next];
-        if let Step::Shutdown =
-            until_shutdown(&shutdown, tokio::time::sleep_until(device.next_due())).await
+    let what = link.describe();
+    let units: std::collections::BTreeSet<u8> = link.devices.iter().map(|d| d.unit_id).collect();
+    tracing::info!(
+        link = %what,
+        groups = link.devices.len(),
+        unit_ids = ?units,
+        "modbus link polling"
+    );
+    // The group due first; ties go to configuration order.
+    while let Some(next) = (0..link.devices.len()).min_by_key(|&i| link.devices[i].next_due()) {
+        if let Step::Shutdown = until_shutdown(
+            &shutdown,
+            tokio::time::sleep_until(link.devices[next].next_due()),
+        )
+        .await
         {
             break;
         }
-        if port.is_none() {
-            match open_serial(&bus.path, bus.line) {
-                Err(e) => {
-                    device.on_failure(&e);
+        if ctx.is_none() {
+            match until_shutdown(&shutdown, link.open(&link.devices[next])).await {
+                Step::Shutdown => break,
+                Step::Done(Err(e)) => {
+                    link.devices[next].on_failure(&e);
                     continue;
                 }
-                Ok(ctx) => {
+                Step::Done(Ok(opened)) => {
+                    let device = &link.devices[next];
                     if opened_before {
                         device.stats().add_reconnect();
                     }
                     opened_before = true;
-                    tracing::debug!(path = %path, "modbus rtu port opened");
-                    port = Some(ctx);
+                    device.stats().set_connected(true);
+                    tracing::debug!(link = %what, "modbus link open");
+                    ctx = Some(opened);
                 }
             }
         }
-        let Some(ctx) = port.as_mut() else { continue };
-        match until_shutdown(&shutdown, device.poll(ctx, &tx)).await {
+        let Some(open) = ctx.as_mut() else { continue };
+        let device = &mut link.devices[next];
+        match until_shutdown(&shutdown, device.poll(open, &tx)).await {
             Step::Shutdown => break,
             Step::Done(Ok(())) => device.on_success(),
+            Step::Done(Err(PollError::Device(e))) => device.on_failure(&e),
             Step::Done(Err(PollError::Link(e))) => {
-                // A late answer from this slave must not be read as the next
-                // slave's reply: start over on a fresh, flushed port.
-                port = None;
+                // A late answer to this device must not be read as the next
+                // device's reply: start over on a fresh link.
+                ctx = None;
                 device.on_failure(&e);
             }
             Step::Done(Err(PollError::ChannelClosed)) => {
-                tracing::info!(path = %path, "ingest channel closed; modbus bus stops");
+                tracing::info!(link = %what, "ingest channel closed; modbus link stops");
                 break;
             }
         }
     }
-    for device in &bus.devices {
+    for device in &link.devices {
         device.stats().set_connected(false);
     }
+    if let (Some(mut open), Some(first)) = (ctx, link.devices.first()) {
+        let _ = tokio::time::timeout(first.timeout, open.disconnect()).await;
+    }
+}
+
+async fn connect_tcp(address: &str, timeout: Duration) -> Result<tokio::net::TcpStream, LinkError> {
+    let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address))
+        .await
+        .map_err(|_| LinkError::Timeout(timeout))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
 }
 
 fn open_serial(path: &std::path::Path, line: SerialLine) -> Result<Context, LinkError> {

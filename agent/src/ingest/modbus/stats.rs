@@ -40,6 +40,7 @@ pub struct DeviceStats {
     polls: AtomicU64,
     polls_skipped: AtomicU64,
     readings: AtomicU64,
+    inexact_readings: AtomicU64,
     exceptions: Box<[AtomicU64; 256]>,
     timeouts: AtomicU64,
     transport_errors: AtomicU64,
@@ -54,6 +55,7 @@ impl DeviceStats {
             polls: AtomicU64::new(0),
             polls_skipped: AtomicU64::new(0),
             readings: AtomicU64::new(0),
+            inexact_readings: AtomicU64::new(0),
             exceptions: Box::new(std::array::from_fn(|_| AtomicU64::new(0))),
             timeouts: AtomicU64::new(0),
             transport_errors: AtomicU64::new(0),
@@ -76,6 +78,11 @@ impl DeviceStats {
     /// Readings produced.
     pub fn readings(&self) -> u64 {
         self.readings.load(Ordering::Relaxed)
+    }
+    /// Readings of 64-bit integers beyond ±2^53, kept as the nearest f64
+    /// and marked quality `uncertain`.
+    pub fn inexact_readings(&self) -> u64 {
+        self.inexact_readings.load(Ordering::Relaxed)
     }
     /// Exception replies with the given exception code.
     pub fn exceptions(&self, code: u8) -> u64 {
@@ -116,6 +123,9 @@ impl DeviceStats {
     }
     pub(crate) fn add_reading(&self) {
         self.readings.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn add_inexact_reading(&self) {
+        self.inexact_readings.fetch_add(1, Ordering::Relaxed);
     }
     pub(crate) fn add_exception(&self, code: u8) {
         self.exceptions[usize::from(code)].fetch_add(1, Ordering::Relaxed);
