@@ -71,7 +71,21 @@ struct RawConfig {
     #[serde(default)]
     mqtt_sensor: Vec<RawMqttSensor>,
     #[serde(default)]
+    sparkplug_node: Vec<RawSparkplugNode>,
+    #[serde(default)]
     anomaly: Vec<RawAnomaly>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawSparkplugNode {
+    group: String,
+    node: String,
+    #[serde(default)]
+    device: Option<String>,
+    #[serde(with = "humantime_serde")]
+    interval: Duration,
+    metrics: Vec<RawField>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -270,6 +284,30 @@ pub struct SimConfig {
     pub modbus_tcp: Vec<ModbusTcpConfig>,
     pub modbus_rtu: Vec<ModbusRtuConfig>,
     pub mqtt_sensors: Vec<MqttSensorConfig>,
+    pub sparkplug_nodes: Vec<SparkplugNodeConfig>,
+}
+
+/// A simulated Sparkplug B edge node: its metrics (all Double) live on the
+/// node itself, or on its one device when `device` is set.
+#[derive(Debug, Clone)]
+pub struct SparkplugNodeConfig {
+    pub group: String,
+    pub node: String,
+    pub device: Option<String>,
+    pub interval: Duration,
+    /// Metric name and signal; aliases are 1, 2, ... in this order.
+    pub metrics: Vec<(String, Signal)>,
+}
+
+impl SparkplugNodeConfig {
+    /// The series device the agent maps these metrics to (its defaults:
+    /// `<node>` for node metrics, `<node>.<device>` for device metrics).
+    pub fn series_device(&self) -> String {
+        match &self.device {
+            Some(d) => format!("{}.{d}", self.node),
+            None => self.node.clone(),
+        }
+    }
 }
 
 /// Broker connection of the MQTT sensors.
@@ -416,6 +454,11 @@ impl SimConfig {
                 }
             }
         }
+        for n in &self.sparkplug_nodes {
+            for (name, signal) in &n.metrics {
+                out.insert(format!("{}/{name}", n.series_device()), signal);
+            }
+        }
         out
     }
 
@@ -436,6 +479,11 @@ impl SimConfig {
                     .iter_mut()
                     .for_each(|(_, signal)| signal.start_ms = start_ms),
             }
+        }
+        for n in &mut self.sparkplug_nodes {
+            n.metrics
+                .iter_mut()
+                .for_each(|(_, signal)| signal.start_ms = start_ms);
         }
     }
 }
@@ -549,12 +597,19 @@ impl Checker<'_> {
             mqtt_sensors.push(self.check_mqtt_sensor(s, &key, &mut topics)?);
         }
 
+        let mut sparkplug_nodes = Vec::new();
+        for (i, n) in raw.sparkplug_node.into_iter().enumerate() {
+            let key = format!("sparkplug-node[{i}]");
+            sparkplug_nodes.push(self.check_sparkplug_node(n, &key)?);
+        }
+
         let mut config = SimConfig {
             seed: raw.seed,
             mqtt,
             modbus_tcp,
             modbus_rtu,
             mqtt_sensors,
+            sparkplug_nodes,
         };
         for (i, a) in raw.anomaly.into_iter().enumerate() {
             self.attach_anomaly(&mut config, a, &format!("anomaly[{i}]"))?;
@@ -702,6 +757,53 @@ impl Checker<'_> {
             drift_per_hour: raw.drift_per_hour,
             start_ms: 0,
             anomalies: Vec::new(),
+        })
+    }
+
+    fn check_sparkplug_node(
+        &self,
+        n: RawSparkplugNode,
+        key: &str,
+    ) -> Result<SparkplugNodeConfig, ConfigError> {
+        let id_ok = |id: &str| !id.is_empty() && !id.contains(['/', '+', '#', '.']);
+        for (name, value) in [("group", &n.group), ("node", &n.node)] {
+            if !id_ok(value) {
+                return Err(self.err(
+                    format!("{key}.{name}"),
+                    "must be non-empty without '/', '+', '#' or '.'",
+                ));
+            }
+        }
+        if n.device.as_deref().is_some_and(|d| !id_ok(d)) {
+            return Err(self.err(
+                format!("{key}.device"),
+                "must be non-empty without '/', '+', '#' or '.'",
+            ));
+        }
+        if n.interval.as_millis() == 0 {
+            return Err(self.err(format!("{key}.interval"), "must be at least 1ms"));
+        }
+        if n.metrics.is_empty() {
+            return Err(self.err(format!("{key}.metrics"), "a node needs at least one metric"));
+        }
+        let mut metrics: Vec<(String, Signal)> = Vec::new();
+        for (j, m) in n.metrics.into_iter().enumerate() {
+            let mkey = format!("{key}.metrics[{j}]");
+            if m.name.is_empty() || m.name == "bdSeq" || metrics.iter().any(|(x, _)| *x == m.name) {
+                return Err(self.err(
+                    format!("{mkey}.name"),
+                    "must be non-empty, unique and not `bdSeq`",
+                ));
+            }
+            let signal = self.check_signal(m.signal, &format!("{mkey}.signal"))?;
+            metrics.push((m.name, signal));
+        }
+        Ok(SparkplugNodeConfig {
+            group: n.group,
+            node: n.node,
+            device: n.device,
+            interval: n.interval,
+            metrics,
         })
     }
 
@@ -937,6 +1039,15 @@ fn find_signal_mut<'a>(
             return Some((&mut p.signal, refresh));
         }
     }
+    for n in &mut config.sparkplug_nodes {
+        if n.series_device() != device {
+            continue;
+        }
+        let interval = n.interval;
+        if let Some((_, signal)) = n.metrics.iter_mut().find(|(m, _)| m == sensor) {
+            return Some((signal, interval));
+        }
+    }
     for s in &mut config.mqtt_sensors {
         if s.device != device {
             continue;
@@ -1008,10 +1119,12 @@ signal = { offset = 80, amplitude = 5, period = "60s", noise-stddev = 0.2 }
             "boiler-3/steam-flow",
             "env-1/humidity",
             "env-1/ambient",
+            "line-5.filler/Fill/Level",
+            "line-5.filler/Drive/Speed",
         ] {
             assert!(series.contains_key(s), "missing {s}");
         }
-        assert_eq!(series.len(), 13);
+        assert_eq!(series.len(), 15);
         assert_eq!(series["press-1/temperature"].anomalies.len(), 1);
         assert_eq!(series["boiler-3/temp"].anomalies.len(), 1);
         assert_eq!(series["pump-2/flow"].anomalies.len(), 1);

@@ -11,6 +11,8 @@
 //! - [`config`]: the plant file (`config/sim.toml`), raw then checked.
 //! - [`modbus`]: register maps, Modbus TCP servers and RTU slaves, faults.
 //! - [`mqtt`]: MQTT sensors publishing JSON readings, malformed-payload faults.
+//! - [`sparkplug`]: Sparkplug B edge nodes (BIRTH, DATA by alias, DEATH as will,
+//!   rebirth on NCMD).
 //! - [`load`]: bounded load runs at a target readings/s rate.
 //! - [`publish`]: a fixed number of readings over one pipelined MQTT 3.1.1
 //!   connection, counting which were acknowledged (reconnects and republishes).
@@ -46,6 +48,7 @@ pub mod mqtt;
 pub mod publish;
 pub mod signal;
 pub mod sim;
+pub mod sparkplug;
 
 /// Wall-clock time as Unix milliseconds (0 if the clock is before 1970).
 pub fn unix_now_ms() -> i64 {

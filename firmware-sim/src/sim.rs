@@ -97,6 +97,7 @@ impl Simulation {
         }
         if options.no_mqtt {
             config.mqtt_sensors.clear();
+            config.sparkplug_nodes.clear();
         }
         if options.no_rtu {
             config.modbus_rtu.clear();
@@ -148,7 +149,15 @@ impl Simulation {
                 Ok(())
             });
         }
-        info!(seed, start_ms, modbus_tcp = ?tcp_addrs, rtu = config.modbus_rtu.len(), mqtt_sensors = config.mqtt_sensors.len(), "simulation started");
+        for node in config.sparkplug_nodes.clone() {
+            let mqtt = config.mqtt.clone();
+            let cancel = cancel.clone();
+            tasks.spawn(async move {
+                crate::sparkplug::run_node(mqtt, node, seed, cancel).await;
+                Ok(())
+            });
+        }
+        info!(seed, start_ms, modbus_tcp = ?tcp_addrs, rtu = config.modbus_rtu.len(), mqtt_sensors = config.mqtt_sensors.len(), sparkplug_nodes = config.sparkplug_nodes.len(), "simulation started");
         Ok(Self {
             config,
             start_ms,

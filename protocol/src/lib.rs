@@ -25,6 +25,7 @@
 
 mod records;
 pub mod secret;
+pub mod sparkplug;
 mod wire;
 
 pub use records::*;

@@ -167,3 +167,141 @@ signal = {{ offset = 1.0 }}
         );
     }
 }
+
+#[tokio::test]
+async fn a_sparkplug_node_births_sends_data_by_alias_and_rebirths_on_request() {
+    use millrace_protocol::sparkplug::{proto, REBIRTH_METRIC};
+    use prost::Message as _;
+
+    let broker = Mosquitto::start();
+    let (sub, mut events) = subscribe(broker.port, "spBv1.0/#").await;
+    let mut plant = example_plant(broker.port);
+    plant.mqtt_sensors.clear();
+    assert_eq!(
+        plant.sparkplug_nodes.len(),
+        1,
+        "the example plant has line-5"
+    );
+    let options = RunOptions {
+        no_rtu: true,
+        ..RunOptions::default()
+    };
+    let sim = Simulation::start(plant, options).await.unwrap();
+    let decode = |payload: &[u8]| proto::Payload::decode(payload).expect("Sparkplug B");
+
+    // Wait (on messages, not time) for the births and three DDATA.
+    let mut seen: Vec<(String, proto::Payload)> = Vec::new();
+    let wait = |seen: &Vec<(String, proto::Payload)>, topic: &str, n: usize| {
+        seen.iter().filter(|(t, _)| t == topic).count() >= n
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !wait(&seen, "spBv1.0/plant-a/DDATA/line-5/filler", 3) {
+        let event = tokio::time::timeout_at(deadline, events.poll())
+            .await
+            .expect("births and data within 15 s")
+            .unwrap();
+        if let Event::Incoming(Packet::Publish(p)) = event {
+            seen.push((p.topic.clone(), decode(&p.payload)));
+        }
+    }
+    let nbirth = &seen
+        .iter()
+        .find(|(t, _)| t == "spBv1.0/plant-a/NBIRTH/line-5")
+        .expect("NBIRTH")
+        .1;
+    assert_eq!(nbirth.seq, Some(0));
+    assert!(nbirth
+        .metrics
+        .iter()
+        .any(|m| m.name.as_deref() == Some("bdSeq")));
+    let dbirth = &seen
+        .iter()
+        .find(|(t, _)| t == "spBv1.0/plant-a/DBIRTH/line-5/filler")
+        .expect("DBIRTH")
+        .1;
+    let names: Vec<_> = dbirth
+        .metrics
+        .iter()
+        .map(|m| (m.name.clone().unwrap(), m.alias.unwrap()))
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            ("Fill/Level".to_string(), 1),
+            ("Drive/Speed".to_string(), 2)
+        ]
+    );
+    // DATA: aliases only, consecutive seq, values of the signal at the stamp.
+    let mut last_seq = dbirth.seq.unwrap();
+    for (_, data) in seen
+        .iter()
+        .filter(|(t, _)| t == "spBv1.0/plant-a/DDATA/line-5/filler")
+    {
+        assert_eq!(data.seq, Some((last_seq + 1) % 256));
+        last_seq = data.seq.unwrap();
+        for m in &data.metrics {
+            assert_eq!(m.name, None);
+            let name = if m.alias == Some(1) {
+                "Fill/Level"
+            } else {
+                "Drive/Speed"
+            };
+            let ts = i64::try_from(m.timestamp.unwrap()).unwrap();
+            let expected = sim.value_at(&format!("line-5.filler/{name}"), ts).unwrap();
+            assert_eq!(m.value, Some(proto::Value::Double(expected)));
+        }
+    }
+
+    // A host's Rebirth request: new BIRTHs, seq from 0 again.
+    let rebirth = proto::Payload {
+        metrics: vec![proto::Metric {
+            name: Some(REBIRTH_METRIC.into()),
+            datatype: Some(11),
+            value: Some(proto::Value::Boolean(true)),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    sub.publish(
+        "spBv1.0/plant-a/NCMD/line-5",
+        QoS::AtLeastOnce,
+        false,
+        rebirth.encode_to_vec(),
+    )
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let event = tokio::time::timeout_at(deadline, events.poll())
+            .await
+            .expect("a new NBIRTH within 10 s")
+            .unwrap();
+        if let Event::Incoming(Packet::Publish(p)) = event {
+            if p.topic == "spBv1.0/plant-a/NBIRTH/line-5" {
+                assert_eq!(decode(&p.payload).seq, Some(0));
+                break;
+            }
+        }
+    }
+    // Stopping is a death, with this run's bdSeq.
+    sim.shutdown().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let event = tokio::time::timeout_at(deadline, events.poll())
+            .await
+            .expect("an NDEATH within 10 s")
+            .unwrap();
+        if let Event::Incoming(Packet::Publish(p)) = event {
+            if p.topic == "spBv1.0/plant-a/NDEATH/line-5" {
+                let bd = |p: &proto::Payload| {
+                    p.metrics
+                        .iter()
+                        .find(|m| m.name.as_deref() == Some("bdSeq"))
+                        .and_then(|m| m.value.clone())
+                };
+                assert_eq!(bd(&decode(&p.payload)), bd(nbirth));
+                break;
+            }
+        }
+    }
+}
