@@ -40,6 +40,16 @@ except ImportError as exc:  # pragma: no cover - environment check
 
 DT = spb.DataType
 
+# Lines come from two threads (commands, and paho's for NCMDs): one write
+# per line, under a lock, so they never interleave.
+_OUT = threading.Lock()
+
+
+def say(line: str) -> None:
+    with _OUT:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
 NODE_METRICS = {
     1: ("Inputs/Temperature", DT.DOUBLE, 21.5),
     2: ("Inputs/Count", DT.INT32, -3),
@@ -144,7 +154,7 @@ class Node:
 
     def on_cmd(self, _client, message: spb.Message) -> None:
         for metric in message.payload.metrics:
-            print(f"ncmd {metric.name}={metric.value}", flush=True)
+            say(f"ncmd {metric.name}={metric.value}")
 
     def apply(self, line: str) -> None:
         parts = line.split()
@@ -163,9 +173,9 @@ class Node:
             elif parts[0] == "raw" and len(parts) == 3:
                 self.client._client.publish(f"spBv1.0/{self.group}/{parts[1]}/{self.node}", bytes.fromhex(parts[2]), qos=0).wait_for_publish()
             else:
-                print(f"error unknown command {line!r}", flush=True)
+                say(f"error unknown command {line!r}")
                 return
-        print(f"ok {line}", flush=True)
+        say(f"ok {line}")
 
 
 def main() -> None:
@@ -175,7 +185,7 @@ def main() -> None:
     parser.add_argument("--node", required=True)
     parser.add_argument("--device")
     node = Node(parser.parse_args())
-    print("ready", flush=True)
+    say("ready")
     for line in sys.stdin:
         line = line.strip()
         if line:

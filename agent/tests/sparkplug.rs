@@ -29,10 +29,21 @@ struct Agent {
     task: tokio::task::JoinHandle<Result<(), millrace_agent::ingest::mqtt::MqttError>>,
 }
 
+/// Logs to the test's captured output (`RUST_LOG` filters; default: info).
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
 impl Agent {
     /// The MQTT source on `spBv1.0/plant-a/#` as Sparkplug B, Rebirth
     /// requests allowed; durability markers completed at once.
     async fn start(broker: &Mosquitto, protocol: MqttProtocol) -> Self {
+        init_logs();
         let id = format!("agent-{}-{}", std::process::id(), mosquitto::free_port());
         let mut config = MqttConfig::new("127.0.0.1", broker.port(), id);
         config.protocol = protocol;
@@ -231,4 +242,56 @@ async fn sparkplug_death_marks_series_stale_and_a_malformed_payload_is_a_dead_le
         Quality::Good
     );
     agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sparkplug_through_the_gateway_s_own_ingest_listener() {
+    use millrace_agent::ingest::broker::{BrokerConfig, EmbeddedBroker};
+    // The edge node publishes straight to the agent's device ingest.
+    let mut cfg = BrokerConfig::new("127.0.0.1:0".parse().unwrap());
+    cfg.subscriptions = vec![SubscriptionConfig::new(
+        "spBv1.0/plant-a/#",
+        PayloadFormat::SparkplugB,
+    )];
+    let broker = EmbeddedBroker::start(&cfg).unwrap();
+    let port = broker.local_addr().port();
+    let (tx, mut source_rx) = mpsc::channel(1024);
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let task = tokio::spawn(async move { broker.run(tx, token).await.unwrap() });
+    let (out, rx) = mpsc::channel(1024);
+    tokio::spawn(async move {
+        while let Some(event) = source_rx.recv().await {
+            match event {
+                IngestEvent::Durable(ack) => ack.complete(),
+                other => {
+                    if out.send(other).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let mut agent = Agent {
+        rx,
+        shutdown: CancellationToken::new(),
+        task: tokio::spawn(async { Ok(()) }),
+    };
+    let mut node = SparkplugPeer::start(port, "plant-a", "edge-4", "plc-1");
+    node.peer.command("birth");
+    node.peer.command("ddata 11 5");
+    let events = agent
+        .until(|ev| {
+            has(ev, "edge-4", "Inputs/Temperature", 21.5) && has(ev, "edge-4.plc-1", "Level", 5.0)
+        })
+        .await;
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, IngestEvent::DeadLetter(_))),
+        "{events:#?}"
+    );
+    drop(node);
+    stop.cancel();
+    tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
 }
