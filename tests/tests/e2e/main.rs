@@ -3,6 +3,7 @@
 
 mod chain;
 mod dashboard;
+mod faults;
 mod ingest;
 mod pipeline;
 mod scale;
