@@ -235,6 +235,23 @@ pub struct SubscriptionConfig {
     /// (default false: counted and logged only).
     #[serde(default)]
     pub commands: bool,
+    /// `sparkplug-b`: what becomes of string, dataset, template and other
+    /// non-numeric metrics: `skip` (default; counted) or `dead-letter`
+    /// (counted, and named in the message's dead letter).
+    #[serde(default)]
+    pub non_numeric: NonNumeric,
+}
+
+/// `non-numeric`: what a Sparkplug B subscription does with metrics that
+/// are not numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NonNumeric {
+    /// Counted (`millrace_sparkplug_skipped_metrics_total`) and skipped.
+    #[default]
+    Skip,
+    /// Counted and named in the message's one dead letter.
+    DeadLetter,
 }
 
 /// The defaults of the subscription keys, in one place.
@@ -279,6 +296,7 @@ impl SubscriptionConfig {
             sensor_field: None,
             ignore_fields: Vec::new(),
             commands: false,
+            non_numeric: NonNumeric::Skip,
         }
     }
 }
@@ -476,6 +494,8 @@ struct Route {
     node_device: Option<Template>,
     /// Sparkplug B: Rebirth requests may be published.
     commands: bool,
+    /// Sparkplug B: non-numeric metrics go to the dead letter.
+    dead_letter_non_numeric: bool,
     sensor: Template,
     value_field: String,
     time_field: String,
@@ -514,6 +534,12 @@ impl Route {
         if sub.commands && !sparkplug {
             return Err(ConfigError::new(
                 format!("{key}.commands"),
+                "only used with format = \"sparkplug-b\"",
+            ));
+        }
+        if sub.non_numeric != NonNumeric::Skip && !sparkplug {
+            return Err(ConfigError::new(
+                format!("{key}.non-numeric"),
                 "only used with format = \"sparkplug-b\"",
             ));
         }
@@ -571,6 +597,7 @@ impl Route {
             device,
             node_device,
             commands: sub.commands,
+            dead_letter_non_numeric: sub.non_numeric == NonNumeric::DeadLetter,
             sensor,
             value_field: sub.value_field.clone(),
             time_field: sub.time_field.clone(),

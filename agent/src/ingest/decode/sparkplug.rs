@@ -13,7 +13,9 @@
 //!   become readings; a 64-bit integer beyond ±2^53 is kept as the nearest
 //!   f64 with quality `uncertain`. Strings, datasets, templates, bytes and
 //!   the other non-numeric types are counted and skipped
-//!   (`millrace_sparkplug_skipped_metrics_total`), as are null metrics and
+//!   (`millrace_sparkplug_skipped_metrics_total`) — and with
+//!   `non-numeric = "dead-letter"` also put in the message's dead letter —,
+//!   as are null metrics and
 //!   the control plane (`Node Control/*`, `Device Control/*`, `Properties/*`,
 //!   `bdSeq`). NaN/±Inf and unknown aliases go to the message's one dead
 //!   letter.
@@ -374,6 +376,9 @@ impl SparkplugState {
         } else {
             msg.route.node_device.as_ref().unwrap_or(&msg.route.device)
         };
+        // One device name for every metric of the message.
+        let series_device = names.render(device_template, segments, None);
+        let unit = names.get(&msg.route.unit);
         let mut bad = BadParts::default();
         let total = payload.metrics.len();
         for metric in &payload.metrics {
@@ -442,6 +447,12 @@ impl SparkplugState {
                 Ok(Some(v)) => v,
                 Ok(None) => {
                     count(&STATS.skipped_metrics);
+                    if msg.route.dead_letter_non_numeric {
+                        bad.add((
+                            DeadLetterReason::WrongType,
+                            format!("metric {name:?} of datatype {datatype} is not a number"),
+                        ));
+                    }
                     continue;
                 }
                 Err(r) => {
@@ -462,7 +473,7 @@ impl SparkplugState {
                 },
                 None => msg.now_ms,
             };
-            let series = names.render(device_template, segments, None).and_then(|d| {
+            let series = series_device.clone().and_then(|d| {
                 Ok(SeriesKey::new(
                     d,
                     names.render(&msg.route.sensor, segments, Some(&name))?,
@@ -475,10 +486,10 @@ impl SparkplugState {
                     continue;
                 }
             };
-            let unit = match names.get(&msg.route.unit) {
-                Ok(u) => u,
+            let unit = match &unit {
+                Ok(u) => Arc::clone(u),
                 Err(r) => {
-                    bad.add(r);
+                    bad.add(r.clone());
                     continue;
                 }
             };
@@ -929,6 +940,36 @@ mod tests {
         assert_eq!(
             readings(&run(&mut d, "spBv1.0/plant-a/NDATA/edge-1", &data(1)))[0].4,
             Quality::Good
+        );
+    }
+
+    #[test]
+    fn non_numeric_metrics_are_skipped_or_dead_lettered_as_configured() {
+        let skip = run(
+            &mut decoder(false),
+            "spBv1.0/plant-a/NBIRTH/edge-1",
+            &birth(),
+        );
+        assert_eq!(readings(&skip).len(), 2);
+        assert_eq!(dead(&skip), vec![]);
+        let sub = SubscriptionConfig {
+            non_numeric: crate::ingest::decode::NonNumeric::DeadLetter,
+            ..SubscriptionConfig::new("spBv1.0/#", PayloadFormat::SparkplugB)
+        };
+        let mut d = Decoder::new(&[sub], 1 << 20, "s").unwrap();
+        let out = run(&mut d, "spBv1.0/plant-a/NBIRTH/edge-1", &birth());
+        assert_eq!(readings(&out).len(), 2, "the numbers still count");
+        let letters = dead(&out);
+        assert_eq!(letters.len(), 1);
+        assert_eq!(letters[0].0, DeadLetterReason::WrongType);
+        assert!(letters[0].1.contains("Status/Mode"), "{letters:?}");
+        let json = SubscriptionConfig {
+            non_numeric: crate::ingest::decode::NonNumeric::DeadLetter,
+            ..SubscriptionConfig::new("a/#", PayloadFormat::Json)
+        };
+        assert_eq!(
+            Decoder::new(&[json], 1024, "s").unwrap_err().key,
+            "s[0].non-numeric"
         );
     }
 
