@@ -39,6 +39,25 @@ fn init_logs() {
         .try_init();
 }
 
+/// The source's events without its durability markers, which are completed
+/// as they pass (as a pipeline with an instant journal would).
+fn completing_markers(mut source_rx: mpsc::Receiver<IngestEvent>) -> mpsc::Receiver<IngestEvent> {
+    let (out, rx) = mpsc::channel(1024);
+    tokio::spawn(async move {
+        while let Some(event) = source_rx.recv().await {
+            match event {
+                IngestEvent::Durable(ack) => ack.complete(),
+                other => {
+                    if out.send(other).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    rx
+}
+
 impl Agent {
     /// The MQTT source on `spBv1.0/plant-a/#` as Sparkplug B, Rebirth
     /// requests allowed; durability markers completed at once.
@@ -53,22 +72,10 @@ impl Agent {
         }];
         let source = MqttSource::new(config).expect("valid config");
         let stats = source.stats();
-        let (tx, mut source_rx) = mpsc::channel(1024);
-        let (out, rx) = mpsc::channel(1024);
+        let (tx, source_rx) = mpsc::channel(1024);
+        let rx = completing_markers(source_rx);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(source.run(tx, shutdown.clone()));
-        tokio::spawn(async move {
-            while let Some(event) = source_rx.recv().await {
-                match event {
-                    IngestEvent::Durable(ack) => ack.complete(),
-                    other => {
-                        if out.send(other).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        });
         let deadline = tokio::time::Instant::now() + WAIT;
         while !stats.subscribed.load(Ordering::Relaxed) {
             assert!(tokio::time::Instant::now() < deadline, "not subscribed");
@@ -255,23 +262,11 @@ async fn sparkplug_through_the_gateway_s_own_ingest_listener() {
     )];
     let broker = EmbeddedBroker::start(&cfg).unwrap();
     let port = broker.local_addr().port();
-    let (tx, mut source_rx) = mpsc::channel(1024);
+    let (tx, source_rx) = mpsc::channel(1024);
     let stop = CancellationToken::new();
     let token = stop.clone();
     let task = tokio::spawn(async move { broker.run(tx, token).await.unwrap() });
-    let (out, rx) = mpsc::channel(1024);
-    tokio::spawn(async move {
-        while let Some(event) = source_rx.recv().await {
-            match event {
-                IngestEvent::Durable(ack) => ack.complete(),
-                other => {
-                    if out.send(other).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    });
+    let rx = completing_markers(source_rx);
     let mut agent = Agent {
         rx,
         shutdown: CancellationToken::new(),
