@@ -12,9 +12,15 @@
 //!   the agent's ingest listener: both strays are `clock-skew` dead letters,
 //!   the tapped windows hold exactly the 40 (count and sum), none elsewhere.
 //!
+//! - `faults_a_whole_batch_rejection_deletes_no_record`: an aggregator that
+//!   answers every send `400` with scope `batch` (an unreadable wire version):
+//!   the agent keeps every record (outbox count never falls, no record
+//!   rejected), and once a real aggregator takes its port every tapped window
+//!   lands once.
+//!
 //! Not yet here (issue 13, item 6): a full state file system, a full
-//! aggregator log directory, a whole-batch 4xx, a dedup save failure then a
-//! crash (each is covered by unit or integration tests, not by this suite).
+//! aggregator log directory, a dedup save failure then a crash (covered by
+//! unit or integration tests, not by this suite).
 //!
 //! Every wait is on a condition (a port, a counter, a process) with a deadline.
 
@@ -358,5 +364,198 @@ fn faults_far_future_and_1970_timestamps_leave_the_other_windows_unchanged() {
         "faults figures: 40 live readings in {} windows (sum of values exact), \
          2 clock-skew dead letters (2090 and 1970), no stray window",
         windows.len()
+    );
+}
+
+/// Answers every request `400` with scope `batch`, as an aggregator that
+/// cannot read a batch's wire version does; counts the requests. Stops
+/// listening once `stop` is set and one more connection arrives.
+fn rejecting_aggregator(
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::thread::JoinHandle<()>,
+) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind");
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = std::sync::Arc::clone(&seen);
+    let handle = std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let Ok(mut stream) = stream else { continue };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            // Read the headers, then the body of Content-Length bytes.
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 8192];
+            let head_end = loop {
+                match stream.read(&mut chunk) {
+                    Ok(0) | Err(_) => break None,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break Some(i + 4);
+                }
+            };
+            let Some(head_end) = head_end else { continue };
+            let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            while buf.len() < head_end + length {
+                match stream.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            count.fetch_add(1, Ordering::SeqCst);
+            let body = r#"{"error":"invalid batch: unsupported wire version 9","scope":"batch"}"#;
+            let _ = write!(
+                stream,
+                "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (seen, handle)
+}
+
+#[test]
+fn faults_a_whole_batch_rejection_deletes_no_record() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let (mqtt_port, http_port, agg_port) = (free_port(), free_port(), free_port());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (requests, fake) = rejecting_aggregator(agg_port, std::sync::Arc::clone(&stop));
+    let token = "faults-test-token-0123456789abcdef";
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n[uplink]\nurl = \"http://127.0.0.1:{agg_port}\"\ntoken = \"{token}\"\n\
+             backoff-min = \"100ms\"\nbackoff-max = \"500ms\"\n",
+            listener_config(mqtt_port, http_port, &dir.path().join("state"))
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("agent.log");
+    let tap = dir.path().join("tap.jsonl");
+    let mut agent = ChildGuard::spawn(
+        "millrace-agent",
+        Command::new(bin("millrace-agent"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .arg("--tap")
+            .arg(&tap)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap()),
+    );
+    for port in [mqtt_port, http_port] {
+        millrace_tests::wait_for_port(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_secs(30),
+        );
+    }
+    // 60 readings over the last 12 s: the earlier windows close at once.
+    let now = millrace_sim::unix_now_ms();
+    let lines: Vec<String> = (0..60)
+        .map(|i| format!(r#"{{"ts": {}, "value": {i}}}"#, now - 12_000 + i * 200))
+        .collect();
+    let exe = require_program("mosquitto_pub", "mosquitto-clients");
+    let mut publisher = Command::new(exe)
+        .args(["-h", "127.0.0.1", "-p", &mqtt_port.to_string(), "-q", "1"])
+        .args(["-t", "sensors/kiln-3/temp", "-l"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub");
+    {
+        use std::io::Write;
+        let mut stdin = publisher.stdin.take().unwrap();
+        stdin
+            .write_all((lines.join("\n") + "\n").as_bytes())
+            .unwrap();
+    }
+    assert!(publisher.wait().unwrap().success());
+    wait_or_show(
+        "three rejected sends",
+        Duration::from_secs(30),
+        Some(&log),
+        || metric_total(http_port, "millrace_uplink_kept_batches_total") >= 3.0,
+    );
+    let held = metric_total(http_port, "millrace_outbox_records");
+    assert!(held > 0.0, "the outbox holds the rejected records");
+    wait_until("three more rejected sends", Duration::from_secs(30), || {
+        metric_total(http_port, "millrace_uplink_kept_batches_total") >= 6.0
+    });
+    assert!(metric_total(http_port, "millrace_outbox_records") >= held);
+    assert_eq!(
+        metric_total(http_port, "millrace_uplink_rejected_records_total"),
+        0.0,
+        "a batch-level rejection deleted records"
+    );
+    let rejected_sends = requests.load(Ordering::SeqCst);
+
+    // The aggregator is fixed: the same records land.
+    stop.store(true, Ordering::SeqCst);
+    let _ = std::net::TcpStream::connect(("127.0.0.1", agg_port));
+    fake.join().unwrap();
+    let agg_toml = dir.path().join("aggregator.toml");
+    millrace_tests::write_aggregator_config(
+        &agg_toml,
+        agg_port,
+        &dir.path().join("agg"),
+        &[("gw-faults-clock", token)],
+        "",
+    );
+    let mut aggregator =
+        millrace_tests::start_aggregator(&agg_toml, agg_port, &dir.path().join("agg.log"));
+    wait_or_show(
+        "the outbox to drain",
+        Duration::from_secs(60),
+        Some(&log),
+        || metric_total(http_port, "millrace_outbox_records") == 0.0,
+    );
+    let tapped: std::collections::BTreeSet<(String, i64)> = std::fs::read_to_string(&tap)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == "window")
+        .map(|w| {
+            (
+                w["series"]["sensor"].to_string(),
+                w["start_ms"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    aggregator.terminate(Duration::from_secs(20));
+    agent.terminate(Duration::from_secs(20));
+    let logged: Vec<(String, i64)> = millrace_tests::aggregator_tail(&agg_toml, "millrace.windows")
+        .iter()
+        .map(|r| &r["value"])
+        .map(|w| {
+            (
+                w["series"]["sensor"].to_string(),
+                w["start_ms"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let logged_set: std::collections::BTreeSet<_> = logged.iter().cloned().collect();
+    assert!(!tapped.is_empty());
+    assert_eq!(logged.len(), logged_set.len(), "a window logged twice");
+    assert!(
+        tapped.is_subset(&logged_set),
+        "tapped {tapped:?} not all in the log {logged_set:?}"
+    );
+    eprintln!(
+        "faults figures: {rejected_sends} sends answered 400 scope=batch, {held} records kept \
+         in the outbox, 0 deleted; after the fix {} windows landed once each",
+        logged.len()
     );
 }
