@@ -62,20 +62,45 @@ listen = "127.0.0.1:{http_port}"
 }
 
 fn spawn_agent(config: &Path, log: &Path) -> ChildGuard {
+    spawn_agent_tapped(config, log, None)
+}
+
+/// The agent binary on `config`, stderr appended to `log`, windows to `tap`.
+fn spawn_agent_tapped(config: &Path, log: &Path, tap: Option<&Path>) -> ChildGuard {
     let stderr = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .expect("open agent log");
+    let mut cmd = Command::new(bin("millrace-agent"));
+    cmd.args(["run", "--config"]).arg(config);
+    if let Some(tap) = tap {
+        cmd.arg("--tap").arg(tap);
+    }
     ChildGuard::spawn(
         "millrace-agent",
-        Command::new(bin("millrace-agent"))
-            .args(["run", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "info")
+        cmd.env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(stderr),
     )
+}
+
+/// Publishes each line as one QoS 1 message on `topic` (`mosquitto_pub -l`).
+fn publish_lines(port: u16, topic: &str, lines: &[String]) {
+    use std::io::Write;
+    let exe = require_program("mosquitto_pub", "mosquitto-clients");
+    let mut publisher = Command::new(exe)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1"])
+        .args(["-t", topic, "-l"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub");
+    let mut stdin = publisher.stdin.take().expect("piped stdin");
+    stdin
+        .write_all((lines.join("\n") + "\n").as_bytes())
+        .expect("write to mosquitto_pub");
+    drop(stdin);
+    assert!(publisher.wait().expect("mosquitto_pub exits").success());
 }
 
 fn publish(port: u16, topic: &str, payload: &Path) {
@@ -270,18 +295,7 @@ fn faults_far_future_and_1970_timestamps_leave_the_other_windows_unchanged() {
     .unwrap();
     let log = dir.path().join("agent.log");
     let tap = dir.path().join("tap.jsonl");
-    let stderr = std::fs::File::create(&log).unwrap();
-    let mut agent = ChildGuard::spawn(
-        "millrace-agent",
-        Command::new(bin("millrace-agent"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .arg("--tap")
-            .arg(&tap)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(stderr),
-    );
+    let mut agent = spawn_agent_tapped(&config, &log, Some(&tap));
     for port in [mqtt_port, http_port] {
         millrace_tests::wait_for_port(
             SocketAddr::from(([127, 0, 0, 1], port)),
@@ -308,21 +322,7 @@ fn faults_far_future_and_1970_timestamps_leave_the_other_windows_unchanged() {
             lines.push(r#"{"ts": 1000, "value": -1e6}"#.to_string());
         }
     }
-    let exe = require_program("mosquitto_pub", "mosquitto-clients");
-    let mut publisher = Command::new(exe)
-        .args(["-h", "127.0.0.1", "-p", &mqtt_port.to_string(), "-q", "1"])
-        .args(["-t", "sensors/kiln-2/temp", "-l"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("mosquitto_pub");
-    {
-        use std::io::Write;
-        let mut stdin = publisher.stdin.take().unwrap();
-        stdin
-            .write_all((lines.join("\n") + "\n").as_bytes())
-            .unwrap();
-    }
-    assert!(publisher.wait().unwrap().success());
+    publish_lines(mqtt_port, "sensors/kiln-2/temp", &lines);
     wait_until(
         "40 readings and 2 dead letters",
         Duration::from_secs(30),
@@ -446,17 +446,7 @@ fn faults_a_whole_batch_rejection_deletes_no_record() {
     .unwrap();
     let log = dir.path().join("agent.log");
     let tap = dir.path().join("tap.jsonl");
-    let mut agent = ChildGuard::spawn(
-        "millrace-agent",
-        Command::new(bin("millrace-agent"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .arg("--tap")
-            .arg(&tap)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap()),
-    );
+    let mut agent = spawn_agent_tapped(&config, &log, Some(&tap));
     for port in [mqtt_port, http_port] {
         millrace_tests::wait_for_port(
             SocketAddr::from(([127, 0, 0, 1], port)),
@@ -468,21 +458,7 @@ fn faults_a_whole_batch_rejection_deletes_no_record() {
     let lines: Vec<String> = (0..60)
         .map(|i| format!(r#"{{"ts": {}, "value": {i}}}"#, now - 12_000 + i * 200))
         .collect();
-    let exe = require_program("mosquitto_pub", "mosquitto-clients");
-    let mut publisher = Command::new(exe)
-        .args(["-h", "127.0.0.1", "-p", &mqtt_port.to_string(), "-q", "1"])
-        .args(["-t", "sensors/kiln-3/temp", "-l"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("mosquitto_pub");
-    {
-        use std::io::Write;
-        let mut stdin = publisher.stdin.take().unwrap();
-        stdin
-            .write_all((lines.join("\n") + "\n").as_bytes())
-            .unwrap();
-    }
-    assert!(publisher.wait().unwrap().success());
+    publish_lines(mqtt_port, "sensors/kiln-3/temp", &lines);
     wait_or_show(
         "three rejected sends",
         Duration::from_secs(30),
