@@ -31,6 +31,8 @@ enum Command {
     /// Run the agent: sources → window engine → anomaly scorer → outputs.
     ///
     /// SIGINT or SIGTERM stops ingest, flushes every open window and exits 0.
+    /// Exits 75 when the store refuses writes (a full disk): restarting
+    /// reopens it, and nothing unacknowledged is lost. Other errors exit 1.
     /// Log verbosity follows RUST_LOG (default: info).
     Run {
         /// The agent config (TOML); see config/agent.toml for every key.
@@ -101,7 +103,10 @@ fn main() -> ExitCode {
                 Err(e) => {
                     tracing::error!(error = format!("{e:#}"), "agent stopped with an error");
                     eprintln!("error: {e:#}");
-                    ExitCode::FAILURE
+                    let code = e
+                        .downcast_ref::<millrace_agent::runtime::RuntimeError>()
+                        .map_or(1, millrace_agent::runtime::RuntimeError::exit_code);
+                    ExitCode::from(code)
                 }
             }
         }

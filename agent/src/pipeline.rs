@@ -255,6 +255,10 @@ pub struct Durability {
     last_reclaim: Instant,
     last_baseline_save: Instant,
     store_failures: u32,
+    /// The store refuses writes until it is reopened
+    /// ([`StoreError::needs_reopen`]): the pipeline stops at once, without
+    /// flushing, and the agent exits to be restarted.
+    broken: bool,
     /// Beaten while a blocked append waits: waiting by policy is not a stall.
     heartbeat: crate::service::Heartbeat,
 }
@@ -270,6 +274,7 @@ impl Durability {
             last_reclaim: Instant::now(),
             last_baseline_save: Instant::now(),
             store_failures: 0,
+            broken: false,
             heartbeat: crate::service::Heartbeat::default(),
         }
     }
@@ -293,6 +298,27 @@ impl Durability {
         metrics::counter!("millrace_journal_errors_total").increment(1);
         tracing::error!(%error, "journal append failed; the reading counts in memory, its message stays unacknowledged and will be redelivered");
         self.unjournaled = true;
+        self.check_broken(error);
+    }
+
+    /// Notes a store that refuses writes until reopened (logged once).
+    fn check_broken(&mut self, error: &StoreError) {
+        if error.needs_reopen() && !self.broken {
+            self.broken = true;
+            metrics::counter!("millrace_store_failures_total").increment(1);
+            tracing::error!(%error, "the store refuses writes until it is reopened (a full disk or a failed write); stopping ingest without acknowledging what is not durable");
+        }
+    }
+
+    /// `true` once the store must be reopened: see [`run`].
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// Drops the pending markers: their messages stay unacknowledged and
+    /// come back (redelivery) after the source reconnects.
+    fn withhold_acks(&mut self) {
+        self.pending_acks.clear();
     }
 
     /// Acknowledges the messages behind the pending markers, now durable,
@@ -318,19 +344,30 @@ impl Durability {
     }
 
     fn commit(&mut self) {
+        if self.commit_journal() {
+            self.release_acks();
+        }
+    }
+
+    /// Commits the journal; on failure withholds the pending acks. The acks
+    /// of a successful commit stay pending: the caller releases them.
+    fn commit_journal(&mut self) -> bool {
         let started = Instant::now();
         let store = Arc::clone(&self.store);
         match tokio::task::block_in_place(|| store.journal().commit()) {
             Ok(_) => {
                 metrics::histogram!("millrace_journal_commit_seconds")
                     .record(started.elapsed().as_secs_f64());
-                self.release_acks();
+                true
             }
             Err(error) => {
                 metrics::counter!("millrace_journal_errors_total").increment(1);
-                tracing::error!(%error, "journal commit failed; the messages stay unacknowledged and will be redelivered");
-                // Dropping the markers withholds the acks.
-                self.pending_acks.clear();
+                if !self.broken {
+                    tracing::error!(%error, "journal commit failed; the messages stay unacknowledged and will be redelivered");
+                }
+                self.check_broken(&error);
+                self.withhold_acks();
+                false
             }
         }
     }
@@ -339,6 +376,7 @@ impl Durability {
     /// Retries until it succeeds or `shutdown` is cancelled and `give_up`
     /// attempts passed: while it retries, the pipeline takes no input, so
     /// the sources back off (MQTT stops acknowledging, the broker holds data).
+    /// A store that must be reopened fails at once (no retry can succeed).
     async fn persist(&mut self, records: &[Record], shutdown: &CancellationToken) -> bool {
         let mut attempts = 0u32;
         loop {
@@ -378,6 +416,10 @@ impl Durability {
                     attempts += 1;
                     self.store_failures += 1;
                     metrics::counter!("millrace_outbox_append_errors_total").increment(1);
+                    self.check_broken(&error);
+                    if self.broken {
+                        return false;
+                    }
                     if self.store_failures.is_power_of_two() {
                         tracing::error!(%error, failures = self.store_failures, "outbox append failed; ingest paused until it succeeds");
                     }
@@ -413,6 +455,7 @@ impl Durability {
             Err(error) => {
                 metrics::counter!("millrace_baseline_save_errors_total").increment(1);
                 tracing::warn!(%error, series = snapshot.len(), "saving anomaly baselines failed");
+                self.check_broken(&error);
             }
         }
     }
@@ -429,6 +472,7 @@ impl Durability {
             store.outbox().expire(now)
         }) {
             tracing::warn!(%error, "journal reclaim / outbox expiry failed");
+            self.check_broken(&error);
         }
     }
 }
@@ -440,7 +484,20 @@ const BASELINE_SAVE_INTERVAL: Duration = Duration::from_secs(60);
 /// Saved baselines older than this are not restored at start.
 pub const BASELINE_MAX_AGE: Duration = Duration::from_secs(3600);
 
-/// Runs the pipeline until `shutdown` is cancelled and the channel is drained.
+/// How [`run`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Shutdown: the channel drained, every open window flushed and stored.
+    Drained,
+    /// The store refuses writes until it is reopened (a full disk, a failed
+    /// write): the pipeline stopped at once. Nothing was acknowledged that
+    /// is not durable; open windows were not flushed (the journal rebuilds
+    /// them when the agent starts again).
+    StoreBroken,
+}
+
+/// Runs the pipeline until `shutdown` is cancelled and the channel is
+/// drained, or until the store must be reopened.
 pub async fn run(
     mut analytics: Analytics,
     mut rx: mpsc::Receiver<IngestEvent>,
@@ -448,7 +505,7 @@ pub async fn run(
     mut durability: Option<Durability>,
     heartbeat: crate::service::Heartbeat,
     shutdown: CancellationToken,
-) -> Analytics {
+) -> (Analytics, Ended) {
     let mut events = Vec::with_capacity(DRAIN_BATCH);
     let mut tick = tokio::time::interval(TICK_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -480,6 +537,10 @@ pub async fn run(
             }
         }
         publish(&mut analytics, outputs, durability.as_mut(), &shutdown).await;
+        if durability.as_ref().is_some_and(Durability::is_broken) {
+            analytics.export_metrics();
+            return (analytics, Ended::StoreBroken);
+        }
     }
     // Drain what the sources already handed over, then close every window.
     rx.close();
@@ -504,7 +565,7 @@ pub async fn run(
         windows = analytics.engine().stats().windows_emitted,
         "pipeline stopped; open windows flushed"
     );
-    analytics
+    (analytics, Ended::Drained)
 }
 
 /// How often idle windows and silent series are checked by the wall clock.
@@ -555,10 +616,20 @@ async fn publish(
             // its closed-up-to mark) or an alert must never be on disk while
             // a reading it counts is not, or a crash would have the device
             // resend that reading into a window already closed.
+            // The acks of the messages behind them wait for the records
+            // too: a dead letter is only in the outbox.
             if d.store.journal().stats().pending > 0 {
-                d.commit();
+                d.commit_journal();
             }
-            d.persist(analytics.pending(), shutdown).await;
+            if !d.persist(analytics.pending(), shutdown).await {
+                d.withhold_acks();
+            }
+            if d.broken {
+                // Not stored, so not produced: the restarted agent rebuilds
+                // these records from the journal and the redelivered messages.
+                analytics.take();
+                return;
+            }
         }
         for out in outputs.iter_mut() {
             out.emit(analytics.pending());

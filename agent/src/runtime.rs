@@ -14,6 +14,28 @@
 //! the outbox holds for at most `uplink.shutdown-drain` (5 s) → `run`
 //! returns. Whatever the uplink could not send by then stays in the outbox
 //! for the next start.
+//!
+//! # A full disk
+//!
+//! fjall refuses every write after one failed (a full disk among the
+//! causes) until the database is reopened. The pipeline then stops at once
+//! ([`pipeline::Ended::StoreBroken`]): what was not durable was never
+//! acknowledged, open windows are not flushed, and `run` returns
+//! [`RuntimeError::StoreBroken`], on which the binary exits with code 75
+//! (`EX_TEMPFAIL`). The service manager starts it again (`Restart=always`;
+//! the unit sets `StartLimitIntervalSec=0` so it never gives up), which is
+//! the crash-recovery path: the store reopens, the journal rebuilds the open
+//! windows, and the devices' and the broker's unacknowledged messages come
+//! back on the new connections. Whatever `[outbox] when-full` says, a full
+//! file system therefore holds ingest back (sources stop being
+//! acknowledged) rather than dropping records: deleting from the store
+//! would itself need space.
+//!
+//! At start, a store that cannot be opened because the file system is full
+//! is waited for (retried with backoff up to 30 s, logged, systemd told
+//! `READY=1` with the reason as `STATUS=` and its watchdog pinged) instead
+//! of failing the start, so a gateway whose disk fills resumes by itself
+//! once space is freed.
 
 use crate::anomaly::Scorer;
 use crate::config::AgentConfig;
@@ -65,6 +87,77 @@ pub enum RuntimeError {
     },
     #[error("uplink: {0}")]
     Uplink(#[from] crate::uplink::UplinkError),
+    #[error("the store in {dir} refuses writes until it is reopened (full disk or failed write); restart the agent (exit code 75) to reopen it")]
+    StoreBroken { dir: PathBuf },
+}
+
+impl RuntimeError {
+    /// The process exit code for this error: 75 (`EX_TEMPFAIL`) when a
+    /// restart is the remedy, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RuntimeError::StoreBroken { .. } => 75,
+            _ => 1,
+        }
+    }
+}
+
+/// Opens the store; while the file system is full, waits and tries again
+/// (backoff 1 s doubling to 30 s) until it opens or a signal arrives
+/// (`Ok(None)`). Any other error fails the start.
+async fn open_store(
+    cfg: &AgentConfig,
+    heartbeat: &service::Heartbeat,
+    signals: &mut std::pin::Pin<
+        &mut impl std::future::Future<Output = std::io::Result<&'static str>>,
+    >,
+) -> Result<Option<(Store, crate::store::RecoveryReport)>, RuntimeError> {
+    let dir = cfg.agent.data_dir.clone();
+    let mut wait = std::time::Duration::from_secs(1);
+    let mut waited = false;
+    loop {
+        heartbeat.beat();
+        let (open_dir, store_cfg) = (dir.clone(), cfg.store());
+        let opened = tokio::task::spawn_blocking(move || Store::open(&open_dir, store_cfg))
+            .await
+            .map_err(|e| RuntimeError::Store {
+                dir: dir.clone(),
+                source: crate::store::StoreError::Task(e.to_string()),
+            })?;
+        match opened {
+            Ok(opened) => {
+                if waited {
+                    tracing::info!(dir = %dir.display(), "store open again: disk space is back");
+                }
+                return Ok(Some(opened));
+            }
+            Err(source) if source.is_disk_full() => {
+                metrics::counter!("millrace_store_open_retries_total").increment(1);
+                tracing::error!(dir = %dir.display(), error = %source, retry_in_ms = wait.as_millis() as u64, "cannot open the store: the file system is full; waiting for space (nothing is ingested meanwhile)");
+                if !waited {
+                    service::ready("waiting for disk space to open the store");
+                    waited = true;
+                }
+                let deadline = tokio::time::Instant::now() + wait;
+                // Keep the watchdog fed: the process is waiting, not hung.
+                let mut beat = tokio::time::interval(std::time::Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        sig = signals.as_mut() => {
+                            if let Ok(name) = sig {
+                                tracing::info!(signal = name, "stopping while waiting for disk space");
+                            }
+                            return Ok(None);
+                        }
+                        () = tokio::time::sleep_until(deadline) => break,
+                        _ = beat.tick() => heartbeat.beat(),
+                    }
+                }
+                wait = (wait * 2).min(std::time::Duration::from_secs(30));
+            }
+            Err(source) => return Err(RuntimeError::Store { dir, source }),
+        }
+    }
 }
 
 /// Runs the agent until SIGINT/SIGTERM (returns `Ok`) or a fatal error.
@@ -76,17 +169,17 @@ pub async fn run(cfg: AgentConfig, tap: Option<PathBuf>) -> Result<(), RuntimeEr
         outputs.push(Box::new(t));
     }
 
+    let signals = wait_for_signal();
+    tokio::pin!(signals);
+    let heartbeat = service::Heartbeat::default();
+    heartbeat.beat();
+    let watchdog = tokio::spawn(service::watchdog(heartbeat.clone(), shutdown.clone()));
+
     // The store first: recovery decides what the window engine starts from.
-    let dir = cfg.agent.data_dir.clone();
-    let (store, recovery) = {
-        let (open_dir, store_cfg) = (dir.clone(), cfg.store());
-        tokio::task::spawn_blocking(move || Store::open(&open_dir, store_cfg))
-            .await
-            .map_err(|e| RuntimeError::Store {
-                dir: dir.clone(),
-                source: crate::store::StoreError::Task(e.to_string()),
-            })?
-            .map_err(|source| RuntimeError::Store { dir, source })?
+    let Some((store, recovery)) = open_store(&cfg, &heartbeat, &mut signals).await? else {
+        shutdown.cancel();
+        let _ = watchdog.await;
+        return Ok(());
     };
     tracing::info!(dir = %cfg.agent.data_dir.display(), ?recovery, "store open");
     let store = Arc::new(store);
@@ -199,10 +292,9 @@ pub async fn run(cfg: AgentConfig, tap: Option<PathBuf>) -> Result<(), RuntimeEr
     }
     let durability = Durability::new(Arc::clone(&store), cfg.uplink.is_some(), wake_uplink);
     let pipeline_token = shutdown.clone();
-    let heartbeat = service::Heartbeat::default();
     heartbeat.beat();
     let beat = heartbeat.clone();
-    let pipeline = tokio::spawn(async move {
+    let mut pipeline = tokio::spawn(async move {
         let mut outputs = outputs;
         pipeline::run(
             analytics,
@@ -234,15 +326,17 @@ pub async fn run(cfg: AgentConfig, tap: Option<PathBuf>) -> Result<(), RuntimeEr
         }
         _ => None,
     };
-    let watchdog = tokio::spawn(service::watchdog(heartbeat, shutdown.clone()));
     tracing::info!(agent = %cfg.agent.id, "agent running");
     service::ready(&format!("agent {} running", cfg.agent.id));
 
     let mut failure = None;
-    let signals = wait_for_signal();
-    tokio::pin!(signals);
+    let mut pipeline_done = None;
     loop {
         tokio::select! {
+            done = &mut pipeline => {
+                pipeline_done = Some(done);
+                break;
+            }
             sig = &mut signals => {
                 match sig {
                     Ok(name) => tracing::info!(signal = name, "stopping: ingest stops, open windows flush"),
@@ -274,8 +368,19 @@ pub async fn run(cfg: AgentConfig, tap: Option<PathBuf>) -> Result<(), RuntimeEr
     shutdown.cancel();
     let _ = watchdog.await;
     while sources.join_next().await.is_some() {}
-    match pipeline.await {
-        Ok(_) => {}
+    let done = match pipeline_done {
+        Some(done) => done,
+        None => pipeline.await,
+    };
+    match done {
+        // The sources may have noticed first (their channel closed).
+        Ok((_, pipeline::Ended::StoreBroken)) => {
+            tracing::error!(dir = %cfg.agent.data_dir.display(), "stopped: the store must be reopened; exiting with code 75 for the service manager to restart the agent");
+            failure = Some(RuntimeError::StoreBroken {
+                dir: cfg.agent.data_dir.clone(),
+            });
+        }
+        Ok((_, pipeline::Ended::Drained)) => {}
         Err(e) => tracing::error!(error = %e, "pipeline task failed"),
     }
     uplink_stop.cancel();

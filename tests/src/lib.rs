@@ -584,3 +584,66 @@ pub fn kafka_read_as(
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("kafka-read line {l:?}: {e}")))
         .collect()
 }
+
+/// A small tmpfs mounted for a test (to fill a file system for real),
+/// unmounted on drop. Mounting needs root (CAP_SYS_ADMIN): the test fails
+/// with that said otherwise.
+#[derive(Debug)]
+pub struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    pub fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let status = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "mounting a {size} tmpfs failed ({status}): this test needs root (CAP_SYS_ADMIN) to fill a file system"
+        );
+        Tmpfs { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Fills the file system with `name` until a write fails with "no
+    /// space"; returns the bytes written. Remove the file to free the space.
+    pub fn fill(&self, name: &str) -> u64 {
+        use std::io::Write;
+        let mut file = std::fs::File::create(self.path().join(name)).expect("create filler");
+        let mut written = 0u64;
+        for chunk in [1 << 20, 4096, 1] {
+            let block = vec![0xa5u8; chunk];
+            loop {
+                match file.write(&block) {
+                    Ok(0) => break,
+                    Ok(n) => written += n as u64,
+                    Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC
+                    Err(e) => panic!("filling {}: {e}", self.path().display()),
+                }
+            }
+        }
+        written
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}

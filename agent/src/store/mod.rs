@@ -112,9 +112,11 @@
 //! No operation panics on bad data or a failing disk. A failed write returns
 //! [`StoreError::DiskFull`] or [`StoreError::Storage`]; fjall then refuses
 //! further writes ([`StoreError::Poisoned`]) because it cannot know what
-//! reached the disk. The caller stops ingest, and reopens the store (drop it,
-//! [`Store::open`] again) once space is free: reopening recovers everything
-//! that was acknowledged as durable.
+//! reached the disk ([`StoreError::needs_reopen`]). The caller stops ingest,
+//! and reopens the store (drop it, [`Store::open`] again) once space is free:
+//! reopening recovers everything that was acknowledged as durable. Opening
+//! on a full disk fails with an error for which [`StoreError::is_disk_full`]
+//! holds; the agent waits and tries again.
 //!
 //! # Not tested here
 //!
@@ -215,6 +217,29 @@ impl StoreError {
                 | StoreError::Locked { .. }
                 | StoreError::Io { .. }
         )
+    }
+
+    /// Whether the store refuses every write until it is reopened: fjall
+    /// poisons its database on any failed journal write (a full disk among
+    /// them), because it cannot know what reached the disk. The agent then
+    /// stops and is restarted by its service manager, which reopens the
+    /// store (see the runtime's module docs).
+    pub fn needs_reopen(&self) -> bool {
+        matches!(
+            self,
+            StoreError::DiskFull { .. } | StoreError::Poisoned | StoreError::Storage { .. }
+        )
+    }
+
+    /// Whether this is the file system being full (of the database or of a
+    /// file beside it): opening the store can succeed once space is freed.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::DiskFull { .. } => true,
+            StoreError::Io { source, .. } => is_disk_full(source),
+            StoreError::Storage { source, .. } => io_error_of(source).is_some_and(is_disk_full),
+            _ => false,
+        }
     }
 
     /// Wraps a fjall error, classifying a full disk and a poisoned database.

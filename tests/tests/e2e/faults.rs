@@ -18,9 +18,14 @@
 //!   rejected), and once a real aggregator takes its port every tapped window
 //!   lands once.
 //!
-//! Not yet here (issue 13, item 6): a full state file system, a full
-//! aggregator log directory, a dedup save failure then a crash (covered by
-//! unit or integration tests, not by this suite).
+//! - `faults_a_full_state_file_system_holds_ingest_and_delivers_everything_once_space_returns`:
+//!   the agent's state directory on a 48 MiB tmpfs, readings from mosquitto
+//!   (QoS 1, persistent session), an aggregator up. The file system is
+//!   filled, 300 more readings are published: the agent acknowledges none of
+//!   them, exits 75 without a panic, and started again (as systemd would)
+//!   waits or exits 75 again while the disk stays full. Once the filler is
+//!   deleted every reading published, before and during the full disk, is in
+//!   the aggregator's log exactly once (window counts and sums per series).
 //!
 //! Every wait is on a condition (a port, a counter, a process) with a deadline.
 
@@ -532,6 +537,250 @@ fn faults_a_whole_batch_rejection_deletes_no_record() {
     eprintln!(
         "faults figures: {rejected_sends} sends answered 400 scope=batch, {held} records kept \
          in the outbox, 0 deleted; after the fix {} windows landed once each",
+        logged.len()
+    );
+}
+
+/// Windows of `device`'s series in the aggregator's log: per series, the
+/// sum of counts and of values; panics on a window logged twice.
+fn logged_totals(agg_toml: &Path, device: &str) -> std::collections::BTreeMap<String, (u64, f64)> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut totals = std::collections::BTreeMap::new();
+    for record in millrace_tests::aggregator_tail(agg_toml, "millrace.windows") {
+        let w = &record["value"];
+        if w["series"]["device"] != device {
+            continue;
+        }
+        let sensor = w["series"]["sensor"].as_str().unwrap().to_string();
+        let start = w["start_ms"].as_i64().unwrap();
+        assert!(
+            seen.insert((sensor.clone(), start)),
+            "window {sensor}@{start} logged twice"
+        );
+        let count = w["count"].as_u64().unwrap();
+        let entry = totals.entry(sensor).or_insert((0u64, 0.0f64));
+        entry.0 += count;
+        entry.1 += w["mean"].as_f64().unwrap() * count as f64;
+    }
+    totals
+}
+
+#[test]
+fn faults_a_full_state_file_system_holds_ingest_and_delivers_everything_once_space_returns() {
+    const SENSORS: usize = 10;
+    let fs = millrace_tests::Tmpfs::mount("48m");
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (http_port, agg_port) = (free_port(), free_port());
+    let token = "faults-test-token-0123456789abcdef";
+    let agg_toml = dir.path().join("aggregator.toml");
+    millrace_tests::write_aggregator_config(
+        &agg_toml,
+        agg_port,
+        &dir.path().join("agg"),
+        &[("gw-full-disk", token)],
+        "",
+    );
+    let mut aggregator =
+        millrace_tests::start_aggregator(&agg_toml, agg_port, &dir.path().join("agg.log"));
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[agent]
+id = "gw-full-disk"
+data-dir = "{state}"
+
+[broker]
+enabled = false
+
+[mqtt]
+host = "127.0.0.1"
+port = {mqtt_port}
+client-id = "gw-full-disk"
+clean-session = false
+keep-alive = "5s"
+reconnect-backoff-min = "100ms"
+reconnect-backoff-max = "1s"
+
+[[mqtt.subscriptions]]
+filter = "sensors/+/+"
+qos = 1
+format = "json"
+device = "{{1}}"
+sensor = "{{2}}"
+
+[uplink]
+url = "http://127.0.0.1:{agg_port}"
+token = "{token}"
+backoff-min = "100ms"
+backoff-max = "1s"
+
+[http]
+listen = "127.0.0.1:{http_port}"
+"#,
+            state = fs.path().join("state").display(),
+            mqtt_port = broker.port,
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("agent.log");
+    let start_agent = || {
+        let agent = spawn_agent(&config, &log);
+        wait_or_show(
+            "the agent's /metrics",
+            Duration::from_secs(30),
+            Some(&log),
+            || millrace_tests::http_status(http_port, "/metrics") == Some(200),
+        );
+        agent
+    };
+    let mut agent = start_agent();
+    wait_or_show(
+        "the mqtt session",
+        Duration::from_secs(30),
+        Some(&log),
+        || metric_total(http_port, "millrace_mqtt_connected") >= 1.0,
+    );
+
+    // Before: 30 readings of one series, durable and acknowledged.
+    let now = millrace_sim::unix_now_ms();
+    let mut expected: std::collections::BTreeMap<String, (u64, f64)> = Default::default();
+    let before: Vec<String> = (0..30)
+        .map(|i| format!(r#"{{"ts": {}, "value": {i}}}"#, now - 3_000 + i * 100))
+        .collect();
+    expected.insert("s0".into(), (30, (0..30).map(|i| i as f64).sum()));
+    publish_lines(broker.port, "sensors/press-1/s0", &before);
+    wait_or_show(
+        "30 readings acknowledged",
+        Duration::from_secs(30),
+        Some(&log),
+        || metric_total(http_port, "millrace_mqtt_acks_total") >= 30.0,
+    );
+
+    // The file system fills up; 300 more readings over 10 series arrive.
+    let filled = fs.fill("filler");
+    let now = millrace_sim::unix_now_ms();
+    for s in 0..SENSORS {
+        let lines: Vec<String> = (0..30)
+            .map(|i| {
+                format!(
+                    r#"{{"ts": {}, "value": {}}}"#,
+                    now + i * 100,
+                    1000 * s as i64 + i
+                )
+            })
+            .collect();
+        let e = expected.entry(format!("s{s}")).or_insert((0, 0.0));
+        e.0 += 30;
+        e.1 += (0..30).map(|i| (1000 * s + i) as f64).sum::<f64>();
+        publish_lines(broker.port, &format!("sensors/press-1/s{s}"), &lines);
+    }
+    // The agent stops with code 75 (a restart reopens the store), having
+    // acknowledged nothing it could not make durable.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let code = loop {
+        if let Ok(Some(status)) = agent.child.try_wait() {
+            break status.code();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not stop on the full disk"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(code, Some(75), "exit code on a full disk\n{text}");
+    assert!(
+        !text.contains("panicked"),
+        "a panic on the full disk:\n{text}"
+    );
+    // Started again on the still-full disk (as `Restart=always` does), with
+    // whatever its exit freed taken as well: it waits for space, or it opens
+    // and either runs on the little room its files still have or fails a
+    // write and exits 75 again (then it is started again).
+    let mut starts_while_full = 0;
+    let (mut agent, outcome) = loop {
+        starts_while_full += 1;
+        fs.fill(&format!("filler-{starts_while_full}"));
+        let mut a = spawn_agent(&config, &log);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let outcome = loop {
+            if std::fs::read_to_string(&log)
+                .unwrap()
+                .contains("waiting for space")
+            {
+                break "waited for space";
+            }
+            if let Ok(Some(status)) = a.child.try_wait() {
+                assert_eq!(status.code(), Some(75), "exit code on a full disk");
+                break "exited 75";
+            }
+            if millrace_tests::http_status(http_port, "/metrics") == Some(200) {
+                break "ran";
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent neither ran, waited nor stopped on the full disk"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        if outcome != "exited 75" {
+            break (a, outcome);
+        }
+        assert!(
+            starts_while_full < 10,
+            "the agent kept exiting on the full disk"
+        );
+    };
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains("panicked"),
+        "a panic on the full disk:\n{text}"
+    );
+
+    // Space returns: everything lands, once.
+    for entry in std::fs::read_dir(fs.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("filler")
+        {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    let complete = || {
+        let logged = logged_totals(&agg_toml, "press-1");
+        logged.iter().map(|(_, (n, _))| n).sum::<u64>() >= 330
+    };
+    wait_or_show(
+        "all 330 readings in the aggregator's log",
+        Duration::from_secs(90),
+        Some(&log),
+        complete,
+    );
+    assert_eq!(agent.terminate(Duration::from_secs(20)), Some(0));
+    aggregator.terminate(Duration::from_secs(20));
+    let logged = logged_totals(&agg_toml, "press-1");
+    assert_eq!(logged.len(), expected.len(), "{logged:?}");
+    for (sensor, (count, sum)) in &expected {
+        let (n, total) = logged[sensor];
+        assert_eq!(n, *count, "readings of {sensor} in windows");
+        assert!(
+            (total - sum).abs() < 1e-6,
+            "sum of {sensor}: {total} != {sum}"
+        );
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("panicked"), "a panic:\n{text}");
+    eprintln!(
+        "faults figures: state tmpfs 48 MiB filled with {:.1} MiB; 300 readings published while full, \
+         agent exited 75 and was started {starts_while_full} time(s) on the full disk (last: {outcome}); \
+         after space returned 330/330 readings landed once each in {} series",
+        filled as f64 / 1048576.0,
         logged.len()
     );
 }
