@@ -479,6 +479,8 @@ pub struct LocalLog {
     segment_bytes: u64,
     topics: BTreeMap<String, TopicLog>,
     poisoned: bool,
+    /// The error of the last append, until one succeeds (`/healthz`).
+    failing: Option<String>,
     retention: Retention,
     retention_stats: Arc<RetentionStats>,
     /// Wall clock of the last retention check.
@@ -509,6 +511,7 @@ impl LocalLog {
                 segment_bytes,
                 topics: logs,
                 poisoned: false,
+                failing: None,
                 retention: Retention::default(),
                 retention_stats: Arc::default(),
                 retention_checked_ms: i64::MIN,
@@ -556,6 +559,11 @@ impl LocalLog {
 
     pub fn is_poisoned(&self) -> bool {
         self.poisoned
+    }
+
+    /// Why the last append failed (a full disk, say), until one succeeds.
+    pub fn failing(&self) -> Option<&str> {
+        self.failing.as_deref()
     }
 
     /// The offset the next record of `topic` will get.
@@ -635,8 +643,10 @@ impl LocalLog {
                     }
                 }
             }
+            self.failing = Some(error.to_string());
             return Err(error);
         }
+        self.failing = None;
         Ok(receipt)
     }
 }
@@ -1032,8 +1042,16 @@ impl super::LogWriter for LocalLogWriter {
     fn health(&self) -> futures::future::BoxFuture<'_, super::Health> {
         Box::pin(async move {
             match self.log.lock() {
-                Ok(log) if !log.is_poisoned() => super::Health::Healthy,
-                _ => super::Health::Unhealthy(LocalLogError::Poisoned.to_string()),
+                Ok(log) if log.is_poisoned() => {
+                    super::Health::Unhealthy(LocalLogError::Poisoned.to_string())
+                }
+                Ok(log) => match log.failing() {
+                    Some(error) => super::Health::Unhealthy(format!(
+                        "the last write failed ({error}); agents keep their records and resend"
+                    )),
+                    None => super::Health::Healthy,
+                },
+                Err(_) => super::Health::Unhealthy(LocalLogError::Poisoned.to_string()),
             }
         })
     }

@@ -26,6 +26,16 @@
 //!   waits or exits 75 again while the disk stays full. Once the filler is
 //!   deleted every reading published, before and during the full disk, is in
 //!   the aggregator's log exactly once (window counts and sums per series).
+//! - `faults_a_full_aggregator_log_directory_answers_503_and_the_records_land_once_after_space_returns`:
+//!   the aggregator's data directory (embedded log and dedup state) on a
+//!   16 MiB tmpfs, filled: every send is answered `503`, the agent keeps its
+//!   records (outbox never empties, none rejected), and once the filler is
+//!   deleted every tapped window is in the log exactly once.
+//! - `faults_a_dedup_save_failure_then_a_resend_and_a_crash_writes_no_duplicate`:
+//!   the dedup directory alone on a full tmpfs, so the log write of a batch
+//!   succeeds and its dedup save fails (`503`); the agent resends, the
+//!   aggregator is killed (`kill -9`) while its state is unsaved, space
+//!   returns, it starts again: every tapped window is in the log exactly once.
 //!
 //! Every wait is on a condition (a port, a counter, a process) with a deadline.
 
@@ -782,5 +792,320 @@ listen = "127.0.0.1:{http_port}"
          after space returned 330/330 readings landed once each in {} series",
         filled as f64 / 1048576.0,
         logged.len()
+    );
+}
+
+/// The listener agent of [`listener_config`] sending to an aggregator on
+/// `agg_port` with `token`.
+fn uplink_agent_config(
+    mqtt_port: u16,
+    http_port: u16,
+    agg_port: u16,
+    token: &str,
+    data_dir: &Path,
+) -> String {
+    format!(
+        "{}\n[uplink]\nurl = \"http://127.0.0.1:{agg_port}\"\ntoken = \"{token}\"\n\
+         backoff-min = \"100ms\"\nbackoff-max = \"500ms\"\n",
+        listener_config(mqtt_port, http_port, data_dir)
+    )
+}
+
+/// A labelled sample of `name` (`label` as `key="value"`), summed.
+fn metric_with(port: u16, name: &str, label: &str) -> f64 {
+    let (_, body) = millrace_tests::http_request(port, "GET", "/metrics", &[], b"");
+    body.lines()
+        .filter(|l| l.split(['{', ' ']).next() == Some(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// `(series, start_ms)` of every window in the tap.
+fn tapped_windows(tap: &Path) -> std::collections::BTreeSet<(String, i64)> {
+    std::fs::read_to_string(tap)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == "window")
+        .map(|w| {
+            (
+                millrace_tests::series_name(&w),
+                w["start_ms"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Asserts every window in `tapped` is in the aggregator's log, and no
+/// window is there twice; returns how many windows the log holds.
+fn assert_logged_once(
+    agg_toml: &Path,
+    tapped: &std::collections::BTreeSet<(String, i64)>,
+) -> usize {
+    let logged: Vec<(String, i64)> = millrace_tests::aggregator_tail(agg_toml, "millrace.windows")
+        .iter()
+        .map(|r| {
+            (
+                millrace_tests::series_name(&r["value"]),
+                r["value"]["start_ms"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let set: std::collections::BTreeSet<_> = logged.iter().cloned().collect();
+    assert!(!tapped.is_empty());
+    assert_eq!(logged.len(), set.len(), "a window logged twice: {logged:?}");
+    assert!(
+        tapped.is_subset(&set),
+        "tapped {tapped:?} not all in the log {set:?}"
+    );
+    logged.len()
+}
+
+/// 60 readings over the last 12 s on each of `sensors`, through the agent's
+/// listener: the earlier windows close at once.
+fn publish_recent(mqtt_port: u16, device: &str, sensors: usize) {
+    let now = millrace_sim::unix_now_ms();
+    for s in 0..sensors {
+        let lines: Vec<String> = (0..60)
+            .map(|i| format!(r#"{{"ts": {}, "value": {i}}}"#, now - 12_000 + i * 200))
+            .collect();
+        publish_lines(mqtt_port, &format!("sensors/{device}/s{s}"), &lines);
+    }
+}
+
+#[test]
+fn faults_a_full_aggregator_log_directory_answers_503_and_the_records_land_once_after_space_returns(
+) {
+    let fs = millrace_tests::Tmpfs::mount("16m");
+    let dir = tempfile::tempdir().unwrap();
+    let (mqtt_port, http_port, agg_port) = (free_port(), free_port(), free_port());
+    let token = "faults-test-token-0123456789abcdef";
+    let agg_toml = dir.path().join("aggregator.toml");
+    millrace_tests::write_aggregator_config(
+        &agg_toml,
+        agg_port,
+        &fs.path().join("agg"),
+        &[("gw-faults-clock", token)],
+        "",
+    );
+    let agg_log = dir.path().join("agg.log");
+    let mut aggregator = millrace_tests::start_aggregator(&agg_toml, agg_port, &agg_log);
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        uplink_agent_config(
+            mqtt_port,
+            http_port,
+            agg_port,
+            token,
+            &dir.path().join("state"),
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("agent.log");
+    let tap = dir.path().join("tap.jsonl");
+    let mut agent = spawn_agent_tapped(&config, &log, Some(&tap));
+    for port in [mqtt_port, http_port] {
+        millrace_tests::wait_for_port(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_secs(30),
+        );
+    }
+    // Some windows land while there is space.
+    publish_recent(mqtt_port, "oven-1", 2);
+    wait_or_show(
+        "the first windows committed",
+        Duration::from_secs(30),
+        Some(&log),
+        || {
+            metric_with(
+                http_port,
+                "millrace_uplink_batches_total",
+                "outcome=\"committed\"",
+            ) >= 1.0
+                && metric_total(http_port, "millrace_outbox_records") == 0.0
+        },
+    );
+
+    let filled = fs.fill("filler");
+    publish_recent(mqtt_port, "oven-2", 5);
+    wait_or_show(
+        "three sends answered 503",
+        Duration::from_secs(60),
+        Some(&log),
+        || {
+            metric_with(
+                http_port,
+                "millrace_uplink_batches_total",
+                "outcome=\"retry\"",
+            ) >= 3.0
+        },
+    );
+    let held = metric_total(http_port, "millrace_outbox_records");
+    assert!(
+        held > 0.0,
+        "the outbox holds the records the aggregator could not write"
+    );
+    let text = std::fs::read_to_string(&agg_log).unwrap();
+    assert!(
+        !text.contains("panicked"),
+        "the aggregator panicked:\n{text}"
+    );
+    assert!(
+        aggregator.is_running(),
+        "the aggregator stopped on the full disk"
+    );
+    let retries_while_full = metric_with(
+        http_port,
+        "millrace_uplink_batches_total",
+        "outcome=\"retry\"",
+    );
+    assert_eq!(
+        metric_total(http_port, "millrace_uplink_rejected_records_total"),
+        0.0
+    );
+    let (status, health) = millrace_tests::http_request(agg_port, "GET", "/healthz", &[], b"");
+    assert_eq!(
+        status, 503,
+        "/healthz while the log cannot be written: {health}"
+    );
+
+    std::fs::remove_file(fs.path().join("filler")).unwrap();
+    wait_or_show(
+        "the outbox to drain",
+        Duration::from_secs(60),
+        Some(&log),
+        || metric_total(http_port, "millrace_outbox_records") == 0.0,
+    );
+    let tapped = tapped_windows(&tap);
+    assert_eq!(agent.terminate(Duration::from_secs(20)), Some(0));
+    aggregator.terminate(Duration::from_secs(20));
+    let logged = assert_logged_once(&agg_toml, &tapped);
+    eprintln!(
+        "faults figures: aggregator tmpfs 16 MiB filled with {:.1} MiB; {retries_while_full} sends \
+         answered 503 (healthz {status}), {held} records kept by the agent, 0 rejected; after space \
+         returned {logged} windows in the log, each once",
+        filled as f64 / 1048576.0
+    );
+}
+
+#[test]
+fn faults_a_dedup_save_failure_then_a_resend_and_a_crash_writes_no_duplicate() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg_dir = dir.path().join("agg");
+    std::fs::create_dir_all(agg_dir.join("dedup")).unwrap();
+    // The dedup state alone on its own small file system.
+    let dedup_fs = millrace_tests::Tmpfs::mount("1m");
+    let status = Command::new("mount")
+        .args(["--bind"])
+        .arg(dedup_fs.path())
+        .arg(agg_dir.join("dedup"))
+        .status()
+        .expect("run mount --bind");
+    assert!(status.success(), "bind-mounting the dedup tmpfs failed");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _bind = Unmount(agg_dir.join("dedup"));
+
+    let (mqtt_port, http_port, agg_port) = (free_port(), free_port(), free_port());
+    let token = "faults-test-token-0123456789abcdef";
+    let agg_toml = dir.path().join("aggregator.toml");
+    millrace_tests::write_aggregator_config(
+        &agg_toml,
+        agg_port,
+        &agg_dir,
+        &[("gw-faults-clock", token)],
+        "",
+    );
+    let agg_log = dir.path().join("agg.log");
+    let mut aggregator = millrace_tests::start_aggregator(&agg_toml, agg_port, &agg_log);
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        uplink_agent_config(
+            mqtt_port,
+            http_port,
+            agg_port,
+            token,
+            &dir.path().join("state"),
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("agent.log");
+    let tap = dir.path().join("tap.jsonl");
+    let mut agent = spawn_agent_tapped(&config, &log, Some(&tap));
+    for port in [mqtt_port, http_port] {
+        millrace_tests::wait_for_port(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_secs(30),
+        );
+    }
+    publish_recent(mqtt_port, "oven-3", 2);
+    wait_or_show(
+        "the first windows committed",
+        Duration::from_secs(30),
+        Some(&log),
+        || {
+            metric_with(
+                http_port,
+                "millrace_uplink_batches_total",
+                "outcome=\"committed\"",
+            ) >= 1.0
+                && metric_total(http_port, "millrace_outbox_records") == 0.0
+        },
+    );
+    let logged_before = millrace_tests::aggregator_tail(&agg_toml, "millrace.windows").len();
+
+    // The dedup directory fills: log writes succeed, state saves fail.
+    dedup_fs.fill("filler");
+    publish_recent(mqtt_port, "oven-4", 3);
+    wait_or_show(
+        "the log to grow while sends are answered 503",
+        Duration::from_secs(60),
+        Some(&log),
+        || {
+            metric_with(
+                http_port,
+                "millrace_uplink_batches_total",
+                "outcome=\"retry\"",
+            ) >= 3.0
+                && millrace_tests::aggregator_tail(&agg_toml, "millrace.windows").len()
+                    > logged_before
+        },
+    );
+    let resends = metric_with(
+        http_port,
+        "millrace_uplink_batches_total",
+        "outcome=\"retry\"",
+    );
+    let written_unsaved =
+        millrace_tests::aggregator_tail(&agg_toml, "millrace.windows").len() - logged_before;
+    // A crash while the state is unsaved, then space returns.
+    aggregator.kill();
+    std::fs::remove_file(dedup_fs.path().join("filler")).unwrap();
+    let mut aggregator = millrace_tests::start_aggregator(&agg_toml, agg_port, &agg_log);
+    wait_or_show(
+        "the outbox to drain",
+        Duration::from_secs(60),
+        Some(&log),
+        || metric_total(http_port, "millrace_outbox_records") == 0.0,
+    );
+    let tapped = tapped_windows(&tap);
+    assert_eq!(agent.terminate(Duration::from_secs(20)), Some(0));
+    aggregator.terminate(Duration::from_secs(20));
+    let logged = assert_logged_once(&agg_toml, &tapped);
+    let text = std::fs::read_to_string(&agg_log).unwrap();
+    assert!(
+        !text.contains("panicked"),
+        "the aggregator panicked:\n{text}"
+    );
+    eprintln!(
+        "faults figures: dedup saves failing on a full 1 MiB tmpfs; {resends} sends answered 503, \
+         {written_unsaved} windows written while unsaved, aggregator killed -9 and restarted; \
+         {logged} windows in the log, each once"
     );
 }
