@@ -28,14 +28,15 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # Python peers: pymodbus (a Modbus server that is not ours), confluent-kafka (an
-# independent Kafka client) and pysparkplug (a Sparkplug B edge node), in a venv
+# independent Kafka client), pysparkplug (a Sparkplug B edge node) and asyncua (an
+# OPC UA server), in a venv
 # this script owns.
-PY_PACKAGES=("pymodbus>=3.6,<4" "pyserial>=3.5" "confluent-kafka>=2.3" "pysparkplug>=0.6,<1")
+PY_PACKAGES=("pymodbus>=3.6,<4" "pyserial>=3.5" "confluent-kafka>=2.3" "pysparkplug>=0.6,<1" "asyncua>=1.1,<3")
 if [ ! -x "$VENV/bin/python" ]; then
   echo "setup: creating Python venv at $VENV"
   python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import pymodbus, serial, confluent_kafka, pysparkplug" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import pymodbus, serial, confluent_kafka, pysparkplug, asyncua" 2>/dev/null; then
   echo "setup: installing Python peers into $VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check "${PY_PACKAGES[@]}"
 fi

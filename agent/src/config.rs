@@ -72,6 +72,9 @@ pub struct AgentConfig {
     /// Modbus TCP and RTU devices.
     #[serde(default)]
     pub modbus: Option<ModbusConfig>,
+    /// OPC UA servers (cargo feature `opcua`).
+    #[serde(default)]
+    pub opcua: Option<crate::ingest::opcua::OpcUaConfig>,
     /// The store-and-forward buffer of records bound for the aggregator.
     #[serde(default)]
     pub outbox: OutboxConfig,
@@ -104,6 +107,9 @@ impl AgentConfig {
         if let Some(m) = cfg.mqtt.as_mut() {
             m.apply_env_overrides();
             m.load_secret_files().map_err(err)?;
+        }
+        if let Some(o) = cfg.opcua.as_mut() {
+            o.load_secrets().map_err(err)?;
         }
         if let Some(u) = cfg.uplink.as_mut() {
             u.apply_env_overrides();
@@ -156,6 +162,12 @@ impl AgentConfig {
         if let Some(m) = &self.modbus {
             m.validate().map_err(|e| keyed(e.key, e.message))?;
         }
+        if let Some(o) = &self.opcua {
+            o.validate().map_err(|(key, reason)| keyed(key, reason))?;
+            if !o.servers.is_empty() && !cfg!(feature = "opcua") {
+                return Err("opcua: this build has no OPC UA support; build millrace-agent with the cargo feature `opcua`".into());
+            }
+        }
         self.store().validate().map_err(|e| e.to_string())?;
         if let Some(u) = &self.uplink {
             u.validate()
@@ -164,9 +176,10 @@ impl AgentConfig {
         if self.mqtt.is_none()
             && self.broker.as_ref().is_none_or(|b| !b.enabled)
             && self.modbus.as_ref().is_none_or(|m| m.devices.is_empty())
+            && self.opcua.as_ref().is_none_or(|o| o.servers.is_empty())
         {
             return Err(
-                "no source configured: add [mqtt], an enabled [broker] or [[modbus.devices]]"
+                "no source configured: add [mqtt], an enabled [broker], [[modbus.devices]] or [[opcua.servers]]"
                     .into(),
             );
         }
@@ -184,7 +197,7 @@ impl AgentConfig {
     /// One line for `check-config`: what this config will run.
     pub fn summary(&self) -> String {
         format!(
-            "agent {}, mqtt: {}, embedded broker: {}, modbus devices: {}, uplink: {}",
+            "agent {}, mqtt: {}, embedded broker: {}, modbus devices: {}, opcua servers: {}, uplink: {}",
             self.agent.id,
             if self.mqtt.is_some() { "yes" } else { "no" },
             if self.broker.as_ref().is_some_and(|b| b.enabled) {
@@ -193,6 +206,7 @@ impl AgentConfig {
                 "no"
             },
             self.modbus.as_ref().map_or(0, |m| m.devices.len()),
+            self.opcua.as_ref().map_or(0, |o| o.servers.len()),
             self.uplink
                 .as_ref()
                 .map_or("none (tap only)", |u| u.url.as_str()),
@@ -223,7 +237,8 @@ mod tests {
         checked.sort();
         assert!(
             checked.contains(&"agent.toml".to_string())
-                && checked.contains(&"agent-sparkplug.toml".to_string()),
+                && checked.contains(&"agent-sparkplug.toml".to_string())
+                && checked.contains(&"agent-opcua.toml".to_string()),
             "{checked:?}"
         );
     }

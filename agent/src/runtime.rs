@@ -260,6 +260,17 @@ pub async fn run(cfg: AgentConfig, tap: Option<PathBuf>) -> Result<(), RuntimeEr
         });
         source_names.insert(task.id(), "modbus");
     }
+    #[cfg(feature = "opcua")]
+    if let Some(o) = cfg.opcua.clone().filter(|o| !o.servers.is_empty()) {
+        let source = crate::ingest::opcua::OpcUaSource::new(o, &cfg.agent.data_dir);
+        counters.opcua = source.stats();
+        let (tx, token) = (tx.clone(), shutdown.clone());
+        let task = sources.spawn(async move {
+            source.run(tx, token).await;
+            Ok(())
+        });
+        source_names.insert(task.id(), "opcua");
+    }
     drop(tx);
 
     let engine = WindowEngine::new(cfg.agent.id.clone(), cfg.window.clone());

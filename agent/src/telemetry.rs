@@ -54,6 +54,7 @@ impl Default for HttpConfig {
 pub struct Sources {
     pub mqtt: Vec<(&'static str, Arc<MqttStats>)>,
     pub modbus: Option<Arc<ModbusStats>>,
+    pub opcua: crate::ingest::opcua::OpcUaCounters,
     pub store: Option<Arc<Store>>,
 }
 
@@ -147,6 +148,37 @@ pub fn export(sources: &Sources) {
                 .set(if d.connected() { 1.0 } else { 0.0 });
         }
         metrics::counter!("millrace_readings_in_total", "source" => "modbus").absolute(readings);
+    }
+    for (server, stats) in &sources.opcua {
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        let server = server.clone();
+        metrics::gauge!("millrace_opcua_connected", "server" => server.clone())
+            .set(if stats.is_connected() { 1.0 } else { 0.0 });
+        for (name, value) in [
+            ("millrace_opcua_sessions_total", get(&stats.sessions)),
+            (
+                "millrace_opcua_connection_errors_total",
+                get(&stats.connection_errors),
+            ),
+            ("millrace_opcua_values_total", get(&stats.values)),
+            ("millrace_opcua_readings_total", get(&stats.readings)),
+            (
+                "millrace_opcua_non_numeric_values_total",
+                get(&stats.non_numeric),
+            ),
+            (
+                "millrace_opcua_bad_without_value_total",
+                get(&stats.bad_without_value),
+            ),
+            (
+                "millrace_opcua_dead_letters_total",
+                get(&stats.dead_letters),
+            ),
+            ("millrace_opcua_dropped_values_total", get(&stats.dropped)),
+            ("millrace_opcua_node_errors_total", get(&stats.node_errors)),
+        ] {
+            metrics::counter!(name, "server" => server.clone()).absolute(value);
+        }
     }
     if let Some(store) = &sources.store {
         if let Ok(s) = store.outbox().stats() {

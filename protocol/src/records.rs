@@ -46,6 +46,9 @@ pub enum Source {
     Mqtt,
     Modbus,
     Other,
+    /// An OPC UA server (subscription or read).
+    #[serde(rename = "opcua")]
+    OpcUa,
 }
 
 impl Source {
@@ -54,6 +57,7 @@ impl Source {
             Source::Mqtt => "mqtt",
             Source::Modbus => "modbus",
             Source::Other => "other",
+            Source::OpcUa => "opcua",
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod decode;
 pub mod listener;
 pub mod mqtt;
 mod mqtt_v4;
+pub mod opcua;
 pub mod pubsub;
 
 /// What a source hands to the pipeline.

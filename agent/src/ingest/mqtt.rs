@@ -1012,7 +1012,7 @@ impl EventLoop {
 /// Capped exponential backoff with "equal jitter": each delay is drawn from
 /// `[d/2, d]`, and `d` doubles up to the cap.
 #[derive(Debug)]
-struct Backoff {
+pub(crate) struct Backoff {
     min: Duration,
     max: Duration,
     next: Duration,
@@ -1020,7 +1020,7 @@ struct Backoff {
 }
 
 impl Backoff {
-    fn new(min: Duration, max: Duration) -> Self {
+    pub(crate) fn new(min: Duration, max: Duration) -> Self {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -1034,14 +1034,14 @@ impl Backoff {
         }
     }
 
-    fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let d = self.next;
         self.next = (self.next * 2).min(self.max);
         let half = d / 2;
         half + half.mul_f64(self.rng.random::<f64>())
     }
 
-    fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.next = self.min;
     }
 }
