@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """An OPC UA server that is not ours: asyncua (FreeOpcUa), on loopback.
 
-    opcua-peer.py --port 4840 [--pki DIR] [--user NAME:PASSWORD]
+    opcua-peer.py --port 4840 [--pki DIR] [--user NAME:PASSWORD] [--load N]
 
 Serves `opc.tcp://127.0.0.1:<port>/millrace/` with the namespace
 `urn:millrace:peer` and one object `Line1` holding variables of several
@@ -30,6 +30,10 @@ one per line, answering `ok <command>` once the value is written:
     uncertain <name> <value> [<source-ms>]  write a value with UncertainLastUsableValue
     tick <n> <period-ms>               change Temperature and Count <n> times,
                                        <period-ms> apart (a schedule), then `ok`
+    load <rounds> <period-ms>          with --load N: write a new value to each of the
+                                       N Double variables ns=2;s=Load.<i> (object `Load`)
+                                       once per round, rounds <period-ms> apart; answers
+                                       `ok load … written=<values> seconds=<s>`
 
 The server stops when stdin closes.
 """
@@ -150,6 +154,7 @@ async def main() -> None:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--pki", type=Path, help="enable Basic256Sha256 with a certificate kept here")
     ap.add_argument("--user", help="NAME:PASSWORD required instead of anonymous")
+    ap.add_argument("--load", type=int, default=0, help="N load variables ns=2;s=Load.<i>")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
@@ -201,6 +206,17 @@ async def main() -> None:
         )
         await server.write_attribute_value(node.nodeid, dv)
 
+    load_nodes = []
+    if args.load:
+        load = await server.nodes.objects.add_object(ua.NodeId("Load", ns), ua.QualifiedName("Load", ns))
+        for i in range(args.load):
+            load_nodes.append(
+                await load.add_variable(
+                    ua.NodeId(f"Load.{i}", ns), ua.QualifiedName(f"L{i}", ns),
+                    ua.Variant(0.0, ua.VariantType.Double),
+                )
+            )
+
     last = {name: value for name, (_, value) in VARIABLES.items()}
     async with server:
         print(f"ready {endpoint}", flush=True)
@@ -242,6 +258,23 @@ async def main() -> None:
                         await write("Temperature", last["Temperature"])
                         await write("Count", last["Count"])
                         await asyncio.sleep(period / 1000.0)
+                elif parts[0] == "load":
+                    rounds, period = int(parts[1]), int(parts[2])
+                    started = loop.time()
+                    written = 0
+                    for r in range(rounds):
+                        due = started + r * period / 1000.0
+                        await asyncio.sleep(max(0.0, due - loop.time()))
+                        now = dt.datetime.now(dt.timezone.utc)
+                        for i, node in enumerate(load_nodes):
+                            dv = ua.DataValue(
+                                ua.Variant(float(r * 1000 + i), ua.VariantType.Double),
+                                SourceTimestamp=now, ServerTimestamp=now,
+                            )
+                            await server.write_attribute_value(node.nodeid, dv)
+                            written += 1
+                    print(f"ok {line_text} written={written} seconds={loop.time() - started:.3f}", flush=True)
+                    continue
                 else:
                     print(f"error unknown command {parts[0]}", flush=True)
                     continue

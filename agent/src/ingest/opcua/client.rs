@@ -169,23 +169,17 @@ async fn session(
         use opcua::client::SessionPollResult as P;
         let stream = event_loop.enter();
         futures::pin_mut!(stream);
-        // After a reconnect the session recreates (or transfers) the
-        // subscription, but its publish loop starts idle: kick it until
-        // the session has been active once more.
-        let mut kick = false;
         while let Some(event) = stream.next().await {
-            if kick {
-                loop_session.trigger_publish_now();
-            }
             match event {
                 Ok(P::Reconnected(mode)) => {
                     loop_stats.connected.store(true, Ordering::Relaxed);
                     loop_stats.sessions.fetch_add(1, Ordering::Relaxed);
                     info!(server = %name, ?mode, "opcua session up");
+                    // The session recreates (or transfers) the subscription
+                    // while connecting, before its publish loop exists; the
+                    // loop then starts idle until triggered.
                     loop_session.trigger_publish_now();
-                    kick = true;
                 }
-                Ok(P::Subscription(_)) => kick = false,
                 Ok(P::ConnectionLost(status)) => {
                     loop_stats.connected.store(false, Ordering::Relaxed);
                     warn!(server = %name, %status, "opcua connection lost; reconnecting");
