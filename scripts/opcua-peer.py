@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """An OPC UA server that is not ours: asyncua (FreeOpcUa), on loopback.
 
-    opcua-peer.py --port 4840 [--pki DIR] [--user NAME:PASSWORD] [--load N]
+    opcua-peer.py --port 4840 [--pki DIR] [--user NAME:PASSWORD] [--user-cert DIR] [--load N]
 
 Serves `opc.tcp://127.0.0.1:<port>/millrace/` with the namespace
 `urn:millrace:peer` and one object `Line1` holding variables of several
@@ -19,7 +19,9 @@ SignAndEncrypt, with the server's certificate and key created in DIR on the
 first run (`server-cert.der`, `server-key.pem`; kept across restarts, so a
 client that trusts that file keeps trusting the restarted server). Client
 certificates are accepted. Identity: anonymous, and with `--user` that user
-name and password as well (then anonymous is refused).
+name and password as well (then anonymous is refused). With `--user-cert DIR`
+a user certificate and key are created in DIR (`user-cert.der`,
+`user-key.pem`) and only an X509 identity with that certificate is accepted.
 
 Prints `ready <endpoint-url>` once serving, then reads commands from stdin,
 one per line, answering `ok <command>` once the value is written:
@@ -82,9 +84,9 @@ def stamp(ms: str | None) -> dt.datetime:
     return dt.datetime.fromtimestamp(int(ms) / 1000.0, dt.timezone.utc)
 
 
-def make_certificate(pki: Path, uri: str) -> tuple[Path, Path]:
-    """A self-signed server certificate with the application URI as SAN."""
-    cert_path, key_path = pki / "server-cert.der", pki / "server-key.pem"
+def make_certificate(pki: Path, uri: str, stem: str = "server") -> tuple[Path, Path]:
+    """A self-signed certificate with the application URI as SAN."""
+    cert_path, key_path = pki / f"{stem}-cert.der", pki / f"{stem}-key.pem"
     if cert_path.exists() and key_path.exists():
         return cert_path, key_path
     from cryptography import x509
@@ -138,14 +140,22 @@ def make_certificate(pki: Path, uri: str) -> tuple[Path, Path]:
 
 
 class OneUser(UserManager):
-    def __init__(self, name: str, password: str):
-        self.name, self.password = name, password
+    """Accepts one user name and password, or (with `cert_der`) one user certificate."""
+
+    def __init__(self, name: str | None, password: str | None, cert_der: bytes | None = None):
+        self.name, self.password, self.cert_der = name, password, cert_der
 
     def get_user(self, iserver, username=None, password=None, certificate=None):
-        if username == self.name and password == self.password:
+        if self.name is not None and username == self.name and password == self.password:
             return User(role=UserRole.User)
-        if certificate is not None and username is None:
-            return User(role=UserRole.User)
+        if self.cert_der is not None and certificate is not None:
+            der = certificate
+            if not isinstance(der, (bytes, bytearray)):
+                from cryptography.hazmat.primitives import serialization
+
+                der = certificate.public_bytes(serialization.Encoding.DER)
+            if bytes(der) == self.cert_der:
+                return User(role=UserRole.User, name="certificate-user")
         return None
 
 
@@ -155,14 +165,20 @@ async def main() -> None:
     ap.add_argument("--pki", type=Path, help="enable Basic256Sha256 with a certificate kept here")
     ap.add_argument("--user", help="NAME:PASSWORD required instead of anonymous")
     ap.add_argument("--load", type=int, default=0, help="N load variables ns=2;s=Load.<i>")
+    ap.add_argument("--user-cert", type=Path, help="create a user certificate here and require it")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
     uri = "urn:millrace:opcua-peer"
     user_manager = None
+    name = password = cert_der = None
     if args.user:
         name, _, password = args.user.partition(":")
-        user_manager = OneUser(name, password)
+    if args.user_cert:
+        user_cert, _ = make_certificate(args.user_cert, "urn:millrace:opcua-user", stem="user")
+        cert_der = user_cert.read_bytes()
+    if args.user or args.user_cert:
+        user_manager = OneUser(name, password, cert_der)
     server = Server(user_manager=user_manager)
     await server.init()
     endpoint = f"opc.tcp://127.0.0.1:{args.port}/millrace/"
@@ -179,7 +195,7 @@ async def main() -> None:
             ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt,
         ]
     server.set_security_policy(policies, permission_ruleset=SimpleRoleRuleset())
-    if args.user:
+    if args.user or args.user_cert:
         server.set_identity_tokens([ua.UserNameIdentityToken, ua.X509IdentityToken])
     else:
         server.set_identity_tokens(

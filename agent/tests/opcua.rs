@@ -264,6 +264,57 @@ async fn opcua_basic256sha256_sign_and_encrypt_with_a_trusted_certificate_and_a_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opcua_a_user_certificate_identity_over_basic256sha256_sign() {
+    init_logs();
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let (server_pki, user) = (dir.path().join("server-pki"), dir.path().join("user"));
+    let mut plc = peer(
+        port,
+        &[
+            "--pki",
+            server_pki.to_str().unwrap(),
+            "--user-cert",
+            user.to_str().unwrap(),
+        ],
+    );
+    let extra = format!(
+        "security-policy = \"basic256sha256\"\nsecurity-mode = \"sign\"\n\
+         server-certificate = \"{}\"\nidentity = \"certificate\"\n\
+         user-certificate = \"{}\"\nuser-private-key = \"{}\"\n",
+        server_pki.join("server-cert.der").display(),
+        user.join("user-cert.der").display(),
+        user.join("user-key.pem").display()
+    );
+    let mut source = Source::start(&server(port, &extra), dir.path());
+    source
+        .collect("the initial values", |r, _| r.len() >= 5)
+        .await;
+    plc.command(&format!("set Count 42 {}", T0 + 5_000));
+    let (readings, _) = source
+        .collect("a value for the certificate user", |r, _| {
+            at(r, "count", T0 + 5_000).is_some()
+        })
+        .await;
+    assert_eq!(at(&readings, "count", T0 + 5_000).unwrap().value, 42.0);
+    source.stop().await;
+
+    // Anonymous is refused by this server: no session, counted errors.
+    let anonymous = format!(
+        "security-policy = \"basic256sha256\"\nsecurity-mode = \"sign\"\nserver-certificate = \"{}\"\n",
+        server_pki.join("server-cert.der").display()
+    );
+    let source = Source::start(&server(port, &anonymous), &dir.path().join("anon"));
+    let deadline = Instant::now() + WAIT;
+    while source.stat(|s| s.connection_errors.load(Ordering::Relaxed)) < 1 {
+        assert!(Instant::now() < deadline, "anonymous was not refused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(source.stat(|s| s.readings.load(Ordering::Relaxed)), 0);
+    source.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opcua_an_untrusted_server_certificate_is_refused() {
     init_logs();
     let port = free_port();

@@ -46,7 +46,8 @@ fn parse_args() -> Result<Args, String> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/millrace-target")
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/millrace-target")
         });
     let mut args = Args {
         agent: target.join("release/millrace-agent"),
@@ -106,12 +107,22 @@ fn run(args: &Args) -> Result<(), String> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/opcua-peer.py");
     let mut peer = Command::new(venv_python())
         .arg(&script)
-        .args(["--port", &opcua_port.to_string(), "--load", &args.nodes.to_string()])
+        .args([
+            "--port",
+            &opcua_port.to_string(),
+            "--load",
+            &args.nodes.to_string(),
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(log_file(&dir.path().join("peer.log"))?)
         .spawn()
-        .map_err(|e| format!("starting the asyncua peer ({}): {e}", venv_python().display()))?;
+        .map_err(|e| {
+            format!(
+                "starting the asyncua peer ({}): {e}",
+                venv_python().display()
+            )
+        })?;
     let mut peer_in = peer.stdin.take().ok_or("peer stdin")?;
     let mut peer_out = BufReader::new(peer.stdout.take().ok_or("peer stdout")?);
     let mut peer = Proc {
@@ -123,14 +134,19 @@ fn run(args: &Args) -> Result<(), String> {
         .read_line(&mut line)
         .map_err(|e| format!("peer: {e}"))?;
     if !line.starts_with("ready") {
-        return Err(format!("the asyncua peer did not start: {line:?} (scripts/setup.sh installs asyncua)"));
+        return Err(format!(
+            "the asyncua peer did not start: {line:?} (scripts/setup.sh installs asyncua)"
+        ));
     }
     poll_until("the peer listening", START_TIMEOUT, POLL, &mut peer, || {
         port_open(opcua_port).then_some(())
     })?;
 
     let config = dir.path().join("agent.toml");
-    write_file(&config, &agent_config(dir.path(), http_port, opcua_port, args.nodes))?;
+    write_file(
+        &config,
+        &agent_config(dir.path(), http_port, opcua_port, args.nodes),
+    )?;
     let child = Command::new(&args.agent)
         .args(["run", "--config"])
         .arg(&config)
@@ -145,16 +161,22 @@ fn run(args: &Args) -> Result<(), String> {
         name: "millrace-agent",
     };
     let pid = agent.child.id();
-    let readings = |port: u16| scrape(port).map_or(0.0, |m| metric(&m, "millrace_opcua_readings_total"));
+    let readings =
+        |port: u16| scrape(port).map_or(0.0, |m| metric(&m, "millrace_opcua_readings_total"));
     let initial = args.nodes as f64;
-    poll_until("the initial values", START_TIMEOUT, POLL, &mut agent, || {
-        (readings(http_port) >= initial).then_some(())
-    })?;
+    poll_until(
+        "the initial values",
+        START_TIMEOUT,
+        POLL,
+        &mut agent,
+        || (readings(http_port) >= initial).then_some(()),
+    )?;
     let ticks = clock_ticks_per_s();
     let cpu_before = cpu_seconds(pid, ticks)?;
     let got_before = readings(http_port);
     let started = Instant::now();
-    writeln!(peer_in, "load {} {}", args.rounds, args.period_ms).map_err(|e| format!("peer: {e}"))?;
+    writeln!(peer_in, "load {} {}", args.rounds, args.period_ms)
+        .map_err(|e| format!("peer: {e}"))?;
     peer_in.flush().map_err(|e| format!("peer: {e}"))?;
     line.clear();
     peer_out
@@ -172,20 +194,27 @@ fn run(args: &Args) -> Result<(), String> {
         .unwrap_or(0.0);
     // Until every written value arrived, or nothing more comes for 5 s.
     let (mut last, mut since) = (readings(http_port), Instant::now());
-    poll_until("the readings to settle", Duration::from_secs(600), POLL, &mut agent, || {
-        let now = readings(http_port);
-        if now >= got_before + written {
-            return Some(());
-        }
-        if now != last {
-            (last, since) = (now, Instant::now());
-        }
-        (since.elapsed() >= Duration::from_secs(5)).then_some(())
-    })?;
+    poll_until(
+        "the readings to settle",
+        Duration::from_secs(600),
+        POLL,
+        &mut agent,
+        || {
+            let now = readings(http_port);
+            if now >= got_before + written {
+                return Some(());
+            }
+            if now != last {
+                (last, since) = (now, Instant::now());
+            }
+            (since.elapsed() >= Duration::from_secs(5)).then_some(())
+        },
+    )?;
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pid, ticks)? - cpu_before;
     let got = readings(http_port) - got_before;
-    let dropped = scrape(http_port).map_or(0.0, |m| metric(&m, "millrace_opcua_dropped_values_total"));
+    let dropped =
+        scrape(http_port).map_or(0.0, |m| metric(&m, "millrace_opcua_dropped_values_total"));
     let peak_kib = status_kib(pid, "VmHWM")?;
     println!(
         "opcua_load: {} nodes × {} rounds every {} ms: {written} values written in {write_s:.1} s by the peer; \
@@ -200,7 +229,9 @@ fn run(args: &Args) -> Result<(), String> {
         cpu * 1e6 / got.max(1.0),
         peak_kib as f64 / 1024.0
     );
-    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
     Ok(())
 }
 
