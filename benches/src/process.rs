@@ -4,7 +4,7 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A child process killed (SIGKILL) on drop unless it already exited.
@@ -164,4 +164,38 @@ pub fn write_file(path: &Path, text: &str) -> Result<(), String> {
 
 pub fn log_file(path: &Path) -> Result<std::fs::File, String> {
     std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Starts mosquitto on a free port: no persistence, no queue limit.
+pub fn start_mosquitto(dir: &Path) -> Result<(Proc, u16), String> {
+    let port = free_port()?;
+    let conf = dir.join("mosquitto.conf");
+    write_file(
+        &conf,
+        &format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+             max_queued_messages 0\nmax_inflight_messages 1000\n\
+             log_dest stderr\nlog_type error\nlog_type warning\n"
+        ),
+    )?;
+    let child = Command::new(find_binary("mosquitto", "mosquitto")?)
+        .arg("-c")
+        .arg(&conf)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file(&dir.join("mosquitto.log"))?)
+        .spawn()
+        .map_err(|e| format!("starting mosquitto: {e}"))?;
+    let mut proc = Proc {
+        child,
+        name: "mosquitto",
+    };
+    poll_until(
+        "mosquitto listening",
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        &mut proc,
+        || port_open(port).then_some(()),
+    )?;
+    Ok((proc, port))
 }

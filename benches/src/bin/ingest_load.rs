@@ -31,7 +31,7 @@
 
 use millrace_benches::process::{
     clock_ticks_per_s, cpu_seconds, find_binary, free_port, log_file, metric, poll_until,
-    port_open, scrape, shell_words, status_kib, write_file, Proc,
+    port_open, scrape, shell_words, start_mosquitto, status_kib, write_file, Proc,
 };
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -201,40 +201,6 @@ fn agent_config(dir: &Path, http_port: u16, source: &str) -> String {
         "[agent]\nid = \"gw-ingest-load\"\ndata-dir = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n\n{source}",
         dir.join("state").display()
     )
-}
-
-/// Starts mosquitto on a free port: no persistence, no queue limit.
-fn start_mosquitto(dir: &Path) -> Result<(Proc, u16), String> {
-    let port = free_port()?;
-    let conf = dir.join("mosquitto.conf");
-    write_file(
-        &conf,
-        &format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-             max_queued_messages 0\nmax_inflight_messages 1000\n\
-             log_dest stderr\nlog_type error\nlog_type warning\n"
-        ),
-    )?;
-    let child = Command::new(find_binary("mosquitto", "mosquitto")?)
-        .arg("-c")
-        .arg(&conf)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log_file(&dir.join("mosquitto.log"))?)
-        .spawn()
-        .map_err(|e| format!("starting mosquitto: {e}"))?;
-    let mut proc = Proc {
-        child,
-        name: "mosquitto",
-    };
-    poll_until(
-        "mosquitto listening",
-        START_TIMEOUT,
-        START_POLL,
-        &mut proc,
-        || port_open(port).then_some(()),
-    )?;
-    Ok((proc, port))
 }
 
 /// Publishes probe readings to mosquitto until the agent has received one: its
