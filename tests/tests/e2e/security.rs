@@ -493,6 +493,11 @@ listen = "127.0.0.1:{http_port}"
     std::fs::write(&agent_toml, config("127.0.0.1")).unwrap();
     let agent_log = dir.path().join("agent.log");
     let mut agent = start_agent(&agent_toml, &agent_log, mqtt_port);
+    // /metrics comes up after the device listener.
+    millrace_tests::wait_for_port(
+        std::net::SocketAddr::from(([127, 0, 0, 1], http_port)),
+        std::time::Duration::from_secs(30),
+    );
     let mosquitto_pub = millrace_tests::require_program("mosquitto_pub", "mosquitto-clients");
     let publish = |user: Option<(&str, &str)>, topic: &str| {
         let mut cmd = Command::new(&mosquitto_pub);

@@ -84,6 +84,15 @@ use super::{now_ms, Delivery, DurableAck, IngestEvent, IngestTx};
 
 /// Bytes read from a socket at a time (more when a larger packet is pending).
 const READ_CHUNK: usize = 64 * 1024;
+/// A read smaller than this (a device publishing steadily, a message at a
+/// time) is followed by a pause of [`COALESCE`] before the socket is read
+/// again, so that the next read takes what arrived meanwhile in one go: one
+/// wake-up, one hand-over and one journal marker for many messages instead
+/// of one each. It adds at most that much to a message's latency (its
+/// acknowledgement waits for the journal's group commit anyway); a burst
+/// fills the reads and is not slowed.
+const COALESCE_BELOW: usize = 16 * 1024;
+const COALESCE: Duration = Duration::from_millis(2);
 /// Time a new connection has to send `CONNECT`.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// At shutdown, how long a connection waits for the final journal commit to
@@ -607,6 +616,7 @@ impl Session<'_> {
         // MQTT: the server may close after 1.5 keep-alive periods of silence.
         let idle_limit = (keep_alive > Duration::ZERO).then(|| keep_alive.mul_f32(1.5));
         let mut last_packet = Instant::now();
+        let mut read_again_at: Option<Instant> = None;
         let mut eof = false;
         // Packets that came in the same read as the CONNECT.
         if !rbuf.is_empty() {
@@ -634,7 +644,8 @@ impl Session<'_> {
             if rbuf.capacity() - rbuf.len() < want {
                 rbuf.reserve(want);
             }
-            let can_read = !eof && self.inflight_msgs < self.shared.max_inflight;
+            let resting = read_again_at.is_some_and(|at| Instant::now() < at);
+            let can_read = !eof && !resting && self.inflight_msgs < self.shared.max_inflight;
             let idle_deadline = idle_limit.map(|l| last_packet + l);
             tokio::select! {
                 biased;
@@ -649,10 +660,12 @@ impl Session<'_> {
                         self.release_oldest();
                     }
                 }
+                () = sleep_until(read_again_at), if resting => {}
                 read = stream.read_buf(rbuf), if can_read => match read {
                     Ok(0) => eof = true,
-                    Ok(_) => {
+                    Ok(n) => {
                         last_packet = Instant::now();
+                        read_again_at = (n < COALESCE_BELOW).then(|| last_packet + COALESCE);
                         if let Err(end) = self.take_packets(rbuf) {
                             break end;
                         }
