@@ -47,6 +47,12 @@ use tokio::time::{timeout, Instant};
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Read buffer growth step.
 const READ_CHUNK: usize = 64 * 1024;
+/// After a read smaller than this, the socket rests [`COALESCE`] before
+/// the next read, so that a broker forwarding a steady stream is read many
+/// messages per wake-up (one hand-over, one journal marker for all of
+/// them); acks and keep-alives are not held. Bursts fill the reads.
+const COALESCE_BELOW: usize = 16 * 1024;
+const COALESCE: Duration = Duration::from_millis(2);
 
 /// What the caller asks of the session.
 #[derive(Debug)]
@@ -154,6 +160,8 @@ struct Open {
     last_write: Instant,
     /// When the PINGREQ still unanswered was sent.
     ping_sent: Option<Instant>,
+    /// After a small read: when the socket is read again.
+    read_again_at: Option<Instant>,
 }
 
 /// The requesting half: cheap to clone, never blocks.
@@ -240,7 +248,11 @@ impl Connection {
                 None => open.last_write + keep_alive,
             };
             let keep_alive_on = !keep_alive.is_zero();
+            let rest_until = open.read_again_at.filter(|at| Instant::now() < *at);
             tokio::select! {
+                () = tokio::time::sleep_until(rest_until.unwrap_or_else(Instant::now)), if rest_until.is_some() => {
+                    open.read_again_at = None;
+                }
                 request = self.requests.recv() => {
                     let Some(request) = request else {
                         // Nobody can ask anything any more: leave cleanly.
@@ -279,10 +291,12 @@ impl Connection {
                     }
                     flush(open).await?;
                 }
-                read = open.stream.read_buf(&mut open.input) => {
-                    if read? == 0 {
+                read = open.stream.read_buf(&mut open.input), if rest_until.is_none() => {
+                    let n = read?;
+                    if n == 0 {
                         return Err(SessionError::Closed);
                     }
+                    open.read_again_at = (n < COALESCE_BELOW).then(|| Instant::now() + COALESCE);
                     loop {
                         match Packet::read(&mut open.input, max_incoming) {
                             Ok(packet) => {
@@ -358,6 +372,7 @@ impl Connection {
             output: BytesMut::with_capacity(4096),
             last_write: Instant::now(),
             ping_sent: None,
+            read_again_at: None,
         };
         let mut connect = Connect::new(o.client_id.clone());
         connect.keep_alive = u16::try_from(o.keep_alive.as_secs()).unwrap_or(u16::MAX);
