@@ -55,6 +55,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     match cli.command {
@@ -112,6 +113,33 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// glibc's allocator gives each thread that allocates its own arena (up to
+/// 8 per core), each keeping the memory its thread freed: about 4.5 MiB of
+/// the agent's peak RSS under load (`benches` `ingest_load`, 24.2 → 19.7
+/// MiB at 20 000 readings/s) spread over the runtime's workers, the store's
+/// worker and the blocking pool. One arena is enough: the hot path allocates
+/// little, and glibc's per-thread cache serves most of it without the
+/// arena's lock. `MALLOC_ARENA_MAX` (or `GLIBC_TUNABLES`) set by the
+/// operator wins.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn limit_malloc_arenas() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some()
+        || std::env::var_os("GLIBC_TUNABLES").is_some()
+    {
+        return;
+    }
+    // SAFETY: called first thing in `main`, before any other thread exists;
+    // `mallopt` only sets an allocator parameter and reports failure with 0,
+    // which leaves the default (many arenas) in place.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn limit_malloc_arenas() {}
 
 fn run(cfg: AgentConfig, tap: Option<PathBuf>) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
