@@ -180,16 +180,15 @@ impl Acc {
 /// State of one live series.
 ///
 /// The open windows are `latest` (the one with the greatest start, where
-/// nearly every reading lands) plus the older ones still open in `older`,
-/// ordered by start. Keeping the latest inline means the hot path touches
-/// nothing else; `older` holds the window still open for the allowed
-/// lateness after the next one opened (or the few that out-of-order readings
-/// reopen), a queue whose buffer is kept, so opening a window allocates nothing.
+/// nearly every reading lands), `previous` (the one before it, still open
+/// for the allowed lateness after `latest` opened) and, rarely, older ones
+/// that out-of-order readings reopen, in `older` by start. The first two are
+/// inline, so a reading and the closing of a window touch only this state
+/// (the entry it lives in is cache-line aligned, the fields a reading reads
+/// first); `older`'s buffer is kept, so opening a window allocates nothing.
 #[derive(Debug)]
 #[repr(C)] // hot fields first
 struct SeriesState {
-    /// The open window with the greatest start: `(start_ms, aggregate)`.
-    latest: Option<(UnixMs, Acc)>,
     /// Everything with `end <= watermark_ms` is closed. `i64::MIN` before the first reading.
     watermark_ms: UnixMs,
     max_event_ms: UnixMs,
@@ -197,7 +196,11 @@ struct SeriesState {
     last_accepted_ms: i64,
     /// Steady time of the last reading of any kind (TTL).
     last_seen_ms: i64,
-    /// Open windows older than `latest`, by start.
+    /// The open window with the greatest start: `(start_ms, aggregate)`.
+    latest: Option<(UnixMs, Acc)>,
+    /// The open window before `latest`, if any.
+    previous: Option<(UnixMs, Acc)>,
+    /// Open windows older than `previous`, by start (only with `previous`).
     older: VecDeque<(UnixMs, Acc)>,
     /// Unit of the reading that opened the latest window, carried by the windows.
     unit: Arc<str>,
@@ -209,40 +212,59 @@ impl SeriesState {
     }
 
     /// Start of the earliest open window.
+    #[inline]
     fn first_open_start(&self) -> Option<UnixMs> {
         match self.older.front() {
             Some(&(start, _)) => Some(start),
-            None => self.latest.map(|(start, _)| start),
+            None => self.previous.or(self.latest).map(|(start, _)| start),
         }
     }
 
     /// Removes the earliest open window.
+    #[inline]
     fn pop_first_open(&mut self) -> Option<(UnixMs, Acc)> {
-        if self.older.is_empty() {
-            return self.latest.take();
+        if let Some(oldest) = self.older.pop_front() {
+            return Some(oldest);
         }
-        self.older.pop_front()
+        self.previous.take().or_else(|| self.latest.take())
     }
 
     #[inline]
     fn add(&mut self, start: UnixMs, time_ms: UnixMs, value: f64, unit: &Arc<str>) {
         match &mut self.latest {
             Some((latest, acc)) if *latest == start => acc.add(time_ms, value),
-            Some((latest, _)) if *latest > start => {
+            Some((latest, _)) if *latest > start => self.add_before_latest(start, time_ms, value),
+            _ => {
+                // A newer window opens: the current latest (if any) becomes
+                // the previous one, the previous one older. Every older window
+                // starts before them: the order holds.
+                if let Some(prev) = self.latest.replace((start, Acc::new(time_ms, value))) {
+                    if let Some(before) = self.previous.replace(prev) {
+                        self.older.push_back(before);
+                    }
+                }
+                // Compared once per window rather than once per reading.
+                if !Arc::ptr_eq(&self.unit, unit) && self.unit != *unit {
+                    self.unit = Arc::clone(unit);
+                }
+            }
+        }
+    }
+
+    /// A reading for a window that starts before `latest`.
+    fn add_before_latest(&mut self, start: UnixMs, time_ms: UnixMs, value: f64) {
+        match &mut self.previous {
+            Some((previous, acc)) if *previous == start => acc.add(time_ms, value),
+            Some((previous, _)) if *previous > start => {
                 match self.older.binary_search_by_key(&start, |&(s, _)| s) {
                     Ok(i) => self.older[i].1.add(time_ms, value),
                     Err(i) => self.older.insert(i, (start, Acc::new(time_ms, value))),
                 }
             }
             _ => {
-                // A newer window opens: the current latest (if any) becomes older.
-                // Every older window starts before it: the queue stays ordered.
-                if let Some(prev) = self.latest.replace((start, Acc::new(time_ms, value))) {
-                    self.older.push_back(prev);
-                }
-                // Compared once per window rather than once per reading.
-                if !Arc::ptr_eq(&self.unit, unit) && self.unit != *unit {
-                    self.unit = Arc::clone(unit);
+                // Between `previous` (if any) and `latest`: the new previous.
+                if let Some(before) = self.previous.replace((start, Acc::new(time_ms, value))) {
+                    self.older.push_back(before);
                 }
             }
         }
@@ -252,12 +274,13 @@ impl SeriesState {
 impl SeriesState {
     fn new(steady_ms: i64) -> Self {
         Self {
-            latest: None,
-            older: VecDeque::new(),
             watermark_ms: UnixMs::MIN,
             max_event_ms: UnixMs::MIN,
             last_accepted_ms: steady_ms,
             last_seen_ms: steady_ms,
+            latest: None,
+            previous: None,
+            older: VecDeque::new(),
             unit: Arc::from(""),
         }
     }

@@ -17,9 +17,17 @@
 //! - Aliases are bounded: past `4 × series` (at least 4 096), all are
 //!   dropped at once and rebuilt by the next readings. Readings that bring
 //!   fresh strings every time (journal replay) cost a text hash, as before.
+//! - The aliases are one flat open-addressing array of 24-byte cells
+//!   (pointer pair, slot, generation; linear probing, at most ¾ full), not a
+//!   general hash table: with 10 000 series neither fits in the core's
+//!   cache, and a general table keeps its control bytes apart from its
+//!   entries, two cache misses per lookup where the flat array has one.
+//!   The keys the cells point into are pinned in a plain `Vec` beside it,
+//!   never read on a lookup.
 //!
-//! Series live in a slab (`Vec`), so per-reading work touches the alias slot
-//! and the series' own state, and iteration (`tick`) walks memory in order.
+//! Series live in a slab (`Vec`) of cache-line-aligned entries, the fields a
+//! reading touches first, so per-reading work touches the alias cell and the
+//! series' own state, and iteration (`tick`) walks memory in order.
 
 use hashbrown::HashTable;
 use millrace_protocol::SeriesKey;
@@ -38,17 +46,19 @@ struct Live<V> {
 }
 
 #[derive(Debug)]
-#[repr(C)]
+#[repr(C, align(64))]
 struct Entry<V> {
     /// Moves on each time the slot is freed, so old aliases stop matching.
     generation: u32,
     live: Option<Live<V>>,
 }
 
-#[derive(Debug)]
-struct Alias {
-    /// Pins the two `Arc<str>`s whose addresses this alias is keyed by.
-    key: SeriesKey,
+/// One alias: a pointer pair and the slot (and its generation) it names.
+/// `device == 0` marks an empty cell (an `Arc`'s data is never at 0).
+#[derive(Debug, Clone, Copy, Default)]
+struct AliasCell {
+    device: usize,
+    sensor: usize,
     slot: u32,
     generation: u32,
 }
@@ -61,10 +71,113 @@ fn addresses(key: &SeriesKey) -> (usize, usize) {
     )
 }
 
-impl Alias {
+/// Pointer pair → slot: linear probing over a power-of-two array, cleared
+/// (never shrunk) at the alias cap. See the [module docs](self).
+#[derive(Debug, Default)]
+struct Aliases {
+    cells: Vec<AliasCell>,
+    /// Keeps every string a cell points into alive (and its address unused
+    /// by other names) while the cell exists.
+    pins: Vec<SeriesKey>,
+}
+
+impl Aliases {
+    fn len(&self) -> usize {
+        self.pins.len()
+    }
+
+    /// The first cell to probe for `addrs` (multiplicative hashing: the
+    /// addresses are the allocator's, not a sender's, so no keyed hash).
     #[inline]
-    fn is(&self, addrs: (usize, usize)) -> bool {
-        addresses(&self.key) == addrs
+    fn home(&self, (device, sensor): (usize, usize)) -> usize {
+        const K: u64 = 0x9E37_79B9_7F4A_7C15;
+        let h = ((device as u64).wrapping_mul(K) ^ sensor as u64).wrapping_mul(K);
+        let bits = self.cells.len().trailing_zeros();
+        (h >> (64 - bits)) as usize
+    }
+
+    #[inline]
+    fn get(&self, addrs: (usize, usize)) -> Option<AliasCell> {
+        if self.cells.is_empty() {
+            return None;
+        }
+        let mask = self.cells.len() - 1;
+        let mut i = self.home(addrs);
+        loop {
+            let cell = self.cells[i];
+            if cell.device == addrs.0 && cell.sensor == addrs.1 {
+                return Some(cell);
+            }
+            if cell.device == 0 {
+                return None;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// Points `key`'s pointer pair at `slot`, replacing a stale alias of it;
+    /// `cap` bounds the aliases held (all dropped when reached).
+    fn set(&mut self, key: &SeriesKey, slot: u32, generation: u32, cap: usize) {
+        let addrs = addresses(key);
+        if let Some(i) = self.position(addrs) {
+            self.cells[i].slot = slot;
+            self.cells[i].generation = generation;
+            return;
+        }
+        if self.len() >= cap {
+            self.clear();
+        }
+        if 4 * (self.len() + 1) > 3 * self.cells.len() {
+            self.grow();
+        }
+        self.pins.push(key.clone());
+        self.place(AliasCell {
+            device: addrs.0,
+            sensor: addrs.1,
+            slot,
+            generation,
+        });
+    }
+
+    fn position(&self, addrs: (usize, usize)) -> Option<usize> {
+        if self.cells.is_empty() {
+            return None;
+        }
+        let mask = self.cells.len() - 1;
+        let mut i = self.home(addrs);
+        loop {
+            let cell = &self.cells[i];
+            if cell.device == addrs.0 && cell.sensor == addrs.1 {
+                return Some(i);
+            }
+            if cell.device == 0 {
+                return None;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// Puts a cell known to be absent into the first empty cell of its run.
+    fn place(&mut self, cell: AliasCell) {
+        let mask = self.cells.len() - 1;
+        let mut i = self.home((cell.device, cell.sensor));
+        while self.cells[i].device != 0 {
+            i = (i + 1) & mask;
+        }
+        self.cells[i] = cell;
+    }
+
+    fn grow(&mut self) {
+        let size = (self.cells.len() * 2).max(64);
+        let old = std::mem::replace(&mut self.cells, vec![AliasCell::default(); size]);
+        for cell in old.into_iter().filter(|c| c.device != 0) {
+            self.place(cell);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.cells.fill(AliasCell::default());
+        self.pins.clear();
     }
 }
 
@@ -78,8 +191,8 @@ pub(crate) struct SeriesTable<V> {
     free: Vec<u32>,
     /// Slot of each series, hashed by the text of its key.
     by_name: HashTable<u32>,
-    /// Slot of each pointer pair seen, hashed by the two addresses.
-    by_ptr: HashTable<Alias>,
+    /// Slot of each pointer pair seen.
+    by_ptr: Aliases,
     len: usize,
 }
 
@@ -90,7 +203,7 @@ impl<V> Default for SeriesTable<V> {
             entries: Vec::new(),
             free: Vec::new(),
             by_name: HashTable::new(),
-            by_ptr: HashTable::new(),
+            by_ptr: Aliases::default(),
             len: 0,
         }
     }
@@ -101,33 +214,21 @@ impl<V> SeriesTable<V> {
         self.len
     }
 
-    #[inline]
-    fn addr_hash(&self, addrs: (usize, usize)) -> u64 {
-        self.hasher.hash_one(addrs)
-    }
-
     /// The slot of `key`, through its alias or (then remembered) its text.
     #[inline]
     fn find(&mut self, key: &SeriesKey) -> Option<usize> {
-        let addrs = addresses(key);
-        let addr_hash = self.addr_hash(addrs);
-        if let Some(alias) = self.by_ptr.find(addr_hash, |a| a.is(addrs)) {
+        if let Some(alias) = self.by_ptr.get(addresses(key)) {
             let slot = alias.slot as usize;
             if self.entries[slot].generation == alias.generation {
                 return Some(slot);
             }
         }
-        self.find_by_name(key, addrs, addr_hash)
+        self.find_by_name(key)
     }
 
     #[cold]
     #[inline(never)]
-    fn find_by_name(
-        &mut self,
-        key: &SeriesKey,
-        addrs: (usize, usize),
-        addr_hash: u64,
-    ) -> Option<usize> {
+    fn find_by_name(&mut self, key: &SeriesKey) -> Option<usize> {
         let name_hash = self.hasher.hash_one(key);
         let entries = &self.entries;
         let slot = *self.by_name.find(name_hash, |&slot| {
@@ -136,30 +237,15 @@ impl<V> SeriesTable<V> {
                 .as_ref()
                 .is_some_and(|live| live.key == *key)
         })?;
-        self.remember(key, addrs, addr_hash, slot);
+        self.remember(key, slot);
         Some(slot as usize)
     }
 
     /// Records `key`'s pointer pair as an alias of `slot` (replacing a stale one).
-    fn remember(&mut self, key: &SeriesKey, addrs: (usize, usize), addr_hash: u64, slot: u32) {
+    fn remember(&mut self, key: &SeriesKey, slot: u32) {
         let generation = self.entries[slot as usize].generation;
-        if let Ok(mut stale) = self.by_ptr.find_entry(addr_hash, |a| a.is(addrs)) {
-            let alias = stale.get_mut();
-            alias.slot = slot;
-            alias.generation = generation;
-            return;
-        }
-        if self.by_ptr.len() >= (4 * self.len).max(MIN_ALIAS_CAP) {
-            self.by_ptr.clear();
-        }
-        let alias = Alias {
-            key: key.clone(),
-            slot,
-            generation,
-        };
-        let hasher = self.hasher.clone();
-        self.by_ptr
-            .insert_unique(addr_hash, alias, |a| hasher.hash_one(addresses(&a.key)));
+        let cap = (4 * self.len).max(MIN_ALIAS_CAP);
+        self.by_ptr.set(key, slot, generation, cap);
     }
 
     #[inline]
@@ -171,8 +257,6 @@ impl<V> SeriesTable<V> {
     /// Inserts a key known to be absent (look it up first) and returns its value.
     pub(crate) fn insert_new(&mut self, key: SeriesKey, value: V) -> &mut V {
         let name_hash = self.hasher.hash_one(&key);
-        let addrs = addresses(&key);
-        let addr_hash = self.addr_hash(addrs);
         let live = Live {
             value,
             name_hash,
@@ -200,7 +284,7 @@ impl<V> SeriesTable<V> {
                 .map_or(0, |live| live.name_hash)
         });
         self.len += 1;
-        self.remember(&key, addrs, addr_hash, slot);
+        self.remember(&key, slot);
         &mut self.entries[slot as usize]
             .live
             .as_mut()
