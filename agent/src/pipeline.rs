@@ -86,7 +86,13 @@ impl Analytics {
     /// invalid reading is a dead letter, not an alert).
     pub fn push(&mut self, reading: &Reading, now_ms: UnixMs) {
         let admission = self.engine.push(reading, now_ms, &mut self.scratch);
-        if let Admission::Accepted { window_start_ms } = admission {
+        // Only a reading outside its series' spike band can be a spike: the
+        // others skip the scorer's lookup.
+        if let Admission::Accepted {
+            window_start_ms,
+            watch: true,
+        } = admission
+        {
             if let Some(alert) = self.scorer.check_reading(reading, window_start_ms) {
                 self.produced.push(Record::Alert(alert));
             }
@@ -225,7 +231,9 @@ impl Analytics {
         for out in self.scratch.drain(..) {
             match out {
                 EngineOutput::Window(mut w) => {
-                    if let Some(alert) = self.scorer.score_window(&mut w) {
+                    let (alert, band) = self.scorer.score_window_and_band(&mut w);
+                    self.engine.set_watch_band(&w.series, band);
+                    if let Some(alert) = alert {
                         self.produced.push(Record::Alert(alert));
                     }
                     self.produced.push(Record::Window(w));

@@ -1,6 +1,7 @@
 //! Readings per second through the window engine and the anomaly scorer, as
 //! the agent pipeline drives them: every reading pushed, every emitted window
-//! scored, every accepted reading spike-checked, `tick` once per poll round.
+//! scored (its spike band handed back to the engine), every accepted reading
+//! the engine flags outside that band spike-checked, `tick` once per poll round.
 //!
 //! 10 000 series, pre-built readings in time order with ±300 ms event-time
 //! jitter, polled at 1 Hz (5 readings per window) and at 10 Hz (50 per
@@ -53,7 +54,16 @@ impl Pipeline {
             now_ms = now_ms.max(r.time_ms + JITTER_MS);
             let admission = self.engine.push(r, now_ms, &mut self.out);
             self.drain();
-            if let (true, Admission::Accepted { window_start_ms }) = (self.score, admission) {
+            // As the agent's pipeline: only readings outside the series'
+            // spike band (flagged `watch` by the engine) are spike-checked.
+            if let (
+                true,
+                Admission::Accepted {
+                    window_start_ms,
+                    watch: true,
+                },
+            ) = (self.score, admission)
+            {
                 self.alerts += u64::from(self.scorer.check_reading(r, window_start_ms).is_some());
             }
             let now_s = now_ms.div_euclid(1_000);
@@ -71,7 +81,9 @@ impl Pipeline {
                 EngineOutput::Window(mut w) => {
                     self.windows += 1;
                     if self.score {
-                        self.alerts += u64::from(self.scorer.score_window(&mut w).is_some());
+                        let (alert, band) = self.scorer.score_window_and_band(&mut w);
+                        self.engine.set_watch_band(&w.series, band);
+                        self.alerts += u64::from(alert.is_some());
                     }
                     black_box(&w);
                 }

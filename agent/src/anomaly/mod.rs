@@ -36,6 +36,7 @@ mod tests;
 pub use config::{AnomalyConfig, ConfigError};
 
 use crate::window::table::SeriesTable;
+use crate::window::WatchBand;
 use millrace_protocol::{
     Alert, AlertKind, AnomalyScore, Reading, SeriesKey, Severity, UnixMs, Window,
 };
@@ -193,16 +194,28 @@ impl Scorer {
     /// sets `w.score` (`None` during warm-up), then adds the window to the
     /// history. Returns a window alert when |z| ≥ `warning-z`.
     pub fn score_window(&mut self, w: &mut Window) -> Option<Alert> {
+        self.score_window_and_band(w).0
+    }
+
+    /// [`score_window`](Self::score_window), plus the series' spike band
+    /// after it: the readings [`check_reading`](Self::check_reading) can
+    /// raise an alert for lie outside it, so the window engine can flag
+    /// them ([`WatchBand`]) and the others skip the check.
+    pub fn score_window_and_band(&mut self, w: &mut Window) -> (Option<Alert>, WatchBand) {
         w.score = None;
         if w.count == 0 || !w.mean.is_finite() {
-            return None;
+            let band = self
+                .series
+                .get_mut(&w.series)
+                .map_or(WatchBand::Nothing, |h| spike_band(&self.cfg, h.baseline));
+            return (None, band);
         }
         let history = match self.series.get_mut(&w.series) {
             Some(history) => history,
             None => {
                 if self.series.len() >= self.max_series {
                     self.stats.series_rejected_cap += 1;
-                    return None;
+                    return (None, WatchBand::Nothing);
                 }
                 self.stats.live_series += 1;
                 let history = SeriesHistory {
@@ -235,15 +248,16 @@ impl Scorer {
         };
         history.windows.push_back((w.mean, variance));
         history.baseline = baseline(&self.cfg, self.spike_z, &history.windows);
+        let band = spike_band(&self.cfg, history.baseline);
 
         let Some(score) = score else {
             self.stats.windows_warming_up += 1;
-            return None;
+            return (None, band);
         };
         self.stats.windows_scored += 1;
         w.score = Some(score);
         match score.severity {
-            Severity::Normal => return None,
+            Severity::Normal => return (None, band),
             Severity::Warning => self.stats.window_alerts_warning += 1,
             Severity::Critical => self.stats.window_alerts_critical += 1,
         }
@@ -254,7 +268,7 @@ impl Scorer {
             severity = score.severity.as_str(),
             "window anomaly"
         );
-        Some(Alert {
+        let alert = Alert {
             agent: self.agent.clone(),
             series: w.series.clone(),
             kind: AlertKind::Window,
@@ -263,7 +277,8 @@ impl Scorer {
             value: w.mean,
             score,
             unit: w.unit.clone(),
-        })
+        };
+        (Some(alert), band)
     }
 
     /// The spike check of one accepted reading (in the window starting at
@@ -309,6 +324,18 @@ impl Scorer {
             score,
             unit: r.unit.clone(),
         })
+    }
+}
+
+/// The readings `check_reading` looks at past its band test: none without a
+/// baseline or with spike alerts off.
+fn spike_band(cfg: &AnomalyConfig, baseline: Option<Baseline>) -> WatchBand {
+    match baseline {
+        Some(b) if cfg.spike_alerts => WatchBand::Outside {
+            center: b.mean,
+            half_width: b.spike_band,
+        },
+        _ => WatchBand::Nothing,
     }
 }
 

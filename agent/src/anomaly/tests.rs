@@ -56,12 +56,18 @@ fn gaussian(rng: &mut StdRng) -> f64 {
 
 /// What the pipeline does with one reading: push it, score every window it
 /// closes, then spike-check it if accepted.
+/// As the agent's pipeline does, a reading is spike-checked only when the
+/// engine flags it outside the band the scorer set; `check_all` checks every
+/// accepted reading instead, the reference the band must agree with.
 struct Pipeline {
     engine: WindowEngine,
     scorer: Scorer,
     out: Vec<EngineOutput>,
     windows: Vec<Window>,
     alerts: Vec<Alert>,
+    check_all: bool,
+    accepted: u64,
+    checked: u64,
 }
 
 impl Pipeline {
@@ -72,6 +78,9 @@ impl Pipeline {
             out: Vec::new(),
             windows: Vec::new(),
             alerts: Vec::new(),
+            check_all: false,
+            accepted: 0,
+            checked: 0,
         }
     }
 
@@ -79,11 +88,22 @@ impl Pipeline {
         let admission = self.engine.push(r, r.time_ms, &mut self.out);
         for o in self.out.drain(..) {
             if let EngineOutput::Window(mut w) = o {
-                self.alerts.extend(self.scorer.score_window(&mut w));
+                let (alert, band) = self.scorer.score_window_and_band(&mut w);
+                self.engine.set_watch_band(&w.series, band);
+                self.alerts.extend(alert);
                 self.windows.push(w);
             }
         }
-        if let Admission::Accepted { window_start_ms } = admission {
+        if let Admission::Accepted {
+            window_start_ms,
+            watch,
+        } = admission
+        {
+            self.accepted += 1;
+            if !watch && !self.check_all {
+                return;
+            }
+            self.checked += 1;
             self.alerts
                 .extend(self.scorer.check_reading(r, window_start_ms));
         }
@@ -447,4 +467,56 @@ fn restore_keeps_the_newest_history_and_drops_bad_entries() {
     let mut empty = Scorer::new(AGENT, cfg);
     assert!(!empty.restore(key(), &[(f64::NAN, 0.0)]));
     assert_eq!(empty.live_series(), 0);
+}
+
+/// The spike band lets the pipeline skip the scorer for readings that cannot
+/// be spikes: over noisy streams with spikes, steps and a stuck stretch, the
+/// alerts are exactly those of checking every accepted reading, and most
+/// readings are not checked at all.
+#[test]
+fn the_spike_band_skips_only_readings_that_cannot_alert() {
+    for seed in 0..8u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut banded = Pipeline::new(AnomalyConfig::default());
+        let mut every = Pipeline::new(AnomalyConfig::default());
+        every.check_all = true;
+        let mut level = 100.0;
+        for i in 0..4_000i64 {
+            let t = 1_000_000 + i * 100 + rng.random_range(-300..=300);
+            if rng.random_range(0..500) == 0 {
+                level += rng.random_range(-20.0..20.0); // a step
+            }
+            let mut v = if (2_000..2_300).contains(&i) {
+                level // stuck
+            } else {
+                level + gaussian(&mut rng)
+            };
+            if rng.random_range(0..200) == 0 {
+                v += rng.random_range(-40.0..40.0); // a spike
+            }
+            let r = reading(t, v);
+            banded.push(&r);
+            every.push(&r);
+        }
+        let spikes = |p: &Pipeline| -> Vec<(UnixMs, u64)> {
+            p.alerts
+                .iter()
+                .filter(|a| a.kind == AlertKind::Spike)
+                .map(|a| (a.time_ms, a.value.to_bits()))
+                .collect()
+        };
+        assert!(
+            !spikes(&every).is_empty(),
+            "seed {seed}: the stream has spikes"
+        );
+        assert_eq!(spikes(&banded), spikes(&every), "seed {seed}");
+        assert_eq!(banded.alerts.len(), every.alerts.len(), "seed {seed}");
+        assert_eq!(every.checked, every.accepted);
+        assert!(
+            banded.accepted > 3_000 && banded.checked * 10 < banded.accepted,
+            "seed {seed}: {} of {} checked",
+            banded.checked,
+            banded.accepted
+        );
+    }
 }

@@ -101,9 +101,45 @@ pub enum EngineOutput {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
     /// The reading now counts in the open window starting at `window_start_ms`.
-    Accepted { window_start_ms: UnixMs },
+    /// `watch`: it lies outside its series' [`WatchBand`], so the caller
+    /// should look at it further (the anomaly scorer's spike check).
+    Accepted {
+        window_start_ms: UnixMs,
+        watch: bool,
+    },
     /// The reading was dead-lettered with this reason.
     Rejected(DeadLetterReason),
+}
+
+/// Which accepted readings of a series [`Admission::Accepted`] flags with
+/// `watch`, as set by the caller ([`WindowEngine::set_watch_band`]): the
+/// anomaly scorer's spike band, so that the spike check, which needs the
+/// scorer's own per-series state, runs only for the rare readings that can
+/// be spikes instead of once per reading. Checked on the series state the
+/// reading touches anyway, so it costs no extra memory access.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum WatchBand {
+    /// Flag every reading (the default for a new series: nothing is known).
+    Everything,
+    /// Flag none.
+    Nothing,
+    /// Flag a reading `v` with `|v − center| ≥ half_width`.
+    Outside { center: f64, half_width: f64 },
+}
+
+impl WatchBand {
+    /// `(center, half_width)` such that a reading is flagged exactly when
+    /// `!(|v − center| < half_width)`.
+    fn bounds(self) -> (f64, f64) {
+        match self {
+            Self::Everything => (0.0, f64::NEG_INFINITY),
+            Self::Nothing => (0.0, f64::INFINITY),
+            Self::Outside { center, half_width } if center.is_finite() && !half_width.is_nan() => {
+                (center, half_width)
+            }
+            Self::Outside { .. } => (0.0, f64::NEG_INFINITY),
+        }
+    }
 }
 
 /// Engine counters, for `/metrics` and tests. Every pushed reading lands in
@@ -196,6 +232,8 @@ struct SeriesState {
     last_accepted_ms: i64,
     /// Steady time of the last reading of any kind (TTL).
     last_seen_ms: i64,
+    /// The [`WatchBand`] as `(center, half_width)`.
+    watch: (f64, f64),
     /// The open window with the greatest start: `(start_ms, aggregate)`.
     latest: Option<(UnixMs, Acc)>,
     /// The open window before `latest`, if any.
@@ -278,6 +316,7 @@ impl SeriesState {
             max_event_ms: UnixMs::MIN,
             last_accepted_ms: steady_ms,
             last_seen_ms: steady_ms,
+            watch: WatchBand::Everything.bounds(),
             latest: None,
             previous: None,
             older: VecDeque::new(),
@@ -471,6 +510,14 @@ impl WindowEngine {
         )
     }
 
+    /// Sets which accepted readings of `series` are flagged `watch` from now
+    /// on (a series not held is left alone; a new series flags everything).
+    pub fn set_watch_band(&mut self, series: &SeriesKey, band: WatchBand) {
+        if let Some(state) = self.series.get_mut(series) {
+            state.watch = band.bounds();
+        }
+    }
+
     /// Steady time for the timers at wall clock `now_ms`.
     #[inline]
     fn observe_clock(&mut self, now_ms: UnixMs) -> i64 {
@@ -577,8 +624,10 @@ fn admit(
                 close_through(agent, &reading.series, state, width_ms, candidate, out);
         }
     }
+    let (center, half_width) = state.watch;
     Admission::Accepted {
         window_start_ms: start,
+        watch: !((value - center).abs() < half_width),
     }
 }
 

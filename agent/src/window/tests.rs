@@ -93,7 +93,13 @@ fn out_of_order_reading_within_lateness_is_accepted() {
     }
     // Watermark is 4 000: t = 2 000 is behind it, but its window [0, 5 000) is open.
     let admission = engine.push(&reading("a", 2_000, 2_000.0), 6_100, &mut out);
-    assert_eq!(admission, Admission::Accepted { window_start_ms: 0 });
+    assert_eq!(
+        admission,
+        Admission::Accepted {
+            window_start_ms: 0,
+            watch: true
+        }
+    );
     assert!(out.is_empty(), "nothing closed yet: {out:?}");
     // Watermark 4 999 < 5 000: still open.
     engine.push(&reading("a", 6_999, 0.0), 7_000, &mut out);
@@ -159,7 +165,8 @@ fn idle_series_windows_close_by_wall_clock() {
     assert_eq!(
         next,
         Admission::Accepted {
-            window_start_ms: 10_000
+            window_start_ms: 10_000,
+            watch: true
         }
     );
     engine.tick(106_500, &mut out);
@@ -555,7 +562,9 @@ proptest! {
             let t = clock + jitter;
             let v = f64::from(milli) / 1_000.0;
             match engine.push(&reading(DEVICES[s], t, v), now, &mut out) {
-                Admission::Accepted { window_start_ms } => {
+                Admission::Accepted {
+                    window_start_ms, ..
+                } => {
                     let agg = accepted.entry((DEVICES[s].to_string(), window_start_ms)).or_default();
                     agg.values.push(v);
                     agg.times.push(t);
