@@ -141,9 +141,19 @@ fn limit_malloc_arenas() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn limit_malloc_arenas() {}
 
+/// One async worker. The agent's work is one pipeline fed by a few sources;
+/// with two workers every hand-over between a connection and the pipeline
+/// woke the other thread (a futex wake and a context switch, about 9 µs in
+/// `finish_task_switch` on this class of VM), which is what a steady device
+/// stream costs most. Measured with `benches` `ingest_load`: bursts 1.06 →
+/// 0.75 CPU-s per 1M readings (and faster: 1.8 → 1.5 s for 1M), paced the
+/// same or better. Blocking work (fsync, store writes) leaves the worker
+/// through `block_in_place`/`spawn_blocking`; the store has its own thread.
+const ASYNC_WORKERS: usize = 1;
+
 fn run(cfg: AgentConfig, tap: Option<PathBuf>) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(ASYNC_WORKERS)
         .enable_all()
         .thread_name("millrace")
         .build()

@@ -52,7 +52,7 @@ const READ_CHUNK: usize = 64 * 1024;
 /// messages per wake-up (one hand-over, one journal marker for all of
 /// them); acks and keep-alives are not held. Bursts fill the reads.
 const COALESCE_BELOW: usize = 16 * 1024;
-const COALESCE: Duration = Duration::from_millis(2);
+const COALESCE: Duration = Duration::from_millis(10);
 
 /// What the caller asks of the session.
 #[derive(Debug)]
