@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole Millrace pipeline on this machine with the example configs:
-#   millrace-sim (PLCs on 127.0.0.1:15020/15021, MQTT sensors)
+#   millrace-sim (PLCs on 127.0.0.1:15020/15021, MQTT sensors, a Sparkplug B node)
+#   + an OPC UA server (asyncua from the venv of scripts/setup.sh, when present)
 #     → millrace-agent (embedded MQTT broker on 127.0.0.1:1883, windows, anomaly
 #       scores, outbox)
 #     → millrace-aggregator (127.0.0.1:8480, embedded durable log, live dashboard)
@@ -44,9 +45,45 @@ sed -e "s|^data-dir = .*|data-dir = \"$DEMO_DIR/aggregator-state\"|" \
 "$BIN/millrace-aggregator" run --config "$DEMO_DIR/aggregator.toml" 2> "$DEMO_DIR/aggregator.log" &
 pids+=($!)
 
+# An OPC UA server that is not ours (asyncua, in the venv scripts/setup.sh
+# makes) plays a line controller whose Temperature and Count change every
+# second; the agent subscribes to it. Without asyncua the demo runs without it.
+VENV="${MILLRACE_VENV:-$HOME/.cache/millrace-venv}"
+cp config/agent.toml "$DEMO_DIR/agent.toml"
+if "$VENV/bin/python" -c "import asyncua" 2>/dev/null; then
+  opcua_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  coproc OPCUA { exec "$VENV/bin/python" scripts/opcua-peer.py --port "$opcua_port" 2> "$DEMO_DIR/opcua.log"; }
+  pids+=("$OPCUA_PID")
+  read -r ready endpoint <&"${OPCUA[0]}" || { echo "demo: the OPC UA server did not start; see $DEMO_DIR/opcua.log" >&2; exit 1; }
+  echo "tick 1000000 1000" >&"${OPCUA[1]}"
+  cat >> "$DEMO_DIR/agent.toml" <<EOF
+
+# Added by scripts/demo.sh: the OPC UA server it started ($ready $endpoint).
+[[opcua.servers]]
+name = "line-1"
+endpoint = "$endpoint"
+security-policy = "none"
+identity = "anonymous"
+mode = "subscribe"
+publishing-interval = "500ms"
+
+[[opcua.servers.nodes]]
+node-id = "ns=2;s=Line1.Temperature"
+sensor = "temperature"
+unit = "degC"
+
+[[opcua.servers.nodes]]
+node-id = "ns=2;s=Line1.Count"
+sensor = "count"
+EOF
+  echo "demo: OPC UA server (asyncua) at $endpoint"
+else
+  echo "demo: no asyncua in $VENV (run scripts/setup.sh): the demo runs without its OPC UA server"
+fi
+
 # Then the agent: it hosts the MQTT broker the simulated sensors publish to.
 MILLRACE_DATA_DIR="$DEMO_DIR/agent-state" \
-  "$BIN/millrace-agent" run --config config/agent.toml --tap "$DEMO_DIR/tap.jsonl" \
+  "$BIN/millrace-agent" run --config "$DEMO_DIR/agent.toml" --tap "$DEMO_DIR/tap.jsonl" \
   2> "$DEMO_DIR/agent.log" &
 pids+=($!)
 sleep 1
