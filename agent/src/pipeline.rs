@@ -269,7 +269,13 @@ pub struct Durability {
     broken: bool,
     /// Beaten while a blocked append waits: waiting by policy is not a stall.
     heartbeat: crate::service::Heartbeat,
+    /// Since when produced records wait for the next group commit
+    /// ([`Durability::defer`]); the acks wait with them.
+    deferred_since: Option<Instant>,
 }
+
+/// Produced records that may wait for the next group commit at most.
+const MAX_DEFERRED_RECORDS: usize = 1024;
 
 impl Durability {
     pub fn new(store: Arc<Store>, outbox: bool, wake_uplink: Arc<Notify>) -> Self {
@@ -284,7 +290,31 @@ impl Durability {
             store_failures: 0,
             broken: false,
             heartbeat: crate::service::Heartbeat::default(),
+            deferred_since: None,
         }
+    }
+
+    /// Whether `records` (windows, dead letters; not yet stored) may wait for
+    /// the journal's next group commit instead of being stored now. Storing
+    /// them means committing the journal first (a window must never be on
+    /// disk before a reading it counts) and then the outbox: two `fsync`s. A
+    /// steady stream closes a few windows on nearly every read, so storing
+    /// them at once made the group commit per read instead of per
+    /// `commit-interval`. They wait at most that interval (and at most
+    /// [`MAX_DEFERRED_RECORDS`]); alerts and shutdown never wait. The acks of
+    /// the messages behind them wait too (a dead letter is only in the
+    /// outbox), so nothing is acknowledged before it is stored.
+    fn defer(&mut self, records: &[Record], shutdown: &CancellationToken) -> bool {
+        let journal = self.store.journal();
+        if shutdown.is_cancelled()
+            || records.len() >= MAX_DEFERRED_RECORDS
+            || journal.commit_due()
+            || records.iter().any(|r| matches!(r, Record::Alert(_)))
+        {
+            return false;
+        }
+        let since = *self.deferred_since.get_or_insert_with(Instant::now);
+        since.elapsed() < journal.commit_interval()
     }
 
     fn journal(&mut self, reading: &Reading) {
@@ -332,6 +362,11 @@ impl Durability {
     /// Acknowledges the messages behind the pending markers, now durable,
     /// unless a reading of them missed the journal.
     fn release_acks(&mut self) {
+        if self.deferred_since.is_some() {
+            // Records waiting for the group commit may hold these messages'
+            // dead letters: released once they are stored.
+            return;
+        }
         if std::mem::take(&mut self.unjournaled) {
             // Dropping the markers withholds the acks.
             self.pending_acks.clear();
@@ -626,6 +661,10 @@ async fn publish(
             // resend that reading into a window already closed.
             // The acks of the messages behind them wait for the records
             // too: a dead letter is only in the outbox.
+            if d.defer(analytics.pending(), shutdown) {
+                return;
+            }
+            d.deferred_since = None;
             if d.store.journal().stats().pending > 0 {
                 d.commit_journal();
             }
@@ -655,7 +694,7 @@ mod tests {
     use super::*;
     use crate::anomaly::AnomalyConfig;
     use crate::window::WindowConfig;
-    use millrace_protocol::{Quality, Source, Window};
+    use millrace_protocol::{DeadLetter, Quality, Source, Window};
 
     const FIRST: Delivery = Delivery::AtLeastOnce { redelivered: false };
     const REDELIVERED: Delivery = Delivery::AtLeastOnce { redelivered: true };
@@ -827,8 +866,8 @@ mod tests {
         assert_eq!(windows(&mut a)[0].count, 1, "counted once");
     }
 
-    /// A window is written to the outbox only after the journal holds the
-    /// readings it counts, even when no group commit is due yet.
+    /// A window waits for the journal's group commit and is then written to
+    /// the outbox only after the journal holds the readings it counts.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_closed_window_never_reaches_the_outbox_before_its_readings_are_journaled() {
         let dir = tempfile::tempdir().unwrap();
@@ -847,15 +886,63 @@ mod tests {
         assert!(!store.journal().commit_due(), "no group commit due yet");
         assert_eq!(store.journal().stats().pending, 2);
         publish(&mut a, &mut [], Some(&mut d), &shutdown).await;
-        assert_eq!(
-            store.outbox().stats().unwrap().bulk.records,
-            1,
-            "the window"
-        );
+        let outbox = || store.outbox().stats().unwrap().bulk.records;
+        assert_eq!(outbox(), 0, "the window waits for the group commit");
+        assert_eq!(a.pending().len(), 1);
+        // The pipeline publishes on every input and every 50 ms tick.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while outbox() == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the window is stored within commit-interval"
+            );
+            assert_eq!(
+                store.journal().stats().pending,
+                2,
+                "nothing committed meanwhile"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            publish(&mut a, &mut [], Some(&mut d), &shutdown).await;
+        }
+        assert_eq!(outbox(), 1, "the window");
         assert_eq!(
             store.journal().stats().pending,
             0,
             "its readings were committed first"
         );
+        assert!(a.pending().is_empty());
+    }
+
+    /// A dead letter waiting for the group commit holds its message's ack:
+    /// the ack comes once the dead letter is in the outbox; an alert and a
+    /// shutdown are stored at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiting_dead_letter_holds_its_ack_until_it_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) =
+            crate::store::Store::open(dir.path(), crate::store::StoreConfig::default()).unwrap();
+        let store = Arc::new(store);
+        let mut d = Durability::new(Arc::clone(&store), true, Arc::new(Notify::new()));
+        let mut a = analytics();
+        let shutdown = CancellationToken::new();
+        let r = reading(100, Source::Mqtt);
+        let (ack, mut acked) = DurableAck::new();
+        let mut events = vec![
+            IngestEvent::DeadLetter(DeadLetter::for_reading(
+                &r,
+                DeadLetterReason::Malformed,
+                100,
+            )),
+            IngestEvent::Durable(ack),
+        ];
+        handle(&mut a, Some(&mut d), &mut events, 10_000);
+        publish(&mut a, &mut [], Some(&mut d), &shutdown).await;
+        let outbox = || store.outbox().stats().unwrap().bulk.records;
+        assert_eq!(outbox(), 0, "the dead letter waits for the group commit");
+        assert!(acked.try_recv().is_err(), "and so does its ack");
+        shutdown.cancel();
+        publish(&mut a, &mut [], Some(&mut d), &shutdown).await;
+        assert_eq!(outbox(), 1, "stored at shutdown");
+        acked.await.expect("acknowledged once stored");
     }
 }

@@ -325,6 +325,11 @@ impl Journal {
         p.oldest = None;
     }
 
+    /// The longest a reading waits in the buffer (`commit-interval`).
+    pub fn commit_interval(&self) -> std::time::Duration {
+        self.inner.config.commit_interval
+    }
+
     /// Whether the pipeline should commit now: `commit-readings` are pending,
     /// or the oldest pending reading waited `commit-interval`.
     pub fn commit_due(&self) -> bool {
