@@ -97,6 +97,10 @@ impl AgentConfig {
             detail,
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        let credentials = std::env::var("CREDENTIALS_DIRECTORY").ok();
+        let text =
+            millrace_protocol::secret::expand_credentials_directory(&text, credentials.as_deref())
+                .map_err(err)?;
         let mut cfg = Self::parse(&text).map_err(err)?;
         if let Ok(id) = std::env::var("MILLRACE_AGENT_ID") {
             cfg.agent.id = id;

@@ -14,7 +14,7 @@
 //! [[agents]]
 //! id = "gw-press-1"
 //! # or MILLRACE_TOKEN_GW_PRESS_1 in the environment
-//! token-file = "/run/credentials/millrace-aggregator.service/gw-press-1"
+//! token-file = "${CREDENTIALS_DIRECTORY}/millrace_gw-press-1"   # systemd LoadCredential=
 //!
 //! [topics]
 //! windows = "millrace.windows"
@@ -462,6 +462,14 @@ impl Config {
             file: path.to_owned(),
             source,
         })?;
+        let credentials = std::env::var("CREDENTIALS_DIRECTORY").ok();
+        let text =
+            millrace_protocol::secret::expand_credentials_directory(&text, credentials.as_deref())
+                .map_err(|message| ConfigError::Invalid {
+                    file: path.to_owned(),
+                    key: millrace_protocol::secret::CREDENTIALS_DIRECTORY.to_owned(),
+                    message,
+                })?;
         Self::parse(path, &text, |name| std::env::var(name).ok())
     }
 

@@ -44,6 +44,55 @@ fn loose_permissions(_: &Path) -> Option<String> {
     None
 }
 
+/// Written in a config file, stands for the directory systemd hands a
+/// service its `LoadCredential=` files in (the `CREDENTIALS_DIRECTORY`
+/// environment variable), e.g.
+/// `token-file = "${CREDENTIALS_DIRECTORY}/millrace_uplink-token"`.
+pub const CREDENTIALS_DIRECTORY: &str = "${CREDENTIALS_DIRECTORY}";
+
+/// Replaces [`CREDENTIALS_DIRECTORY`] in config `text` with `dir` (the
+/// value of `$CREDENTIALS_DIRECTORY`). Comment lines are left alone. Used
+/// while `dir` is `None` (not started by systemd with credentials), or with
+/// a `dir` that cannot sit inside a TOML string, it is an error that says so.
+pub fn expand_credentials_directory<'a>(
+    text: &'a str,
+    dir: Option<&str>,
+) -> Result<std::borrow::Cow<'a, str>, String> {
+    let used =
+        |line: &str| !line.trim_start().starts_with('#') && line.contains(CREDENTIALS_DIRECTORY);
+    let Some(first) = text.lines().position(used) else {
+        return Ok(std::borrow::Cow::Borrowed(text));
+    };
+    let dir = match dir {
+        None => {
+            return Err(format!(
+                "line {}: {CREDENTIALS_DIRECTORY} is used but CREDENTIALS_DIRECTORY is not set: \
+                 start the service with systemd's LoadCredential= (see the unit file), or set it",
+                first + 1
+            ))
+        }
+        Some(d)
+            if d.is_empty()
+                || d.chars()
+                    .any(|c| c.is_control() || matches!(c, '"' | '\'' | '\\')) =>
+        {
+            return Err(format!(
+                "CREDENTIALS_DIRECTORY ({d:?}) cannot be used in a config path"
+            ))
+        }
+        Some(d) => d.trim_end_matches('/'),
+    };
+    let mut out = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        if used(line) {
+            out.push_str(&line.replace(CREDENTIALS_DIRECTORY, dir));
+        } else {
+            out.push_str(line);
+        }
+    }
+    Ok(std::borrow::Cow::Owned(out))
+}
+
 /// Whether `token` is the placeholder of the shipped examples.
 pub fn is_placeholder(token: &str) -> bool {
     token.to_ascii_lowercase().contains("change-me")
@@ -52,6 +101,29 @@ pub fn is_placeholder(token: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_credentials_directory_is_expanded_outside_comments_only() {
+        let text = "# token-file = \"${CREDENTIALS_DIRECTORY}/x\"\ntoken-file = \"${CREDENTIALS_DIRECTORY}/millrace_uplink-token\"\n";
+        let out =
+            expand_credentials_directory(text, Some("/run/credentials/millrace-agent.service/"))
+                .unwrap();
+        assert_eq!(
+            out,
+            "# token-file = \"${CREDENTIALS_DIRECTORY}/x\"\ntoken-file = \"/run/credentials/millrace-agent.service/millrace_uplink-token\"\n"
+        );
+        let unset = expand_credentials_directory(text, None).unwrap_err();
+        assert!(
+            unset.contains("line 2") && unset.contains("LoadCredential="),
+            "{unset}"
+        );
+        assert!(expand_credentials_directory(text, Some("/tmp/a\"b")).is_err());
+        let only_comment = "# ${CREDENTIALS_DIRECTORY}\nx = 1\n";
+        assert!(matches!(
+            expand_credentials_directory(only_comment, None),
+            Ok(std::borrow::Cow::Borrowed(_))
+        ));
+    }
 
     #[test]
     fn reads_the_first_line_and_flags_loose_permissions() {

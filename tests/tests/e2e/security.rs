@@ -819,3 +819,128 @@ fn security_kafka_with_sasl_scram_writes_and_a_wrong_password_is_refused() {
     );
     kafka.stop();
 }
+
+/// Secrets handed over the way the shipped units do it (`LoadCredential=`,
+/// `$CREDENTIALS_DIRECTORY`): the aggregator takes an agent's token from
+/// `${CREDENTIALS_DIRECTORY}/…` and accepts it (another is refused); the
+/// agent's `check-config` reads its uplink token there, names the missing
+/// file, and refuses a config using the directory when it is not set.
+#[test]
+fn security_secrets_from_the_systemd_credentials_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("credentials");
+    std::fs::create_dir(&creds).unwrap();
+    let secret = |name: &str, value: &str| {
+        let path = creds.join(name);
+        std::fs::write(&path, format!("{value}\n")).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+    };
+    secret("millrace_gw-cred", TOKEN_A);
+
+    // The aggregator, started as the unit starts it.
+    let port = free_port();
+    let config = dir.path().join("aggregator.toml");
+    write_aggregator_config(&config, port, &dir.path().join("data"), &[], "");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(
+        "\n[[agents]]\nid = \"gw-cred\"\ntoken-file = \"${CREDENTIALS_DIRECTORY}/millrace_gw-cred\"\n",
+    );
+    std::fs::write(&config, &text).unwrap();
+    let agg_check = |env: Option<&std::path::Path>| {
+        let mut cmd = Command::new(bin("millrace-aggregator"));
+        cmd.arg("check-config")
+            .arg(&config)
+            .env_remove("CREDENTIALS_DIRECTORY");
+        if let Some(d) = env {
+            cmd.env("CREDENTIALS_DIRECTORY", d);
+        }
+        cmd.output().unwrap()
+    };
+    let unset = agg_check(None);
+    let stderr = String::from_utf8_lossy(&unset.stderr);
+    assert!(
+        !unset.status.success(),
+        "accepted without CREDENTIALS_DIRECTORY"
+    );
+    assert!(
+        stderr.contains("CREDENTIALS_DIRECTORY") && stderr.contains("LoadCredential="),
+        "{stderr}"
+    );
+    let set = agg_check(Some(&creds));
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+
+    let log = std::fs::File::create(dir.path().join("aggregator.log")).unwrap();
+    let mut aggregator = millrace_tests::ChildGuard::spawn(
+        "millrace-aggregator",
+        Command::new(bin("millrace-aggregator"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("CREDENTIALS_DIRECTORY", &creds)
+            .stdout(std::process::Stdio::null())
+            .stderr(log),
+    );
+    millrace_tests::wait_for_port(
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        std::time::Duration::from_secs(30),
+    );
+    let batch = Batch::new("gw-cred", vec![window("gw-cred", 1)]);
+    assert_eq!(post_batch(port, TOKEN_B, &batch).0, 401, "another token");
+    assert_eq!(
+        post_batch(port, TOKEN_A, &batch).0,
+        200,
+        "the credential's token"
+    );
+    assert_eq!(
+        metric_total(port, "millrace_aggregator_records_total"),
+        1.0,
+        "the window taken"
+    );
+    aggregator.terminate(std::time::Duration::from_secs(10));
+
+    // The agent's uplink token, the same way.
+    let example = std::fs::read_to_string(workspace_root().join("config/agent.toml")).unwrap();
+    let agent_config = dir.path().join("agent.toml");
+    std::fs::write(
+        &agent_config,
+        example.replace(
+            "[uplink]\n",
+            "[uplink]\ntoken-file = \"${CREDENTIALS_DIRECTORY}/millrace_uplink-token\"\n",
+        ),
+    )
+    .unwrap();
+    let agent_check = |env: Option<&std::path::Path>| {
+        let mut cmd = Command::new(bin("millrace-agent"));
+        cmd.arg("check-config")
+            .arg(&agent_config)
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .env_remove("MILLRACE_UPLINK_TOKEN");
+        if let Some(d) = env {
+            cmd.env("CREDENTIALS_DIRECTORY", d);
+        }
+        cmd.output().unwrap()
+    };
+    let unset = agent_check(None);
+    let stderr = String::from_utf8_lossy(&unset.stderr);
+    assert!(
+        !unset.status.success() && stderr.contains("LoadCredential="),
+        "{stderr}"
+    );
+    let missing = agent_check(Some(&creds));
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        !missing.status.success() && stderr.contains("millrace_uplink-token"),
+        "{stderr}"
+    );
+    secret("millrace_uplink-token", TOKEN_A);
+    let ok = agent_check(Some(&creds));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+}
