@@ -79,12 +79,35 @@ pub struct BrokerConfig {
     pub subscriptions: Vec<SubscriptionConfig>,
 }
 
-/// `[broker.tls]`: the listener's certificate chain and key (PEM).
+/// `[broker.tls]`: the listener's certificate chain and key (PEM), and
+/// optionally the CA of the devices' own certificates (mutual TLS).
+///
+/// With `client-ca-file`, a device may prove who it is by a certificate
+/// signed by that CA that names its MQTT user name as a DNS subject
+/// alternative name: a `CONNECT` with that user name then needs no password
+/// (a `[[broker.users]]` entry without `password-hash` can only log in this
+/// way), and a certificate naming another user than the `CONNECT`'s is
+/// refused. With `client-cert = "required"` (the default) a device without a
+/// certificate from that CA does not get past the TLS handshake.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct BrokerTls {
     pub cert_file: std::path::PathBuf,
     pub key_file: std::path::PathBuf,
+    #[serde(default)]
+    pub client_ca_file: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub client_cert: ClientCert,
+}
+
+/// Whether a device must present a certificate (with `client-ca-file`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientCert {
+    #[default]
+    Required,
+    /// A device may come with a certificate or with a password only.
+    Optional,
 }
 
 impl BrokerTls {
@@ -104,10 +127,33 @@ impl BrokerTls {
         let key =
             PrivateKeyDer::from_pem_file(&self.key_file).map_err(|e| named(&self.key_file, &e))?;
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
+        let builder = rustls::ServerConfig::builder_with_provider(std::sync::Arc::clone(&provider))
             .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_no_client_auth()
+            .map_err(|e| e.to_string())?;
+        let builder = match &self.client_ca_file {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in CertificateDer::pem_file_iter(ca).map_err(|e| named(ca, &e))? {
+                    roots
+                        .add(cert.map_err(|e| named(ca, &e))?)
+                        .map_err(|e| named(ca, &e))?;
+                }
+                if roots.is_empty() {
+                    return Err(named(ca, &"no PEM certificate found"));
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    std::sync::Arc::new(roots),
+                    provider,
+                );
+                let verifier = match self.client_cert {
+                    ClientCert::Required => verifier,
+                    ClientCert::Optional => verifier.allow_unauthenticated(),
+                };
+                builder.with_client_cert_verifier(verifier.build().map_err(|e| named(ca, &e))?)
+            }
+        };
+        let config = builder
             .with_single_cert(certs, key)
             .map_err(|e| named(&self.key_file, &e))?;
         Ok(std::sync::Arc::new(config))
@@ -120,8 +166,11 @@ impl BrokerTls {
 pub struct BrokerUser {
     /// The MQTT user name.
     pub name: String,
-    /// Argon2 PHC string from `millrace-agent hash-password`.
-    pub password_hash: String,
+    /// Argon2 PHC string from `millrace-agent hash-password`. Without it
+    /// the device logs in only with a client certificate naming it
+    /// (`[broker.tls] client-ca-file`).
+    #[serde(default)]
+    pub password_hash: Option<String>,
     /// Topic filters this user may publish to. Default: every topic.
     #[serde(default = "defaults::all_topics")]
     pub publish: Vec<String>,
@@ -237,17 +286,32 @@ impl BrokerConfig {
             if user.name.is_empty() || !names.insert(user.name.as_str()) {
                 return bad(&key("name"), "must be non-empty and unique");
             }
-            if argon2::password_hash::PasswordHash::new(&user.password_hash).is_err() {
-                return bad(
-                    &key("password-hash"),
-                    "is not a PHC password hash: make one with `millrace-agent hash-password`",
-                );
+            match &user.password_hash {
+                Some(hash) if argon2::password_hash::PasswordHash::new(hash).is_err() => {
+                    return bad(
+                        &key("password-hash"),
+                        "is not a PHC password hash: make one with `millrace-agent hash-password`",
+                    );
+                }
+                None if self.client_ca_file().is_none() => {
+                    return bad(
+                        &key("password-hash"),
+                        "is needed unless devices log in with client certificates \
+                         ([broker.tls] client-ca-file)",
+                    );
+                }
+                _ => {}
             }
             if user.publish.iter().any(|f| f.is_empty()) {
                 return bad(&key("publish"), "topic filters must be non-empty");
             }
         }
-        if self.enabled && self.users.is_empty() && !self.allow_anonymous {
+        let certificates_required = self
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca_file.is_some() && t.client_cert == ClientCert::Required);
+        if self.enabled && self.users.is_empty() && !self.allow_anonymous && !certificates_required
+        {
             let open = std::iter::once(self.listen)
                 .chain(self.listen_v5)
                 .find(|a| !a.ip().is_loopback());
@@ -281,6 +345,10 @@ impl BrokerConfig {
             "broker.subscriptions",
         )?;
         Ok(())
+    }
+
+    fn client_ca_file(&self) -> Option<&std::path::Path> {
+        self.tls.as_ref()?.client_ca_file.as_deref()
     }
 
     pub(crate) fn max_payload_bytes(&self) -> usize {
@@ -413,6 +481,15 @@ mod tests {
         assert!(c.validate().is_ok(), "{:?}", c.validate());
         c.enabled = true;
         assert_eq!(c.validate().unwrap_err().key, "broker.subscriptions");
+    }
+
+    #[test]
+    fn a_user_without_a_password_needs_client_certificates() {
+        let err = config("[[users]]\nname = \"sensor-a\"\n")
+            .validate()
+            .unwrap_err();
+        assert_eq!(err.key, "broker.users[0].password-hash", "{err:?}");
+        assert!(err.to_string().contains("client-ca-file"), "{err}");
     }
 
     #[test]

@@ -10,10 +10,17 @@
 //! listener beyond loopback needs `allow-anonymous = true` (checked by the
 //! config). Checking a password costs a few milliseconds and a few MiB;
 //! checks run one at a time, off the async threads.
+//!
+//! With `[broker.tls] client-ca-file`, a device's verified certificate can
+//! stand for its password: it must name the `CONNECT`'s user name as a DNS
+//! subject alternative name (a certificate naming another user is refused,
+//! so one device's certificate never opens another's topics). Users without
+//! `password-hash` log in only that way.
 
 use super::super::broker::BrokerUser;
 use super::super::decode::topic_matches;
 use argon2::password_hash::{PasswordHash, PasswordVerifier};
+use rustls::pki_types::{CertificateDer, ServerName};
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
@@ -24,7 +31,7 @@ pub type Acl = Option<Arc<[String]>>;
 /// The listener's users.
 #[derive(Debug)]
 pub struct Auth {
-    users: HashMap<String, (String, Arc<[String]>)>,
+    users: HashMap<String, (Option<String>, Arc<[String]>)>,
     allow_anonymous: bool,
     checks: Semaphore,
 }
@@ -36,6 +43,8 @@ pub enum Refused {
     Anonymous,
     UnknownUser,
     WrongPassword,
+    /// The client certificate does not name the `CONNECT`'s user.
+    CertificateOfAnotherUser,
 }
 
 impl Auth {
@@ -53,11 +62,13 @@ impl Auth {
         }
     }
 
-    /// Checks a `CONNECT`'s credentials; the publish filters of the user.
+    /// Checks a `CONNECT`'s credentials and the connection's verified client
+    /// certificate, if any; the publish filters of the user.
     pub async fn check(
         &self,
         username: Option<&str>,
         password: Option<&[u8]>,
+        certificate: Option<&CertificateDer<'_>>,
     ) -> Result<Acl, Refused> {
         let Some(name) = username else {
             return if self.allow_anonymous {
@@ -69,7 +80,14 @@ impl Auth {
         let Some((hash, filters)) = self.users.get(name) else {
             return Err(Refused::UnknownUser);
         };
-        let Some(password) = password else {
+        if let Some(certificate) = certificate {
+            return if names(certificate, name) {
+                Ok(Some(Arc::clone(filters)))
+            } else {
+                Err(Refused::CertificateOfAnotherUser)
+            };
+        }
+        let (Some(hash), Some(password)) = (hash, password) else {
             return Err(Refused::WrongPassword);
         };
         let _one_at_a_time = self
@@ -87,6 +105,14 @@ impl Auth {
             Err(Refused::WrongPassword)
         }
     }
+}
+
+/// Whether `certificate` names `user` (a DNS subject alternative name).
+fn names(certificate: &CertificateDer<'_>, user: &str) -> bool {
+    let Ok(cert) = webpki::EndEntityCert::try_from(certificate) else {
+        return false;
+    };
+    ServerName::try_from(user).is_ok_and(|n| cert.verify_is_valid_for_subject_name(&n).is_ok())
 }
 
 /// Whether `password` matches the PHC string `hash`.
@@ -130,7 +156,7 @@ mod tests {
     fn user(name: &str, password: &str, publish: &[&str]) -> BrokerUser {
         BrokerUser {
             name: name.into(),
-            password_hash: hash_password(password.as_bytes()).unwrap(),
+            password_hash: Some(hash_password(password.as_bytes()).unwrap()),
             publish: publish.iter().map(|s| s.to_string()).collect(),
         }
     }
@@ -142,28 +168,28 @@ mod tests {
             false,
         );
         let acl = auth
-            .check(Some("press-1"), Some(b"s3cret-pass"))
+            .check(Some("press-1"), Some(b"s3cret-pass"), None)
             .await
             .unwrap();
         assert!(may_publish(&acl, "plant/press-1/temp"));
         assert!(!may_publish(&acl, "plant/pump-2/temp"));
         assert_eq!(
-            auth.check(Some("press-1"), Some(b"wrong")).await,
+            auth.check(Some("press-1"), Some(b"wrong"), None).await,
             Err(Refused::WrongPassword)
         );
         assert_eq!(
-            auth.check(Some("press-1"), None).await,
+            auth.check(Some("press-1"), None, None).await,
             Err(Refused::WrongPassword)
         );
         assert_eq!(
-            auth.check(Some("nobody"), Some(b"s3cret-pass")).await,
+            auth.check(Some("nobody"), Some(b"s3cret-pass"), None).await,
             Err(Refused::UnknownUser)
         );
-        assert_eq!(auth.check(None, None).await, Err(Refused::Anonymous));
+        assert_eq!(auth.check(None, None, None).await, Err(Refused::Anonymous));
         // No users: anonymous, any topic.
         let open = Auth::new(&[], false);
         assert!(may_publish(
-            &open.check(None, None).await.unwrap(),
+            &open.check(None, None, None).await.unwrap(),
             "any/topic"
         ));
     }

@@ -243,12 +243,21 @@ impl IngestListener {
                     connections.spawn(async move {
                         let _permit = permit;
                         let Some(tls) = shared.tls.clone() else {
-                            serve(stream, peer, &shared, &tx, &stop).await;
+                            serve(stream, peer, None, &shared, &tx, &stop).await;
                             return;
                         };
                         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
                         match tokio::time::timeout(CONNECT_TIMEOUT, acceptor.accept(stream)).await {
-                            Ok(Ok(tls)) => serve(tls, peer, &shared, &tx, &stop).await,
+                            Ok(Ok(tls)) => {
+                                // Verified by the handshake against `client-ca-file`.
+                                let certificate = tls
+                                    .get_ref()
+                                    .1
+                                    .peer_certificates()
+                                    .and_then(|chain| chain.first())
+                                    .map(|c| c.clone().into_owned());
+                                serve(tls, peer, certificate, &shared, &tx, &stop).await;
+                            }
                             Ok(Err(error)) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
                                 // Closed before saying anything (a port probe).
                                 shared.stats.connection_errors.fetch_add(1, Ordering::Relaxed);
@@ -375,6 +384,7 @@ struct Skip {
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     peer: SocketAddr,
+    certificate: Option<rustls::pki_types::CertificateDer<'static>>,
     shared: &Shared,
     tx: &IngestTx,
     stop: &CancellationToken,
@@ -404,13 +414,17 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let acl = match shared
         .auth
-        .check(username.as_deref(), password.as_deref())
+        .check(
+            username.as_deref(),
+            password.as_deref(),
+            certificate.as_ref(),
+        )
         .await
     {
         Ok(acl) => acl,
         Err(refused) => {
             let failures = shared.stats.auth_failures.fetch_add(1, Ordering::Relaxed) + 1;
-            warn!(%peer, client_id, user = ?username, ?refused, failures, "mqtt ingest: CONNECT refused: bad user name or password");
+            warn!(%peer, client_id, user = ?username, ?refused, failures, "mqtt ingest: CONNECT refused: bad user name, password or certificate");
             let mut out = BytesMut::new();
             frame::connack(&mut out, version, 4, 1, 0);
             let _ = stream.write_all(&out).await;
