@@ -201,6 +201,7 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
             path.to_owned(),
             Arc::clone(aggregator.ingest()),
             aggregator.tls().cloned(),
+            aggregator.dashboard().cloned(),
             shutdown.clone(),
         ));
         let status = format!("serving on {local}");
@@ -239,13 +240,14 @@ async fn watchdog(shutdown: CancellationToken) {
 }
 
 /// On SIGHUP, reads the config file again and applies the agents' tokens
-/// (rotation, revocation) without a restart. A file that no longer parses
-/// changes nothing (logged).
+/// (rotation, revocation), the TLS files and the dashboard's credentials
+/// without a restart. A file that no longer parses changes nothing (logged).
 #[cfg(unix)]
 async fn reload_on_sighup(
     path: std::path::PathBuf,
     ingest: Arc<millrace_aggregator::ingest::Ingest>,
     tls: Option<millrace_aggregator::tls::Reloadable>,
+    dashboard: Option<Arc<millrace_aggregator::dashboard::Dashboard>>,
     shutdown: CancellationToken,
 ) {
     use tokio::signal::unix::{signal, SignalKind};
@@ -265,6 +267,11 @@ async fn reload_on_sighup(
                     if let Ok(server) = millrace_aggregator::tls::server_config(files) {
                         *running.write().unwrap_or_else(|e| e.into_inner()) = server;
                         tracing::info!("TLS certificate and client CA reloaded");
+                    }
+                }
+                if let Some(dashboard) = &dashboard {
+                    if dashboard.set_auth(config.dashboard.auth.clone()) {
+                        tracing::info!("dashboard credentials reloaded; browser sessions ended");
                     }
                 }
                 let agents = config.agents.len();

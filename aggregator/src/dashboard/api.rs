@@ -89,9 +89,9 @@ async fn security_headers(request: Request, next: Next) -> Response {
 }
 
 async fn require_auth(State(app): State<App>, request: Request, next: Next) -> Response {
-    let auth = &app.dashboard.config().auth;
+    let auth = app.dashboard.auth();
     match auth::check(
-        auth,
+        &auth,
         app.dashboard.sessions(),
         request.headers(),
         request.uri(),
@@ -99,7 +99,7 @@ async fn require_auth(State(app): State<App>, request: Request, next: Next) -> R
         Ok(()) => next.run(request).await,
         Err(error) => {
             tracing::info!(path = %request.uri().path(), %error, "dashboard request refused");
-            auth::refuse(auth, error)
+            auth::refuse(&auth, error)
         }
     }
 }

@@ -31,7 +31,7 @@ pub mod live;
 pub mod metrics;
 
 use crate::ingest::CommitObserver;
-use config::DashboardConfig;
+use config::{DashboardAuth, DashboardConfig};
 use live::{AlertEntry, LiveLimits, LiveState, SeriesId, WindowPoint};
 use millrace_protocol::{Batch, Envelope, UnixMs};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -62,6 +62,8 @@ pub struct Dashboard {
     log_kind: &'static str,
     sse_clients: AtomicUsize,
     sessions: auth::Sessions,
+    /// The credentials in force: `config.auth` until a reload replaces them.
+    auth: std::sync::RwLock<Arc<DashboardAuth>>,
 }
 
 impl Dashboard {
@@ -74,7 +76,9 @@ impl Dashboard {
             offline_after: config.offline_after,
         };
         let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let auth = std::sync::RwLock::new(Arc::new(config.auth.clone()));
         Self {
+            auth,
             config,
             live: Mutex::new(LiveState::new(limits, agents)),
             events,
@@ -92,6 +96,25 @@ impl Dashboard {
 
     pub fn config(&self) -> &DashboardConfig {
         &self.config
+    }
+
+    /// Who may read the dashboard now.
+    pub fn auth(&self) -> Arc<DashboardAuth> {
+        Arc::clone(&self.auth.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Takes the credentials of a re-read config (SIGHUP). When they
+    /// changed, every browser session ends: a session opened with a retired
+    /// password or token must not outlive it. Returns whether they changed.
+    pub fn set_auth(&self, auth: DashboardAuth) -> bool {
+        let mut current = self.auth.write().unwrap_or_else(|e| e.into_inner());
+        if **current == auth {
+            return false;
+        }
+        *current = Arc::new(auth);
+        drop(current);
+        self.sessions.clear();
+        true
     }
 
     /// The live state. A panic while it was held cannot leave it torn (each

@@ -1046,3 +1046,87 @@ listen = "127.0.0.1:{http_port}"
     );
     assert_eq!(agent.terminate(std::time::Duration::from_secs(30)), Some(0));
 }
+
+/// The dashboard's credentials are re-read on SIGHUP like the agents'
+/// tokens: the new token works, the old one is refused, and a browser
+/// session opened with the old one ends — all without a restart.
+#[test]
+fn security_dashboard_credentials_reload_without_a_restart_and_end_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = ("dashboard-token-old-0123", "dashboard-token-new-4567");
+    let port = free_port();
+    let config = dir.path().join("aggregator.toml");
+    let write = |token: &str| {
+        write_aggregator_config(
+            &config,
+            port,
+            &dir.path().join("data"),
+            &[("gw-a", TOKEN_A)],
+            &format!("[dashboard]\ntoken = \"{token}\"\n"),
+        );
+    };
+    write(old);
+    let mut aggregator = start_aggregator(&config, port, &dir.path().join("aggregator.log"));
+    let pid = aggregator.pid();
+    let fleet = |headers: &[(&str, &str)]| {
+        millrace_tests::http_request(port, "GET", "/api/v1/fleet", headers, b"").0
+    };
+    let bearer = |token: &str| format!("Bearer {token}");
+    assert_eq!(fleet(&[("Authorization", &bearer(old))]), 200);
+    assert_eq!(fleet(&[("Authorization", &bearer(new))]), 401);
+
+    // A browser session, opened with the old token.
+    let raw = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(
+            s,
+            "POST /api/v1/session HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
+             Authorization: {}\r\nContent-Length: 0\r\n\r\n",
+            bearer(old)
+        )
+        .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
+    };
+    let cookie = raw
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("set-cookie: ")
+                .or_else(|| l.strip_prefix("Set-Cookie: "))
+        })
+        .and_then(|v| v.split(';').next())
+        .unwrap_or_else(|| panic!("no session cookie in {raw}"))
+        .to_owned();
+    assert!(cookie.starts_with("millrace_session="), "{cookie}");
+    assert_eq!(fleet(&[("Cookie", &cookie)]), 200, "the session works");
+
+    write(new);
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    assert!(
+        wait_for(std::time::Duration::from_secs(20), || {
+            metric_total(port, "millrace_aggregator_config_reloads_total") >= 1.0
+                || fleet(&[("Authorization", &bearer(new))]) == 200
+        }),
+        "no reload"
+    );
+    assert_eq!(
+        fleet(&[("Authorization", &bearer(new))]),
+        200,
+        "the new token"
+    );
+    assert_eq!(
+        fleet(&[("Authorization", &bearer(old))]),
+        401,
+        "the old token"
+    );
+    assert_eq!(fleet(&[("Cookie", &cookie)]), 401, "the old session");
+    assert_eq!(aggregator.pid(), pid, "no restart");
+    assert!(aggregator.is_running());
+    aggregator.terminate(std::time::Duration::from_secs(10));
+}
