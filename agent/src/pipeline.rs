@@ -723,6 +723,17 @@ mod tests {
         }
     }
 
+    /// A store in a fresh directory and the pipeline's durable side over it
+    /// (with an outbox); the directory lives as long as the first value.
+    fn durable() -> (tempfile::TempDir, Arc<crate::store::Store>, Durability) {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) =
+            crate::store::Store::open(dir.path(), crate::store::StoreConfig::default()).unwrap();
+        let store = Arc::new(store);
+        let d = Durability::new(Arc::clone(&store), true, Arc::new(Notify::new()));
+        (dir, store, d)
+    }
+
     fn windows(a: &mut Analytics) -> Vec<Window> {
         a.take()
             .filter_map(|r| match r {
@@ -833,11 +844,7 @@ mod tests {
     /// ack goes out, though it counts only once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_redelivery_after_a_failed_journal_commit_is_journaled_before_its_ack() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _) =
-            crate::store::Store::open(dir.path(), crate::store::StoreConfig::default()).unwrap();
-        let store = Arc::new(store);
-        let mut d = Durability::new(Arc::clone(&store), true, Arc::new(Notify::new()));
+        let (_dir, store, mut d) = durable();
         let mut a = analytics();
         let r = reading(100, Source::Mqtt);
         let (ack, first_acked) = DurableAck::new();
@@ -870,11 +877,7 @@ mod tests {
     /// the outbox only after the journal holds the readings it counts.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_closed_window_never_reaches_the_outbox_before_its_readings_are_journaled() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _) =
-            crate::store::Store::open(dir.path(), crate::store::StoreConfig::default()).unwrap();
-        let store = Arc::new(store);
-        let mut d = Durability::new(Arc::clone(&store), true, Arc::new(Notify::new()));
+        let (_dir, store, mut d) = durable();
         let mut a = analytics();
         let shutdown = CancellationToken::new();
         // 100 ms and then 2 s: the second moves the watermark past [0, 1 s).
@@ -914,15 +917,11 @@ mod tests {
     }
 
     /// A dead letter waiting for the group commit holds its message's ack:
-    /// the ack comes once the dead letter is in the outbox; an alert and a
-    /// shutdown are stored at once.
+    /// the ack comes once the dead letter is in the outbox, here at once on
+    /// shutdown.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_waiting_dead_letter_holds_its_ack_until_it_is_stored() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _) =
-            crate::store::Store::open(dir.path(), crate::store::StoreConfig::default()).unwrap();
-        let store = Arc::new(store);
-        let mut d = Durability::new(Arc::clone(&store), true, Arc::new(Notify::new()));
+        let (_dir, store, mut d) = durable();
         let mut a = analytics();
         let shutdown = CancellationToken::new();
         let r = reading(100, Source::Mqtt);

@@ -820,6 +820,24 @@ fn security_kafka_with_sasl_scram_writes_and_a_wrong_password_is_refused() {
     kafka.stop();
 }
 
+/// `BINARY check-config CONFIG` with `CREDENTIALS_DIRECTORY` set to `creds`
+/// (unset without), and no uplink token in the environment.
+fn check_config(
+    binary: &str,
+    config: &std::path::Path,
+    creds: Option<&std::path::Path>,
+) -> std::process::Output {
+    let mut cmd = Command::new(bin(binary));
+    cmd.arg("check-config")
+        .arg(config)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .env_remove("MILLRACE_UPLINK_TOKEN");
+    if let Some(d) = creds {
+        cmd.env("CREDENTIALS_DIRECTORY", d);
+    }
+    cmd.output().unwrap()
+}
+
 /// Secrets handed over the way the shipped units do it (`LoadCredential=`,
 /// `$CREDENTIALS_DIRECTORY`): the aggregator takes an agent's token from
 /// `${CREDENTIALS_DIRECTORY}/…` and accepts it (another is refused); the
@@ -847,16 +865,8 @@ fn security_secrets_from_the_systemd_credentials_directory() {
         "\n[[agents]]\nid = \"gw-cred\"\ntoken-file = \"${CREDENTIALS_DIRECTORY}/millrace_gw-cred\"\n",
     );
     std::fs::write(&config, &text).unwrap();
-    let agg_check = |env: Option<&std::path::Path>| {
-        let mut cmd = Command::new(bin("millrace-aggregator"));
-        cmd.arg("check-config")
-            .arg(&config)
-            .env_remove("CREDENTIALS_DIRECTORY");
-        if let Some(d) = env {
-            cmd.env("CREDENTIALS_DIRECTORY", d);
-        }
-        cmd.output().unwrap()
-    };
+    let agg_check =
+        |creds: Option<&std::path::Path>| check_config("millrace-aggregator", &config, creds);
     let unset = agg_check(None);
     let stderr = String::from_utf8_lossy(&unset.stderr);
     assert!(
@@ -913,17 +923,8 @@ fn security_secrets_from_the_systemd_credentials_directory() {
         ),
     )
     .unwrap();
-    let agent_check = |env: Option<&std::path::Path>| {
-        let mut cmd = Command::new(bin("millrace-agent"));
-        cmd.arg("check-config")
-            .arg(&agent_config)
-            .env_remove("CREDENTIALS_DIRECTORY")
-            .env_remove("MILLRACE_UPLINK_TOKEN");
-        if let Some(d) = env {
-            cmd.env("CREDENTIALS_DIRECTORY", d);
-        }
-        cmd.output().unwrap()
-    };
+    let agent_check =
+        |creds: Option<&std::path::Path>| check_config("millrace-agent", &agent_config, creds);
     let unset = agent_check(None);
     let stderr = String::from_utf8_lossy(&unset.stderr);
     assert!(
