@@ -359,8 +359,10 @@ backoff-max = "1s"
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64;
+    // A minute back, at the start of a 5 s window: the five readings share it.
+    let base_ms = (now_ms - 60_000).div_euclid(5_000) * 5_000 + 100;
     for i in 0..5 {
-        let payload = format!("{{\"ts\": {}, \"value\": {i}}}", now_ms - 60_000 + i * 100);
+        let payload = format!("{{\"ts\": {}, \"value\": {i}}}", base_ms + i * 100);
         let ok = Command::new(&mosquitto_pub)
             .args(["-h", "127.0.0.1", "-p", &mqtt_port.to_string(), "-q", "1"])
             .args(["-t", "sensors/press-1/temperature", "-m", &payload])
