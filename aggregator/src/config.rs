@@ -432,17 +432,7 @@ const MAX_AGENT_ID_LEN: usize = 128;
 
 /// The environment variable that overrides the token of agent `id`.
 pub fn token_env_var(id: &str) -> String {
-    let suffix: String = id
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_uppercase()
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    format!("MILLRACE_TOKEN_{suffix}")
+    millrace_protocol::secret::env_var_name("MILLRACE_TOKEN", id)
 }
 
 /// Agent ids become file names of the dedup state, so they are restricted.

@@ -93,6 +93,23 @@ pub fn expand_credentials_directory<'a>(
     Ok(std::borrow::Cow::Owned(out))
 }
 
+/// The environment variable `PREFIX_NAME` that carries the secret of `name`
+/// (an agent id, a server name): `name` upper-cased, every character other
+/// than an ASCII letter or digit as `_`.
+pub fn env_var_name(prefix: &str, name: &str) -> String {
+    let suffix: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{prefix}_{suffix}")
+}
+
 /// Whether `token` is the placeholder of the shipped examples.
 pub fn is_placeholder(token: &str) -> bool {
     token.to_ascii_lowercase().contains("change-me")

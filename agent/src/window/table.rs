@@ -98,21 +98,7 @@ impl Aliases {
 
     #[inline]
     fn get(&self, addrs: (usize, usize)) -> Option<AliasCell> {
-        if self.cells.is_empty() {
-            return None;
-        }
-        let mask = self.cells.len() - 1;
-        let mut i = self.home(addrs);
-        loop {
-            let cell = self.cells[i];
-            if cell.device == addrs.0 && cell.sensor == addrs.1 {
-                return Some(cell);
-            }
-            if cell.device == 0 {
-                return None;
-            }
-            i = (i + 1) & mask;
-        }
+        self.position(addrs).map(|i| self.cells[i])
     }
 
     /// Points `key`'s pointer pair at `slot`, replacing a stale alias of it;
@@ -139,6 +125,8 @@ impl Aliases {
         });
     }
 
+    /// The cell holding `addrs`, if any.
+    #[inline]
     fn position(&self, addrs: (usize, usize)) -> Option<usize> {
         if self.cells.is_empty() {
             return None;

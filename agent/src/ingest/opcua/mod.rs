@@ -140,17 +140,7 @@ pub enum Mode {
 /// The password's environment override: `MILLRACE_OPCUA_PASSWORD_<NAME>`
 /// with the server name upper-cased and `-`/`.` as `_`.
 pub fn password_env(server: &str) -> String {
-    let name: String = server
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_uppercase()
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    format!("MILLRACE_OPCUA_PASSWORD_{name}")
+    millrace_protocol::secret::env_var_name("MILLRACE_OPCUA_PASSWORD", server)
 }
 
 /// `[[opcua.servers]]`.
