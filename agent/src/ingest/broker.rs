@@ -275,6 +275,17 @@ impl BrokerConfig {
             if p.port() != 0 && (p == self.listen || Some(p) == self.listen_v5) {
                 return bad("pubsub-listen", "must differ from listen and listen-v5");
             }
+            if self.enabled && !p.ip().is_loopback() && !self.allow_anonymous {
+                return bad(
+                    "pubsub-listen",
+                    &format!(
+                        "{p} is beyond loopback, and the local pub/sub broker has no \
+                         authentication or TLS: any host that reaches it could read every \
+                         reading. Keep it on 127.0.0.1 (behind an authenticating proxy if \
+                         needed), or set allow-anonymous = true"
+                    ),
+                );
+            }
         }
         if let Some(tls) = &self.tls {
             tls.server_config()
@@ -481,6 +492,20 @@ mod tests {
         assert!(c.validate().is_ok(), "{:?}", c.validate());
         c.enabled = true;
         assert_eq!(c.validate().unwrap_err().key, "broker.subscriptions");
+    }
+
+    #[test]
+    fn an_open_pubsub_broker_beyond_loopback_is_refused() {
+        let err = config("enabled = true\npubsub-listen = \"0.0.0.0:1884\"")
+            .validate()
+            .unwrap_err();
+        assert_eq!(err.key, "broker.pubsub-listen", "{err:?}");
+        assert!(config("enabled = true\npubsub-listen = \"127.0.0.1:1884\"")
+            .validate()
+            .is_ok());
+        let allowed =
+            config("enabled = true\npubsub-listen = \"0.0.0.0:1884\"\nallow-anonymous = true");
+        assert!(allowed.validate().is_ok());
     }
 
     #[test]

@@ -13,8 +13,9 @@
 //! are unaffected. rumqttd keeps an in-memory log of `log-size` per
 //! subscription filter; a subscriber that lags by more loses the oldest
 //! messages (rumqttd's rule). rumqttd has no stop API: its threads run until
-//! the process exits. No TLS and no authentication: keep it on loopback or a
-//! trusted segment.
+//! the process exits. No TLS and no authentication: a `pubsub-listen`
+//! beyond loopback is refused by the config check unless `allow-anonymous =
+//! true` says the segment is trusted.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
