@@ -41,7 +41,7 @@
 
 use millrace_tests::{bin, free_port, metric_total, require_program, ChildGuard, Mosquitto};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -873,44 +873,78 @@ fn publish_recent(mqtt_port: u16, device: &str, sensors: usize) {
     }
 }
 
-#[test]
-fn faults_a_full_aggregator_log_directory_answers_503_and_the_records_land_once_after_space_returns(
-) {
-    let fs = millrace_tests::Tmpfs::mount("16m");
-    let dir = tempfile::tempdir().unwrap();
+/// An aggregator keeping its log in `agg_dir` and a tapped agent sending it
+/// what devices publish to its ingest listener, both up (state, configs and
+/// logs under `dir`).
+struct Chain {
+    aggregator: ChildGuard,
+    agg_toml: PathBuf,
+    agg_log: PathBuf,
+    agg_port: u16,
+    agent: ChildGuard,
+    log: PathBuf,
+    tap: PathBuf,
+    mqtt_port: u16,
+    http_port: u16,
+}
+
+fn start_chain(dir: &Path, agg_dir: &Path) -> Chain {
     let (mqtt_port, http_port, agg_port) = (free_port(), free_port(), free_port());
     let token = "faults-test-token-0123456789abcdef";
-    let agg_toml = dir.path().join("aggregator.toml");
+    let agg_toml = dir.join("aggregator.toml");
     millrace_tests::write_aggregator_config(
         &agg_toml,
         agg_port,
-        &fs.path().join("agg"),
+        agg_dir,
         &[("gw-faults-clock", token)],
         "",
     );
-    let agg_log = dir.path().join("agg.log");
-    let mut aggregator = millrace_tests::start_aggregator(&agg_toml, agg_port, &agg_log);
-    let config = dir.path().join("agent.toml");
+    let agg_log = dir.join("agg.log");
+    let aggregator = millrace_tests::start_aggregator(&agg_toml, agg_port, &agg_log);
+    let config = dir.join("agent.toml");
     std::fs::write(
         &config,
-        uplink_agent_config(
-            mqtt_port,
-            http_port,
-            agg_port,
-            token,
-            &dir.path().join("state"),
-        ),
+        uplink_agent_config(mqtt_port, http_port, agg_port, token, &dir.join("state")),
     )
     .unwrap();
-    let log = dir.path().join("agent.log");
-    let tap = dir.path().join("tap.jsonl");
-    let mut agent = spawn_agent_tapped(&config, &log, Some(&tap));
+    let log = dir.join("agent.log");
+    let tap = dir.join("tap.jsonl");
+    let agent = spawn_agent_tapped(&config, &log, Some(&tap));
     for port in [mqtt_port, http_port] {
         millrace_tests::wait_for_port(
             SocketAddr::from(([127, 0, 0, 1], port)),
             Duration::from_secs(30),
         );
     }
+    Chain {
+        aggregator,
+        agg_toml,
+        agg_log,
+        agg_port,
+        agent,
+        log,
+        tap,
+        mqtt_port,
+        http_port,
+    }
+}
+
+#[test]
+fn faults_a_full_aggregator_log_directory_answers_503_and_the_records_land_once_after_space_returns(
+) {
+    let fs = millrace_tests::Tmpfs::mount("16m");
+    let dir = tempfile::tempdir().unwrap();
+    let Chain {
+        mut aggregator,
+        agg_toml,
+        agg_log,
+        agg_port,
+        mut agent,
+        log,
+        tap,
+        mqtt_port,
+        http_port,
+    } = start_chain(dir.path(), &fs.path().join("agg"));
     // Some windows land while there is space.
     publish_recent(mqtt_port, "oven-1", 2);
     wait_or_show(
@@ -1011,39 +1045,17 @@ fn faults_a_dedup_save_failure_then_a_resend_and_a_crash_writes_no_duplicate() {
     }
     let _bind = Unmount(agg_dir.join("dedup"));
 
-    let (mqtt_port, http_port, agg_port) = (free_port(), free_port(), free_port());
-    let token = "faults-test-token-0123456789abcdef";
-    let agg_toml = dir.path().join("aggregator.toml");
-    millrace_tests::write_aggregator_config(
-        &agg_toml,
+    let Chain {
+        mut aggregator,
+        agg_toml,
+        agg_log,
         agg_port,
-        &agg_dir,
-        &[("gw-faults-clock", token)],
-        "",
-    );
-    let agg_log = dir.path().join("agg.log");
-    let mut aggregator = millrace_tests::start_aggregator(&agg_toml, agg_port, &agg_log);
-    let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        uplink_agent_config(
-            mqtt_port,
-            http_port,
-            agg_port,
-            token,
-            &dir.path().join("state"),
-        ),
-    )
-    .unwrap();
-    let log = dir.path().join("agent.log");
-    let tap = dir.path().join("tap.jsonl");
-    let mut agent = spawn_agent_tapped(&config, &log, Some(&tap));
-    for port in [mqtt_port, http_port] {
-        millrace_tests::wait_for_port(
-            SocketAddr::from(([127, 0, 0, 1], port)),
-            Duration::from_secs(30),
-        );
-    }
+        mut agent,
+        log,
+        tap,
+        mqtt_port,
+        http_port,
+    } = start_chain(dir.path(), &agg_dir);
     publish_recent(mqtt_port, "oven-3", 2);
     wait_or_show(
         "the first windows committed",
