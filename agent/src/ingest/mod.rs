@@ -15,6 +15,7 @@ pub mod mqtt;
 mod mqtt_v4;
 pub mod opcua;
 pub mod pubsub;
+mod rest;
 
 /// What a source hands to the pipeline.
 #[derive(Debug)]

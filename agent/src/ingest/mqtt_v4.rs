@@ -32,6 +32,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::rest::{LowWater, COALESCE, COALESCE_BELOW};
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{
     ConnAck, Connect, ConnectReturnCode, Disconnect, Packet, PingReq, PubAck, Publish, Subscribe,
@@ -47,12 +48,6 @@ use tokio::time::{timeout, Instant};
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Read buffer growth step.
 const READ_CHUNK: usize = 64 * 1024;
-/// After a read smaller than this, the socket rests [`COALESCE`] before
-/// the next read, so that a broker forwarding a steady stream is read many
-/// messages per wake-up (one hand-over, one journal marker for all of
-/// them); acks and keep-alives are not held. Bursts fill the reads.
-const COALESCE_BELOW: usize = 16 * 1024;
-const COALESCE: Duration = Duration::from_millis(10);
 
 /// What the caller asks of the session.
 #[derive(Debug)]
@@ -160,8 +155,10 @@ struct Open {
     last_write: Instant,
     /// When the PINGREQ still unanswered was sent.
     ping_sent: Option<Instant>,
-    /// After a small read: when the socket is read again.
+    /// After a small read: when the socket is read again (see
+    /// [`super::rest`]).
     read_again_at: Option<Instant>,
+    mark: LowWater,
 }
 
 /// The requesting half: cheap to clone, never blocks.
@@ -248,11 +245,14 @@ impl Connection {
                 None => open.last_write + keep_alive,
             };
             let keep_alive_on = !keep_alive.is_zero();
-            let rest_until = open.read_again_at.filter(|at| Instant::now() < *at);
+            // A rest ends here however the loop got here.
+            if open.read_again_at.is_some_and(|at| Instant::now() >= at) {
+                open.read_again_at = None;
+                open.mark.wake();
+            }
+            let rest_until = open.read_again_at;
             tokio::select! {
-                () = tokio::time::sleep_until(rest_until.unwrap_or_else(Instant::now)), if rest_until.is_some() => {
-                    open.read_again_at = None;
-                }
+                () = tokio::time::sleep_until(rest_until.unwrap_or_else(Instant::now)), if rest_until.is_some() => {}
                 request = self.requests.recv() => {
                     let Some(request) = request else {
                         // Nobody can ask anything any more: leave cleanly.
@@ -297,6 +297,9 @@ impl Connection {
                         return Err(SessionError::Closed);
                     }
                     open.read_again_at = (n < COALESCE_BELOW).then(|| Instant::now() + COALESCE);
+                    if open.read_again_at.is_some() {
+                        open.mark.rest();
+                    }
                     loop {
                         match Packet::read(&mut open.input, max_incoming) {
                             Ok(packet) => {
@@ -349,6 +352,7 @@ impl Connection {
                 source,
             })?;
         tcp.set_nodelay(true)?;
+        let mark = LowWater::of(&tcp);
         let stream: Box<dyn Io> = match &o.tls {
             None => Box::new(tcp),
             Some(config) => {
@@ -373,6 +377,7 @@ impl Connection {
             last_write: Instant::now(),
             ping_sent: None,
             read_again_at: None,
+            mark,
         };
         let mut connect = Connect::new(o.client_id.clone());
         connect.keep_alive = u16::try_from(o.keep_alive.as_secs()).unwrap_or(u16::MAX);
