@@ -81,6 +81,87 @@ pub struct RawConfig {
     pub dashboard: crate::dashboard::config::RawDashboard,
     /// HTTPS, optionally with client certificates (see [`crate::tls`]).
     pub tls: Option<crate::tls::TlsConfig>,
+    /// Several aggregators sharing the fleet through Kafka (see
+    /// [`crate::cluster`]).
+    pub cluster: Option<RawCluster>,
+}
+
+/// `[cluster]`: this aggregator is one of several that share the fleet.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawCluster {
+    /// The base URL agents reach this aggregator at (redirects name it).
+    pub advertise_url: Option<String>,
+    /// The control topic. Default `millrace.control`.
+    pub control_topic: Option<String>,
+    /// The Kafka consumer group of the aggregators. Default
+    /// `millrace-aggregators`.
+    pub group: Option<String>,
+}
+
+/// The checked `[cluster]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    pub advertise_url: String,
+    pub control_topic: String,
+    pub group: String,
+}
+
+pub const DEFAULT_CONTROL_TOPIC: &str = "millrace.control";
+pub const DEFAULT_CLUSTER_GROUP: &str = "millrace-aggregators";
+
+impl RawCluster {
+    /// The checked table, or the key at fault and why.
+    fn check(self, kafka: bool) -> Result<ClusterConfig, (String, String)> {
+        let invalid = |key: &str, message: String| (key.to_owned(), message);
+        if !kafka {
+            return Err(invalid(
+                "cluster",
+                "several aggregators share the fleet through Kafka: configure [kafka] brokers, \
+                 or remove [cluster] to run one aggregator on the embedded log"
+                    .into(),
+            ));
+        }
+        let url = self.advertise_url.unwrap_or_default();
+        let url = url.trim().trim_end_matches('/').to_owned();
+        let parsed = url.parse::<axum::http::Uri>();
+        let ok = parsed.as_ref().is_ok_and(|u| {
+            matches!(u.scheme_str(), Some("http" | "https"))
+                && u.host().is_some()
+                && u.path_and_query().is_none_or(|p| p.as_str() == "/" || p.as_str().is_empty())
+        });
+        if !ok {
+            return Err(invalid(
+                "cluster.advertise-url",
+                format!(
+                    "`{url}` must be the http:// or https:// base URL (no path) agents reach \
+                     this aggregator at; the other aggregators redirect its agents there"
+                ),
+            ));
+        }
+        let control_topic = self
+            .control_topic
+            .unwrap_or_else(|| DEFAULT_CONTROL_TOPIC.to_owned());
+        if !valid_topic(&control_topic) {
+            return Err(invalid(
+                "cluster.control-topic",
+                format!("`{control_topic}` is not a valid topic name (1 to 249 of A-Z a-z 0-9 . _ -)"),
+            ));
+        }
+        let group = self
+            .group
+            .unwrap_or_else(|| DEFAULT_CLUSTER_GROUP.to_owned())
+            .trim()
+            .to_owned();
+        if group.is_empty() {
+            return Err(invalid("cluster.group", "must not be empty".into()));
+        }
+        Ok(ClusterConfig {
+            advertise_url: url,
+            control_topic,
+            group,
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -225,6 +306,8 @@ pub struct Config {
     pub sink: SinkConfig,
     pub dashboard: crate::dashboard::config::DashboardConfig,
     pub tls: Option<crate::tls::TlsConfig>,
+    /// `Some` when this aggregator is one of several (`[cluster]`).
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl fmt::Debug for Config {
@@ -245,6 +328,7 @@ impl fmt::Debug for Config {
             .field("sink", &self.sink)
             .field("dashboard", &self.dashboard)
             .field("tls", &self.tls)
+            .field("cluster", &self.cluster)
             .finish()
     }
 }
@@ -768,6 +852,11 @@ impl Config {
             }
         };
 
+        let cluster = raw
+            .cluster
+            .map(|c| c.check(matches!(sink, SinkConfig::Kafka(_))))
+            .transpose()
+            .map_err(|(key, message)| invalid(&key, message))?;
         let dashboard = crate::dashboard::config::DashboardConfig::from_raw(raw.dashboard, &env)
             .map_err(|(key, message)| invalid(&key, message))?;
         if dashboard.enabled && dashboard.auth.is_open() && !listen.ip().is_loopback() {
@@ -797,6 +886,7 @@ impl Config {
             topics,
             sink,
             dashboard,
+            cluster,
         })
     }
 }

@@ -127,6 +127,23 @@ impl AgentDedup {
         self.unsaved
     }
 
+    /// Adds what `other` lists (another aggregator's commits of this agent).
+    pub fn merge(&mut self, other: &SeqSet) {
+        self.committed.union(other);
+    }
+
+    /// Per log position key, where a read back for this agent may start.
+    pub fn log_marks(&self) -> &BTreeMap<String, u64> {
+        &self.log_marks
+    }
+
+    /// The state was saved elsewhere (the cluster's control topic): the
+    /// receipts of the writes it lists are released.
+    pub fn mark_saved(&mut self) {
+        self.unsaved = false;
+        self.holds.clear();
+    }
+
     /// Whether the saved state lags the one in memory (a save failed).
     pub fn is_unsaved(&self) -> bool {
         self.unsaved
@@ -194,6 +211,26 @@ pub struct DedupRecovery {
 }
 
 impl DedupStore {
+    /// Empty states for `agents`, kept in memory only: in a cluster the
+    /// states live in the control topic ([`crate::cluster`]).
+    pub fn in_memory<'a>(agents: impl IntoIterator<Item = &'a str>) -> Self {
+        let agents = agents
+            .into_iter()
+            .map(|agent| {
+                let state = AgentDedup {
+                    agent: agent.to_owned(),
+                    path: PathBuf::new(),
+                    committed: SeqSet::new(),
+                    log_marks: BTreeMap::new(),
+                    holds: Vec::new(),
+                    unsaved: false,
+                };
+                (agent.to_owned(), Arc::new(Mutex::new(state)))
+            })
+            .collect();
+        Self { agents }
+    }
+
     /// Loads the state of `agents` from `dir` (creating it) and reconciles it
     /// with what `log` holds beyond the saved marks. Blocking; call before serving.
     pub fn open<'a>(

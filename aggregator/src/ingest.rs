@@ -34,6 +34,7 @@
 //! listener).
 
 use crate::config::{AgentCredential, Topics};
+use crate::cluster::{Cluster, ClusterError};
 use crate::dedup::{DedupError, DedupStore};
 use crate::log::{Health, LogError, LogRecord, LogWriter};
 use axum::body::Body;
@@ -97,6 +98,9 @@ pub enum IngestError {
     LogUnavailable(#[from] LogError),
     #[error("dedup state not saved: {0}")]
     StateUnavailable(#[from] DedupError),
+    /// Another aggregator of the cluster owns the agent, or nobody does yet.
+    #[error("{0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 impl IngestError {
@@ -104,7 +108,9 @@ impl IngestError {
         match self {
             IngestError::Busy
             | IngestError::LogUnavailable(_)
-            | IngestError::StateUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | IngestError::StateUnavailable(_)
+            | IngestError::Cluster(ClusterError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            IngestError::Cluster(ClusterError::Elsewhere { .. }) => StatusCode::TEMPORARY_REDIRECT,
             IngestError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             IngestError::TooLarge { .. } | IngestError::TooManyRecords { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
@@ -166,6 +172,10 @@ pub struct IngestStats {
     pub config_reload_errors: AtomicU64,
     pub log_errors: AtomicU64,
     pub state_errors: AtomicU64,
+    /// Batches of agents another aggregator of the cluster owns (`307`).
+    pub redirected: AtomicU64,
+    /// Batches no aggregator could take yet (a partition moving), `503`.
+    pub cluster_unavailable: AtomicU64,
 }
 
 impl IngestStats {
@@ -187,6 +197,8 @@ impl IngestStats {
             IngestError::Unprocessable(_) => &self.rejected_unprocessable,
             IngestError::LogUnavailable(_) => &self.log_errors,
             IngestError::StateUnavailable(_) => &self.state_errors,
+            IngestError::Cluster(ClusterError::Elsewhere { .. }) => &self.redirected,
+            IngestError::Cluster(ClusterError::Unavailable(_)) => &self.cluster_unavailable,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -220,6 +232,8 @@ pub struct Ingest {
     admission: Semaphore,
     stats: IngestStats,
     observer: Option<Arc<dyn CommitObserver>>,
+    /// `Some` when this aggregator is one of several ([`crate::cluster`]).
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// Settings of [`Ingest::new`], taken from the checked config.
@@ -320,7 +334,19 @@ impl Ingest {
             admission: Semaphore::new(limits.max_concurrent_batches),
             stats: IngestStats::default(),
             observer: None,
+            cluster: None,
         }
+    }
+
+    /// Takes batches only for the agents this aggregator owns in `cluster`
+    /// (redirecting the others); states are saved to its control topic.
+    pub fn with_cluster(mut self, cluster: Arc<Cluster>) -> Self {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
     }
 
     /// Takes the agents' credentials of a re-read config (SIGHUP): changed
@@ -501,6 +527,11 @@ impl Ingest {
             .agent(&batch.agent)
             .ok_or(IngestError::Unauthorized("unknown agent"))?;
         let mut state = state.lock().await;
+        // In a cluster: owned here, and everything committed anywhere known.
+        let lease = match &self.cluster {
+            Some(cluster) => Some(cluster.admit(&batch.agent, &mut state).await?),
+            None => None,
+        };
         // Seqs below the saved floor were promised never to come again; treat
         // them as already committed. The batch's own floor applies afterwards,
         // so a record carried by this batch is never skipped because of it.
@@ -527,8 +558,15 @@ impl Ingest {
         // Saves when this batch changed the state, and also when an earlier
         // save failed (this may be that batch, resent as a duplicate).
         if state.commit(new.iter().map(|e| e.seq), batch.outbox_floor, receipt) {
-            state.persist().await?;
+            match &self.cluster {
+                Some(cluster) => {
+                    cluster.save(&state, state.log_marks().clone()).await?;
+                    state.mark_saved();
+                }
+                None => state.persist().await?,
+            }
         }
+        drop(lease);
         if let Some(observer) = &self.observer {
             observer.committed(batch, &new, log_write);
         }
@@ -768,6 +806,11 @@ async fn ingest(
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            if let IngestError::Cluster(ClusterError::Elsewhere { url, .. }) = &error {
+                if let Ok(location) = HeaderValue::from_str(&format!("{url}{INGEST_PATH}")) {
+                    response.headers_mut().insert(header::LOCATION, location);
+                }
             }
             if status == StatusCode::UNAUTHORIZED {
                 response

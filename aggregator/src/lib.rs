@@ -27,6 +27,7 @@
 // Tests may unwrap; library code may not (see [workspace.lints]).
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod cluster;
 pub mod config;
 pub mod dashboard;
 pub mod dedup;
@@ -55,6 +56,8 @@ pub enum StartError {
     Dedup(#[from] DedupError),
     #[error("[tls]: {0}")]
     Tls(String),
+    #[error("joining the aggregator cluster: {0}")]
+    Cluster(#[from] cluster::ClusterStartError),
     #[error("listening on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -83,7 +86,20 @@ impl Aggregator {
         let log: Arc<dyn LogWriter> = match &config.sink {
             SinkConfig::Kafka(kafka) => {
                 tracing::info!(brokers = %kafka.brokers, "writing to kafka");
-                Arc::new(KafkaWriter::new(kafka.clone(), config.topics.clone())?)
+                let writer = Arc::new(KafkaWriter::new(kafka.clone(), config.topics.clone())?);
+                if let Some(cluster) = &config.cluster {
+                    let log: Arc<dyn LogWriter> = writer.clone();
+                    let cluster = cluster::Cluster::start(
+                        cluster.clone(),
+                        kafka,
+                        writer,
+                    )?;
+                    // No local state: the agents' dedup states live in the
+                    // control topic.
+                    let dedup = DedupStore::in_memory(config.agents.iter().map(|a| a.id.as_str()));
+                    return Self::build(config, log, dedup, Some(cluster));
+                }
+                writer
             }
             SinkConfig::Local(local) => {
                 let (writer, report) = LocalLogWriter::open(
@@ -107,12 +123,6 @@ impl Aggregator {
 
     /// Like [`Aggregator::open`] with a given log writer.
     pub fn with_log(config: &Config, log: Arc<dyn LogWriter>) -> Result<Self, StartError> {
-        let server_tls = config
-            .tls
-            .as_ref()
-            .map(tls::server_config)
-            .transpose()
-            .map_err(StartError::Tls)?;
         let (dedup, recovery) = DedupStore::open(
             &config.data_dir.join("dedup"),
             config.agents.iter().map(|a| a.id.as_str()),
@@ -124,6 +134,21 @@ impl Aggregator {
             reconciled_records = recovery.reconciled_records,
             "dedup state loaded"
         );
+        Self::build(config, log, dedup, None)
+    }
+
+    fn build(
+        config: &Config,
+        log: Arc<dyn LogWriter>,
+        dedup: DedupStore,
+        cluster: Option<Arc<cluster::Cluster>>,
+    ) -> Result<Self, StartError> {
+        let server_tls = config
+            .tls
+            .as_ref()
+            .map(tls::server_config)
+            .transpose()
+            .map_err(StartError::Tls)?;
         let dashboard = config.dashboard.enabled.then(|| {
             Arc::new(Dashboard::new(
                 config.dashboard.clone(),
@@ -151,6 +176,10 @@ impl Aggregator {
         );
         let ingest = match &dashboard {
             Some(d) => ingest.with_observer(d.clone()),
+            None => ingest,
+        };
+        let ingest = match cluster {
+            Some(c) => ingest.with_cluster(c),
             None => ingest,
         };
         Ok(Self {
@@ -218,6 +247,10 @@ impl Aggregator {
                 Ok(())
             }
         };
+        if let Some(cluster) = self.ingest.cluster().cloned() {
+            // Hands this aggregator's agents over before the writer closes.
+            let _ = tokio::task::spawn_blocking(move || cluster.leave()).await;
+        }
         self.ingest.log().close().await;
         result
     }

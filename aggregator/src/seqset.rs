@@ -105,6 +105,43 @@ impl SeqSet {
         }
     }
 
+    /// Adds every member of `other` (its floor and its intervals).
+    pub fn union(&mut self, other: &SeqSet) {
+        self.raise_floor(other.floor);
+        for (&start, &end) in &other.ranges {
+            self.add_interval(start, end);
+        }
+    }
+
+    /// Adds `[start, end)`, in any order relative to the intervals held.
+    fn add_interval(&mut self, start: u64, end: u64) {
+        if end <= self.floor {
+            return;
+        }
+        if start <= self.floor {
+            self.raise_floor(end);
+            return;
+        }
+        let (mut start, mut end) = (start, end);
+        if let Some((&s, &e)) = self.ranges.range(..=start).next_back() {
+            if e >= start {
+                self.ranges.remove(&s);
+                start = s;
+                end = end.max(e);
+            }
+        }
+        let covered: Vec<(u64, u64)> = self
+            .ranges
+            .range(start..=end)
+            .map(|(&s, &e)| (s, e))
+            .collect();
+        for (s, e) in covered {
+            self.ranges.remove(&s);
+            end = end.max(e);
+        }
+        self.ranges.insert(start, end);
+    }
+
     pub fn to_repr(&self) -> SeqSetRepr {
         SeqSetRepr {
             floor: self.floor,
@@ -153,6 +190,31 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::collections::BTreeSet;
+
+    proptest! {
+        /// A union holds exactly the members of both sets.
+        #[test]
+        fn union_is_the_set_union(
+            a in proptest::collection::vec(0u64..200, 0..60),
+            b in proptest::collection::vec(0u64..200, 0..60),
+            fa in 0u64..40,
+            fb in 0u64..40,
+        ) {
+            let build = |seqs: &[u64], floor: u64| {
+                let mut set = SeqSet::new();
+                seqs.iter().for_each(|&s| { set.insert(s); });
+                set.raise_floor(floor);
+                set
+            };
+            let (mut x, y) = (build(&a, fa), build(&b, fb));
+            x.union(&y);
+            for seq in 0..260 {
+                let want = a.contains(&seq) || b.contains(&seq) || seq < fa || seq < fb;
+                prop_assert_eq!(x.contains(seq), want, "seq {}", seq);
+            }
+            prop_assert_eq!(SeqSet::from_repr(&x.to_repr()), x);
+        }
+    }
 
     #[test]
     fn in_order_inserts_stay_a_single_floor() {

@@ -192,6 +192,8 @@ impl Metrics {
                 ("rate_limited", &stats.rejected_rate_limited),
                 ("log_error", &stats.log_errors),
                 ("state_error", &stats.state_errors),
+                ("redirected", &stats.redirected),
+                ("cluster_unavailable", &stats.cluster_unavailable),
             ] {
                 counter!("millrace_aggregator_batches_total", "result" => result)
                     .absolute(value.load(Ordering::Relaxed));

@@ -410,6 +410,17 @@ impl KafkaWriter {
         Ok(report)
     }
 
+    /// Reads the data topics from `from` to their end, like the start-up
+    /// read back, for a cluster takeover ([`crate::cluster`]): a failure is
+    /// returned (the takeover is retried), not only logged.
+    pub fn read_back_from(
+        &self,
+        from: &BTreeMap<String, u64>,
+        visit: &mut dyn FnMut(CommittedRecord),
+    ) -> Result<u64, KafkaError> {
+        self.read_back(from, visit).map(|r| r.scanned)
+    }
+
     /// Windows, then alerts, appended at or after `since_ms`: each partition
     /// from the first offset at that time (Kafka's time index) to its end.
     fn read_recent(
