@@ -213,7 +213,7 @@ impl AgentConfig {
             self.opcua.as_ref().map_or(0, |o| o.servers.len()),
             self.uplink
                 .as_ref()
-                .map_or("none (tap only)", |u| u.url.as_str()),
+                .map_or("none (tap only)", |u| u.url.first()),
         )
     }
 }

@@ -44,11 +44,13 @@ use rand::{Rng, SeedableRng};
 use serde::Deserialize;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+
+const INGEST_PATH: &str = "/api/v1/ingest";
 
 /// Environment variable that overrides `uplink.token`.
 pub const TOKEN_ENV: &str = "MILLRACE_UPLINK_TOKEN";
@@ -57,9 +59,13 @@ pub const TOKEN_ENV: &str = "MILLRACE_UPLINK_TOKEN";
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct UplinkConfig {
-    /// Base URL of the aggregator, e.g. `https://aggregator.plant:8480`.
-    /// `http://` only to a loopback address, unless `allow-insecure`.
-    pub url: String,
+    /// Base URL of the aggregator, e.g. `https://aggregator.plant:8480`, or
+    /// a list of them (the aggregators of a cluster): the uplink sends to
+    /// one, moves on to the next when it is down, and follows an
+    /// aggregator's redirect to another one of the list (never beyond it:
+    /// the token goes only where it is configured to go). `http://` only to
+    /// a loopback address, unless `allow-insecure`.
+    pub url: Urls,
     /// Allows `http://` to a host that is not loopback: the token and every
     /// record then cross the network in clear text. Logged at start.
     #[serde(default)]
@@ -109,6 +115,43 @@ pub struct UplinkConfig {
     /// send fails; what is left goes out after the next start. `0s`: none.
     #[serde(default = "defaults::shutdown_drain", with = "humantime_serde")]
     pub shutdown_drain: Duration,
+}
+
+/// One aggregator URL, or several: `url = "https://a:8480"` or
+/// `url = ["https://a:8480", "https://b:8480"]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Urls(Vec<String>);
+
+impl Urls {
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(String::as_str)
+    }
+
+    /// The first URL (where the uplink starts).
+    pub fn first(&self) -> &str {
+        self.0.first().map_or("", String::as_str)
+    }
+}
+
+impl std::fmt::Display for Urls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join(", "))
+    }
+}
+
+impl<'de> Deserialize<'de> for Urls {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Repr {
+            One(String),
+            Many(Vec<String>),
+        }
+        Ok(match Repr::deserialize(d)? {
+            Repr::One(url) => Urls(vec![url]),
+            Repr::Many(urls) => Urls(urls),
+        })
+    }
 }
 
 /// The defaults of `[uplink]`, in one place.
@@ -167,17 +210,28 @@ impl UplinkConfig {
 
     /// Whether the URL sends in clear text beyond this host.
     pub fn is_insecure(&self) -> bool {
-        reqwest::Url::parse(&self.url).is_ok_and(|u| u.scheme() == "http" && !is_loopback_host(&u))
+        self.url.iter().any(|url| {
+            reqwest::Url::parse(url).is_ok_and(|u| u.scheme() == "http" && !is_loopback_host(&u))
+        })
     }
 
     /// Checks every key; the error is `(key, reason)`.
     pub fn validate(&self) -> Result<(), (String, String)> {
         let bad = |k: &str, r: &str| Err((format!("uplink.{k}"), r.to_string()));
-        let parsed = reqwest::Url::parse(&self.url);
-        match parsed {
-            Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
-            Ok(_) => return bad("url", "must be an http:// or https:// URL"),
-            Err(e) => return bad("url", &format!("not a URL: {e}")),
+        if self.url.0.is_empty() {
+            return bad("url", "needs at least one aggregator URL");
+        }
+        let mut origins = std::collections::HashSet::new();
+        for url in self.url.iter() {
+            match reqwest::Url::parse(url) {
+                Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {
+                    if !origins.insert(u.origin()) {
+                        return bad("url", &format!("{url} is listed twice"));
+                    }
+                }
+                Ok(_) => return bad("url", &format!("{url} must be an http:// or https:// URL")),
+                Err(e) => return bad("url", &format!("{url} is not a URL: {e}")),
+            }
         }
         if self.is_insecure() && !self.allow_insecure {
             return bad(
@@ -311,7 +365,10 @@ pub struct Uplink {
     agent: String,
     store: Arc<Store>,
     client: reqwest::Client,
-    endpoint: String,
+    /// `{url}/api/v1/ingest` of every configured aggregator.
+    endpoints: Vec<String>,
+    /// The one sent to now.
+    current: AtomicUsize,
     wake: Arc<Notify>,
     started: Instant,
     /// Failed sends since start, and in a row: reported in each batch's status.
@@ -356,13 +413,21 @@ impl Uplink {
         if cfg.is_insecure() {
             tracing::warn!(url = %cfg.url, "uplink over plain http to a host that is not loopback (allow-insecure = true): the token and every record cross the network unencrypted");
         }
-        let endpoint = format!("{}/api/v1/ingest", cfg.url.trim_end_matches('/'));
+        let endpoints = cfg
+            .url
+            .iter()
+            .map(|url| format!("{}{INGEST_PATH}", url.trim_end_matches('/')))
+            .collect();
+        // Redirects are followed by hand, to configured aggregators only
+        // (reqwest would drop the token on a redirect to another port).
+        builder = builder.redirect(reqwest::redirect::Policy::none());
         Ok(Self {
             client: builder.build()?,
             cfg,
             agent,
             store,
-            endpoint,
+            endpoints,
+            current: AtomicUsize::new(0),
             wake,
             started: Instant::now(),
             retries_total: AtomicU64::new(0),
@@ -653,24 +718,70 @@ impl Uplink {
                 }
             }
         };
-        let mut req = self
-            .client
-            .post(&self.endpoint)
-            .header(
-                reqwest::header::CONTENT_TYPE,
-                "application/x-millrace-batch",
-            )
-            .header(reqwest::header::CONTENT_ENCODING, "gzip")
-            .body(body);
-        if let Some(token) = &self.cfg.token {
-            req = req.bearer_auth(token);
-        }
-        let resp = match req.send().await {
-            Ok(r) => r,
-            Err(e) => {
-                return SendOutcome::Retry {
-                    reason: format!("request failed: {e}"),
-                    retry_after: None,
+        let body = bytes::Bytes::from(body);
+        // Each configured aggregator at most once per call when they are
+        // down, plus a few redirects between them.
+        let mut tries = self.endpoints.len() + MAX_REDIRECTS;
+        let resp = loop {
+            tries -= 1;
+            let at = self.current.load(Ordering::Relaxed) % self.endpoints.len();
+            let endpoint = &self.endpoints[at];
+            let mut req = self
+                .client
+                .post(endpoint)
+                .header(
+                    reqwest::header::CONTENT_TYPE,
+                    "application/x-millrace-batch",
+                )
+                .header(reqwest::header::CONTENT_ENCODING, "gzip")
+                .body(body.clone());
+            if let Some(token) = &self.cfg.token {
+                req = req.bearer_auth(token);
+            }
+            match req.send().await {
+                Ok(r) if matches!(r.status().as_u16(), 307 | 308) => {
+                    let location = r
+                        .headers()
+                        .get(reqwest::header::LOCATION)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned();
+                    match self.endpoint_of(&location) {
+                        Some(next) if tries > 0 => {
+                            tracing::debug!(from = %endpoint, to = %self.endpoints[next], "aggregator redirected this agent");
+                            self.current.store(next, Ordering::Relaxed);
+                        }
+                        Some(_) => {
+                            return SendOutcome::Retry {
+                                reason: format!("redirected once too often (last to {location})"),
+                                retry_after: None,
+                            }
+                        }
+                        None => {
+                            tracing::error!(from = %endpoint, %location, "aggregator redirected this agent to a URL that is not in uplink.url; not followed (the token goes only to configured aggregators)");
+                            return SendOutcome::Retry {
+                                reason: format!("redirect to {location}, which uplink.url does not list"),
+                                retry_after: None,
+                            };
+                        }
+                    }
+                }
+                Ok(r) => {
+                    if matches!(r.status().as_u16(), 502..=504) {
+                        // Retried later, at the next aggregator.
+                        self.fail_over(at);
+                    }
+                    break r;
+                }
+                Err(e) => {
+                    self.fail_over(at);
+                    if tries == 0 || self.endpoints.len() == 1 {
+                        return SendOutcome::Retry {
+                            reason: format!("request failed: {e}"),
+                            retry_after: None,
+                        };
+                    }
+                    tracing::warn!(aggregator = %endpoint, error = %e, "aggregator unreachable; trying the next one");
                 }
             }
         };
@@ -707,6 +818,33 @@ impl Uplink {
                 reason: format!("HTTP {status}: {reason}"),
                 retry_after,
             },
+        }
+    }
+}
+
+/// Redirects followed in one send, beyond one try per aggregator.
+const MAX_REDIRECTS: usize = 3;
+
+impl Uplink {
+    /// The index of the configured aggregator `location` points at.
+    fn endpoint_of(&self, location: &str) -> Option<usize> {
+        let target = reqwest::Url::parse(location).ok()?.origin();
+        self.endpoints
+            .iter()
+            .position(|e| reqwest::Url::parse(e).is_ok_and(|u| u.origin() == target))
+    }
+
+    /// Moves on from aggregator `at` (unless another send already did).
+    fn fail_over(&self, at: usize) {
+        if self.endpoints.len() > 1 {
+            let next = (at + 1) % self.endpoints.len();
+            if self
+                .current
+                .compare_exchange(at, next, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
+                tracing::info!(to = %self.endpoints[next], "uplink fails over to the next aggregator");
+            }
         }
     }
 }
@@ -990,8 +1128,13 @@ token = "uplink-secret-do-not-print"
                     }
                     posts.fetch_add(1, Ordering::SeqCst);
                     let (status, body) = answer.lock().unwrap().clone();
+                    // A redirect's "body" is its location.
+                    let (location, body) = match status {
+                        307 | 308 => (format!("Location: {body}\r\n"), String::new()),
+                        _ => (String::new(), body),
+                    };
                     let reply = format!(
-                        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n\
+                        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n{location}\
                          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
                         body.len()
                     );
@@ -1016,6 +1159,67 @@ token = "uplink-secret-do-not-print"
                 ))
             })
             .collect()
+    }
+
+    /// Several aggregators: one down is skipped, a redirect to a configured
+    /// one is followed, one to anywhere else is not.
+    #[tokio::test]
+    async fn the_uplink_fails_over_and_follows_redirects_to_configured_aggregators_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), crate::store::StoreConfig::default()).unwrap();
+        let store = Arc::new(store);
+        store.outbox().append(dead_letters(3)).unwrap();
+        let down = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}", l.local_addr().unwrap())
+        };
+        let stub = |status: u16, body: &str| {
+            let answer = Arc::new(std::sync::Mutex::new((status, body.to_owned())));
+            let posts = Arc::new(AtomicU64::new(0));
+            (Arc::clone(&answer), Arc::clone(&posts), stub_aggregator(answer, posts))
+        };
+        let (_, owner_posts, owner) = stub(200, r#"{"committed":3,"duplicates":0}"#);
+        let owner = owner.await;
+        let (other_answer, other_posts, other) =
+            stub(307, &format!("{owner}/api/v1/ingest"));
+        let other = other.await;
+        let (_, stranger_posts, stranger) = stub(200, r#"{"committed":3,"duplicates":0}"#);
+        let stranger = stranger.await;
+        let cfg: UplinkConfig =
+            toml::from_str(&format!("url = [\"{down}\", \"{other}\", \"{owner}\"]")).unwrap();
+        cfg.validate().unwrap();
+        let uplink = Uplink::new(cfg, "gw".into(), Arc::clone(&store), Arc::default()).unwrap();
+
+        // Down → next; redirected → the owner, which takes it.
+        assert_eq!(uplink.drain(Duration::from_secs(5)).await, 1);
+        assert_eq!(store.outbox().stats().unwrap().records(), 0);
+        assert_eq!(other_posts.load(Ordering::SeqCst), 1);
+        assert_eq!(owner_posts.load(Ordering::SeqCst), 1);
+        // The next batch goes straight to the owner.
+        store.outbox().append(dead_letters(2)).unwrap();
+        assert_eq!(uplink.drain(Duration::from_secs(5)).await, 1);
+        assert_eq!((other_posts.load(Ordering::SeqCst), owner_posts.load(Ordering::SeqCst)), (1, 2));
+
+        // A redirect beyond the configured list is not followed: the token
+        // and the records stay home.
+        *other_answer.lock().unwrap() = (307, format!("{stranger}/api/v1/ingest"));
+        let uplink = Uplink::new(
+            toml::from_str(&format!("url = [\"{other}\", \"{down}\"]")).unwrap(),
+            "gw".into(),
+            Arc::clone(&store),
+            Arc::default(),
+        )
+        .unwrap();
+        store.outbox().append(dead_letters(1)).unwrap();
+        assert_eq!(uplink.drain(Duration::from_secs(5)).await, 0);
+        assert_eq!(stranger_posts.load(Ordering::SeqCst), 0);
+        assert_eq!(store.outbox().stats().unwrap().records(), 1);
+
+        let twice: UplinkConfig =
+            toml::from_str(&format!("url = [\"{owner}\", \"{owner}/\"]")).unwrap();
+        assert_eq!(twice.validate().unwrap_err().0, "uplink.url");
+        let none: UplinkConfig = toml::from_str("url = []").unwrap();
+        assert_eq!(none.validate().unwrap_err().0, "uplink.url");
     }
 
     /// A batch the aggregator cannot read as a whole (a newer wire version,
