@@ -4,8 +4,9 @@
 #   scripts/kafka-peer.sh install                  build tansu into $HOME/.cache/millrace-tools (skip if present)
 #   scripts/kafka-peer.sh start DIR [PORT] [TOPIC...]
 #                                                  start a broker with its sqlite store and pid file in DIR,
-#                                                  on PORT (default: a free one), create TOPICs (default: the
-#                                                  three millrace topics, 1 partition); prints the port
+#                                                  on PORT (default: a free one), create TOPICs (NAME or
+#                                                  NAME:PARTITIONS; default: the three millrace topics, 1
+#                                                  partition each); prints the port
 #   scripts/kafka-peer.sh stop DIR                 stop the broker started with DIR (the store is kept,
 #                                                  so `start DIR PORT` brings the same data back)
 #
@@ -69,9 +70,13 @@ run_broker() {
 create_topics() {
   local port="$1"
   shift
+  local name partitions
   for topic in "$@"; do
+    name="${topic%%:*}"
+    partitions=1
+    [[ "$topic" == *:* ]] && partitions="${topic##*:}"
     # Creating an existing topic (a restart on the same store) is not an error here.
-    "$TANSU" topic create --broker "tcp://127.0.0.1:$port" --partitions 1 "$topic" >>"$dir/tansu.log" 2>&1 || true
+    "$TANSU" topic create --broker "tcp://127.0.0.1:$port" --partitions "$partitions" "$name" >>"$dir/tansu.log" 2>&1 || true
   done
 }
 

@@ -72,7 +72,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -203,6 +203,8 @@ struct Shared {
     in_flight: Vec<AtomicUsize>,
     takeovers: mpsc::UnboundedSender<Vec<usize>>,
     stop: AtomicBool,
+    /// Assignments received from the group.
+    rebalances: AtomicU64,
 }
 
 /// This aggregator's part in the cluster.
@@ -302,6 +304,7 @@ impl Cluster {
             in_flight: (0..partitions).map(|_| AtomicUsize::new(0)).collect(),
             takeovers,
             stop: AtomicBool::new(false),
+            rebalances: AtomicU64::new(0),
             config,
         });
         let reader = start_reader(&shared, kafka)?;
@@ -335,6 +338,11 @@ impl Cluster {
             .collect();
         owned.sort_unstable();
         owned
+    }
+
+    /// Assignments this aggregator received from the group since it started.
+    pub fn rebalances(&self) -> u64 {
+        self.shared.rebalances.load(Ordering::Relaxed)
     }
 
     /// The number of control partitions.
@@ -613,6 +621,7 @@ impl ConsumerContext for Membership {
                     owned.entry(p).or_insert(Ownership::TakingOver);
                 }
             }
+            self.shared.rebalances.fetch_add(1, Ordering::Relaxed);
             tracing::info!(partitions = ?assigned, "control partitions assigned");
             let _ = self.shared.takeovers.send(assigned);
         }

@@ -489,23 +489,37 @@ pub struct KafkaPeer {
 impl KafkaPeer {
     /// Starts a broker with its store in `dir`, on `port` (or a free one).
     pub fn start(dir: &Path, port: Option<u16>) -> Self {
-        Self::start_with(dir, port, None)
+        Self::start_with(dir, port, None, &[])
     }
 
     /// Starts a broker that requires SASL SCRAM-SHA-512 from `(user, password)`.
     pub fn start_with_scram(dir: &Path, user: &str, password: &str) -> Self {
-        Self::start_with(dir, None, Some((user, password)))
+        Self::start_with(dir, None, Some((user, password)), &[])
     }
 
-    fn start_with(dir: &Path, port: Option<u16>, scram: Option<(&str, &str)>) -> Self {
+    /// Starts a broker with `topics` (`NAME` or `NAME:PARTITIONS`) instead
+    /// of the three millrace topics.
+    pub fn start_with_topics(dir: &Path, topics: &[&str]) -> Self {
+        Self::start_with(dir, None, None, topics)
+    }
+
+    fn start_with(
+        dir: &Path,
+        port: Option<u16>,
+        scram: Option<(&str, &str)>,
+        topics: &[&str],
+    ) -> Self {
         let mut cmd = Command::new(script("kafka-peer.sh"));
         cmd.arg("start").arg(dir);
         if let Some((user, password)) = scram {
             cmd.env("KAFKA_PEER_SCRAM_USER", format!("{user}:{password}"));
         }
-        if let Some(port) = port {
-            cmd.arg(port.to_string());
-        }
+        match port {
+            Some(port) => cmd.arg(port.to_string()),
+            None if !topics.is_empty() => cmd.arg(""),
+            None => &mut cmd,
+        };
+        cmd.args(topics);
         let out = cmd.output().expect("run scripts/kafka-peer.sh");
         assert!(
             out.status.success(),

@@ -446,6 +446,11 @@ async fn metrics(State(app): State<App>) -> Response {
         if let Some(retention) = log.retention() {
             app.dashboard.metrics().log_retention(retention);
         }
+        if let Some(cluster) = app.ingest.cluster() {
+            app.dashboard
+                .metrics()
+                .cluster(cluster.owned_partitions().len(), cluster.rebalances());
+        }
         app.dashboard
             .metrics()
             .render(app.ingest.stats(), &fleet, totals, log.kind(), log_up)

@@ -20,6 +20,8 @@
 //! | `millrace_aggregator_log_write_seconds` | histogram | `log` (kafka, embedded): one batch's write until acknowledged |
 //! | `millrace_aggregator_event_to_commit_seconds` | histogram | `kind`: record event time (window end, alert time) to committed |
 //! | `millrace_aggregator_log_up` | gauge | `log`: 1 when the log writer is healthy |
+//! | `millrace_aggregator_cluster_partitions_owned` | gauge | `[cluster]`: control partitions this aggregator owns and takes batches for |
+//! | `millrace_aggregator_cluster_rebalances_total` | counter | `[cluster]`: assignments received from the consumer group |
 //! | `millrace_aggregator_live_series` | gauge | series in the live state |
 //! | `millrace_aggregator_live_series_over_limit_windows_total` | counter | windows of series beyond `max-series` |
 //! | `millrace_aggregator_agents_online` | gauge | agents with a batch within `offline-after` |
@@ -169,6 +171,14 @@ impl Metrics {
         });
     }
 
+    /// `[cluster]`: the control partitions owned, the rebalances seen.
+    pub fn cluster(&self, owned: usize, rebalances: u64) {
+        self.with(|| {
+            gauge!("millrace_aggregator_cluster_partitions_owned").set(owned as f64);
+            counter!("millrace_aggregator_cluster_rebalances_total").absolute(rebalances);
+        });
+    }
+
     /// The text exposition, after copying in the scrape-time values.
     pub fn render(
         &self,
@@ -295,6 +305,14 @@ fn describe_all() {
     describe_gauge!(
         "millrace_aggregator_log_up",
         "1 when the log writer reports healthy."
+    );
+    describe_counter!(
+        "millrace_aggregator_cluster_rebalances_total",
+        "Assignments of control partitions this aggregator received from the consumer group."
+    );
+    describe_gauge!(
+        "millrace_aggregator_cluster_partitions_owned",
+        "Control partitions (of the cluster's control topic) this aggregator owns and takes batches for."
     );
     describe_gauge!(
         "millrace_aggregator_live_series",

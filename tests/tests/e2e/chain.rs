@@ -39,13 +39,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const WIDTH_MS: i64 = 1000;
+pub(crate) const WIDTH_MS: i64 = 1000;
 const AGENT: &str = "gw-chain";
 const TOKEN: &str = "chain-test-token-0123456789";
-const WINDOWS_TOPIC: &str = "millrace.windows";
+pub(crate) const WINDOWS_TOPIC: &str = "millrace.windows";
 
 /// A simulator config publishing `sensors` (`device/sensor`) every 100 ms.
-fn sim_config(mqtt_port: u16, client_id: &str, sensors: &[String]) -> String {
+pub(crate) fn sim_config(mqtt_port: u16, client_id: &str, sensors: &[String]) -> String {
     let mut text = format!(
         r#"
 seed = 77
@@ -141,7 +141,7 @@ request-timeout = "5s"
     )
 }
 
-fn spawn_agent(config: &Path, tap: Option<&Path>, log: &Path, json_log: bool) -> ChildGuard {
+pub(crate) fn spawn_agent(config: &Path, tap: Option<&Path>, log: &Path, json_log: bool) -> ChildGuard {
     let stderr = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -164,7 +164,7 @@ fn spawn_agent(config: &Path, tap: Option<&Path>, log: &Path, json_log: bool) ->
 }
 
 /// Starts the simulator on a whole second (so its first window is complete).
-fn spawn_sim(config: &Path, log: &Path) -> (ChildGuard, i64) {
+pub(crate) fn spawn_sim(config: &Path, log: &Path) -> (ChildGuard, i64) {
     let start_ms = (millrace_sim::unix_now_ms() / 1000 + 1) * 1000;
     let stderr = std::fs::OpenOptions::new()
         .create(true)
@@ -284,24 +284,24 @@ fn log_windows(agg_config: &Path) -> Vec<Value> {
 }
 
 /// The window lines of a tap file.
-fn tap_windows(tap: &Path) -> Vec<Value> {
+pub(crate) fn tap_windows(tap: &Path) -> Vec<Value> {
     follow_json_lines(tap, Duration::from_millis(1), |_| true)
         .into_iter()
         .filter(|r| r["type"] == "window")
         .collect()
 }
 
-type WindowKey = (String, i64);
+pub(crate) type WindowKey = (String, i64);
 
-fn key_of(w: &Value) -> WindowKey {
+pub(crate) fn key_of(w: &Value) -> WindowKey {
     (series_name(w), w["start_ms"].as_i64().expect("start_ms"))
 }
 
-fn key_set(ws: &[Value]) -> BTreeSet<WindowKey> {
+pub(crate) fn key_set(ws: &[Value]) -> BTreeSet<WindowKey> {
     ws.iter().map(key_of).collect()
 }
 
-fn tail_of(path: &Path, n: usize) -> String {
+pub(crate) fn tail_of(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
@@ -706,11 +706,11 @@ fn sigterm_sends_the_flushed_windows_before_exit() {
 }
 
 /// Kafka windows: the value plus the agent and seq headers, checked.
-fn kafka_windows(port: u16) -> Vec<Value> {
+pub(crate) fn kafka_windows(port: u16) -> Vec<Value> {
     kafka_read(port, WINDOWS_TOPIC, 1.5)
 }
 
-fn kafka_keys(records: &[Value]) -> BTreeSet<WindowKey> {
+pub(crate) fn kafka_keys(records: &[Value]) -> BTreeSet<WindowKey> {
     records.iter().map(|r| key_of(&r["value"])).collect()
 }
 
