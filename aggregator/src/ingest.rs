@@ -785,6 +785,9 @@ async fn ingest(
             let status = error.status();
             if status.is_server_error() {
                 tracing::warn!(%error, status = status.as_u16(), "batch not committed");
+            } else if status.is_redirection() {
+                // The normal way in a cluster: counted, not logged per batch.
+                tracing::debug!(%error, status = status.as_u16(), "batch redirected");
             } else {
                 tracing::info!(%error, status = status.as_u16(), "batch rejected");
             }
