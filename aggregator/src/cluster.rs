@@ -59,7 +59,9 @@
 //! another node needs), no home-made consensus (ownership is the consumer
 //! group's assignment, ordering is the control partition's).
 
-use crate::config::{ClusterConfig, KafkaConfig};
+use crate::config::{ClusterConfig, KafkaConfig, Topics};
+use crate::dashboard::Dashboard;
+use crate::log::RecentRecord;
 use crate::dedup::AgentDedup;
 use crate::log::kafka::{KafkaWriter, TracingContext};
 use crate::log::CommittedRecord;
@@ -67,7 +69,7 @@ use crate::seqset::{SeqSet, SeqSetRepr};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
+use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
@@ -322,6 +324,71 @@ impl Cluster {
             shared,
             threads: Mutex::new(vec![reader, membership]),
         }))
+    }
+
+    /// Feeds `dashboard` with the windows and alerts other aggregators
+    /// write (read from the data topics as they are appended), so that any
+    /// aggregator's dashboard shows the whole fleet; its own agents' come
+    /// from its ingest. Records of a partition changing hands at that moment
+    /// may show twice or not at all in the live view (never in the log).
+    pub fn follow_fleet(
+        &self,
+        kafka: &KafkaConfig,
+        topics: &Topics,
+        dashboard: Arc<Dashboard>,
+    ) -> Result<(), KafkaError> {
+        let consumer: BaseConsumer<TracingContext> = client_config(kafka, "fleet")
+            .set("group.id", format!("{}-fleet", kafka.client_id))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .create_with_context(TracingContext)?;
+        let metadata = consumer.fetch_metadata(None, KAFKA_TIMEOUT)?;
+        let mut assignment = TopicPartitionList::new();
+        for topic in [&topics.windows, &topics.alerts] {
+            if let Some(t) = metadata.topics().iter().find(|t| t.name() == topic.as_str()) {
+                for p in t.partitions() {
+                    assignment.add_partition_offset(topic, p.id(), Offset::End)?;
+                }
+            }
+        }
+        consumer.assign(&assignment)?;
+        let shared = Arc::clone(&self.shared);
+        let topics = topics.clone();
+        let thread = std::thread::Builder::new()
+            .name("fleet-follower".into())
+            .spawn(move || {
+                while !shared.stop.load(Ordering::SeqCst) {
+                    let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) else {
+                        continue;
+                    };
+                    let headers: Vec<(String, Vec<u8>)> = message
+                        .headers()
+                        .map(|h| {
+                            h.iter()
+                                .filter_map(|h| Some((h.key.to_owned(), h.value?.to_vec())))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    let appended_ms = message.timestamp().to_millis().unwrap_or_else(crate::dashboard::now_ms);
+                    let Some(r) = RecentRecord::decode(
+                        &topics,
+                        message.topic(),
+                        &headers,
+                        appended_ms,
+                        message.payload().unwrap_or_default(),
+                    ) else {
+                        continue;
+                    };
+                    let partition = partition_of(&r.agent, shared.partitions);
+                    if lock(&shared.owned).contains_key(&partition) {
+                        continue; // this aggregator's own: its ingest showed it
+                    }
+                    dashboard.live().restore(&r.agent, r.seq, &r.record, r.appended_ms);
+                }
+            })
+            .expect("spawning the fleet follower");
+        lock(&self.threads).push(thread);
+        Ok(())
     }
 
     /// This aggregator's member id (in its claims).

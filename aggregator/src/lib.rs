@@ -158,6 +158,11 @@ impl Aggregator {
         });
         if let Some(dashboard) = &dashboard {
             restore_history(dashboard, log.as_ref());
+            if let (Some(cluster), SinkConfig::Kafka(kafka)) = (&cluster, &config.sink) {
+                cluster
+                    .follow_fleet(kafka, &config.topics, dashboard.clone())
+                    .map_err(|e| StartError::Cluster(e.into()))?;
+            }
         }
         let ingest = Ingest::new(
             config.agents.clone(),

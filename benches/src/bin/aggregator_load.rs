@@ -23,7 +23,9 @@
 //! ```
 //!
 //! Options: `--aggregator PATH` (default `$CARGO_TARGET_DIR/release/…`),
-//! `--case embedded|kafka` (repeatable; default both), `--agents N` (20),
+//! `--case embedded|kafka|kafka-cluster` (repeatable; default embedded and
+//! kafka; `kafka-cluster` is one `[cluster]` member on a six-partition
+//! control topic), `--agents N` (20),
 //! `--windows N` (1,000,000 in all), `--batch N` (500), `--keep`.
 
 use flate2::write::GzEncoder;
@@ -210,11 +212,15 @@ struct Tansu {
 }
 
 impl Tansu {
-    fn start(dir: &Path) -> Result<Self, String> {
+    /// `topics`: none for the three millrace topics.
+    fn start(dir: &Path, topics: &[&str]) -> Result<Self, String> {
         let script = workspace_root().join("scripts/kafka-peer.sh");
-        let out = Command::new(&script)
-            .arg("start")
-            .arg(dir)
+        let mut cmd = Command::new(&script);
+        cmd.arg("start").arg(dir);
+        if !topics.is_empty() {
+            cmd.arg("").args(topics);
+        }
+        let out = cmd
             .output()
             .map_err(|e| format!("{}: {e}", script.display()))?;
         if !out.status.success() {
@@ -249,9 +255,22 @@ fn run_case(args: &Args, case: &str, root: &Path, ticks: f64) -> Result<Outcome,
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let port = free_port()?;
     let tansu = match case {
-        "kafka" => Some(Tansu::start(&dir.join("tansu"))?),
+        "kafka" => Some(Tansu::start(&dir.join("tansu"), &[])?),
+        "kafka-cluster" => Some(Tansu::start(
+            &dir.join("tansu"),
+            &[
+                "millrace.windows",
+                "millrace.alerts",
+                "millrace.dead-letters",
+                "millrace.control:6",
+            ],
+        )?),
         "embedded" => None,
-        other => return Err(format!("unknown case `{other}` (embedded, kafka)")),
+        other => {
+            return Err(format!(
+                "unknown case `{other}` (embedded, kafka, kafka-cluster)"
+            ))
+        }
     };
     let mut config = format!(
         // The per-agent rate limit is off: this measures the write path.
@@ -269,6 +288,14 @@ fn run_case(args: &Args, case: &str, root: &Path, ticks: f64) -> Result<Outcome,
         config.push_str(&format!(
             "\n[kafka]\nbrokers = \"127.0.0.1:{}\"\nmessage-timeout = \"10s\"\n",
             t.port
+        ));
+    }
+    let cluster = case == "kafka-cluster";
+    if cluster {
+        // One member of a cluster: every batch also saves its agent's dedup
+        // state to the control topic and reads it back.
+        config.push_str(&format!(
+            "\n[cluster]\nadvertise-url = \"http://127.0.0.1:{port}\"\n"
         ));
     }
     let config_path = dir.join("aggregator.toml");
@@ -300,6 +327,19 @@ fn run_case(args: &Args, case: &str, root: &Path, ticks: f64) -> Result<Outcome,
         &mut proc,
         || port_open(port).then_some(()),
     )?;
+    if cluster {
+        poll_until(
+            "aggregator owning the control partitions",
+            START_TIMEOUT,
+            Duration::from_millis(100),
+            &mut proc,
+            || {
+                let text = scrape(port)?;
+                (metric(&text, "millrace_aggregator_cluster_partitions_owned") == 6.0)
+                    .then_some(())
+            },
+        )?;
+    }
     let cpu_before = cpu_seconds(pid, ticks)?;
 
     let started = Instant::now();

@@ -609,6 +609,21 @@ fn scale_three_aggregators_six_agents_exactly_once_through_kill_and_upgrade() {
         );
         std::thread::sleep(Duration::from_millis(500));
     };
+    // Any aggregator's dashboard shows the whole fleet: its own agents from
+    // its ingest, the others' from Kafka (and its history after a restart).
+    for node in &nodes {
+        let total = wait_until_stable(
+            || {
+                let (_, body) = millrace_tests::http_request(node.port, "GET", "/api/v1/series?limit=1", &[], b"");
+                serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| v["total"].as_u64())
+            },
+            |t| *t == Some(12),
+            Duration::from_millis(200),
+            Duration::ZERO,
+            Duration::from_secs(30),
+        );
+        assert_eq!(total, Some(12), "the dashboard on {} shows the fleet's 12 series", node.port);
+    }
     for (agent, _) in &mut agents {
         agent.terminate(Duration::from_secs(20));
     }
