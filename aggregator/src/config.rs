@@ -1113,6 +1113,35 @@ brokers = "127.0.0.1:9092"
     }
 
     #[test]
+    fn a_cluster_needs_kafka_and_a_base_url() {
+        let kafka = "[kafka]\nbrokers = \"k:9092\"\n";
+        let cluster = |table: &str, with_kafka: bool| {
+            let text = format!("{MINIMAL}{}[cluster]\n{table}", if with_kafka { kafka } else { "" });
+            parse(&text)
+        };
+        let cfg = cluster("advertise-url = \"https://agg-1.plant:8480/\"\n", true).unwrap();
+        assert_eq!(
+            cfg.cluster,
+            Some(ClusterConfig {
+                advertise_url: "https://agg-1.plant:8480".into(),
+                control_topic: DEFAULT_CONTROL_TOPIC.into(),
+                group: DEFAULT_CLUSTER_GROUP.into(),
+            })
+        );
+        for (table, with_kafka, key) in [
+            ("advertise-url = \"https://a:1\"\n", false, "cluster"),
+            ("", true, "cluster.advertise-url"),
+            ("advertise-url = \"agg-1:8480\"\n", true, "cluster.advertise-url"),
+            ("advertise-url = \"https://a:1/api\"\n", true, "cluster.advertise-url"),
+            ("advertise-url = \"https://a:1\"\ncontrol-topic = \"a b\"\n", true, "cluster.control-topic"),
+            ("advertise-url = \"https://a:1\"\ngroup = \" \"\n", true, "cluster.group"),
+        ] {
+            let e = cluster(table, with_kafka).unwrap_err().to_string();
+            assert!(e.contains(&format!("`{key}`")) || e.contains(key), "{table}: {e}");
+        }
+    }
+
+    #[test]
     fn shipped_examples_are_valid() {
         let env = |name: &str| Some(format!("token-from-the-environment-{name}"));
         for (name, text) in [
@@ -1123,6 +1152,10 @@ brokers = "127.0.0.1:9092"
             (
                 "aggregator-kafka.toml",
                 include_str!("../../config/aggregator-kafka.toml"),
+            ),
+            (
+                "aggregator-cluster.toml",
+                include_str!("../../config/aggregator-cluster.toml"),
             ),
         ] {
             if let Err(e) = Config::parse(Path::new(name), text, env) {
