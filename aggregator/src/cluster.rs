@@ -479,10 +479,16 @@ impl Cluster {
         let shared = &self.shared;
         let view = lock(&shared.view);
         match &view.claims[partition] {
-            Some(claim) if claim.member != shared.member => ClusterError::Elsewhere {
-                agent: agent.to_owned(),
-                url: claim.url.clone(),
-            },
+            // A claim of this node's previous run names its own URL: no
+            // redirect to itself, the takeover is under way.
+            Some(claim)
+                if claim.member != shared.member && claim.url != shared.config.advertise_url =>
+            {
+                ClusterError::Elsewhere {
+                    agent: agent.to_owned(),
+                    url: claim.url.clone(),
+                }
+            }
             _ => ClusterError::Unavailable(format!(
                 "control partition {partition} of agent `{agent}` is being taken over; retry shortly"
             )),
