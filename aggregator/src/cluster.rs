@@ -104,6 +104,8 @@ pub enum ClusterStartError {
     Kafka(#[from] KafkaError),
     #[error("control topic `{0}` does not exist; create it (several partitions, cleanup.policy=compact) before starting the aggregators")]
     NoControlTopic(String),
+    #[error("starting a thread: {0}")]
+    Thread(#[from] std::io::Error),
 }
 
 /// A record of the control topic.
@@ -336,7 +338,7 @@ impl Cluster {
         kafka: &KafkaConfig,
         topics: &Topics,
         dashboard: Arc<Dashboard>,
-    ) -> Result<(), KafkaError> {
+    ) -> Result<(), ClusterStartError> {
         let consumer: BaseConsumer<TracingContext> = client_config(kafka, "fleet")
             .set("group.id", format!("{}-fleet", kafka.client_id))
             .set("enable.auto.commit", "false")
@@ -386,7 +388,7 @@ impl Cluster {
                     dashboard.live().restore(&r.agent, r.seq, &r.record, r.appended_ms);
                 }
             })
-            .expect("spawning the fleet follower");
+            .map_err(ClusterStartError::Thread)?;
         lock(&self.threads).push(thread);
         Ok(())
     }
@@ -611,7 +613,7 @@ fn rand_u32() -> u32 {
 fn start_reader(
     shared: &Arc<Shared>,
     kafka: &KafkaConfig,
-) -> Result<std::thread::JoinHandle<()>, KafkaError> {
+) -> Result<std::thread::JoinHandle<()>, ClusterStartError> {
     let consumer: BaseConsumer<TracingContext> = client_config(kafka, "control-reader")
         .set("group.id", format!("{}-control-reader", kafka.client_id))
         .set("enable.auto.commit", "false")
@@ -628,7 +630,7 @@ fn start_reader(
     }
     consumer.assign(&assignment)?;
     let shared = Arc::clone(shared);
-    Ok(std::thread::Builder::new()
+    std::thread::Builder::new()
         .name("control-reader".into())
         .spawn(move || {
             while !shared.stop.load(Ordering::SeqCst) {
@@ -651,7 +653,7 @@ fn start_reader(
                 }
             }
         })
-        .expect("spawning the control reader"))
+        .map_err(ClusterStartError::Thread)
 }
 
 /// The consumer-group member: its rebalances decide what this aggregator
@@ -727,7 +729,7 @@ fn give_up(shared: &Shared, partitions: &[usize]) {
 fn start_membership(
     shared: &Arc<Shared>,
     kafka: &KafkaConfig,
-) -> Result<std::thread::JoinHandle<()>, KafkaError> {
+) -> Result<std::thread::JoinHandle<()>, ClusterStartError> {
     let consumer: BaseConsumer<Membership> = client_config(kafka, "member")
         .set("group.id", &shared.config.group)
         .set("enable.auto.commit", "false")
@@ -739,7 +741,7 @@ fn start_membership(
         })?;
     consumer.subscribe(&[&shared.config.control_topic])?;
     let shared = Arc::clone(shared);
-    Ok(std::thread::Builder::new()
+    std::thread::Builder::new()
         .name("cluster-member".into())
         .spawn(move || {
             while !shared.stop.load(Ordering::SeqCst) {
@@ -758,7 +760,7 @@ fn start_membership(
             give_up(&shared, &owned);
             drop(consumer);
         })
-        .expect("spawning the cluster member"))
+        .map_err(ClusterStartError::Thread)
 }
 
 /// Takes over the partitions the group assigns: claim, read back, serve.

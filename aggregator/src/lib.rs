@@ -161,7 +161,7 @@ impl Aggregator {
             if let (Some(cluster), SinkConfig::Kafka(kafka)) = (&cluster, &config.sink) {
                 cluster
                     .follow_fleet(kafka, &config.topics, dashboard.clone())
-                    .map_err(|e| StartError::Cluster(e.into()))?;
+                    .map_err(StartError::Cluster)?;
             }
         }
         let ingest = Ingest::new(
