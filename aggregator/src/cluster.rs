@@ -61,15 +61,14 @@
 
 use crate::config::{ClusterConfig, KafkaConfig, Topics};
 use crate::dashboard::Dashboard;
-use crate::log::RecentRecord;
 use crate::dedup::AgentDedup;
-use crate::log::kafka::{KafkaWriter, TracingContext};
+use crate::log::kafka::{recent_record, KafkaWriter, TracingContext};
 use crate::log::CommittedRecord;
 use crate::seqset::{SeqSet, SeqSetRepr};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
@@ -363,22 +362,7 @@ impl Cluster {
                     let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) else {
                         continue;
                     };
-                    let headers: Vec<(String, Vec<u8>)> = message
-                        .headers()
-                        .map(|h| {
-                            h.iter()
-                                .filter_map(|h| Some((h.key.to_owned(), h.value?.to_vec())))
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    let appended_ms = message.timestamp().to_millis().unwrap_or_else(crate::dashboard::now_ms);
-                    let Some(r) = RecentRecord::decode(
-                        &topics,
-                        message.topic(),
-                        &headers,
-                        appended_ms,
-                        message.payload().unwrap_or_default(),
-                    ) else {
+                    let Some(r) = recent_record(&topics, &message, crate::dashboard::now_ms()) else {
                         continue;
                     };
                     let partition = partition_of(&r.agent, shared.partitions);

@@ -121,6 +121,30 @@ fn message_header(message: &rdkafka::message::BorrowedMessage<'_>, name: &str) -
         .map(str::to_owned)
 }
 
+/// A consumed window or alert as the dashboard takes it (`None` for other
+/// records); `default_ms` when the message has no timestamp.
+pub(crate) fn recent_record(
+    topics: &Topics,
+    message: &rdkafka::message::BorrowedMessage<'_>,
+    default_ms: i64,
+) -> Option<super::RecentRecord> {
+    let headers: Vec<(String, Vec<u8>)> = message
+        .headers()
+        .map(|h| {
+            h.iter()
+                .filter_map(|h| Some((h.key.to_owned(), h.value?.to_vec())))
+                .collect()
+        })
+        .unwrap_or_default();
+    super::RecentRecord::decode(
+        topics,
+        message.topic(),
+        &headers,
+        message.timestamp().to_millis().unwrap_or(default_ms),
+        message.payload().unwrap_or_default(),
+    )
+}
+
 fn partition_key(topic: &str, partition: i32) -> String {
     format!("{topic}/{partition}")
 }
@@ -449,22 +473,7 @@ impl KafkaWriter {
                 })
                 .collect();
             Self::read_ranges(&consumer, &ranges, &mut |message| {
-                let appended_ms = message.timestamp().to_millis().unwrap_or(since_ms);
-                let headers: Vec<(String, Vec<u8>)> = message
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .filter_map(|h| Some((h.key.to_owned(), h.value?.to_vec())))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                if let Some(record) = super::RecentRecord::decode(
-                    &self.topics,
-                    message.topic(),
-                    &headers,
-                    appended_ms,
-                    message.payload().unwrap_or_default(),
-                ) {
+                if let Some(record) = recent_record(&self.topics, message, since_ms) {
                     visit(record);
                     visited += 1;
                 }
