@@ -74,6 +74,10 @@ impl ClientContext for TracingContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        // Reaching a partition's end is what a read back waits for.
+        if matches!(error, KafkaError::Global(RDKafkaErrorCode::PartitionEOF)) {
+            return;
+        }
         tracing::warn!(%error, reason, "kafka client error");
     }
 }

@@ -664,3 +664,76 @@ fn metric_labelled(port: u16, name: &str, result: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// An owner that crashed after writing a batch to the data topics but before
+/// saving its state: the next owner finds those records when it takes the
+/// agent over, so the resend is not written again. (The crashed owner is
+/// played by an aggregator without `[cluster]` on the same Kafka: it writes
+/// the data topics and saves nothing to the control topic.)
+#[test]
+fn scale_records_a_crashed_owner_did_not_save_are_found_at_takeover() {
+    let dir = tempfile::tempdir().unwrap();
+    let kafka = cluster_kafka(&dir.path().join("tansu"));
+    let agents = [(AGENT, TOKEN)];
+    let mut first = Node::new(dir.path(), "agg-first", kafka.port, &agents);
+    first.start();
+    wait_all_partitions_owned(&[&first]);
+    assert_eq!(post_batch_full(first.port, &batch(0..10)).0 .0, 200);
+    let code = first.process.as_mut().unwrap().terminate(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{}", first.log_tail());
+    first.process = None;
+
+    let crashed_port = free_port();
+    let crashed_config = dir.path().join("crashed.toml");
+    write_aggregator_config(
+        &crashed_config,
+        crashed_port,
+        &dir.path().join("crashed-state"),
+        &agents,
+        &format!("[kafka]\nbrokers = \"127.0.0.1:{}\"\nmessage-timeout = \"5s\"\n", kafka.port),
+    );
+    let mut crashed = start_aggregator(&crashed_config, crashed_port, &dir.path().join("crashed.log"));
+    assert_eq!(post_batch_full(crashed_port, &batch(10..20)).0 .0, 200);
+    crashed.kill();
+
+    let mut next = Node::new(dir.path(), "agg-next", kafka.port, &agents);
+    next.start();
+    wait_all_partitions_owned(&[&next]);
+    let (status, body) = post_batch_full(next.port, &batch(10..25));
+    assert_eq!(status.0, 200, "{body}");
+    let reply: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (reply["committed"].as_u64(), reply["duplicates"].as_u64()),
+        (Some(5), Some(10)),
+        "{reply}; {}",
+        next.log_tail()
+    );
+    let log = strip_ansi(&std::fs::read_to_string(&next.log).unwrap_or_default());
+    assert!(
+        log.lines().any(|l| l.contains("unsaved_records_found=10")),
+        "the takeover names what it found: {}",
+        next.log_tail()
+    );
+    let records = millrace_tests::kafka_read(kafka.port, "millrace.windows", 1.5);
+    let mut seqs: Vec<u64> = records.iter().map(seq_of).collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (0..25).collect::<Vec<_>>(), "every seq once in Kafka");
+}
+
+/// `text` without terminal colour sequences (`ESC [ … m`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
