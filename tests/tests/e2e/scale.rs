@@ -1,5 +1,6 @@
-//! The central side over time: the embedded log's retention, and the
-//! dashboard's history rebuilt from the log after a restart.
+//! The central side over time and scaled out: the embedded log's retention,
+//! the dashboard's history rebuilt from the log after a restart, and several
+//! aggregators sharing the fleet through Kafka (`[cluster]`).
 //!
 //! `scale_embedded_log_*`: the real `millrace-aggregator` with a tiny
 //! segment size and a size retention, fed real wire batches over HTTP; the
@@ -7,6 +8,15 @@
 //! `scale_dashboard_history_*`: windows and an alert posted, the aggregator
 //! restarted, the dashboard API asked for them (embedded log, and Kafka on a
 //! tansu broker).
+//! `scale_three_aggregators_six_agents_*`: three aggregators, six real agents
+//! fed by six simulators, one aggregator SIGKILLed and restarted, another
+//! stopped and started (an upgrade); Kafka read back with the Python client:
+//! every tapped window once, no (agent, seq) twice; every dashboard shows the
+//! whole fleet.
+//! `scale_a_batch_resent_*`: one owner writes, the other redirects (307 to
+//! the owner); the owner dies, the resend to another aggregator is answered
+//! as duplicates. `scale_records_a_crashed_owner_*`: records in Kafka that no
+//! saved state lists are found by the next owner's takeover.
 
 use millrace_protocol::{
     Alert, AlertKind, AnomalyScore, Batch, Envelope, Record, SeriesKey, Severity, Window,
