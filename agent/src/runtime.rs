@@ -404,12 +404,18 @@ pub async fn run(cfg: AgentConfig, tap: Option<PathBuf>) -> Result<(), RuntimeEr
     failure.map_or(Ok(()), Err)
 }
 
-async fn wait_for_signal() -> std::io::Result<&'static str> {
+/// Installs the SIGTERM and SIGINT handlers now (a signal that arrives
+/// while the store opens or the listeners bind is not lost, nor does it
+/// kill the process) and returns the future that resolves on the first.
+fn wait_for_signal() -> impl std::future::Future<Output = std::io::Result<&'static str>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+    let handlers = signal(SignalKind::terminate())
+        .and_then(|term| Ok((term, signal(SignalKind::interrupt())?)));
+    async move {
+        let (mut term, mut int) = handlers?;
+        Ok(tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        })
+    }
 }

@@ -193,9 +193,11 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
         let local = listener.local_addr()?;
-        tracing::info!(listen = %local, "millrace-aggregator ready");
         let shutdown = CancellationToken::new();
+        // Handlers are installed before "ready": a SIGTERM right after it
+        // is a clean stop.
         tokio::spawn(wait_for_signal(shutdown.clone()));
+        tracing::info!(listen = %local, "millrace-aggregator ready");
         #[cfg(unix)]
         tokio::spawn(reload_on_sighup(
             path.to_owned(),
@@ -296,28 +298,36 @@ async fn reload_on_sighup(
     }
 }
 
-async fn wait_for_signal(shutdown: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Installs the SIGTERM handler now and returns the future that cancels
+/// `shutdown` on SIGTERM or SIGINT.
+fn wait_for_signal(shutdown: CancellationToken) -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
+    let term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => Some(term),
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGTERM; only SIGINT stops the aggregator");
+            None
+        }
+    };
+    async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        match term {
+            Some(mut term) => {
                 tokio::select! {
                     _ = ctrl_c => {}
                     _ = term.recv() => {}
                 }
             }
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGTERM; only SIGINT stops the aggregator");
+            None => {
                 let _ = ctrl_c.await;
             }
         }
+        #[cfg(not(unix))]
+        {
+            let _ = ctrl_c.await;
+        }
+        tracing::info!("shutdown requested");
+        shutdown.cancel();
     }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
-    tracing::info!("shutdown requested");
-    shutdown.cancel();
 }

@@ -242,8 +242,17 @@ async fn main() -> anyhow::Result<()> {
                 no_mqtt,
                 no_rtu,
             };
+            // Signals are caught from before the start log line on, so a
+            // supervisor's SIGTERM right after "simulation started" stops
+            // the simulation cleanly instead of killing the process.
+            let stop = CancellationToken::new();
+            cancel_on_signals(stop.clone())?;
             let sim = Simulation::start(plant, options).await?;
-            cancel_on_signals(sim.cancel_token())?;
+            let sim_stop = sim.cancel_token();
+            tokio::spawn(async move {
+                stop.cancelled().await;
+                sim_stop.cancel();
+            });
             sim.wait().await?;
             info!("simulation stopped");
             Ok(())
