@@ -100,6 +100,16 @@ impl Analytics {
         self.collect();
     }
 
+    /// Brings the window state of the readings among `events` (the next
+    /// few to be handled) into the cache; see [`WindowEngine::warm`].
+    #[inline]
+    pub fn warm<'e>(&self, events: impl Iterator<Item = &'e IngestEvent> + Clone) {
+        self.engine.warm(events.filter_map(|ev| match ev {
+            IngestEvent::Reading(r, _) => Some(r),
+            _ => None,
+        }));
+    }
+
     /// `true` when `reading` is one the agent already counted, delivered
     /// again by its sender: the caller drops it (it is counted here) rather
     /// than journaling and pushing it a second time. A reading whose message
@@ -620,7 +630,19 @@ fn handle(
     events: &mut Vec<IngestEvent>,
     now_ms: UnixMs,
 ) {
-    for ev in events.drain(..) {
+    let mut events = events.drain(..);
+    let mut warm_in = 0;
+    loop {
+        if warm_in == 0 {
+            // The next few readings' series into the cache together (their
+            // misses overlap), rather than one miss per reading in turn.
+            analytics.warm(events.as_slice().iter().take(WindowEngine::WARM_AHEAD));
+            warm_in = WindowEngine::WARM_AHEAD;
+        }
+        warm_in -= 1;
+        let Some(ev) = events.next() else {
+            break;
+        };
         match ev {
             IngestEvent::Reading(r, delivery) => {
                 let again = analytics.is_redelivery(&r, delivery, now_ms);

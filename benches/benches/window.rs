@@ -9,6 +9,10 @@
 //! alone. The engine and scorer are warmed up (baselines past warm-up, so
 //! windows are really scored) and then fed the same block again and again,
 //! shifted forward in time outside the timed section.
+//!
+//! As in the pipeline, the series of every next 16 readings are warmed
+//! together ([`WindowEngine::warm`]) before they are pushed; `NOWARM=1`
+//! measures the same without, for comparison.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use millrace_agent::anomaly::{AnomalyConfig, Scorer};
@@ -24,6 +28,7 @@ const JITTER_MS: i64 = 300;
 struct Pipeline {
     /// Score windows and spike-check readings (false: the window engine alone).
     score: bool,
+    warm: bool,
     engine: WindowEngine,
     scorer: Scorer,
     out: Vec<EngineOutput>,
@@ -37,6 +42,7 @@ impl Pipeline {
         let max_series = window_cfg.max_series;
         Self {
             score,
+            warm: std::env::var_os("NOWARM").is_none(),
             engine: WindowEngine::new("bench-gw", window_cfg),
             scorer: Scorer::new("bench-gw", AnomalyConfig::default()).with_max_series(max_series),
             out: Vec::with_capacity(4 * SERIES),
@@ -49,7 +55,13 @@ impl Pipeline {
     fn run(&mut self, readings: &[Reading]) {
         let mut last_tick_s = i64::MIN;
         let mut now_ms = i64::MIN;
-        for r in readings {
+        for (i, r) in readings.iter().enumerate() {
+            // As the agent's pipeline: the series of the next few readings
+            // are brought into the cache together.
+            if self.warm && i % WindowEngine::WARM_AHEAD == 0 {
+                self.engine
+                    .warm(readings[i..].iter().take(WindowEngine::WARM_AHEAD));
+            }
             // Wall clock: monotonic, arrival just after the latest event time.
             now_ms = now_ms.max(r.time_ms + JITTER_MS);
             let admission = self.engine.push(r, now_ms, &mut self.out);

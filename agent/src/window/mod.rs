@@ -420,6 +420,30 @@ impl WindowEngine {
         self.series.len()
     }
 
+    /// Readings [`warm`](Self::warm) looks ahead at once: enough misses in
+    /// flight to hide most of their latency, few enough that what they load
+    /// is still in the cache when the readings are pushed.
+    pub const WARM_AHEAD: usize = 16;
+
+    /// Brings the state of the series of `readings` (up to
+    /// [`WARM_AHEAD`](Self::WARM_AHEAD), about to be pushed) into the cache,
+    /// so their lookups' cache misses overlap instead of one per push in
+    /// turn. Changes nothing; pushing without it gives the same results.
+    #[inline]
+    pub fn warm<'r>(&self, readings: impl Iterator<Item = &'r Reading> + Clone) {
+        let sum = self.series.warm(readings.map(|r| &r.series), |state| {
+            // The lines a reading and a closing window touch: the
+            // watermark, the latest window (its aggregate), the previous one
+            // (closed next) and the unit the window carries.
+            let start = |w: &Option<(UnixMs, Acc)>| w.as_ref().map_or(0, |(s, _)| *s as u64);
+            (state.watermark_ms as u64)
+                .wrapping_add(start(&state.latest))
+                .wrapping_add(start(&state.previous))
+                .wrapping_add(state.unit.len() as u64)
+        });
+        std::hint::black_box(sum);
+    }
+
     /// Feeds one reading at wall-clock `now_ms`. Windows it closes and a dead
     /// letter for it, if refused, are appended to `out`.
     pub fn push(
