@@ -194,8 +194,11 @@ struct Committed {
     expired: u64,
     corrupt: u64,
     /// Per block committed by this process (by first position): what
-    /// [`Journal::reclaim`] needs to keep it without decoding it.
+    /// [`Journal::reclaim`] needs to keep it without reading it.
     spans: std::collections::BTreeMap<u64, BlockSpan>,
+    /// Every entry at or above this position was committed by this process
+    /// and has its span (the journal's end when it was opened).
+    spans_from: u64,
 }
 
 /// A committed block's earliest event time, commit time and size.
@@ -278,6 +281,7 @@ impl Journal {
                 committed: Mutex::new(Committed {
                     durable_before: next_position,
                     scan_from: first.unwrap_or(next_position),
+                    spans_from: next_position,
                     entries,
                     ..Committed::default()
                 }),
@@ -391,7 +395,9 @@ impl Journal {
                 p.body = body;
             }
         }
-        committed.map_err(|e| StoreError::fjall("committing the journal", e))?;
+        // The span is kept even if the commit failed: the block may be in
+        // the keyspace all the same, and reclaim finds it (or its absence)
+        // through the span.
         if let Some(min_time_ms) = min_time_ms {
             c.spans.insert(
                 first,
@@ -402,6 +408,7 @@ impl Journal {
                 },
             );
         }
+        committed.map_err(|e| StoreError::fjall("committing the journal", e))?;
         c.durable_before = next_position;
         c.entries += u64::from(count);
         c.commits += 1;
@@ -505,24 +512,10 @@ impl Journal {
         let newest_mark = marks.values().copied().max().unwrap_or(UnixMs::MIN);
         let marks: hashbrown::HashMap<SeriesKey, UnixMs, foldhash::fast::RandomState> =
             marks.into_iter().collect();
-        let scan_from = c.scan_from;
-        c.spans = c.spans.split_off(&scan_from);
-        for guard in self.inner.ks.range(codec::u64_key(scan_from)..) {
-            let (key, value) = guard
-                .into_inner()
-                .map_err(|e| StoreError::fjall("reclaiming the journal", e))?;
-            let position = codec::decode_u64_key(&key).ok();
-            if let Some(span) = position.and_then(|p| c.spans.get(&p)) {
-                if span.min_time_ms >= newest_mark && span.appended_ms > cutoff {
-                    report.remaining += u64::from(span.count);
-                    if first_kept.is_none() {
-                        first_kept = position;
-                    }
-                    continue;
-                }
-            }
-            // Readings of the entry whose window is closed, and all of them.
-            let counted = codec::decode_journal_entry(&value).and_then(|(appended_ms, entry)| {
+        let keep_unread = |span: &BlockSpan| span.min_time_ms >= newest_mark && span.appended_ms > cutoff;
+        // What to do with one stored entry, read and decoded.
+        let mut judge = |key: &[u8], value: &[u8], report: &mut ReclaimReport| -> bool {
+            let counted = codec::decode_journal_entry(value).and_then(|(appended_ms, entry)| {
                 let (closed, all) = match entry {
                     JournalEntry::Single(r) => {
                         let closed = marks.get(&r.series).is_some_and(|&m| r.time_ms < m);
@@ -550,17 +543,70 @@ impl Journal {
                     // A block is deleted whole, once none of its readings
                     // feeds an open window.
                     report.remaining += all;
-                    if first_kept.is_none() {
-                        first_kept = codec::decode_u64_key(&key).ok();
-                    }
-                    continue;
+                    return false;
                 }
                 Err(Corrupt) => report.corrupt += 1,
             }
-            if let Some(p) = position {
-                c.spans.remove(&p);
-            }
             doomed.push(key.to_vec());
+            true
+        };
+        let scan_from = c.scan_from;
+        c.spans = c.spans.split_off(&scan_from);
+        if scan_from >= c.spans_from {
+            // Every entry left was committed by this process: its span says
+            // where it is, and only a block that may hold closed readings
+            // is read (a point read); the open windows' blocks are not.
+            let mut gone = Vec::new();
+            for (&position, span) in &c.spans {
+                if keep_unread(span) {
+                    report.remaining += u64::from(span.count);
+                    first_kept.get_or_insert(position);
+                    continue;
+                }
+                let key = codec::u64_key(position);
+                let value = self
+                    .inner
+                    .ks
+                    .get(key)
+                    .map_err(|e| StoreError::fjall("reclaiming the journal", e))?;
+                match value {
+                    // Its commit failed before the block was stored.
+                    None => gone.push(position),
+                    Some(value) => {
+                        if judge(&key, &value, &mut report) {
+                            gone.push(position);
+                        } else {
+                            first_kept.get_or_insert(position);
+                        }
+                    }
+                }
+            }
+            for position in gone {
+                c.spans.remove(&position);
+            }
+        } else {
+            for guard in self.inner.ks.range(codec::u64_key(scan_from)..) {
+                let (key, value) = guard
+                    .into_inner()
+                    .map_err(|e| StoreError::fjall("reclaiming the journal", e))?;
+                let position = codec::decode_u64_key(&key).ok();
+                if let Some(span) = position.and_then(|p| c.spans.get(&p)) {
+                    if keep_unread(span) {
+                        report.remaining += u64::from(span.count);
+                        if first_kept.is_none() {
+                            first_kept = position;
+                        }
+                        continue;
+                    }
+                }
+                if judge(&key, &value, &mut report) {
+                    if let Some(p) = position {
+                        c.spans.remove(&p);
+                    }
+                } else if first_kept.is_none() {
+                    first_kept = position;
+                }
+            }
         }
         // Deletes need no fsync: an entry that comes back after a crash is
         // filtered by the same mark, or reclaimed again.
