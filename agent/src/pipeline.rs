@@ -104,10 +104,20 @@ impl Analytics {
     /// few to be handled) into the cache; see [`WindowEngine::warm`].
     #[inline]
     pub fn warm<'e>(&self, events: impl Iterator<Item = &'e IngestEvent> + Clone) {
-        self.engine.warm(events.filter_map(|ev| match ev {
+        let readings = events.filter_map(|ev| match ev {
             IngestEvent::Reading(r, _) => Some(r),
             _ => None,
-        }));
+        });
+        let closing = self.engine.warm(readings.clone());
+        if closing != 0 {
+            // And the scorer's history of the series whose window closes.
+            self.scorer.warm(
+                readings
+                    .enumerate()
+                    .filter(|(i, _)| closing & (1 << i) != 0)
+                    .map(|(_, r)| r),
+            );
+        }
     }
 
     /// `true` when `reading` is one the agent already counted, delivered

@@ -59,8 +59,15 @@ impl Pipeline {
             // As the agent's pipeline: the series of the next few readings
             // are brought into the cache together.
             if self.warm && i % WindowEngine::WARM_AHEAD == 0 {
-                self.engine
-                    .warm(readings[i..].iter().take(WindowEngine::WARM_AHEAD));
+                let next = readings[i..].iter().take(WindowEngine::WARM_AHEAD);
+                let closing = self.engine.warm(next.clone());
+                if self.score && closing != 0 {
+                    self.scorer.warm(
+                        next.enumerate()
+                            .filter(|(i, _)| closing & (1 << i) != 0)
+                            .map(|(_, r)| r),
+                    );
+                }
             }
             // Wall clock: monotonic, arrival just after the latest event time.
             now_ms = now_ms.max(r.time_ms + JITTER_MS);

@@ -281,6 +281,21 @@ impl Scorer {
         (Some(alert), band)
     }
 
+    /// Brings the history of the series of `readings` into the cache: pass
+    /// those whose window closes next (the hint
+    /// [`WindowEngine::warm`](crate::window::WindowEngine::warm) returns), so
+    /// the scoring of their windows finds them there. Changes nothing.
+    #[inline]
+    pub fn warm<'r>(&self, readings: impl Iterator<Item = &'r Reading> + Clone) {
+        let sum = self.series.warm(readings.map(|r| (&r.series, ())), |(), h| {
+            let latest = h.windows.back().map_or(0, |(m, _)| m.to_bits());
+            h.baseline
+                .map_or(0, |b| b.mean.to_bits())
+                .wrapping_add(latest)
+        });
+        std::hint::black_box(sum);
+    }
+
     /// The spike check of one accepted reading (in the window starting at
     /// `window_start_ms`) against the current baseline of its series. Returns
     /// a spike alert at most once per series and window; nothing during

@@ -429,19 +429,38 @@ impl WindowEngine {
     /// [`WARM_AHEAD`](Self::WARM_AHEAD), about to be pushed) into the cache,
     /// so their lookups' cache misses overlap instead of one per push in
     /// turn. Changes nothing; pushing without it gives the same results.
+    ///
+    /// Returns which of them (bit `i` for the `i`-th) look set to close a
+    /// window of their series, whose scoring comes next: a hint for
+    /// [`Scorer::warm`](crate::anomaly::Scorer::warm), not a promise.
     #[inline]
-    pub fn warm<'r>(&self, readings: impl Iterator<Item = &'r Reading> + Clone) {
-        let sum = self.series.warm(readings.map(|r| &r.series), |state| {
+    pub fn warm<'r>(&self, readings: impl Iterator<Item = &'r Reading> + Clone) -> u32 {
+        const _: () = assert!(WindowEngine::WARM_AHEAD <= u32::BITS as usize);
+        let (width_ms, lateness_ms) = (self.width_ms, self.lateness_ms);
+        let mut closing = 0u32;
+        let items = readings
+            .take(Self::WARM_AHEAD)
+            .enumerate()
+            .map(|(i, r)| (&r.series, (i, r.time_ms)));
+        let sum = self.series.warm(items, |(i, time_ms), state| {
             // The lines a reading and a closing window touch: the
             // watermark, the latest window (its aggregate), the previous one
             // (closed next) and the unit the window carries.
-            let start = |w: &Option<(UnixMs, Acc)>| w.as_ref().map_or(0, |(s, _)| *s as u64);
+            let start = |w: &Option<(UnixMs, Acc)>| w.as_ref().map(|(s, _)| *s);
+            let first_open = start(&state.previous).or(start(&state.latest));
+            // Branch-free: which readings close a window is not predictable.
+            let closes = first_open.is_some_and(|first| {
+                (time_ms > state.max_event_ms)
+                    & (time_ms.saturating_sub(lateness_ms) >= first.saturating_add(width_ms))
+            });
+            closing |= u32::from(closes) << i;
             (state.watermark_ms as u64)
-                .wrapping_add(start(&state.latest))
-                .wrapping_add(start(&state.previous))
+                .wrapping_add(start(&state.latest).unwrap_or(0) as u64)
+                .wrapping_add(first_open.unwrap_or(0) as u64)
                 .wrapping_add(state.unit.len() as u64)
         });
         std::hint::black_box(sum);
+        closing
     }
 
     /// Feeds one reading at wall-clock `now_ms`. Windows it closes and a dead

@@ -236,37 +236,38 @@ impl<V> SeriesTable<V> {
         self.by_ptr.set(key, slot, generation, cap);
     }
 
-    /// Loads what the lookups of `keys` (a few, about to be looked up) will
-    /// read: first every key's alias cell, then the entry each names, with
-    /// `touch` reading the parts of the value the caller will use. These are
-    /// independent loads, so the processor overlaps their cache misses;
-    /// looked up one after the other, each reading would wait for its own
-    /// (at 10 000 series, the table is larger than the core's cache).
+    /// Loads what the lookups of `items`' keys (a few, about to be looked
+    /// up) will read: first every key's alias cell, then the entry each
+    /// names, with `touch` reading the parts of the value the caller will
+    /// use (it gets the item's `T` too). These are independent loads, so the
+    /// processor overlaps their cache misses; looked up one after the other,
+    /// each would wait for its own (at 10 000 series, the table is larger
+    /// than the core's cache).
     ///
     /// Reads only: a key not aliased yet is skipped (its lookup hashes its
     /// text, as before). The returned value is meaningless; hand it to
     /// [`std::hint::black_box`] so the loads are not optimised away.
     #[inline]
-    pub(crate) fn warm<'k>(
+    pub(crate) fn warm<'k, T: Copy>(
         &self,
-        keys: impl Iterator<Item = &'k SeriesKey> + Clone,
-        touch: impl Fn(&V) -> u64,
+        items: impl Iterator<Item = (&'k SeriesKey, T)> + Clone,
+        mut touch: impl FnMut(T, &V) -> u64,
     ) -> u64 {
         if self.by_ptr.cells.is_empty() {
             return 0;
         }
         let mut sum = 0u64;
-        for key in keys.clone() {
+        for (key, _) in items.clone() {
             let cell = &self.by_ptr.cells[self.by_ptr.home(addresses(key))];
             sum = sum.wrapping_add(u64::from(cell.slot));
         }
-        for key in keys {
+        for (key, item) in items {
             let Some(alias) = self.by_ptr.get(addresses(key)) else {
                 continue;
             };
             if let Some(entry) = self.entries.get(alias.slot as usize) {
                 if let Some(live) = &entry.live {
-                    sum = sum.wrapping_add(touch(&live.value));
+                    sum = sum.wrapping_add(touch(item, &live.value));
                 }
             }
         }
@@ -498,7 +499,7 @@ mod tests {
                         let keys: Vec<SeriesKey> = (n..n.saturating_add(4).min(24))
                             .map(|m| key(m, f))
                             .collect();
-                        std::hint::black_box(t.warm(keys.iter(), |v| u64::from(*v)));
+                        std::hint::black_box(t.warm(keys.iter().map(|k| (k, ())), |(), v| u64::from(*v)));
                     }
                 }
                 prop_assert_eq!(t.len(), model.len());

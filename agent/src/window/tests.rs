@@ -749,3 +749,41 @@ fn an_rtc_reset_to_1970_does_not_stall_the_windows() {
     assert_eq!(windows(&out).len(), 1, "{out:?}");
     assert_eq!(engine.stats().clock_jumps, 1);
 }
+
+/// `warm` changes nothing and flags the readings that go on to close a
+/// window of their series (the scorer's hint); unknown series are skipped.
+#[test]
+fn warm_flags_the_readings_that_close_a_window() {
+    let mut e = engine_ms(1_000, 500);
+    let mut out = Vec::new();
+    let (a, b) = (reading("a", 100, 1.0), reading("b", 100, 2.0));
+    e.push(&a, 200, &mut out);
+    e.push(&b, 200, &mut out);
+    let next = [
+        reading("a", 900, 1.0),     // same window
+        reading("b", 1_600, 2.0),   // closes [0, 1000) (1600 - 500 >= 1000)
+        reading("new", 5_000, 3.0), // no series yet
+        reading("a", 1_400, 1.0),   // a later window, within the lateness
+    ];
+    // The same `Arc`s as pushed: the alias lookup is what warm uses.
+    let next: Vec<Reading> = next
+        .into_iter()
+        .map(|mut r| {
+            if *r.series.device == *"a" {
+                r.series = a.series.clone();
+            } else if *r.series.device == *"b" {
+                r.series = b.series.clone();
+            }
+            r
+        })
+        .collect();
+    assert_eq!(e.warm(next.iter()), 0b0010);
+    let before = e.stats();
+    assert_eq!(e.warm(next.iter()), 0b0010, "warm changed nothing");
+    assert_eq!(e.stats(), before);
+    for r in &next {
+        e.push(r, 1_700, &mut out);
+    }
+    let closed: Vec<&str> = windows(&out).iter().map(|w| &*w.series.device).collect();
+    assert_eq!(closed, ["b"], "the flagged reading closed its window");
+}
