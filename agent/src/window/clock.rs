@@ -57,6 +57,11 @@ impl SteadyClock {
         self.steady_ms
     }
 
+    /// The steady time of the last observation.
+    pub fn steady_ms(&self) -> i64 {
+        self.steady_ms
+    }
+
     /// Clock jumps seen (a step back, or forward by more than [`MAX_STEP_MS`]).
     pub fn jumps(&self) -> u64 {
         self.jumps

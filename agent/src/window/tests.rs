@@ -576,6 +576,7 @@ proptest! {
             }
             if tick {
                 engine.tick(now + wall, &mut out);
+                prop_assert_eq!(engine.overdue(), 0, "a tick left an idle series open");
             }
         }
         engine.flush(&mut out);
@@ -786,4 +787,49 @@ fn warm_flags_the_readings_that_close_a_window() {
     }
     let closed: Vec<&str> = windows(&out).iter().map(|w| &*w.series.device).collect();
     assert_eq!(closed, ["b"], "the flagged reading closed its window");
+}
+
+#[test]
+fn ticks_between_deadlines_skip_nothing_that_is_due() {
+    // Idle timeout 5 s (default), TTL 10 min.
+    let mut engine = engine_ms(5_000, 2_000);
+    let mut out = Vec::new();
+    // A tick of an empty engine sees no deadline at all; the first reading
+    // after it still gets its window idle-closed on time.
+    engine.tick(0, &mut out);
+    engine.push(&reading("a", 1_000, 1.0), 1_000, &mut out);
+    engine.tick(6_000, &mut out);
+    assert!(
+        windows(&out).is_empty(),
+        "exactly idle-timeout is not yet idle"
+    );
+    engine.tick(6_001, &mut out);
+    assert_eq!(
+        windows(&out).len(),
+        1,
+        "idle-closed right after the timeout"
+    );
+
+    // "b" stops at 20 s while "a" keeps reporting every second: b's window
+    // closes at the first tick past its own deadline, whatever a does.
+    out.clear();
+    for now in (10_000..=40_000i64).step_by(250) {
+        if now % 1_000 == 0 {
+            engine.push(&reading("a", now, 1.0), now, &mut out);
+            if now <= 20_000 {
+                engine.push(&reading("b", now, 1.0), now, &mut out);
+            }
+        }
+        engine.tick(now, &mut out);
+        assert_eq!(engine.overdue(), 0, "a tick at {now} left a series due");
+        let b_idle = windows(&out)
+            .iter()
+            .filter(|w| &*w.series.device == "b" && w.start_ms == 20_000)
+            .count();
+        assert_eq!(
+            b_idle,
+            usize::from(now > 25_000),
+            "b's last window at {now}"
+        );
+    }
 }
