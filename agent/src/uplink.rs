@@ -760,7 +760,9 @@ impl Uplink {
                         None => {
                             tracing::error!(from = %endpoint, %location, "aggregator redirected this agent to a URL that is not in uplink.url; not followed (the token goes only to configured aggregators)");
                             return SendOutcome::Retry {
-                                reason: format!("redirect to {location}, which uplink.url does not list"),
+                                reason: format!(
+                                    "redirect to {location}, which uplink.url does not list"
+                                ),
                                 retry_after: None,
                             };
                         }
@@ -1176,12 +1178,15 @@ token = "uplink-secret-do-not-print"
         let stub = |status: u16, body: &str| {
             let answer = Arc::new(std::sync::Mutex::new((status, body.to_owned())));
             let posts = Arc::new(AtomicU64::new(0));
-            (Arc::clone(&answer), Arc::clone(&posts), stub_aggregator(answer, posts))
+            (
+                Arc::clone(&answer),
+                Arc::clone(&posts),
+                stub_aggregator(answer, posts),
+            )
         };
         let (_, owner_posts, owner) = stub(200, r#"{"committed":3,"duplicates":0}"#);
         let owner = owner.await;
-        let (other_answer, other_posts, other) =
-            stub(307, &format!("{owner}/api/v1/ingest"));
+        let (other_answer, other_posts, other) = stub(307, &format!("{owner}/api/v1/ingest"));
         let other = other.await;
         let (_, stranger_posts, stranger) = stub(200, r#"{"committed":3,"duplicates":0}"#);
         let stranger = stranger.await;
@@ -1198,7 +1203,13 @@ token = "uplink-secret-do-not-print"
         // The next batch goes straight to the owner.
         store.outbox().append(dead_letters(2)).unwrap();
         assert_eq!(uplink.drain(Duration::from_secs(5)).await, 1);
-        assert_eq!((other_posts.load(Ordering::SeqCst), owner_posts.load(Ordering::SeqCst)), (1, 2));
+        assert_eq!(
+            (
+                other_posts.load(Ordering::SeqCst),
+                owner_posts.load(Ordering::SeqCst)
+            ),
+            (1, 2)
+        );
 
         // A redirect beyond the configured list is not followed: the token
         // and the records stay home.

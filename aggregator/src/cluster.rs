@@ -346,7 +346,11 @@ impl Cluster {
         let metadata = consumer.fetch_metadata(None, KAFKA_TIMEOUT)?;
         let mut assignment = TopicPartitionList::new();
         for topic in [&topics.windows, &topics.alerts] {
-            if let Some(t) = metadata.topics().iter().find(|t| t.name() == topic.as_str()) {
+            if let Some(t) = metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic.as_str())
+            {
                 for p in t.partitions() {
                     assignment.add_partition_offset(topic, p.id(), Offset::End)?;
                 }
@@ -362,14 +366,17 @@ impl Cluster {
                     let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) else {
                         continue;
                     };
-                    let Some(r) = recent_record(&topics, &message, crate::dashboard::now_ms()) else {
+                    let Some(r) = recent_record(&topics, &message, crate::dashboard::now_ms())
+                    else {
                         continue;
                     };
                     let partition = partition_of(&r.agent, shared.partitions);
                     if lock(&shared.owned).contains_key(&partition) {
                         continue; // this aggregator's own: its ingest showed it
                     }
-                    dashboard.live().restore(&r.agent, r.seq, &r.record, r.appended_ms);
+                    dashboard
+                        .live()
+                        .restore(&r.agent, r.seq, &r.record, r.appended_ms);
                 }
             })
             .map_err(ClusterStartError::Thread)?;
@@ -409,7 +416,8 @@ impl Cluster {
     pub async fn admit(&self, agent: &str, state: &mut AgentDedup) -> Result<Lease, ClusterError> {
         let shared = &self.shared;
         let partition = partition_of(agent, shared.partitions);
-        let lease = Lease::take(shared, partition).ok_or_else(|| self.not_here(agent, partition))?;
+        let lease =
+            Lease::take(shared, partition).ok_or_else(|| self.not_here(agent, partition))?;
         let end = self.control_end(partition).await?;
         self.read_to(partition, end).await?;
         let view = lock(&shared.view);
@@ -429,7 +437,11 @@ impl Cluster {
     /// Saves `state` (the batch's records are in the log) as `agent`'s
     /// latest state, and checks that this aggregator still owned the
     /// partition when it did.
-    pub async fn save(&self, state: &AgentDedup, marks: BTreeMap<String, u64>) -> Result<(), ClusterError> {
+    pub async fn save(
+        &self,
+        state: &AgentDedup,
+        marks: BTreeMap<String, u64>,
+    ) -> Result<(), ClusterError> {
         let shared = &self.shared;
         let partition = partition_of(state.agent(), shared.partitions);
         let record = Control::State {
@@ -503,7 +515,12 @@ impl Cluster {
         wait_read(&self.shared, partition, end).await
     }
 
-    async fn append(&self, partition: usize, key: &str, record: &Control) -> Result<u64, ClusterError> {
+    async fn append(
+        &self,
+        partition: usize,
+        key: &str,
+        record: &Control,
+    ) -> Result<u64, ClusterError> {
         append(&self.shared, partition, key, record).await
     }
 }
@@ -526,7 +543,12 @@ async fn wait_read(shared: &Shared, partition: usize, end: u64) -> Result<(), Cl
     }
 }
 
-async fn append(shared: &Shared, partition: usize, key: &str, record: &Control) -> Result<u64, ClusterError> {
+async fn append(
+    shared: &Shared,
+    partition: usize,
+    key: &str,
+    record: &Control,
+) -> Result<u64, ClusterError> {
     let payload = serde_json::to_vec(record).unwrap_or_default();
     let delivery = shared
         .producer
@@ -556,7 +578,9 @@ pub struct Lease {
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared").field("member", &self.member).finish_non_exhaustive()
+        f.debug_struct("Shared")
+            .field("member", &self.member)
+            .finish_non_exhaustive()
     }
 }
 
@@ -737,7 +761,8 @@ fn start_membership(
             // batches), then the group rebalances without this member.
             consumer.unsubscribe();
             let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline && !consumer.assignment().is_ok_and(|a| a.count() == 0) {
+            while Instant::now() < deadline && !consumer.assignment().is_ok_and(|a| a.count() == 0)
+            {
                 let _ = consumer.poll(Duration::from_millis(50));
             }
             let owned: Vec<usize> = lock(&shared.owned).keys().copied().collect();
@@ -762,7 +787,11 @@ async fn take_over(shared: Arc<Shared>, mut assigned: mpsc::UnboundedReceiver<Ve
                         let mut owned = lock(&shared.owned);
                         if let Some(o) = owned.get_mut(&p) {
                             *o = Ownership::Owned;
-                            tracing::info!(partition = p, unsaved_records_found = found, "control partition taken over");
+                            tracing::info!(
+                                partition = p,
+                                unsaved_records_found = found,
+                                "control partition taken over"
+                            );
                         }
                     }
                     Err(error) => {

@@ -128,7 +128,8 @@ impl RawCluster {
         let ok = parsed.as_ref().is_ok_and(|u| {
             matches!(u.scheme_str(), Some("http" | "https"))
                 && u.host().is_some()
-                && u.path_and_query().is_none_or(|p| p.as_str() == "/" || p.as_str().is_empty())
+                && u.path_and_query()
+                    .is_none_or(|p| p.as_str() == "/" || p.as_str().is_empty())
         });
         if !ok {
             return Err(invalid(
@@ -145,7 +146,9 @@ impl RawCluster {
         if !valid_topic(&control_topic) {
             return Err(invalid(
                 "cluster.control-topic",
-                format!("`{control_topic}` is not a valid topic name (1 to 249 of A-Z a-z 0-9 . _ -)"),
+                format!(
+                    "`{control_topic}` is not a valid topic name (1 to 249 of A-Z a-z 0-9 . _ -)"
+                ),
             ));
         }
         let group = self
@@ -1116,7 +1119,10 @@ brokers = "127.0.0.1:9092"
     fn a_cluster_needs_kafka_and_a_base_url() {
         let kafka = "[kafka]\nbrokers = \"k:9092\"\n";
         let cluster = |table: &str, with_kafka: bool| {
-            let text = format!("{MINIMAL}{}[cluster]\n{table}", if with_kafka { kafka } else { "" });
+            let text = format!(
+                "{MINIMAL}{}[cluster]\n{table}",
+                if with_kafka { kafka } else { "" }
+            );
             parse(&text)
         };
         let cfg = cluster("advertise-url = \"https://agg-1.plant:8480/\"\n", true).unwrap();
@@ -1131,13 +1137,32 @@ brokers = "127.0.0.1:9092"
         for (table, with_kafka, key) in [
             ("advertise-url = \"https://a:1\"\n", false, "cluster"),
             ("", true, "cluster.advertise-url"),
-            ("advertise-url = \"agg-1:8480\"\n", true, "cluster.advertise-url"),
-            ("advertise-url = \"https://a:1/api\"\n", true, "cluster.advertise-url"),
-            ("advertise-url = \"https://a:1\"\ncontrol-topic = \"a b\"\n", true, "cluster.control-topic"),
-            ("advertise-url = \"https://a:1\"\ngroup = \" \"\n", true, "cluster.group"),
+            (
+                "advertise-url = \"agg-1:8480\"\n",
+                true,
+                "cluster.advertise-url",
+            ),
+            (
+                "advertise-url = \"https://a:1/api\"\n",
+                true,
+                "cluster.advertise-url",
+            ),
+            (
+                "advertise-url = \"https://a:1\"\ncontrol-topic = \"a b\"\n",
+                true,
+                "cluster.control-topic",
+            ),
+            (
+                "advertise-url = \"https://a:1\"\ngroup = \" \"\n",
+                true,
+                "cluster.group",
+            ),
         ] {
             let e = cluster(table, with_kafka).unwrap_err().to_string();
-            assert!(e.contains(&format!("`{key}`")) || e.contains(key), "{table}: {e}");
+            assert!(
+                e.contains(&format!("`{key}`")) || e.contains(key),
+                "{table}: {e}"
+            );
         }
     }
 

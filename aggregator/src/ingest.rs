@@ -33,8 +33,8 @@
 //! What it is not: no TLS here (terminate it in front, or add it at the
 //! listener).
 
-use crate::config::{AgentCredential, Topics};
 use crate::cluster::{Cluster, ClusterError};
+use crate::config::{AgentCredential, Topics};
 use crate::dedup::{DedupError, DedupStore};
 use crate::log::{Health, LogError, LogRecord, LogWriter};
 use axum::body::Body;

@@ -89,11 +89,7 @@ impl Aggregator {
                 let writer = Arc::new(KafkaWriter::new(kafka.clone(), config.topics.clone())?);
                 if let Some(cluster) = &config.cluster {
                     let log: Arc<dyn LogWriter> = writer.clone();
-                    let cluster = cluster::Cluster::start(
-                        cluster.clone(),
-                        kafka,
-                        writer,
-                    )?;
+                    let cluster = cluster::Cluster::start(cluster.clone(), kafka, writer)?;
                     // No local state: the agents' dedup states live in the
                     // control topic.
                     let dedup = DedupStore::in_memory(config.agents.iter().map(|a| a.id.as_str()));

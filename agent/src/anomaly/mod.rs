@@ -287,12 +287,14 @@ impl Scorer {
     /// the scoring of their windows finds them there. Changes nothing.
     #[inline]
     pub fn warm<'r>(&self, readings: impl Iterator<Item = &'r Reading> + Clone) {
-        let sum = self.series.warm(readings.map(|r| (&r.series, ())), |(), h| {
-            let latest = h.windows.back().map_or(0, |(m, _)| m.to_bits());
-            h.baseline
-                .map_or(0, |b| b.mean.to_bits())
-                .wrapping_add(latest)
-        });
+        let sum = self
+            .series
+            .warm(readings.map(|r| (&r.series, ())), |(), h| {
+                let latest = h.windows.back().map_or(0, |(m, _)| m.to_bits());
+                h.baseline
+                    .map_or(0, |b| b.mean.to_bits())
+                    .wrapping_add(latest)
+            });
         std::hint::black_box(sum);
     }
 

@@ -330,7 +330,10 @@ impl Journal {
         p.next_position += 1;
         p.count += 1;
         p.oldest.get_or_insert_with(Instant::now);
-        p.min_time_ms = Some(p.min_time_ms.map_or(reading.time_ms, |t| t.min(reading.time_ms)));
+        p.min_time_ms = Some(
+            p.min_time_ms
+                .map_or(reading.time_ms, |t| t.min(reading.time_ms)),
+        );
         Ok(JournalPosition(position))
     }
 
@@ -512,7 +515,8 @@ impl Journal {
         let newest_mark = marks.values().copied().max().unwrap_or(UnixMs::MIN);
         let marks: hashbrown::HashMap<SeriesKey, UnixMs, foldhash::fast::RandomState> =
             marks.into_iter().collect();
-        let keep_unread = |span: &BlockSpan| span.min_time_ms >= newest_mark && span.appended_ms > cutoff;
+        let keep_unread =
+            |span: &BlockSpan| span.min_time_ms >= newest_mark && span.appended_ms > cutoff;
         // What to do with one stored entry, read and decoded.
         let mut judge = |key: &[u8], value: &[u8], report: &mut ReclaimReport| -> bool {
             let counted = codec::decode_journal_entry(value).and_then(|(appended_ms, entry)| {

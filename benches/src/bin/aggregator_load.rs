@@ -335,8 +335,7 @@ fn run_case(args: &Args, case: &str, root: &Path, ticks: f64) -> Result<Outcome,
             &mut proc,
             || {
                 let text = scrape(port)?;
-                (metric(&text, "millrace_aggregator_cluster_partitions_owned") == 6.0)
-                    .then_some(())
+                (metric(&text, "millrace_aggregator_cluster_partitions_owned") == 6.0).then_some(())
             },
         )?;
     }

@@ -141,7 +141,12 @@ request-timeout = "5s"
     )
 }
 
-pub(crate) fn spawn_agent(config: &Path, tap: Option<&Path>, log: &Path, json_log: bool) -> ChildGuard {
+pub(crate) fn spawn_agent(
+    config: &Path,
+    tap: Option<&Path>,
+    log: &Path,
+    json_log: bool,
+) -> ChildGuard {
     let stderr = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -333,7 +333,12 @@ impl Node {
         self.process.as_mut().expect("running").kill();
         self.process = None;
         let noticed = wait_until_stable(
-            || survivors.iter().zip(&before).any(|(n, b)| n.rebalances() > *b),
+            || {
+                survivors
+                    .iter()
+                    .zip(&before)
+                    .any(|(n, b)| n.rebalances() > *b)
+            },
             |all| *all,
             Duration::from_millis(200),
             Duration::ZERO,
@@ -344,7 +349,11 @@ impl Node {
             "the group never rebalanced the survivors after the kill: {:?} → {:?}\n{}",
             before,
             survivors.iter().map(|n| n.rebalances()).collect::<Vec<_>>(),
-            survivors.iter().map(|n| n.log_tail()).collect::<Vec<_>>().join("\n---\n")
+            survivors
+                .iter()
+                .map(|n| n.log_tail())
+                .collect::<Vec<_>>()
+                .join("\n---\n")
         );
     }
 
@@ -374,7 +383,11 @@ fn wait_all_partitions_owned(nodes: &[&Node]) {
         CONTROL_TOPIC_PARTITIONS,
         "control partitions owned: {:?}; logs:\n{}",
         nodes.iter().map(|n| n.owned()).collect::<Vec<_>>(),
-        nodes.iter().map(|n| n.log_tail()).collect::<Vec<_>>().join("\n---\n")
+        nodes
+            .iter()
+            .map(|n| n.log_tail())
+            .collect::<Vec<_>>()
+            .join("\n---\n")
     );
 }
 
@@ -397,9 +410,21 @@ fn scale_a_batch_resent_to_another_aggregator_is_written_once() {
     let (status_b, _) = post_batch_full(b.port, &first);
     let mut statuses = [status_a.0, status_b.0];
     statuses.sort_unstable();
-    assert_eq!(statuses, [200, 307], "one owner writes, the other redirects");
-    let (owner, other) = if status_a.0 == 200 { (&mut a, &mut b) } else { (&mut b, &mut a) };
-    let location = if status_a.0 == 307 { &status_a.1 } else { &status_b.1 };
+    assert_eq!(
+        statuses,
+        [200, 307],
+        "one owner writes, the other redirects"
+    );
+    let (owner, other) = if status_a.0 == 200 {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    let location = if status_a.0 == 307 {
+        &status_a.1
+    } else {
+        &status_b.1
+    };
     assert_eq!(
         location.as_deref(),
         Some(format!("http://127.0.0.1:{}/api/v1/ingest", owner.port).as_str()),
@@ -418,7 +443,10 @@ fn scale_a_batch_resent_to_another_aggregator_is_written_once() {
     let resend = batch(0..40);
     let ((mut status, location), mut body) = post_batch_full(other.port, &resend);
     if status == 307 {
-        assert_eq!(location, Some(format!("http://127.0.0.1:{}/api/v1/ingest", c.port)));
+        assert_eq!(
+            location,
+            Some(format!("http://127.0.0.1:{}/api/v1/ingest", c.port))
+        );
         let ((s, _), b) = post_batch_full(c.port, &resend);
         (status, body) = (s, b);
     }
@@ -426,12 +454,19 @@ fn scale_a_batch_resent_to_another_aggregator_is_written_once() {
     let reply: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(reply["committed"], 0, "{reply}");
     assert_eq!(reply["duplicates"], 40, "{reply}");
-    let new_owner = if location.is_some() { c.port } else { other.port };
+    let new_owner = if location.is_some() {
+        c.port
+    } else {
+        other.port
+    };
     // And new records still go in.
     let (status, body) = post_batch_full(new_owner, &batch(30..60));
     assert_eq!(status.0, 200, "{body}");
     let reply: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!((reply["committed"].as_u64(), reply["duplicates"].as_u64()), (Some(20), Some(10)));
+    assert_eq!(
+        (reply["committed"].as_u64(), reply["duplicates"].as_u64()),
+        (Some(20), Some(10))
+    );
 
     let records = millrace_tests::kafka_read(kafka.port, "millrace.windows", 1.5);
     let mut seqs: Vec<u64> = records.iter().map(seq_of).collect();
@@ -464,14 +499,21 @@ fn post_batch_full(port: u16, batch: &Batch) -> ((u16, Option<String>), String) 
         .unwrap_or(0);
     let location = head.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;
-        k.eq_ignore_ascii_case("location").then(|| v.trim().to_owned())
+        k.eq_ignore_ascii_case("location")
+            .then(|| v.trim().to_owned())
     });
     ((status, location), body.to_owned())
 }
 
 /// The agent config of one of the fleet's gateways: its embedded broker on
 /// `mqtt_port`, 1 s windows, its uplink to `urls` (a cluster's aggregators).
-fn fleet_agent_config(id: &str, token: &str, data_dir: &Path, mqtt_port: u16, urls: &[String]) -> String {
+fn fleet_agent_config(
+    id: &str,
+    token: &str,
+    data_dir: &Path,
+    mqtt_port: u16,
+    urls: &[String],
+) -> String {
     let urls = urls
         .iter()
         .map(|u| format!("\"{u}\""))
@@ -520,15 +562,23 @@ fn tapped(tap: &Path) -> usize {
 /// Kafka exactly once, read back with the independent Python client.
 #[test]
 fn scale_three_aggregators_six_agents_exactly_once_through_kill_and_upgrade() {
-    use crate::chain::{kafka_keys, key_set, spawn_agent, spawn_sim, sim_config, tail_of, tap_windows, WindowKey};
+    use crate::chain::{
+        kafka_keys, key_set, sim_config, spawn_agent, spawn_sim, tail_of, tap_windows, WindowKey,
+    };
     use millrace_tests::{kafka_read, wait_for_port};
     let started = std::time::Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let kafka = cluster_kafka(&dir.path().join("tansu"));
     let ids: Vec<(String, String)> = (1..=6)
-        .map(|i| (format!("gw-fleet-{i}"), format!("fleet-token-{i}-0123456789abcdef")))
+        .map(|i| {
+            (
+                format!("gw-fleet-{i}"),
+                format!("fleet-token-{i}-0123456789abcdef"),
+            )
+        })
         .collect();
-    let credentials: Vec<(&str, &str)> = ids.iter().map(|(a, t)| (a.as_str(), t.as_str())).collect();
+    let credentials: Vec<(&str, &str)> =
+        ids.iter().map(|(a, t)| (a.as_str(), t.as_str())).collect();
     let mut nodes: Vec<Node> = ["agg-1", "agg-2", "agg-3"]
         .iter()
         .map(|name| Node::new(dir.path(), name, kafka.port, &credentials))
@@ -537,7 +587,10 @@ fn scale_three_aggregators_six_agents_exactly_once_through_kill_and_upgrade() {
         node.start();
     }
     wait_all_partitions_owned(&nodes.iter().collect::<Vec<_>>());
-    let urls: Vec<String> = nodes.iter().map(|n| format!("http://127.0.0.1:{}", n.port)).collect();
+    let urls: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("http://127.0.0.1:{}", n.port))
+        .collect();
 
     // Six gateways, each starting its uplink at another aggregator, each
     // with two sensors at 10 Hz from its own simulator.
@@ -551,16 +604,29 @@ fn scale_three_aggregators_six_agents_exactly_once_through_kill_and_upgrade() {
         let config = dir.path().join(format!("{id}.toml"));
         std::fs::write(
             &config,
-            fleet_agent_config(id, token, &dir.path().join(format!("{id}-state")), mqtt_port, &order),
+            fleet_agent_config(
+                id,
+                token,
+                &dir.path().join(format!("{id}-state")),
+                mqtt_port,
+                &order,
+            ),
         )
         .unwrap();
         let tap = dir.path().join(format!("{id}.tap.jsonl"));
         let log = dir.path().join(format!("{id}.log"));
         agents.push((spawn_agent(&config, Some(&tap), &log, false), log));
-        wait_for_port(std::net::SocketAddr::from(([127, 0, 0, 1], mqtt_port)), Duration::from_secs(20));
+        wait_for_port(
+            std::net::SocketAddr::from(([127, 0, 0, 1], mqtt_port)),
+            Duration::from_secs(20),
+        );
         let sensors: Vec<String> = (1..=2).map(|s| format!("{id}-press/s{s}")).collect();
         let sim_toml = dir.path().join(format!("{id}.sim.toml"));
-        std::fs::write(&sim_toml, sim_config(mqtt_port, &format!("sim-{id}"), &sensors)).unwrap();
+        std::fs::write(
+            &sim_toml,
+            sim_config(mqtt_port, &format!("sim-{id}"), &sensors),
+        )
+        .unwrap();
         sims.push(spawn_sim(&sim_toml, &dir.path().join(format!("{id}.sim.log"))).0);
         taps.push(tap);
     }
@@ -587,7 +653,11 @@ fn scale_three_aggregators_six_agents_exactly_once_through_kill_and_upgrade() {
     wait_windows(14);
 
     // Stop another one for an upgrade: it gives its agents up in order.
-    let code = nodes[1].process.as_mut().unwrap().terminate(Duration::from_secs(30));
+    let code = nodes[1]
+        .process
+        .as_mut()
+        .unwrap()
+        .terminate(Duration::from_secs(30));
     assert_eq!(code, Some(0), "SIGTERM: exit 0; {}", nodes[1].log_tail());
     nodes[1].process = None;
     wait_all_partitions_owned(&[&nodes[0], &nodes[2]]);
@@ -603,10 +673,16 @@ fn scale_three_aggregators_six_agents_exactly_once_through_kill_and_upgrade() {
     let tap_paths: Vec<&Path> = taps.iter().map(|t| t.as_path()).collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     let records = loop {
-        let want: std::collections::BTreeSet<WindowKey> =
-            tap_paths.iter().flat_map(|t| key_set(&tap_windows(t))).collect();
+        let want: std::collections::BTreeSet<WindowKey> = tap_paths
+            .iter()
+            .flat_map(|t| key_set(&tap_windows(t)))
+            .collect();
         let records = kafka_read(kafka.port, "millrace.windows", 1.5);
-        let stable = want == tap_paths.iter().flat_map(|t| key_set(&tap_windows(t))).collect();
+        let stable = want
+            == tap_paths
+                .iter()
+                .flat_map(|t| key_set(&tap_windows(t)))
+                .collect();
         if stable && want.is_subset(&kafka_keys(&records)) {
             break records;
         }
@@ -615,7 +691,11 @@ fn scale_three_aggregators_six_agents_exactly_once_through_kill_and_upgrade() {
             "Kafka lacks {} of {} tapped windows; agent logs:\n{}",
             want.difference(&kafka_keys(&records)).count(),
             want.len(),
-            agents.iter().map(|(_, log)| tail_of(log, 10)).collect::<Vec<_>>().join("\n---\n")
+            agents
+                .iter()
+                .map(|(_, log)| tail_of(log, 10))
+                .collect::<Vec<_>>()
+                .join("\n---\n")
         );
         std::thread::sleep(Duration::from_millis(500));
     };
@@ -624,15 +704,28 @@ fn scale_three_aggregators_six_agents_exactly_once_through_kill_and_upgrade() {
     for node in &nodes {
         let total = wait_until_stable(
             || {
-                let (_, body) = millrace_tests::http_request(node.port, "GET", "/api/v1/series?limit=1", &[], b"");
-                serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| v["total"].as_u64())
+                let (_, body) = millrace_tests::http_request(
+                    node.port,
+                    "GET",
+                    "/api/v1/series?limit=1",
+                    &[],
+                    b"",
+                );
+                serde_json::from_str::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["total"].as_u64())
             },
             |t| *t == Some(12),
             Duration::from_millis(200),
             Duration::ZERO,
             Duration::from_secs(30),
         );
-        assert_eq!(total, Some(12), "the dashboard on {} shows the fleet's 12 series", node.port);
+        assert_eq!(
+            total,
+            Some(12),
+            "the dashboard on {} shows the fleet's 12 series",
+            node.port
+        );
     }
     for (agent, _) in &mut agents {
         agent.terminate(Duration::from_secs(20));
@@ -645,7 +738,8 @@ fn scale_three_aggregators_six_agents_exactly_once_through_kill_and_upgrade() {
         *seen.entry((agent, seq_of(r))).or_insert(0usize) += 1;
     }
     let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
-    let tapped_all: Vec<serde_json::Value> = tap_paths.iter().flat_map(|t| tap_windows(t)).collect();
+    let tapped_all: Vec<serde_json::Value> =
+        tap_paths.iter().flat_map(|t| tap_windows(t)).collect();
     let redirected: f64 = nodes
         .iter()
         .map(|n| metric_labelled(n.port, "millrace_aggregator_batches_total", "redirected"))
@@ -659,9 +753,21 @@ fn scale_three_aggregators_six_agents_exactly_once_through_kill_and_upgrade() {
         started.elapsed()
     );
     assert!(twice.is_empty(), "written twice: {twice:?}");
-    assert_eq!(records.len(), tapped_all.len(), "one Kafka record per tapped window");
-    assert_eq!(kafka_keys(&records), key_set(&tapped_all), "the same windows");
-    assert!(tapped_all.len() >= 6 * 22, "only {} windows tapped", tapped_all.len());
+    assert_eq!(
+        records.len(),
+        tapped_all.len(),
+        "one Kafka record per tapped window"
+    );
+    assert_eq!(
+        kafka_keys(&records),
+        key_set(&tapped_all),
+        "the same windows"
+    );
+    assert!(
+        tapped_all.len() >= 6 * 22,
+        "only {} windows tapped",
+        tapped_all.len()
+    );
     drop(kafka);
 }
 
@@ -689,7 +795,11 @@ fn scale_records_a_crashed_owner_did_not_save_are_found_at_takeover() {
     first.start();
     wait_all_partitions_owned(&[&first]);
     assert_eq!(post_batch_full(first.port, &batch(0..10)).0 .0, 200);
-    let code = first.process.as_mut().unwrap().terminate(Duration::from_secs(30));
+    let code = first
+        .process
+        .as_mut()
+        .unwrap()
+        .terminate(Duration::from_secs(30));
     assert_eq!(code, Some(0), "{}", first.log_tail());
     first.process = None;
 
@@ -700,9 +810,16 @@ fn scale_records_a_crashed_owner_did_not_save_are_found_at_takeover() {
         crashed_port,
         &dir.path().join("crashed-state"),
         &agents,
-        &format!("[kafka]\nbrokers = \"127.0.0.1:{}\"\nmessage-timeout = \"5s\"\n", kafka.port),
+        &format!(
+            "[kafka]\nbrokers = \"127.0.0.1:{}\"\nmessage-timeout = \"5s\"\n",
+            kafka.port
+        ),
     );
-    let mut crashed = start_aggregator(&crashed_config, crashed_port, &dir.path().join("crashed.log"));
+    let mut crashed = start_aggregator(
+        &crashed_config,
+        crashed_port,
+        &dir.path().join("crashed.log"),
+    );
     assert_eq!(post_batch_full(crashed_port, &batch(10..20)).0 .0, 200);
     crashed.kill();
 
