@@ -43,9 +43,11 @@ const FJALL_MEMTABLE_BYTES: u64 = 4 * 1024 * 1024;
 
 /// Memtable of the journal keyspace: its blocks are deleted within seconds
 /// of being written, and it takes most of the writes, so a small memtable
-/// keeps memory flat at 100 000 readings/s (it flushes about every 0.1 s,
-/// mostly tombstones and short-lived blocks).
-const FJALL_JOURNAL_MEMTABLE_BYTES: u64 = 1024 * 1024;
+/// keeps memory flat at 100 000 readings/s (it flushes several times a
+/// second then, mostly tombstones and short-lived blocks). 512 KiB rather
+/// than 1 MiB: about 1 MiB less peak RSS under QoS 1 load, CPU within the
+/// noise (BENCHMARKS.md, "Ingest under load").
+const FJALL_JOURNAL_MEMTABLE_BYTES: u64 = 512 * 1024;
 
 /// The options every keyspace of the store is created with.
 pub(crate) fn keyspace_options() -> KeyspaceCreateOptions {
