@@ -76,7 +76,6 @@ pub struct RedeliveryStats {
     pub tracked: usize,
 }
 
-/// Fingerprints in arrival order, grouped by the time they are forgotten.
 /// A fingerprint as the log stores it: its 48 bits in 6 bytes
 /// (a quarter less memory than a `u64` at the cap: 1.5 MiB instead of 2).
 /// With 262,144 kept, a reading looked up by mistake matches one of them
@@ -96,6 +95,7 @@ impl Packed {
     }
 }
 
+/// Fingerprints in arrival order, grouped by the time they are forgotten.
 #[derive(Debug, Default)]
 struct Log {
     fingerprints: VecDeque<Packed>,
