@@ -53,6 +53,18 @@ struct Entry<V> {
     live: Option<Live<V>>,
 }
 
+/// Bytes one series takes in the slab, its entry's alignment included.
+#[cfg(test)]
+pub(crate) const fn entry_size<V>() -> usize {
+    std::mem::size_of::<Entry<V>>()
+}
+
+/// Where the value sits in an entry, from the entry's start.
+#[cfg(test)]
+pub(crate) const fn value_offset<V>() -> usize {
+    std::mem::offset_of!(Entry<V>, live) + std::mem::offset_of!(Live<V>, value)
+}
+
 /// One alias: a pointer pair and the slot (and its generation) it names.
 /// `device == 0` marks an empty cell (an `Arc`'s data is never at 0).
 #[derive(Debug, Clone, Copy, Default)]

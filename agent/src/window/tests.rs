@@ -833,3 +833,31 @@ fn ticks_between_deadlines_skip_nothing_that_is_due() {
         );
     }
 }
+
+#[test]
+fn a_series_entry_is_four_cache_lines_laid_out_by_use() {
+    use std::mem::{offset_of, size_of};
+    assert_eq!(table::entry_size::<SeriesState>(), 256);
+    let base = table::value_offset::<SeriesState>();
+    // The cache lines a field spans, counted from the entry's start.
+    let lines =
+        |offset: usize, size: usize| ((base + offset) / 64, (base + offset + size - 1) / 64);
+    let i64_size = size_of::<i64>();
+    let open = size_of::<Option<(UnixMs, Acc)>>();
+    assert_eq!(open, 64, "an open window, its tag included, fills one line");
+    // What every reading reads: the first two lines.
+    for offset in [
+        offset_of!(SeriesState, watermark_ms),
+        offset_of!(SeriesState, max_event_ms),
+        offset_of!(SeriesState, last_accepted_ms),
+        offset_of!(SeriesState, last_seen_ms),
+        offset_of!(SeriesState, first_start_ms),
+    ] {
+        assert_eq!(lines(offset, i64_size), (0, 0));
+    }
+    assert_eq!(lines(offset_of!(SeriesState, watch), 16), (0, 0));
+    assert_eq!(lines(offset_of!(SeriesState, latest), open), (1, 1));
+    // What a closing window reads besides: the next two.
+    assert_eq!(lines(offset_of!(SeriesState, previous), open), (2, 2));
+    assert_eq!(lines(offset_of!(SeriesState, unit), 16), (3, 3));
+}
