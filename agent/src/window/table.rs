@@ -45,24 +45,81 @@ struct Live<V> {
     key: SeriesKey,
 }
 
+/// One slot of the slab. Whether it is live is told by the tag in its first
+/// word, beside the generation: an `Option<Live>` would keep that in the
+/// key's pointer, at the entry's end, one more cache line per lookup.
 #[derive(Debug)]
 #[repr(C, align(64))]
-struct Entry<V> {
-    /// Moves on each time the slot is freed, so old aliases stop matching.
-    generation: u32,
-    live: Option<Live<V>>,
+struct Entry<V>(Slot<V>);
+
+/// `generation` moves on each time the slot is freed, so old aliases stop
+/// matching.
+#[derive(Debug)]
+#[repr(u32)] // tag, then generation, then the value: the first word says it all
+enum Slot<V> {
+    Free { generation: u32 },
+    Live { generation: u32, live: Live<V> },
+}
+
+impl<V> Entry<V> {
+    fn new(live: Live<V>) -> Self {
+        Self(Slot::Live {
+            generation: 0,
+            live,
+        })
+    }
+
+    #[inline]
+    fn generation(&self) -> u32 {
+        match self.0 {
+            Slot::Free { generation } | Slot::Live { generation, .. } => generation,
+        }
+    }
+
+    #[inline]
+    fn live(&self) -> Option<&Live<V>> {
+        match &self.0 {
+            Slot::Live { live, .. } => Some(live),
+            Slot::Free { .. } => None,
+        }
+    }
+
+    #[inline]
+    fn live_mut(&mut self) -> Option<&mut Live<V>> {
+        match &mut self.0 {
+            Slot::Live { live, .. } => Some(live),
+            Slot::Free { .. } => None,
+        }
+    }
+
+    /// Fills a free slot (a live one is overwritten), keeping its generation.
+    fn fill(&mut self, live: Live<V>) {
+        let generation = self.generation();
+        self.0 = Slot::Live { generation, live };
+    }
+
+    /// Frees the slot, moving its generation on; `None` if it was free.
+    fn take(&mut self) -> Option<Live<V>> {
+        let generation = self.generation();
+        match std::mem::replace(
+            &mut self.0,
+            Slot::Free {
+                generation: generation.wrapping_add(1),
+            },
+        ) {
+            Slot::Live { live, .. } => Some(live),
+            Slot::Free { .. } => {
+                self.0 = Slot::Free { generation };
+                None
+            }
+        }
+    }
 }
 
 /// Bytes one series takes in the slab, its entry's alignment included.
 #[cfg(test)]
 pub(crate) const fn entry_size<V>() -> usize {
     std::mem::size_of::<Entry<V>>()
-}
-
-/// Where the value sits in an entry, from the entry's start.
-#[cfg(test)]
-pub(crate) const fn value_offset<V>() -> usize {
-    std::mem::offset_of!(Entry<V>, live) + std::mem::offset_of!(Live<V>, value)
 }
 
 /// One alias: a pointer pair and the slot (and its generation) it names.
@@ -219,7 +276,7 @@ impl<V> SeriesTable<V> {
     fn find(&mut self, key: &SeriesKey) -> Option<usize> {
         if let Some(alias) = self.by_ptr.get(addresses(key)) {
             let slot = alias.slot as usize;
-            if self.entries[slot].generation == alias.generation {
+            if self.entries[slot].generation() == alias.generation {
                 return Some(slot);
             }
         }
@@ -233,8 +290,7 @@ impl<V> SeriesTable<V> {
         let entries = &self.entries;
         let slot = *self.by_name.find(name_hash, |&slot| {
             entries[slot as usize]
-                .live
-                .as_ref()
+                .live()
                 .is_some_and(|live| live.key == *key)
         })?;
         self.remember(key, slot);
@@ -243,7 +299,7 @@ impl<V> SeriesTable<V> {
 
     /// Records `key`'s pointer pair as an alias of `slot` (replacing a stale one).
     fn remember(&mut self, key: &SeriesKey, slot: u32) {
-        let generation = self.entries[slot as usize].generation;
+        let generation = self.entries[slot as usize].generation();
         let cap = (4 * self.len).max(MIN_ALIAS_CAP);
         self.by_ptr.set(key, slot, generation, cap);
     }
@@ -278,7 +334,7 @@ impl<V> SeriesTable<V> {
                 continue;
             };
             if let Some(entry) = self.entries.get(alias.slot as usize) {
-                if let Some(live) = &entry.live {
+                if let Some(live) = entry.live() {
                     sum = sum.wrapping_add(touch(item, &live.value));
                 }
             }
@@ -289,7 +345,7 @@ impl<V> SeriesTable<V> {
     #[inline]
     pub(crate) fn get_mut(&mut self, key: &SeriesKey) -> Option<&mut V> {
         let slot = self.find(key)?;
-        self.entries[slot].live.as_mut().map(|live| &mut live.value)
+        self.entries[slot].live_mut().map(|live| &mut live.value)
     }
 
     /// Inserts a key known to be absent (look it up first) and returns its value.
@@ -302,30 +358,23 @@ impl<V> SeriesTable<V> {
         };
         let slot = match self.free.pop() {
             Some(slot) => {
-                self.entries[slot as usize].live = Some(live);
+                self.entries[slot as usize].fill(live);
                 slot
             }
             None => {
                 let slot = u32::try_from(self.entries.len()).expect("fewer than 2^32 series");
-                self.entries.push(Entry {
-                    generation: 0,
-                    live: Some(live),
-                });
+                self.entries.push(Entry::new(live));
                 slot
             }
         };
         let entries = &self.entries;
         self.by_name.insert_unique(name_hash, slot, |&s| {
-            entries[s as usize]
-                .live
-                .as_ref()
-                .map_or(0, |live| live.name_hash)
+            entries[s as usize].live().map_or(0, |live| live.name_hash)
         });
         self.len += 1;
         self.remember(&key, slot);
         &mut self.entries[slot as usize]
-            .live
-            .as_mut()
+            .live_mut()
             .expect("just inserted")
             .value
     }
@@ -333,8 +382,7 @@ impl<V> SeriesTable<V> {
     /// Frees `slot`: out of `by_name`, its generation moved on, back on the free list.
     fn free_slot(&mut self, slot: usize) -> Option<Live<V>> {
         let entry = &mut self.entries[slot];
-        let live = entry.live.take()?;
-        entry.generation = entry.generation.wrapping_add(1);
+        let live = entry.take()?;
         if let Ok(found) = self
             .by_name
             .find_entry(live.name_hash, |&s| s as usize == slot)
@@ -354,7 +402,7 @@ impl<V> SeriesTable<V> {
     /// Keeps the entries for which `keep` returns true.
     pub(crate) fn retain(&mut self, mut keep: impl FnMut(&SeriesKey, &mut V) -> bool) {
         for slot in 0..self.entries.len() {
-            let Some(live) = self.entries[slot].live.as_mut() else {
+            let Some(live) = self.entries[slot].live_mut() else {
                 continue;
             };
             if !keep(&live.key, &mut live.value) {
@@ -363,10 +411,18 @@ impl<V> SeriesTable<V> {
         }
     }
 
+    /// Where the first entry's value sits, in bytes from the entry's start.
+    #[cfg(test)]
+    pub(crate) fn first_value_offset(&self) -> Option<usize> {
+        let entry = self.entries.first()?;
+        let value = &entry.live()?.value;
+        Some((value as *const V as usize) - (entry as *const Entry<V> as usize))
+    }
+
     pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = (&SeriesKey, &mut V)> {
         self.entries
             .iter_mut()
-            .filter_map(|e| e.live.as_mut().map(|live| (&live.key, &mut live.value)))
+            .filter_map(|e| e.live_mut().map(|live| (&live.key, &mut live.value)))
     }
 }
 
