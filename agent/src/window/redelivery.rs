@@ -164,15 +164,23 @@ impl RedeliveryGuard {
     /// live ones for `live_horizon_ms` of wall-clock time, at most
     /// `capacity` of them (at least 1).
     pub fn new(replay_horizon_ms: i64, live_horizon_ms: i64, capacity: usize) -> Self {
+        let capacity = capacity.max(1);
         Self {
             hasher: foldhash::fast::RandomState::default(),
-            live: Log::default(),
+            // The whole log at once: its pages are only touched (made
+            // resident) as it fills, whereas growing it by doubling would
+            // copy it at each step and leave the smaller buffers behind as
+            // free heap: up to 1.5 times the log at its peak.
+            live: Log {
+                fingerprints: VecDeque::with_capacity(capacity),
+                runs: VecDeque::new(),
+            },
             replayed: Log::default(),
             index: None,
             index_asked_ms: 0,
             replay_horizon_ms: replay_horizon_ms.max(0),
             live_horizon_ms: live_horizon_ms.max(0),
-            capacity: capacity.max(1),
+            capacity,
             stats: RedeliveryStats::default(),
         }
     }
