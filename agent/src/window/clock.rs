@@ -47,14 +47,23 @@ impl SteadyClock {
         if (0..=MAX_STEP_MS).contains(&step) {
             self.steady_ms = self.steady_ms.saturating_add(step);
         } else {
-            self.jumps += 1;
-            tracing::warn!(
-                step_ms = step,
-                wall_ms,
-                "the gateway clock jumped; window and redelivery timers carry on from where they were"
-            );
+            self.jumped(step, wall_ms);
         }
         self.steady_ms
+    }
+
+    /// A step the timers do not follow: counted and logged. Kept out of
+    /// [`observe`](Self::observe), which runs for every reading and is
+    /// inlined there.
+    #[cold]
+    #[inline(never)]
+    fn jumped(&mut self, step: i64, wall_ms: UnixMs) {
+        self.jumps += 1;
+        tracing::warn!(
+            step_ms = step,
+            wall_ms,
+            "the gateway clock jumped; window and redelivery timers carry on from where they were"
+        );
     }
 
     /// The steady time of the last observation.
