@@ -9,21 +9,71 @@ pub type UnixMs = i64;
 
 /// Identifies one time series: a device (PLC, sensor node) and one of its sensors.
 ///
-/// The names are shared (`Arc<str>`): sources intern them once per series, so
-/// a reading, its window and its alert carry the same names without copying
-/// them. On the wire and on disk they are plain strings.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct SeriesKey {
+/// A key is one shared allocation ([`SeriesName`] behind an `Arc`): sources
+/// intern a series once, so a reading, its window and its alert carry the
+/// same key, and cloning one is a single reference count. The fields read
+/// through it (`key.device`, `key.sensor`). On the wire and on disk it is
+/// the two plain strings, `{"device": …, "sensor": …}`.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SeriesKey(Arc<SeriesName>);
+
+/// The names of a series; see [`SeriesKey`]. Each name is itself shared
+/// (`Arc<str>`), so the series of one device share its name.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct SeriesName {
     pub device: Arc<str>,
     pub sensor: Arc<str>,
 }
 
 impl SeriesKey {
     pub fn new(device: impl Into<Arc<str>>, sensor: impl Into<Arc<str>>) -> Self {
-        Self {
+        Self(Arc::new(SeriesName {
             device: device.into(),
             sensor: sensor.into(),
-        }
+        }))
+    }
+
+    /// Where the names live: equal for clones of one key, so a table can
+    /// recognise a key it has seen without reading its names.
+    #[inline]
+    pub fn as_ptr(&self) -> *const SeriesName {
+        Arc::as_ptr(&self.0)
+    }
+
+    /// Whether `self` and `other` are clones of one key (same allocation).
+    #[inline]
+    pub fn ptr_eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl std::ops::Deref for SeriesKey {
+    type Target = SeriesName;
+
+    #[inline]
+    fn deref(&self) -> &SeriesName {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SeriesKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SeriesKey")
+            .field("device", &self.0.device)
+            .field("sensor", &self.0.sensor)
+            .finish()
+    }
+}
+
+impl Serialize for SeriesKey {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for SeriesKey {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        SeriesName::deserialize(deserializer).map(|name| Self(Arc::new(name)))
     }
 }
 

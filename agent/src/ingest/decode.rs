@@ -636,9 +636,10 @@ type Rejection = (DeadLetterReason, String);
 /// Decodes MQTT messages into [`IngestEvent`]s according to a list of
 /// subscription rules (first matching filter wins).
 ///
-/// Device, sensor and unit names are interned: a name the decoder has seen
-/// before is shared (`Arc<str>`), not copied, so decoding a reading of a
-/// known series allocates nothing for its names. Each source (each ingest
+/// Device, sensor and unit names are interned, and so are series keys: a
+/// name or series the decoder has seen before is shared (`Arc`), not
+/// copied, so decoding a reading of a known series allocates nothing for
+/// its names and every reading of it carries the same key. Each source (each ingest
 /// connection) owns its decoder; a clone starts with the same rules.
 #[derive(Debug, Clone)]
 pub struct Decoder {
@@ -652,18 +653,23 @@ pub struct Decoder {
     topics: hashbrown::HashMap<Box<str>, (usize, SeriesKey), foldhash::fast::RandomState>,
 }
 
-/// Names kept at most by one decoder (each ingest connection has its own);
-/// past that the set starts again (a plant with more distinct names only
-/// pays an allocation per name again). Bounds a connection's names to about
-/// 1 MiB.
+/// Names, and series, kept at most by one decoder (each ingest connection
+/// has its own); past that the set starts again (a plant with more distinct
+/// names only pays an allocation per name again). Bounds a connection's
+/// names and series to about 2 MiB.
 const NAMES_CAP: usize = 16_384;
 /// Topics remembered at most by one decoder, likewise.
 const TOPICS_CAP: usize = 16_384;
 
-/// The interned names of a decoder.
+/// The interned names and series of a decoder.
 #[derive(Debug, Clone)]
 struct Names {
     set: hashbrown::HashSet<Arc<str>, foldhash::fast::RandomState>,
+    /// Series keys by the addresses of their two interned names: a series
+    /// seen before is the same key (one allocation shared by every reading
+    /// of it). Each key holds its names, so an address here cannot be
+    /// reused by another name while its entry exists.
+    series: hashbrown::HashMap<(usize, usize), SeriesKey, foldhash::fast::RandomState>,
     /// Where a name made from a template is rendered before its lookup.
     scratch: String,
     max_bytes: usize,
@@ -673,6 +679,7 @@ impl Names {
     fn new(max_bytes: usize) -> Self {
         Self {
             set: hashbrown::HashSet::default(),
+            series: hashbrown::HashMap::default(),
             scratch: String::new(),
             max_bytes,
         }
@@ -708,6 +715,24 @@ impl Names {
         let new: Arc<str> = Arc::from(name);
         self.set.insert(Arc::clone(&new));
         Ok(new)
+    }
+
+    /// The series of two names from [`Names::get`] or [`Names::render`],
+    /// interned like them (bounded alike).
+    fn series(&mut self, device: Arc<str>, sensor: Arc<str>) -> SeriesKey {
+        let addrs = (
+            Arc::as_ptr(&device).cast::<u8>() as usize,
+            Arc::as_ptr(&sensor).cast::<u8>() as usize,
+        );
+        if let Some(known) = self.series.get(&addrs) {
+            return known.clone();
+        }
+        if self.series.len() >= NAMES_CAP {
+            self.series.clear();
+        }
+        let key = SeriesKey::new(device, sensor);
+        self.series.insert(addrs, key.clone());
+        key
     }
 
     /// Renders `template` and interns the result.
@@ -1209,7 +1234,8 @@ impl Ctx<'_, '_> {
         if let Some(series) = lookup(&route.series_field)? {
             return match series.split_once('/') {
                 Some((d, s)) if !d.is_empty() && !s.is_empty() => {
-                    Ok(SeriesKey::new(names.get(d)?, names.get(s)?))
+                    let (device, sensor) = (names.get(d)?, names.get(s)?);
+                    Ok(names.series(device, sensor))
                 }
                 _ => Err((
                     DeadLetterReason::WrongType,
@@ -1225,7 +1251,7 @@ impl Ctx<'_, '_> {
             Some(s) if field.is_none() => names.get(s)?,
             _ => names.render(&route.sensor, self.segments, field)?,
         };
-        Ok(SeriesKey::new(device, sensor))
+        Ok(names.series(device, sensor))
     }
 }
 
@@ -2099,9 +2125,48 @@ mod tests {
         }
         let (a, b) = (reading(&out[0]), reading(&out[1]));
         assert_eq!(a.series, SeriesKey::new("boiler-3", "temp"));
-        assert!(Arc::ptr_eq(&a.series.device, &b.series.device));
-        assert!(Arc::ptr_eq(&a.series.sensor, &b.series.sensor));
+        assert!(a.series.ptr_eq(&b.series), "one key for the series");
         assert!(Arc::ptr_eq(&a.unit, &b.unit));
+    }
+
+    /// Series named by payload fields (one topic for all, or `series`) are
+    /// interned too: every reading of a series carries the same key, and
+    /// the series of one device share its name.
+    #[test]
+    fn series_named_in_the_payload_are_interned() {
+        let mut by_fields = SubscriptionConfig::new("fields/#", PayloadFormat::Json);
+        by_fields.device_field = Some("device".into());
+        by_fields.sensor_field = Some("sensor".into());
+        let mut by_series = SubscriptionConfig::new("series/#", PayloadFormat::Json);
+        by_series.series_field = Some("series".into());
+        let mut d = decoder(vec![by_fields, by_series]);
+        let mut out = Vec::new();
+        for (topic, payload) in [
+            (
+                "fields/x",
+                &br#"{"device": "press-1", "sensor": "t", "value": 1}"#[..],
+            ),
+            (
+                "fields/y",
+                br#"{"device": "press-1", "sensor": "p", "value": 2}"#,
+            ),
+            (
+                "fields/z",
+                br#"{"device": "press-1", "sensor": "t", "value": 3}"#,
+            ),
+            ("series/a", br#"{"series": "press-2/t", "value": 4}"#),
+            ("series/b", br#"{"series": "press-2/t", "value": 5}"#),
+        ] {
+            d.decode(topic, payload, NOW, Delivery::Once, &mut out);
+        }
+        let keys: Vec<&SeriesKey> = out.iter().map(|e| &reading(e).series).collect();
+        assert_eq!(*keys[0], SeriesKey::new("press-1", "t"));
+        assert_eq!(*keys[1], SeriesKey::new("press-1", "p"));
+        assert_eq!(*keys[3], SeriesKey::new("press-2", "t"));
+        assert!(keys[0].ptr_eq(keys[2]));
+        assert!(keys[3].ptr_eq(keys[4]));
+        assert!(!keys[0].ptr_eq(keys[1]));
+        assert!(Arc::ptr_eq(&keys[0].device, &keys[1].device));
     }
 
     #[test]

@@ -1,24 +1,24 @@
 //! The per-series table shared by the window engine and the scorer.
 //!
 //! The hot path looks up one series per reading among thousands. Hashing a
-//! [`SeriesKey`] means reading its two heap strings, two cache misses per
-//! reading before the table is even probed. But the names of a reading are
-//! almost always the very `Arc<str>`s of the previous reading of that series:
-//! a connection's decoder interns them once, the Modbus plan builds them once.
-//! So a lookup first hashes the two *pointers* (no string is read) into
-//! `by_ptr`, which maps a pointer pair to the series' slot; only a pair not
+//! [`SeriesKey`] means reading its names, cache misses per reading before
+//! the table is even probed. But the key of a reading is almost always the
+//! very allocation of the previous reading's key of that series: a
+//! connection's decoder interns each series once, the Modbus plan builds its
+//! keys once. So a lookup first hashes the key's *address* (no name is read)
+//! into `by_ptr`, which maps an address to the series' slot; only a key not
 //! seen before is hashed by its text into `by_name` and then remembered.
 //!
-//! - An alias holds a clone of the key it was made from, so its pointers
-//!   cannot be freed and reused by other names while it exists.
+//! - An alias holds a clone of the key it was made from, so its allocation
+//!   cannot be freed and reused by another key while it exists.
 //! - An alias names a slot and that slot's generation: when a series is
 //!   removed its slot's generation moves on, and aliases to it simply stop
 //!   matching (they are replaced or dropped, never followed).
 //! - Aliases are bounded: past `4 × series` (at least 4 096), all are
 //!   dropped at once and rebuilt by the next readings. Readings that bring
 //!   fresh strings every time (journal replay) cost a text hash, as before.
-//! - The aliases are one flat open-addressing array of 24-byte cells
-//!   (pointer pair, slot, generation; linear probing, at most ¾ full), not a
+//! - The aliases are one flat open-addressing array of 16-byte cells
+//!   (address, slot, generation; linear probing, at most ¾ full), not a
 //!   general hash table: with 10 000 series neither fits in the core's
 //!   cache, and a general table keeps its control bytes apart from its
 //!   entries, two cache misses per lookup where the flat array has one.
@@ -32,7 +32,6 @@
 use hashbrown::HashTable;
 use millrace_protocol::SeriesKey;
 use std::hash::BuildHasher;
-use std::sync::Arc;
 
 /// Aliases kept at least, whatever the number of series.
 const MIN_ALIAS_CAP: usize = 4_096;
@@ -122,31 +121,27 @@ pub(crate) const fn entry_size<V>() -> usize {
     std::mem::size_of::<Entry<V>>()
 }
 
-/// One alias: a pointer pair and the slot (and its generation) it names.
-/// `device == 0` marks an empty cell (an `Arc`'s data is never at 0).
+/// One alias: a key's address and the slot (and its generation) it names.
+/// `addr == 0` marks an empty cell (a key's names are never at 0).
 #[derive(Debug, Clone, Copy, Default)]
 struct AliasCell {
-    device: usize,
-    sensor: usize,
+    addr: usize,
     slot: u32,
     generation: u32,
 }
 
 #[inline]
-fn addresses(key: &SeriesKey) -> (usize, usize) {
-    (
-        Arc::as_ptr(&key.device).cast::<u8>() as usize,
-        Arc::as_ptr(&key.sensor).cast::<u8>() as usize,
-    )
+fn address(key: &SeriesKey) -> usize {
+    key.as_ptr() as usize
 }
 
-/// Pointer pair → slot: linear probing over a power-of-two array, cleared
+/// Key address → slot: linear probing over a power-of-two array, cleared
 /// (never shrunk) at the alias cap. See the [module docs](self).
 #[derive(Debug, Default)]
 struct Aliases {
     cells: Vec<AliasCell>,
-    /// Keeps every string a cell points into alive (and its address unused
-    /// by other names) while the cell exists.
+    /// Keeps every key a cell points at alive (and its address unused by
+    /// other keys) while the cell exists.
     pins: Vec<SeriesKey>,
 }
 
@@ -155,26 +150,26 @@ impl Aliases {
         self.pins.len()
     }
 
-    /// The first cell to probe for `addrs` (multiplicative hashing: the
+    /// The first cell to probe for `addr` (multiplicative hashing: the
     /// addresses are the allocator's, not a sender's, so no keyed hash).
     #[inline]
-    fn home(&self, (device, sensor): (usize, usize)) -> usize {
+    fn home(&self, addr: usize) -> usize {
         const K: u64 = 0x9E37_79B9_7F4A_7C15;
-        let h = ((device as u64).wrapping_mul(K) ^ sensor as u64).wrapping_mul(K);
+        let h = (addr as u64).wrapping_mul(K);
         let bits = self.cells.len().trailing_zeros();
         (h >> (64 - bits)) as usize
     }
 
     #[inline]
-    fn get(&self, addrs: (usize, usize)) -> Option<AliasCell> {
-        self.position(addrs).map(|i| self.cells[i])
+    fn get(&self, addr: usize) -> Option<AliasCell> {
+        self.position(addr).map(|i| self.cells[i])
     }
 
-    /// Points `key`'s pointer pair at `slot`, replacing a stale alias of it;
+    /// Points `key`'s address at `slot`, replacing a stale alias of it;
     /// `cap` bounds the aliases held (all dropped when reached).
     fn set(&mut self, key: &SeriesKey, slot: u32, generation: u32, cap: usize) {
-        let addrs = addresses(key);
-        if let Some(i) = self.position(addrs) {
+        let addr = address(key);
+        if let Some(i) = self.position(addr) {
             self.cells[i].slot = slot;
             self.cells[i].generation = generation;
             return;
@@ -187,27 +182,26 @@ impl Aliases {
         }
         self.pins.push(key.clone());
         self.place(AliasCell {
-            device: addrs.0,
-            sensor: addrs.1,
+            addr,
             slot,
             generation,
         });
     }
 
-    /// The cell holding `addrs`, if any.
+    /// The cell holding `addr`, if any.
     #[inline]
-    fn position(&self, addrs: (usize, usize)) -> Option<usize> {
+    fn position(&self, addr: usize) -> Option<usize> {
         if self.cells.is_empty() {
             return None;
         }
         let mask = self.cells.len() - 1;
-        let mut i = self.home(addrs);
+        let mut i = self.home(addr);
         loop {
             let cell = &self.cells[i];
-            if cell.device == addrs.0 && cell.sensor == addrs.1 {
+            if cell.addr == addr {
                 return Some(i);
             }
-            if cell.device == 0 {
+            if cell.addr == 0 {
                 return None;
             }
             i = (i + 1) & mask;
@@ -217,8 +211,8 @@ impl Aliases {
     /// Puts a cell known to be absent into the first empty cell of its run.
     fn place(&mut self, cell: AliasCell) {
         let mask = self.cells.len() - 1;
-        let mut i = self.home((cell.device, cell.sensor));
-        while self.cells[i].device != 0 {
+        let mut i = self.home(cell.addr);
+        while self.cells[i].addr != 0 {
             i = (i + 1) & mask;
         }
         self.cells[i] = cell;
@@ -227,7 +221,7 @@ impl Aliases {
     fn grow(&mut self) {
         let size = (self.cells.len() * 2).max(64);
         let old = std::mem::replace(&mut self.cells, vec![AliasCell::default(); size]);
-        for cell in old.into_iter().filter(|c| c.device != 0) {
+        for cell in old.into_iter().filter(|c| c.addr != 0) {
             self.place(cell);
         }
     }
@@ -248,7 +242,7 @@ pub(crate) struct SeriesTable<V> {
     free: Vec<u32>,
     /// Slot of each series, hashed by the text of its key.
     by_name: HashTable<u32>,
-    /// Slot of each pointer pair seen.
+    /// Slot of each key address seen.
     by_ptr: Aliases,
     len: usize,
 }
@@ -274,7 +268,7 @@ impl<V> SeriesTable<V> {
     /// The slot of `key`, through its alias or (then remembered) its text.
     #[inline]
     fn find(&mut self, key: &SeriesKey) -> Option<usize> {
-        if let Some(alias) = self.by_ptr.get(addresses(key)) {
+        if let Some(alias) = self.by_ptr.get(address(key)) {
             let slot = alias.slot as usize;
             if self.entries[slot].generation() == alias.generation {
                 return Some(slot);
@@ -297,7 +291,7 @@ impl<V> SeriesTable<V> {
         Some(slot as usize)
     }
 
-    /// Records `key`'s pointer pair as an alias of `slot` (replacing a stale one).
+    /// Records `key`'s address as an alias of `slot` (replacing a stale one).
     fn remember(&mut self, key: &SeriesKey, slot: u32) {
         let generation = self.entries[slot as usize].generation();
         let cap = (4 * self.len).max(MIN_ALIAS_CAP);
@@ -326,11 +320,11 @@ impl<V> SeriesTable<V> {
         }
         let mut sum = 0u64;
         for (key, _) in items.clone() {
-            let cell = &self.by_ptr.cells[self.by_ptr.home(addresses(key))];
+            let cell = &self.by_ptr.cells[self.by_ptr.home(address(key))];
             sum = sum.wrapping_add(u64::from(cell.slot));
         }
         for (key, item) in items {
-            let Some(alias) = self.by_ptr.get(addresses(key)) else {
+            let Some(alias) = self.by_ptr.get(address(key)) else {
                 continue;
             };
             if let Some(entry) = self.entries.get(alias.slot as usize) {

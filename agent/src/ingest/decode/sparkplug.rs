@@ -46,7 +46,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use millrace_protocol::{DeadLetterReason, Quality, Reading, SeriesKey, Source, UnixMs};
+use millrace_protocol::{DeadLetterReason, Quality, Reading, Source, UnixMs};
 use prost::Message as _;
 
 use super::{BadParts, Names, Rejection, Route};
@@ -474,10 +474,8 @@ impl SparkplugState {
                 None => msg.now_ms,
             };
             let series = series_device.clone().and_then(|d| {
-                Ok(SeriesKey::new(
-                    d,
-                    names.render(&msg.route.sensor, segments, Some(&name))?,
-                ))
+                let sensor = names.render(&msg.route.sensor, segments, Some(&name))?;
+                Ok(names.series(d, sensor))
             });
             let series = match series {
                 Ok(s) => s,

@@ -180,6 +180,9 @@ pub(crate) struct DevicePoller {
     timeout: Duration,
     backoff_max: Duration,
     registers: Vec<RegisterConfig>,
+    /// Each register's series key and unit, built once: every reading of a
+    /// register carries the same (shared) key and unit.
+    series: Vec<(SeriesKey, Arc<str>)>,
     reads: Vec<PlannedRead>,
     stats: Arc<ModbusStats>,
     stats_index: usize,
@@ -198,14 +201,23 @@ impl DevicePoller {
         stats_index: usize,
         start: Instant,
     ) -> Self {
+        let name: Arc<str> = Arc::from(cfg.name.as_str());
+        let series = registers
+            .iter()
+            .map(|reg| {
+                let key = SeriesKey::new(Arc::clone(&name), reg.sensor.as_str());
+                (key, Arc::from(reg.unit.as_str()))
+            })
+            .collect();
         Self {
-            name: Arc::from(cfg.name.as_str()),
+            name,
             unit_id: cfg.unit_id,
             poll_interval,
             timeout: cfg.timeout,
             backoff_max: cfg.backoff_max,
             reads: plan_reads(&registers, cfg.max_gap),
             registers,
+            series,
             stats,
             stats_index,
             schedule: Schedule::new(start),
@@ -393,6 +405,7 @@ impl DevicePoller {
         let mut events = Vec::with_capacity(read.registers.len());
         for &i in &read.registers {
             let reg = &self.registers[i];
+            let (series, unit) = &self.series[i];
             let offset = usize::from(reg.address - read.start);
             let (raw, exact) = if read.function.is_bit() {
                 (f64::from(u8::from(bits[offset])), true)
@@ -406,10 +419,10 @@ impl DevicePoller {
                 .map_err(|e| LinkError::UnexpectedReply(e.to_string()))?
             };
             let reading = Reading {
-                series: SeriesKey::new(self.name.as_ref(), reg.sensor.as_str()),
+                series: series.clone(),
                 time_ms,
                 value: raw * reg.scale + reg.offset,
-                unit: reg.unit.as_str().into(),
+                unit: Arc::clone(unit),
                 source: Source::Modbus,
                 quality: if exact {
                     Quality::Good
