@@ -670,6 +670,9 @@ struct Names {
     /// of it). Each key holds its names, so an address here cannot be
     /// reused by another name while its entry exists.
     series: hashbrown::HashMap<(usize, usize), SeriesKey, foldhash::fast::RandomState>,
+    /// Each route's fixed `unit`, interned when first used (most payloads
+    /// name no unit: no lookup per reading then).
+    route_units: Vec<Option<Arc<str>>>,
     /// Where a name made from a template is rendered before its lookup.
     scratch: String,
     max_bytes: usize,
@@ -680,6 +683,7 @@ impl Names {
         Self {
             set: hashbrown::HashSet::default(),
             series: hashbrown::HashMap::default(),
+            route_units: Vec::new(),
             scratch: String::new(),
             max_bytes,
         }
@@ -715,6 +719,19 @@ impl Names {
         let new: Arc<str> = Arc::from(name);
         self.set.insert(Arc::clone(&new));
         Ok(new)
+    }
+
+    /// The fixed unit of route `index` (`unit`), interned once.
+    fn route_unit(&mut self, index: usize, unit: &str) -> Result<Arc<str>, Rejection> {
+        if let Some(Some(known)) = self.route_units.get(index) {
+            return Ok(Arc::clone(known));
+        }
+        let interned = self.get(unit)?;
+        if self.route_units.len() <= index {
+            self.route_units.resize(index + 1, None);
+        }
+        self.route_units[index] = Some(Arc::clone(&interned));
+        Ok(interned)
     }
 
     /// The series of two names from [`Names::get`] or [`Names::render`],
@@ -885,6 +902,7 @@ impl Decoder {
         }
         let mut ctx = Ctx {
             route,
+            route_index,
             segments: &levels[..n],
             now_ms,
             topic_series: known_series,
@@ -916,7 +934,7 @@ impl Decoder {
         if route.format == PayloadFormat::Number {
             let made = parse_number(payload).and_then(|v| {
                 let series = ctx.series(names, None, None)?;
-                Ok((series, v, names.get(&route.unit)?))
+                Ok((series, v, names.route_unit(route_index, &route.unit)?))
             });
             match made {
                 Ok((series, value, unit)) => out.push(reading(series, now_ms, value, unit)),
@@ -979,7 +997,7 @@ impl Decoder {
                         })
                         .and_then(|v| {
                             let series = ctx.series(names, Some(&obj), Some(name))?;
-                            Ok((series, v, names.get(&route.unit)?))
+                            Ok((series, v, names.route_unit(route_index, &route.unit)?))
                         });
                     match made {
                         Ok((series, v, unit)) => out.push(reading(series, time, v, unit)),
@@ -1127,6 +1145,8 @@ fn parse_number(payload: &[u8]) -> Result<f64, Rejection> {
 /// What a decode step needs to know about the message.
 struct Ctx<'r, 's> {
     route: &'r Route,
+    /// Which route (of the decoder's) `route` is.
+    route_index: usize,
     segments: &'s [&'s str],
     now_ms: UnixMs,
     /// The series, when the route names it from the topic alone and the
@@ -1157,7 +1177,10 @@ impl Ctx<'_, '_> {
             })?,
         };
         let time = self.event_time(obj)?;
-        let unit = names.get(self.unit(obj)?)?;
+        let unit = match self.unit(obj)? {
+            Some(named) => names.get(named)?,
+            None => names.route_unit(self.route_index, &self.route.unit)?,
+        };
         let series = self.series(names, Some(obj), None)?;
         Ok((series, time, value, unit))
     }
@@ -1191,14 +1214,15 @@ impl Ctx<'_, '_> {
         }
     }
 
-    fn unit<'o>(&'o self, obj: &'o FlatObject<'_>) -> Result<&'o str, Rejection> {
+    /// The unit the payload names, or `None` for the route's fixed `unit`.
+    fn unit<'o>(&self, obj: &'o FlatObject<'_>) -> Result<Option<&'o str>, Rejection> {
         let field = &self.route.unit_field;
         if field.is_empty() {
-            return Ok(&self.route.unit);
+            return Ok(None);
         }
         match obj.get(field) {
-            None | Some(Scalar::Null) => Ok(&self.route.unit),
-            Some(Scalar::Str(s)) => Ok(s),
+            None | Some(Scalar::Null) => Ok(None),
+            Some(Scalar::Str(s)) => Ok(Some(s)),
             Some(other) => Err((
                 DeadLetterReason::WrongType,
                 format!("field `{field}` is {}, not a string", other.kind()),
@@ -2167,6 +2191,33 @@ mod tests {
         assert!(keys[3].ptr_eq(keys[4]));
         assert!(!keys[0].ptr_eq(keys[1]));
         assert!(Arc::ptr_eq(&keys[0].device, &keys[1].device));
+        // No unit in the payloads: the route's fixed unit, one shared name.
+        let units: Vec<&Arc<str>> = out.iter().map(|e| &reading(e).unit).collect();
+        assert_eq!(&**units[0], "");
+        assert!(units[1..3].iter().all(|u| Arc::ptr_eq(u, units[0])));
+    }
+
+    /// A route's fixed unit is checked like any name, on every reading
+    /// while it is refused (never cached as valid).
+    #[test]
+    fn a_fixed_unit_breaking_the_name_rules_dead_letters_each_reading() {
+        let mut sub = SubscriptionConfig::new("plant/+/+", PayloadFormat::Json);
+        sub.unit = "deg\u{7}C".into();
+        let mut d = decoder(vec![sub]);
+        let mut out = Vec::new();
+        for _ in 0..2 {
+            d.decode(
+                "plant/p/t",
+                br#"{"value": 1}"#,
+                NOW,
+                Delivery::Once,
+                &mut out,
+            );
+        }
+        assert_eq!(out.len(), 2);
+        for e in &out {
+            assert_eq!(dead(e).reason, DeadLetterReason::InvalidName);
+        }
     }
 
     #[test]
