@@ -7,7 +7,10 @@
 //!    uplink last recovered from an outage), oldest first;
 //! 3. **backlog** (bulk lane, older than that), oldest first, at most
 //!    `replay-rate` records per second, so a long outage drains without
-//!    starving live data or flooding the aggregator.
+//!    starving live data or flooding the aggregator. The rate is spent in
+//!    whole batches (`batch-records`, or one second's worth if less): a
+//!    batch waits for its tokens instead of a request per record as they
+//!    trickle in.
 //!
 //! Each batch is a [`Batch`] in the binary encoding, gzip-compressed, POSTed
 //! to `{url}/api/v1/ingest` with the agent's bearer token. The aggregator
@@ -574,10 +577,12 @@ impl Uplink {
         if *live_from == 0 {
             return Ok(Progress::Idle);
         }
-        // Backlog, rate limited.
-        let allowed = bucket.take(max);
+        // Backlog, rate limited, in whole batches: a batch waits until its
+        // tokens are there (rather than one record per round as tokens
+        // trickle in, each its own request).
+        let allowed = bucket.take_batch(max);
         if allowed == 0 {
-            return Ok(Progress::Throttled(bucket.wait_for_one()));
+            return Ok(Progress::Throttled(bucket.wait_for_batch(max)));
         }
         let mut backlog = self.peek(Lane::Bulk, 0, allowed, batch_bytes).await?;
         backlog.retain(|e| e.seq < *live_from);
@@ -902,19 +907,36 @@ impl TokenBucket {
         }
     }
 
-    /// Takes up to `want` tokens; returns how many were taken.
-    fn take(&mut self, want: usize) -> usize {
+    fn refill(&mut self) {
         let now = Instant::now();
         self.tokens =
             (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.rate);
         self.last = now;
-        let n = (self.tokens.floor() as usize).min(want);
-        self.tokens -= n as f64;
-        n
     }
 
-    fn wait_for_one(&self) -> Duration {
-        Duration::from_secs_f64(((1.0 - self.tokens) / self.rate).max(0.001))
+    /// The tokens a batch of `want` records takes: `want`, but at most
+    /// what the bucket holds (one second's worth) and at least one.
+    fn batch(&self, want: usize) -> usize {
+        want.min(self.rate as usize).max(1)
+    }
+
+    /// Takes the tokens of a batch of `want` records if they are all there
+    /// (returns how many), else none (returns 0).
+    fn take_batch(&mut self, want: usize) -> usize {
+        self.refill();
+        let n = self.batch(want);
+        if self.tokens >= n as f64 {
+            self.tokens -= n as f64;
+            n
+        } else {
+            0
+        }
+    }
+
+    /// How long until a batch of `want` records can be taken.
+    fn wait_for_batch(&self, want: usize) -> Duration {
+        let missing = self.batch(want) as f64 - self.tokens;
+        Duration::from_secs_f64((missing / self.rate).max(0.001))
     }
 }
 
@@ -943,11 +965,30 @@ mod tests {
     }
 
     #[test]
-    fn token_bucket_limits_to_rate() {
+    fn token_bucket_limits_to_rate_in_whole_batches() {
+        // A bucket smaller than a batch: one second's worth at a time.
         let mut b = TokenBucket::new(100);
-        assert_eq!(b.take(500), 100);
-        assert_eq!(b.take(500), 0);
-        assert!(b.wait_for_one() <= Duration::from_millis(11));
+        assert_eq!(b.take_batch(500), 100);
+        assert_eq!(b.take_batch(500), 0);
+        let wait = b.wait_for_batch(500);
+        assert!(
+            wait > Duration::from_millis(900) && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        );
+        // A bucket larger than a batch: whole batches, never a trickle.
+        let mut b = TokenBucket::new(2000);
+        assert_eq!(b.take_batch(500), 500);
+        b.tokens = 10.0;
+        assert_eq!(b.take_batch(500), 0, "10 tokens are not a batch of 500");
+        let wait = b.wait_for_batch(500);
+        assert!(
+            wait > Duration::from_millis(200) && wait <= Duration::from_millis(246),
+            "{wait:?}"
+        );
+        // A rate of one record a second still sends one at a time.
+        let mut b = TokenBucket::new(1);
+        assert_eq!(b.take_batch(500), 1);
+        assert_eq!(b.take_batch(500), 0);
     }
 
     #[test]

@@ -158,6 +158,11 @@ enum Command {
         /// Write `<device>/<sensor> <ts> <value>` per acked (QoS 0: sent) message to this file.
         #[arg(long, value_name = "PATH")]
         acked_out: Option<PathBuf>,
+        /// Step event time by this much per reading of a series (ending about
+        /// now) instead of following the wall clock: a device replaying what
+        /// it buffered through an outage, e.g. "1s".
+        #[arg(long, value_parser = humantime_serde::re::humantime::parse_duration)]
+        event_step: Option<Duration>,
         /// Where the JSON report goes; `-` is standard output.
         #[arg(long, value_name = "PATH|-", default_value = "-")]
         report: PathBuf,
@@ -271,6 +276,7 @@ async fn main() -> anyhow::Result<()> {
             give_up_after,
             drain_timeout,
             acked_out,
+            event_step,
             report,
         } => {
             let opts = PublishOptions {
@@ -287,6 +293,7 @@ async fn main() -> anyhow::Result<()> {
                 give_up_after,
                 drain_timeout,
                 acked_out,
+                event_step,
             };
             let cancel = CancellationToken::new();
             cancel_on_signals(cancel.clone())?;

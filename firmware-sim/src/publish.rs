@@ -11,6 +11,8 @@
 //!
 //! `ts` is the wall clock (Unix ms) when the message is made, but strictly
 //! increasing per series, so no two readings of a series share an event time.
+//! With `--event-step` it steps by that much per reading of a series instead,
+//! ending about now: a device replaying what it buffered through an outage.
 //! The value is a pure function of the series and the message index
 //! ([`reading_value`]), rounded to three decimals.
 //!
@@ -104,6 +106,11 @@ pub struct PublishOptions {
     pub drain_timeout: Duration,
     /// Write `<device>/<sensor> <ts> <value>` per acked (QoS 0: sent) message here.
     pub acked_out: Option<PathBuf>,
+    /// Event time steps by this much per reading of a series instead of
+    /// following the wall clock, ending near now: a device replaying what it
+    /// buffered through an outage (`messages / series` readings of each
+    /// series, `event_step` apart). `None`: the wall clock.
+    pub event_step: Option<Duration>,
 }
 
 impl Default for PublishOptions {
@@ -122,6 +129,7 @@ impl Default for PublishOptions {
             give_up_after: Duration::from_secs(120),
             drain_timeout: Duration::from_secs(30),
             acked_out: None,
+            event_step: None,
         }
     }
 }
@@ -418,6 +426,8 @@ struct Publisher {
     opts: PublishOptions,
     encoder: Encoder,
     last_ts: Vec<i64>,
+    /// [`PublishOptions::event_step`] in ms.
+    event_step_ms: Option<i64>,
     /// Index of the next new message.
     next: u64,
     shared: Arc<Shared>,
@@ -480,6 +490,19 @@ impl PublishOptions {
 }
 
 /// Runs a publish; ends early (with a report of what was done) when `cancel` fires.
+/// What `last_ts` starts at: with an event step, one step before the first
+/// reading of a series, so its last reading lands about now.
+fn first_ts(opts: &PublishOptions) -> i64 {
+    match opts.event_step {
+        Some(step) => {
+            let step_ms = step.as_millis().max(1) as i64;
+            let per_series = opts.messages.div_ceil(opts.series as u64) as i64;
+            unix_now_ms() - step_ms.saturating_mul(per_series)
+        }
+        None => i64::MIN,
+    }
+}
+
 pub async fn run_publish(
     opts: PublishOptions,
     cancel: CancellationToken,
@@ -502,7 +525,8 @@ pub async fn run_publish(
             names,
             qos: opts.qos,
         },
-        last_ts: vec![i64::MIN; opts.series],
+        last_ts: vec![first_ts(&opts); opts.series],
+        event_step_ms: opts.event_step.map(|d| d.as_millis().max(1) as i64),
         next: 0,
         shared: Arc::new(Shared {
             window: Mutex::new(Window::new(opts.inflight, opts.acked_out.is_some())),
@@ -828,7 +852,10 @@ impl Publisher {
             let index = self.next;
             self.next += 1;
             let s = (index % series) as usize;
-            let ts = now_ms.max(self.last_ts[s].saturating_add(1));
+            let ts = match self.event_step_ms {
+                Some(step) => self.last_ts[s].saturating_add(step),
+                None => now_ms.max(self.last_ts[s].saturating_add(1)),
+            };
             self.last_ts[s] = ts;
             let pkid = if qos1 {
                 let pkid = window.free.pop().unwrap_or(0);
@@ -1078,6 +1105,38 @@ mod tests {
         w.ack(pkid);
         assert_eq!((w.sent, w.acked, w.stray_acks, w.in_flight()), (1, 1, 1, 0));
         assert_eq!(w.log.as_deref(), Some(&[(0, 5)][..]));
+    }
+
+    /// With an event step, each series' event times are `step` apart and
+    /// its last one lands at about the wall clock (never ahead of it).
+    #[tokio::test]
+    async fn an_event_step_spaces_each_series_readings_and_ends_about_now() {
+        let (broker, _seen) = start_broker(Faults::default()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let acked_out = dir.path().join("acked");
+        let opts = PublishOptions {
+            acked_out: Some(acked_out.clone()),
+            event_step: Some(Duration::from_secs(1)),
+            ..options(broker)
+        };
+        let before_ms = unix_now_ms();
+        let report = run_publish(opts, CancellationToken::new()).await.unwrap();
+        assert_eq!(report.acked, 2000);
+        let mut by_series: std::collections::BTreeMap<String, Vec<i64>> = Default::default();
+        for (series, ts, _) in read_acked_out(&acked_out) {
+            by_series.entry(series).or_default().push(ts);
+        }
+        assert_eq!(by_series.len(), 7);
+        for times in by_series.values_mut() {
+            times.sort_unstable();
+            assert!(times.windows(2).all(|w| w[1] - w[0] == 1000), "1 s apart");
+            let last = *times.last().unwrap();
+            assert!(last <= unix_now_ms(), "never ahead of the clock");
+            assert!(
+                last >= before_ms - 2000,
+                "ends about now: {last} vs {before_ms}"
+            );
+        }
     }
 
     #[tokio::test]

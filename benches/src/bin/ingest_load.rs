@@ -23,9 +23,19 @@
 //! cargo run --release -p millrace-benches --bin ingest_load [-- --case qos1-burst]
 //! ```
 //!
-//! Options: `--agent PATH`, `--sim PATH` (default
+//! `qos1-backlog-uplink` (run only when named) is `qos1-burst` replayed as a
+//! device would after an outage (`--event-step 1s`: each series' 1,000
+//! readings 1 s apart, so 200,000 windows close), with an uplink to a
+//! `millrace-aggregator` (embedded log) that is down while the publisher
+//! runs. Once the agent settled the tool starts the aggregator and waits
+//! until the agent's outbox is empty; it prints the backlog, how long the
+//! drain took and the agent's CPU meanwhile, and the peak RSS covers both.
+//! It needs `cargo build --release -p millrace-aggregator` too.
+//!
+//! Options: `--agent PATH`, `--sim PATH`, `--aggregator PATH` (default
 //! `$CARGO_TARGET_DIR/release/…`, `CARGO_TARGET_DIR` default
-//! `~/.cache/millrace-target`), `--case NAME` (repeatable; default all),
+//! `~/.cache/millrace-target`), `--case NAME` (repeatable; default all but
+//! `qos1-backlog-uplink`),
 //! `--messages N` (overrides every case), `--keep` (keep the state
 //! directories, with the agent's log, the tap and the configs).
 
@@ -67,6 +77,13 @@ struct Case {
     rate: u64,
     /// Through a mosquitto the agent subscribes to, instead of its embedded broker.
     external: bool,
+    /// With an uplink to a `millrace-aggregator` (embedded log) that is down
+    /// while the publisher runs and started once the agent settled: the
+    /// agent drains its outbox's backlog, and the case ends when it is empty.
+    uplink: bool,
+    /// Event time steps this many ms per reading of a series (`--event-step`
+    /// of the publisher; a device replaying its buffer), 0 = wall clock.
+    event_step_ms: u64,
 }
 
 const CASES: [Case; 5] = [
@@ -78,6 +95,8 @@ const CASES: [Case; 5] = [
         inflight: 1000,
         rate: 0,
         external: false,
+        uplink: false,
+        event_step_ms: 0,
     },
     Case {
         name: "qos0-burst",
@@ -87,6 +106,8 @@ const CASES: [Case; 5] = [
         inflight: 1000,
         rate: 0,
         external: false,
+        uplink: false,
+        event_step_ms: 0,
     },
     Case {
         name: "qos1-20k",
@@ -96,6 +117,8 @@ const CASES: [Case; 5] = [
         inflight: 1000,
         rate: 20_000,
         external: false,
+        uplink: false,
+        event_step_ms: 0,
     },
     Case {
         name: "qos1-50k",
@@ -105,6 +128,8 @@ const CASES: [Case; 5] = [
         inflight: 1000,
         rate: 50_000,
         external: false,
+        uplink: false,
+        event_step_ms: 0,
     },
     Case {
         name: "external-qos1",
@@ -114,13 +139,32 @@ const CASES: [Case; 5] = [
         inflight: 1000,
         rate: 0,
         external: true,
+        uplink: false,
+        event_step_ms: 0,
     },
 ];
+
+/// Cases run only when named (`--case`): they need more than the agent and
+/// the simulator.
+const EXTRA_CASES: [Case; 1] = [Case {
+    name: "qos1-backlog-uplink",
+    messages: 1_000_000,
+    series: 1000,
+    qos: 1,
+    inflight: 1000,
+    rate: 0,
+    external: false,
+    uplink: true,
+    // 1,000 readings of each series 1 s apart: 200 windows per series,
+    // 200,000 in the outbox when the aggregator comes up.
+    event_step_ms: 1000,
+}];
 
 #[derive(Debug)]
 struct Args {
     agent: PathBuf,
     sim: PathBuf,
+    aggregator: PathBuf,
     cases: Vec<Case>,
     keep: bool,
 }
@@ -143,6 +187,20 @@ struct Outcome {
     metrics: BTreeMap<&'static str, f64>,
     publish_cmd: String,
     dir: PathBuf,
+    drain: Option<Drain>,
+}
+
+/// An uplink case's drain of the outbox once the aggregator came up.
+#[derive(Debug)]
+struct Drain {
+    /// Records in the outbox when the aggregator was started.
+    backlog: f64,
+    /// Aggregator start until the outbox was empty.
+    seconds: f64,
+    /// The agent's CPU time meanwhile (not in the table's CPU column).
+    agent_cpu_s: f64,
+    /// Peak RSS before the aggregator was started (the ingest's).
+    ingest_peak_rss_mib: f64,
 }
 
 impl Outcome {
@@ -237,6 +295,44 @@ fn wait_subscribed(mqtt_port: u16, http_port: u16, agent: &mut Proc) -> Result<(
     )
 }
 
+/// The token of the uplink cases' agent at their aggregator.
+const UPLINK_TOKEN: &str = "ingest-load-uplink-token-0123456789";
+
+/// A `millrace-aggregator` on loopback `port` with its embedded log,
+/// expecting the agent `gw-ingest-load`.
+fn start_aggregator(binary: &Path, dir: &Path, port: u16) -> Result<Proc, String> {
+    let config = dir.join("aggregator.toml");
+    write_file(
+        &config,
+        &format!(
+            "listen = \"127.0.0.1:{port}\"\ndata-dir = \"{}\"\n\n\
+             [[agents]]\nid = \"gw-ingest-load\"\ntoken = \"{UPLINK_TOKEN}\"\n",
+            dir.join("aggregator-state").display()
+        ),
+    )?;
+    let child = Command::new(binary)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file(&dir.join("aggregator.log"))?)
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", binary.display()))?;
+    let mut proc = Proc {
+        child,
+        name: "millrace-aggregator",
+    };
+    poll_until(
+        "aggregator listening",
+        START_TIMEOUT,
+        START_POLL,
+        &mut proc,
+        || port_open(port).then_some(()),
+    )?;
+    Ok(proc)
+}
+
 fn run_case(args: &Args, case: Case, root: &Path, ticks: f64) -> Result<Outcome, String> {
     let dir = root.join(case.name);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -262,6 +358,17 @@ fn run_case(args: &Args, case: Case, root: &Path, ticks: f64) -> Result<Outcome,
             ),
             port,
         )
+    };
+    let mut source = source;
+    let aggregator_port = if case.uplink {
+        let port = free_port()?;
+        source.push_str(&format!(
+            "\n\n[uplink]\nurl = \"http://127.0.0.1:{port}\"\ntoken = \"{UPLINK_TOKEN}\"\n\
+             backoff-max = \"1s\"\n"
+        ));
+        Some(port)
+    } else {
+        None
     };
     let config = dir.join("agent.toml");
     write_file(&config, &agent_config(&dir, http_port, &source))?;
@@ -333,7 +440,19 @@ fn run_case(args: &Args, case: Case, root: &Path, ticks: f64) -> Result<Outcome,
         "--drain-timeout".to_owned(),
         "30s".to_owned(),
     ]
-    .into();
+    .into_iter()
+    .chain(
+        (case.event_step_ms > 0)
+            .then(|| {
+                [
+                    "--event-step".to_owned(),
+                    format!("{}ms", case.event_step_ms),
+                ]
+            })
+            .into_iter()
+            .flatten(),
+    )
+    .collect();
     let publish_cmd = shell_words(
         std::iter::once(args.sim.to_str().unwrap_or("millrace-sim"))
             .chain(sim_args.iter().map(String::as_str)),
@@ -394,6 +513,33 @@ fn run_case(args: &Args, case: Case, root: &Path, ticks: f64) -> Result<Outcome,
             (last.1.elapsed() >= quiet_for).then_some(last.1)
         },
     )?;
+    // With an uplink: now the aggregator comes up, and the agent drains its
+    // outbox (every window closed so far) into it.
+    let mut aggregator = None;
+    let mut drain = None;
+    if let Some(port) = aggregator_port {
+        let backlog = scrape(http_port).map_or(0.0, |m| metric(&m, "millrace_outbox_records"));
+        let cpu_before = cpu_seconds(pid, ticks)?;
+        let ingest_peak_rss_mib = status_kib(pid, "VmHWM")? as f64 / 1024.0;
+        let drain_started = Instant::now();
+        aggregator = Some(start_aggregator(&args.aggregator, &dir, port)?);
+        poll_until(
+            "agent outbox drained",
+            SETTLE_TIMEOUT,
+            SETTLE_POLL,
+            &mut agent,
+            || {
+                let text = scrape(http_port)?;
+                (metric(&text, "millrace_outbox_records") == 0.0).then_some(())
+            },
+        )?;
+        drain = Some(Drain {
+            backlog,
+            seconds: drain_started.elapsed().as_secs_f64(),
+            agent_cpu_s: cpu_seconds(pid, ticks)? - cpu_before,
+            ingest_peak_rss_mib,
+        });
+    }
     let wall_s = (settled_at - started).as_secs_f64();
     let text = scrape(http_port).unwrap_or_default();
     let metrics: BTreeMap<&'static str, f64> = [
@@ -406,7 +552,8 @@ fn run_case(args: &Args, case: Case, root: &Path, ticks: f64) -> Result<Outcome,
     .into_iter()
     .map(|name| (name, metric(&text, name)))
     .collect();
-    let agent_cpu_s = cpu_seconds(pid, ticks)?;
+    // The table's CPU is the ingest's; the drain's is reported apart.
+    let agent_cpu_s = cpu_seconds(pid, ticks)? - drain.as_ref().map_or(0.0, |d| d.agent_cpu_s);
     let peak_rss_mib = status_kib(pid, "VmHWM")? as f64 / 1024.0;
 
     let status = Command::new("kill")
@@ -435,6 +582,7 @@ fn run_case(args: &Args, case: Case, root: &Path, ticks: f64) -> Result<Outcome,
         ));
     }
     drop(mosquitto);
+    drop(aggregator);
     let (in_windows, dead_letters) = read_tap(&tap)?;
     Ok(Outcome {
         case,
@@ -450,6 +598,7 @@ fn run_case(args: &Args, case: Case, root: &Path, ticks: f64) -> Result<Outcome,
         metrics,
         publish_cmd,
         dir,
+        drain,
     })
 }
 
@@ -463,6 +612,7 @@ fn parse_args() -> Result<Args, String> {
         .join("release");
     let mut agent = target.join("millrace-agent");
     let mut sim = target.join("millrace-sim");
+    let mut aggregator = target.join("millrace-aggregator");
     let mut names = Vec::new();
     let mut messages = None;
     let mut keep = false;
@@ -472,6 +622,7 @@ fn parse_args() -> Result<Args, String> {
         match arg.as_str() {
             "--agent" => agent = PathBuf::from(value("a path")?),
             "--sim" => sim = PathBuf::from(value("a path")?),
+            "--aggregator" => aggregator = PathBuf::from(value("a path")?),
             "--case" => names.push(value("a case name")?),
             "--messages" => {
                 messages = Some(
@@ -485,15 +636,16 @@ fn parse_args() -> Result<Args, String> {
             "--keep" => keep = true,
             other => {
                 return Err(format!(
-                    "unknown argument `{other}` (--agent PATH, --sim PATH, --case NAME, --messages N, --keep)"
+                    "unknown argument `{other}` (--agent PATH, --sim PATH, --aggregator PATH, --case NAME, --messages N, --keep)"
                 ))
             }
         }
     }
     let mut cases = Vec::new();
     for name in &names {
-        let case = CASES.iter().find(|c| c.name == name).ok_or_else(|| {
-            let all: Vec<&str> = CASES.iter().map(|c| c.name).collect();
+        let all_cases = CASES.iter().chain(&EXTRA_CASES);
+        let case = all_cases.clone().find(|c| c.name == name).ok_or_else(|| {
+            let all: Vec<&str> = all_cases.map(|c| c.name).collect();
             format!("unknown case `{name}` (cases: {})", all.join(", "))
         })?;
         cases.push(*case);
@@ -515,9 +667,16 @@ fn parse_args() -> Result<Args, String> {
             ));
         }
     }
+    if cases.iter().any(|c| c.uplink) && !aggregator.is_file() {
+        return Err(format!(
+            "{} not found: run `cargo build --release -p millrace-aggregator` (or pass --aggregator)",
+            aggregator.display()
+        ));
+    }
     Ok(Args {
         agent,
         sim,
+        aggregator,
         cases,
         keep,
     })
@@ -620,6 +779,20 @@ fn main() -> ExitCode {
             },
             metrics.join(", ")
         );
+        if let Some(d) = &o.drain {
+            println!(
+                "{}: uplink drained {:.0} outbox records in {:.1} s ({:.0}/s), agent CPU {:.1} s \
+                 ({:.1} CPU-µs per record); peak RSS {:.1} MiB before the drain (the table's \
+                 covers ingest and drain)",
+                o.case.name,
+                d.backlog,
+                d.seconds,
+                d.backlog / d.seconds,
+                d.agent_cpu_s,
+                d.agent_cpu_s * 1e6 / d.backlog.max(1.0),
+                d.ingest_peak_rss_mib
+            );
+        }
     }
     if args.keep {
         for o in &outcomes {
