@@ -37,14 +37,19 @@ const FJALL_WORKERS: usize = 1;
 /// deleted right after, 1.1–1.7 MiB more peak RSS for no saved read
 /// (BENCHMARKS.md, "Ingest under load").
 const FJALL_CACHE_BYTES: u64 = 512 * 1024;
-/// Memtable of each keyspace (fjall's default is 64 MiB): written records
-/// sit in memory until their keyspace's memtable reaches this size and is
-/// flushed to a disk segment. On a gateway with little memory, a few MiB per
-/// keyspace keeps the agent's RSS flat whatever the ingest rate; the journal
-/// at 10 000 readings/s flushes about every 7 s. Applies to keyspaces created
-/// with it (a new state directory); fjall keeps the size an existing
-/// keyspace was created with.
-const FJALL_MEMTABLE_BYTES: u64 = 4 * 1024 * 1024;
+/// Memtable of each keyspace but the journal (fjall's default is 64 MiB):
+/// written records sit in memory until their keyspace's memtable reaches
+/// this size and is flushed to a disk segment. The outbox takes the windows:
+/// a device replaying an outage's buffer closes them by the hundred
+/// thousand in seconds, and the uplink's acks add as many tombstones, so
+/// with 4 MiB the memtables (active and sealed, skiplist overhead included)
+/// held about 10 MB of heap and the agent peaked at 29–32 MiB RSS; with
+/// 1 MiB 23.8, at the cost of more segments for the drain to read (10.5 →
+/// 16 CPU-µs per forwarded record; BENCHMARKS.md, "Ingest under load").
+/// At 1,000 series (200 windows/s) it flushes about every 25 s. Applies to
+/// keyspaces created with it (a new state directory); fjall keeps the size
+/// an existing keyspace was created with.
+const FJALL_MEMTABLE_BYTES: u64 = 1024 * 1024;
 
 /// Memtable of the journal keyspace: its blocks are deleted within seconds
 /// of being written, and it takes most of the writes, so a small memtable
