@@ -44,8 +44,8 @@ const FJALL_CACHE_BYTES: u64 = 512 * 1024;
 /// thousand in seconds, and the uplink's acks add as many tombstones, so
 /// with 4 MiB the memtables (active and sealed, skiplist overhead included)
 /// held about 10 MB of heap and the agent peaked at 29–32 MiB RSS; with
-/// 1 MiB 23.8, at the cost of more segments for the drain to read (10.5 →
-/// 16 CPU-µs per forwarded record; BENCHMARKS.md, "Ingest under load").
+/// 1 MiB 22–24, at the cost of more segments for the drain to read (10.5 →
+/// 16–18 CPU-µs per forwarded record; BENCHMARKS.md, "Ingest under load").
 /// At 1,000 series (200 windows/s) it flushes about every 25 s. Applies to
 /// keyspaces created with it (a new state directory); fjall keeps the size
 /// an existing keyspace was created with.
