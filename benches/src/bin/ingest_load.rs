@@ -11,8 +11,9 @@
 //! `millrace_readings_accepted_total` stops changing (2 s unchanged once the
 //! agent received as many MQTT messages as the broker acknowledged to the
 //! publisher, 30 s while it received fewer), reads
-//! the agent's CPU time (utime + stime, `/proc/PID/stat`) and peak RSS
-//! (`VmHWM`), sends SIGTERM (the agent flushes every open window to its tap
+//! the agent's CPU time (utime + stime, `/proc/PID/stat`), peak RSS
+//! (`VmHWM`) and how much of it is the program's code and libraries
+//! (`RssFile`: file pages, shared with the page cache), sends SIGTERM (the agent flushes every open window to its tap
 //! and exits) and sums `count` over the tap's window records.
 //!
 //! lost = acked − in windows at QoS 1 (sent − in windows at QoS 0). Negative
@@ -160,6 +161,10 @@ struct Outcome {
     publisher_rate: f64,
     agent_cpu_s: f64,
     peak_rss_mib: f64,
+    /// `RssFile` at the end: the program's code and the libraries' pages
+    /// (clean, shared with the page cache), part of the peak RSS. They only
+    /// grow over a run, so `peak − this` bounds the peak's own memory from below.
+    file_rss_mib: f64,
     dead_letters: BTreeMap<String, u64>,
     metrics: BTreeMap<&'static str, f64>,
     publish_cmd: String,
@@ -532,6 +537,7 @@ fn run_case(args: &Args, case: Case, root: &Path, ticks: f64) -> Result<Outcome,
     // The table's CPU is the ingest's; the drain's is reported apart.
     let agent_cpu_s = cpu_seconds(pid, ticks)? - drain.as_ref().map_or(0.0, |d| d.agent_cpu_s);
     let peak_rss_mib = status_kib(pid, "VmHWM")? as f64 / 1024.0;
+    let file_rss_mib = status_kib(pid, "RssFile")? as f64 / 1024.0;
 
     let status = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
@@ -571,6 +577,7 @@ fn run_case(args: &Args, case: Case, root: &Path, ticks: f64) -> Result<Outcome,
         publisher_rate: report["rate"].as_f64().unwrap_or(f64::NAN),
         agent_cpu_s,
         peak_rss_mib,
+        file_rss_mib,
         dead_letters,
         metrics,
         publish_cmd,
@@ -744,11 +751,13 @@ fn main() -> ExitCode {
             .map(|(name, v)| format!("{} {v}", name.trim_start_matches("millrace_")))
             .collect();
         println!(
-            "{}: publisher {:.1} s ({:.0} msg/s); agent CPU {:.1} s; dead letters: {}; {}",
+            "{}: publisher {:.1} s ({:.0} msg/s); agent CPU {:.1} s; of the peak RSS, \
+             {:.1} MiB code and libraries (RssFile); dead letters: {}; {}",
             o.case.name,
             o.publisher_s,
             o.publisher_rate,
             o.agent_cpu_s,
+            o.file_rss_mib,
             if dead.is_empty() {
                 "none".to_owned()
             } else {
