@@ -101,7 +101,7 @@ const BURST: Case = Case {
     event_step_ms: 0,
 };
 
-const CASES: [Case; 5] = [
+const CASES: [Case; 6] = [
     BURST,
     Case {
         name: "qos0-burst",
@@ -118,6 +118,13 @@ const CASES: [Case; 5] = [
         name: "qos1-50k",
         messages: 600_000,
         rate: 50_000,
+        ..BURST
+    },
+    // Sustained: 100,000 readings/s for 20 s.
+    Case {
+        name: "qos1-100k",
+        messages: 2_000_000,
+        rate: 100_000,
         ..BURST
     },
     Case {
