@@ -12,9 +12,10 @@
 //! agent received as many MQTT messages as the broker acknowledged to the
 //! publisher, 30 s while it received fewer), reads
 //! the agent's CPU time (utime + stime, `/proc/PID/stat`), peak RSS
-//! (`VmHWM`) and how much of it is the program's code and libraries
-//! (`RssFile`: file pages, shared with the page cache), sends SIGTERM (the agent flushes every open window to its tap
-//! and exits) and sums `count` over the tap's window records.
+//! (`VmHWM`) and its program code and libraries resident by then
+//! (`RssFile`: file pages, shared with the page cache), sends SIGTERM (the
+//! agent flushes every open window to its tap and exits) and sums `count`
+//! over the tap's window records.
 //!
 //! lost = acked − in windows at QoS 1 (sent − in windows at QoS 0). Negative
 //! means readings counted twice; any case with lost ≠ 0 fails the run.
@@ -758,8 +759,8 @@ fn main() -> ExitCode {
             .map(|(name, v)| format!("{} {v}", name.trim_start_matches("millrace_")))
             .collect();
         println!(
-            "{}: publisher {:.1} s ({:.0} msg/s); agent CPU {:.1} s; of the peak RSS, \
-             {:.1} MiB code and libraries (RssFile); dead letters: {}; {}",
+            "{}: publisher {:.1} s ({:.0} msg/s); agent CPU {:.1} s; code and libraries \
+             resident at the end {:.1} MiB (RssFile, part of the peak RSS); dead letters: {}; {}",
             o.case.name,
             o.publisher_s,
             o.publisher_rate,
